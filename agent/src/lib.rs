@@ -1,0 +1,8 @@
+//! The ambient node agent: captures pod traffic, carries it in HBONE
+//! (mutual TLS + HTTP/2 CONNECT) between nodes, and enforces identity-based
+//! L4 policy. See `DESIGN.md` for the architecture; data flows
+//! capture -> proxy -> (state, identity) -> hbone -> socket.
+
+pub mod identity;
+pub mod state;
+pub mod xds;

@@ -1,0 +1,207 @@
+//! The mesh model every configuration source produces: workloads, services
+//! and authorization policies. Plain, validated data; no I/O.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use crate::identity::Identity;
+
+/// How traffic reaches a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TunnelProtocol {
+    /// Not in the mesh (or not captured): plain TCP.
+    #[default]
+    None,
+    /// HTTP/2 CONNECT over mutual TLS to the workload's agent on 15008.
+    Hbone,
+}
+
+/// What a workload expects after the HBONE handshake reaches it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ApplicationTunnel {
+    /// Raw bytes of the tunneled connection.
+    #[default]
+    None,
+    /// A PROXY protocol v2 header first (waypoints).
+    Proxy,
+}
+
+/// Where a waypoint is found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaypointTarget {
+    /// A workload address.
+    Address(IpAddr),
+    /// A service, by `namespace/hostname`.
+    Service { namespace: String, hostname: String },
+}
+
+/// A waypoint reference, as Istio's `GatewayAddress`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    pub target: WaypointTarget,
+    pub hbone_port: u16,
+}
+
+/// One workload (a pod, or anything with an identity and addresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub addresses: Vec<IpAddr>,
+    /// The node whose agent serves this workload.
+    pub node: String,
+    /// Network namespace to enter for this workload's listeners (local mode).
+    pub netns: Option<PathBuf>,
+    pub protocol: TunnelProtocol,
+    pub application_tunnel: ApplicationTunnel,
+    pub waypoint: Option<Waypoint>,
+    /// Unhealthy workloads are not chosen as service endpoints.
+    pub healthy: bool,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// A service port and the workload port it maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    /// 0 means "same as `port`".
+    pub target_port: u16,
+}
+
+/// A workload backing a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload_uid: String,
+}
+
+/// A service: virtual addresses in front of a set of workloads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+    /// Extra identities a client accepts from this service's endpoints.
+    pub subject_alt_names: Vec<String>,
+    pub waypoint: Option<Waypoint>,
+}
+
+impl Service {
+    /// The workload port for service port `port`, if the service exposes it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| {
+            if p.target_port == 0 {
+                p.port
+            } else {
+                p.target_port
+            }
+        })
+    }
+}
+
+/// Which workloads a policy applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyScope {
+    /// Every workload in the mesh.
+    Global,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// Workloads in the policy's namespace whose uid is listed (the local
+    /// form of a label selector; xDS resolves selectors to workloads).
+    WorkloadSelector { workload_uids: Vec<String> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// A string matcher as Istio's `StringMatch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Matches any present value.
+    Presence,
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => value == s,
+            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+            StringMatch::Presence => !value.is_empty(),
+        }
+    }
+}
+
+/// One match: every non-empty field must hold; each field is an OR of its
+/// values; a `not_` field holds when none of its values match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub service_accounts: Vec<StringMatch>,
+    pub not_service_accounts: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<IpNet>,
+    pub not_source_ips: Vec<IpNet>,
+    pub destination_ips: Vec<IpNet>,
+    pub not_destination_ips: Vec<IpNet>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// A clause holds when any of its matches holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clause {
+    pub matches: Vec<Match>,
+}
+
+/// A rule holds when all of its clauses hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub clauses: Vec<Clause>,
+}
+
+/// An L4 authorization policy; it applies when any of its rules holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: PolicyScope,
+    pub action: PolicyAction,
+    pub rules: Vec<Rule>,
+    pub dry_run: bool,
+}
+
+impl Policy {
+    /// `namespace/name`, the key Istio uses.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A complete, validated mesh description.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mesh {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
+}

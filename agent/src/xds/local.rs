@@ -1,0 +1,1 @@
+//! Local mode: the mesh described in a YAML file. (stub: being written)

@@ -1,0 +1,4 @@
+//! Configuration sources that build the mesh model: the local YAML file
+//! (local mode) and, later, Delta xDS from istiod.
+
+pub mod local;
