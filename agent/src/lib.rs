@@ -6,3 +6,6 @@
 pub mod identity;
 pub mod state;
 pub mod xds;
+pub mod config;
+pub mod hbone;
+pub mod proxy;

@@ -1,0 +1,394 @@
+//! The agent's configuration: one typed struct with documented defaults,
+//! assembled in one place from the config file, then environment variables
+//! and flags (flags win; clap reads the environment for each flag).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::hbone::H2Settings;
+
+/// Everything the agent can be told. Every field has a default, so an empty
+/// file (or none) is a valid configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name; the agent serves the workloads whose `node` is this.
+    /// Default: `$NODE_NAME`, else the host name.
+    pub node: String,
+    /// Local mode: the YAML file describing the mesh. Relative paths are
+    /// relative to the config file. Default: none (an empty mesh).
+    pub mesh_file: Option<PathBuf>,
+    /// How often the mesh file is checked for changes. Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub mesh_poll_interval: Duration,
+    pub ca: CaConfig,
+    pub ports: Ports,
+    pub pool: PoolSettings,
+    /// SO_MARK on the agent's own sockets so capture skips them; 0 leaves
+    /// sockets unmarked (needs no privilege). Default: 1337 (0x539).
+    pub socket_mark: u32,
+    /// Budget for connecting to an application or a peer agent. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub log: LogConfig,
+}
+
+/// The local certificate authority (local mode).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Root certificate (PEM). With `rootKey`, loaded; without both, a new
+    /// root is generated at start (agents then trust only themselves).
+    pub root_cert: Option<PathBuf>,
+    /// Root private key (PEM, PKCS#8).
+    pub root_key: Option<PathBuf>,
+    /// Trust domain of a generated root. Default: `cluster.local`.
+    pub trust_domain: String,
+    /// Lifetime of workload certificates; renewed at half-life. Default: 24h.
+    #[serde(with = "humantime_serde")]
+    pub cert_ttl: Duration,
+}
+
+/// Listener ports (DESIGN §2).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Ports {
+    /// Outbound capture. Default: 15001.
+    pub outbound: u16,
+    /// Inbound plaintext capture. Default: 15006.
+    pub inbound_plaintext: u16,
+    /// Inbound HBONE. Default: 15008.
+    pub hbone: u16,
+}
+
+/// HBONE connection pooling and HTTP/2 flow control (DESIGN §4).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Streams per HTTP/2 connection before another opens. Default: 100.
+    pub max_streams: usize,
+    /// A connection with no stream for this long is closed. Default: 60s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Per-stream window in bytes. Default: 4 MiB.
+    pub stream_window: u32,
+    /// Per-connection window; must exceed the stream window. Default: 16 MiB.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame. Default: 1 MiB.
+    pub max_frame_size: u32,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `ambient_agent=debug`. Default: info.
+    pub level: String,
+    /// `text` or `json`. Default: text.
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: default_node_name(),
+            mesh_file: None,
+            mesh_poll_interval: Duration::from_secs(1),
+            ca: CaConfig::default(),
+            ports: Ports::default(),
+            pool: PoolSettings::default(),
+            socket_mark: 0x539,
+            connect_timeout: Duration::from_secs(10),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            root_cert: None,
+            root_key: None,
+            trust_domain: "cluster.local".into(),
+            cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: crate::hbone::HBONE_PORT,
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        let h2 = H2Settings::default();
+        PoolSettings {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(10),
+            stream_window: h2.stream_window,
+            connection_window: h2.connection_window,
+            max_frame_size: h2.max_frame_size,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Flags (and their environment variables) that override the file.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Agent configuration file (YAML). Every setting has a default, so this
+    /// is optional.
+    #[arg(long, short = 'c', env = "AMBIENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name: the agent serves the workloads placed on it.
+    /// [default: $NODE_NAME, else the host name]
+    #[arg(long, env = "AMBIENT_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Local mode: the mesh description (YAML), re-read when it changes.
+    #[arg(long, env = "AMBIENT_MESH_FILE", value_name = "FILE")]
+    pub mesh_file: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `ambient_agent=debug`. [default: info]
+    #[arg(long, env = "AMBIENT_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format. [default: text]
+    #[arg(long, env = "AMBIENT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, then the file named by `--config`, then flags/env.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut cfg = match &overrides.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(node) = &overrides.node {
+            cfg.node = node.clone();
+        }
+        if let Some(mesh) = &overrides.mesh_file {
+            cfg.mesh_file = Some(mesh.clone());
+        }
+        if let Some(level) = &overrides.log_level {
+            cfg.log.level = level.clone();
+        }
+        if let Some(format) = overrides.log_format {
+            cfg.log.format = format;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a config file; errors name the line and field.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        if let (Some(mesh), Some(dir)) = (&cfg.mesh_file, path.parent()) {
+            cfg.mesh_file = Some(dir.join(mesh));
+        }
+        for p in [&mut cfg.ca.root_cert, &mut cfg.ca.root_key].into_iter().flatten() {
+            if let Some(dir) = path.parent() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses config text (YAML).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let opts = marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true);
+        marked_yaml::from_yaml_with_options(0, text, opts).map_err(|e| describe_yaml_error(&e))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.pool;
+        if p.connection_window <= p.stream_window {
+            return Err(ConfigError::Invalid(format!(
+                "pool.connectionWindow ({}) must be larger than pool.streamWindow ({}): \
+                 equal windows let one stalled stream block the connection",
+                p.connection_window, p.stream_window
+            )));
+        }
+        if !(16_384..=16_777_215).contains(&p.max_frame_size) {
+            return Err(ConfigError::Invalid(format!(
+                "pool.maxFrameSize ({}) must be within 16384..=16777215 (RFC 9113)",
+                p.max_frame_size
+            )));
+        }
+        if p.max_streams == 0 {
+            return Err(ConfigError::Invalid("pool.maxStreams must be at least 1".into()));
+        }
+        if self.ca.root_cert.is_some() != self.ca.root_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "ca.rootCert and ca.rootKey must be given together".into(),
+            ));
+        }
+        if self.node.is_empty() {
+            return Err(ConfigError::Invalid("node must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The mark for the agent's sockets, if any.
+    pub fn socket_mark(&self) -> Option<u32> {
+        (self.socket_mark != 0).then_some(self.socket_mark)
+    }
+
+    pub fn h2(&self) -> H2Settings {
+        H2Settings {
+            stream_window: self.pool.stream_window,
+            connection_window: self.pool.connection_window,
+            max_frame_size: self.pool.max_frame_size,
+            max_concurrent_streams: self.pool.max_streams.min(u32::MAX as usize) as u32,
+        }
+    }
+}
+
+/// `line:column: field: message` from a marked-yaml error.
+pub fn describe_yaml_error(e: &marked_yaml::FromYamlError) -> String {
+    use marked_yaml::FromYamlError;
+    match e {
+        FromYamlError::ParseYaml(e) => format!("YAML syntax: {e}"),
+        FromYamlError::FromNode(e) => {
+            let at = e
+                .start_mark()
+                .map(|m| format!("{}:{}: ", m.line(), m.column()))
+                .unwrap_or_default();
+            let field = e.path().map(|p| format!("{p}: ")).unwrap_or_default();
+            let inner: &marked_yaml::Error = e;
+            format!("{at}{field}{inner}")
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The loopback address the agent's admin endpoints bind to.
+pub const ADMIN_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.ports.hbone, 15008);
+        assert_eq!(cfg.ports.outbound, 15001);
+        assert_eq!(cfg.ports.inbound_plaintext, 15006);
+        assert_eq!(cfg.socket_mark(), Some(0x539));
+        assert_eq!(cfg.pool.max_streams, 100);
+        assert_eq!(cfg.pool.stream_window, 4 << 20);
+        assert!(cfg.pool.connection_window > cfg.pool.stream_window);
+    }
+
+    #[test]
+    fn file_values() {
+        let cfg = Config::parse(
+            "node: n1\nmeshFile: mesh.yaml\nsocketMark: 0\npool:\n  maxStreams: 7\n  idleTimeout: 90s\nca:\n  certTtl: 1h\nlog:\n  format: json\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.node, "n1");
+        assert_eq!(cfg.socket_mark(), None);
+        assert_eq!(cfg.pool.max_streams, 7);
+        assert_eq!(cfg.pool.idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.ca.cert_ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_files_name_line_and_field() {
+        let cases = [
+            ("node: n1\nportz: {}\n", "portz"),
+            ("pool:\n  maxStreams: lots\n", "2:"),
+            ("pool:\n  idleTimeout: soon\n", "pool.idleTimeout"),
+            ("log:\n  format: xml\n", "xml"),
+            ("node: [\n", "YAML syntax"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_and_invalid_combinations_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, "node: from-file\nmeshFile: m.yaml\n").unwrap();
+        let cfg = Config::load(&Overrides {
+            config: Some(path.clone()),
+            node: Some("from-flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.node, "from-flag");
+        assert_eq!(cfg.mesh_file, Some(dir.path().join("m.yaml")));
+
+        std::fs::write(&path, "pool:\n  streamWindow: 1048576\n  connectionWindow: 1048576\n").unwrap();
+        let err = Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("connectionWindow"), "{err}");
+    }
+}

@@ -1,0 +1,41 @@
+//! HBONE: TCP tunneled in HTTP/2 CONNECT streams over mutual TLS 1.3.
+//!
+//! - [`tls`]: TLS configurations and SPIFFE peer verification;
+//! - [`server`]: the CONNECT side of an established connection;
+//! - [`pool`]: pooled client connections and stream opening;
+//! - [`stream`]: joining a stream to a TCP socket.
+
+pub mod pool;
+pub mod server;
+pub mod stream;
+pub mod tls;
+
+pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
+pub use stream::{copy_bidirectional, H2Stream, Transferred};
+
+/// The port every agent accepts HBONE on.
+pub const HBONE_PORT: u16 = 15008;
+
+/// HTTP/2 flow-control and framing settings (DESIGN §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Settings {
+    /// Per-stream receive window.
+    pub stream_window: u32,
+    /// Connection receive window. Must exceed the stream window: when they
+    /// are equal one stalled stream can starve the rest.
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Streams a peer may open on one connection towards us.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_concurrent_streams: 100,
+        }
+    }
+}

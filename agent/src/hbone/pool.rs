@@ -1,0 +1,418 @@
+//! Pooled HBONE client connections (DESIGN §4).
+//!
+//! Connections are shared by streams with the same [`PoolKey`]. Each carries
+//! at most `max_streams` streams (fewer if the peer says so); past that a new
+//! connection opens. Creation is single-flight per key, so a burst of
+//! connects to one destination opens one TLS connection at a time instead
+//! of a thundering herd. A connection idle for `idle_timeout` is released;
+//! one that stops answering PINGs is dropped.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Request, StatusCode};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::stream::H2Stream;
+use super::tls::{self, TlsError};
+use super::H2Settings;
+use crate::identity::{CaError, CertManager, Identity};
+
+/// Pool behaviour; see each field for its default.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Streams per connection before another opens (default 100).
+    pub max_streams: usize,
+    /// How long a connection with no streams is kept (default 60 s).
+    pub idle_timeout: Duration,
+    /// PING interval on each connection (default 10 s).
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered (default 10 s).
+    pub keepalive_timeout: Duration,
+    /// TCP + TLS + HTTP/2 handshake budget (default 10 s).
+    pub connect_timeout: Duration,
+    pub h2: H2Settings,
+    /// SO_MARK on the agent's own sockets, so capture skips them.
+    pub socket_mark: Option<u32>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            h2: H2Settings::default(),
+            socket_mark: None,
+        }
+    }
+}
+
+/// Which streams may share a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_identity: Identity,
+    pub dst_identity: Identity,
+    /// The peer agent's HBONE address.
+    pub dst: SocketAddr,
+    /// Source address to bind, if any.
+    pub src_ip: Option<IpAddr>,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no certificate for {0}: {1}")]
+    Certificate(Identity, #[source] CaError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] TlsError),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Handshake(SocketAddr, #[source] std::io::Error),
+    #[error("peer {0} did not negotiate ALPN h2")]
+    NoH2(SocketAddr),
+    #[error("timed out connecting to {0}")]
+    Timeout(SocketAddr),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer answered CONNECT with {0}")]
+    Status(StatusCode),
+}
+
+/// Counters describing the pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// TLS connections opened since start.
+    pub connections_opened: u64,
+    /// Connections currently pooled.
+    pub connections_open: usize,
+    /// Streams currently open.
+    pub streams_active: usize,
+}
+
+/// A pool of HBONE client connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    certs: Arc<CertManager>,
+    cfg: PoolConfig,
+    entries: Mutex<HashMap<PoolKey, Arc<Entry>>>,
+    opened: AtomicU64,
+    next_id: AtomicU64,
+}
+
+/// The connections of one key.
+#[derive(Default)]
+struct Entry {
+    /// Held while a connection for this key is being created.
+    creating: tokio::sync::Mutex<()>,
+    conns: Mutex<Vec<Arc<Conn>>>,
+}
+
+/// Set in `Conn::state` once the connection takes no more streams.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    /// Active stream count, with the [`CLOSED`] bit.
+    state: AtomicUsize,
+    max_streams: usize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Conn {
+    /// Claims a stream slot unless the connection is full or closed.
+    fn try_reserve(&self) -> bool {
+        let max = self.max_streams.min(self.send.current_max_send_streams());
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & CLOSED == 0 && v < max).then_some(v + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        if self.state.fetch_sub(1, Ordering::AcqRel) & !CLOSED == 1 {
+            *lock(&self.idle_since) = Instant::now();
+        }
+    }
+
+    /// Closes the connection if it has had no stream for `timeout`.
+    fn close_if_idle(&self, timeout: Duration) -> bool {
+        lock(&self.idle_since).elapsed() >= timeout
+            && self
+                .state
+                .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn close(&self) {
+        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+    }
+
+    fn active(&self) -> usize {
+        self.state.load(Ordering::Acquire) & !CLOSED
+    }
+}
+
+/// Holds a stream slot; releases it when the stream ends.
+struct Slot(Arc<Conn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    pub fn new(certs: Arc<CertManager>, cfg: PoolConfig) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                certs,
+                cfg,
+                entries: Mutex::default(),
+                opened: AtomicU64::new(0),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Opens a CONNECT stream for `request` on a connection of `key`, whose
+    /// peer must prove one of `expected`. Succeeds only on a 200 answer.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        expected: &[Identity],
+        request: Request<()>,
+    ) -> Result<H2Stream, PoolError> {
+        let entry = self.entry(key);
+        let conn = match entry.pick() {
+            Some(c) => c,
+            None => {
+                let _creating = entry.creating.lock().await;
+                match entry.pick() {
+                    Some(c) => c,
+                    None => self.open(key, expected, &entry).await?,
+                }
+            }
+        };
+        let slot = Slot(conn);
+        let mut send = slot.0.send.clone().ready().await.inspect_err(|_| slot.0.close())?;
+        let (response, send_stream) = send.send_request(request, false)?;
+        let response = response.await?;
+        if response.status() != StatusCode::OK {
+            return Err(PoolError::Status(response.status()));
+        }
+        Ok(H2Stream::new(send_stream, response.into_body()).with_guard(slot))
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let entries = lock(&self.inner.entries);
+        let mut stats = PoolStats {
+            connections_opened: self.inner.opened.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for e in entries.values() {
+            for c in lock(&e.conns).iter() {
+                stats.connections_open += 1;
+                stats.streams_active += c.active();
+            }
+        }
+        stats
+    }
+
+    fn entry(&self, key: &PoolKey) -> Arc<Entry> {
+        lock(&self.inner.entries).entry(key.clone()).or_default().clone()
+    }
+
+    /// Opens a new connection for `key` with its first stream slot taken.
+    async fn open(
+        &self,
+        key: &PoolKey,
+        expected: &[Identity],
+        entry: &Arc<Entry>,
+    ) -> Result<Arc<Conn>, PoolError> {
+        let cfg = &self.inner.cfg;
+        let (send, connection) = tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected))
+            .await
+            .map_err(|_| PoolError::Timeout(key.dst))??;
+        let conn = Arc::new(Conn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            send,
+            state: AtomicUsize::new(1),
+            max_streams: cfg.max_streams.max(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        lock(&entry.conns).push(conn.clone());
+        let span = info_span!("hbone_conn", id = conn.id, dst = %key.dst, peer = %key.dst_identity);
+        tokio::spawn(
+            drive(
+                connection,
+                Arc::downgrade(&conn),
+                Arc::downgrade(entry),
+                Arc::downgrade(&self.inner),
+                key.clone(),
+            )
+            .instrument(span),
+        );
+        Ok(conn)
+    }
+
+    async fn handshake(
+        &self,
+        key: &PoolKey,
+        expected: &[Identity],
+    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>), PoolError> {
+        let cfg = &self.inner.cfg;
+        let cert = self
+            .inner
+            .certs
+            .fetch(&key.src_identity)
+            .await
+            .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
+        let tls_cfg = tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
+        let tcp = connect_tcp(key.dst, key.src_ip, cfg.socket_mark)
+            .await
+            .map_err(|e| PoolError::Connect(key.dst, e))?;
+        let tls = TlsConnector::from(Arc::new(tls_cfg))
+            .connect(tls::placeholder_server_name(), tcp)
+            .await
+            .map_err(|e| PoolError::Handshake(key.dst, e))?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(PoolError::NoH2(key.dst));
+        }
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(cfg.h2.stream_window)
+            .initial_connection_window_size(cfg.h2.connection_window)
+            .max_frame_size(cfg.h2.max_frame_size)
+            .handshake(tls)
+            .await?;
+        debug!(dst = %key.dst, peer = %key.dst_identity, "HBONE connection established");
+        Ok((send, connection))
+    }
+}
+
+impl Entry {
+    fn pick(&self) -> Option<Arc<Conn>> {
+        lock(&self.conns).iter().find(|c| c.try_reserve()).cloned()
+    }
+}
+
+/// Why a pooled connection stopped being used.
+#[derive(Debug)]
+enum Ending {
+    Closed,
+    Failed,
+    Idle,
+    Released,
+    KeepAliveFailed,
+}
+
+/// Drives one connection: polls it, PINGs it, releases it when idle, and
+/// removes it from the pool when it ends.
+async fn drive(
+    mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    conn: Weak<Conn>,
+    entry: Weak<Entry>,
+    pool: Weak<Inner>,
+    key: PoolKey,
+) {
+    let Some(cfg) = pool.upgrade().map(|p| p.cfg.clone()) else { return };
+    let mut ping_pong = connection.ping_pong();
+    let tick = cfg.keepalive_interval.min(cfg.idle_timeout / 2).max(Duration::from_millis(10));
+    let maintain = async {
+        let mut since_ping = Duration::ZERO;
+        loop {
+            tokio::time::sleep(tick).await;
+            since_ping += tick;
+            let Some(c) = conn.upgrade() else { return Ending::Released };
+            if c.close_if_idle(cfg.idle_timeout) {
+                return Ending::Idle;
+            }
+            drop(c);
+            if since_ping >= cfg.keepalive_interval {
+                since_ping = Duration::ZERO;
+                if let Some(pp) = ping_pong.as_mut() {
+                    let pong = tokio::time::timeout(cfg.keepalive_timeout, pp.ping(h2::Ping::opaque()));
+                    if !matches!(pong.await, Ok(Ok(_))) {
+                        return Ending::KeepAliveFailed;
+                    }
+                }
+            }
+        }
+    };
+    let why = tokio::select! {
+        r = &mut connection => match r {
+            Ok(()) => Ending::Closed,
+            Err(e) => {
+                warn!(error = %e, "HBONE connection failed");
+                Ending::Failed
+            }
+        },
+        why = maintain => why,
+    };
+    debug!(reason = ?why, "HBONE connection leaves the pool");
+    if let Some(c) = conn.upgrade() {
+        c.close();
+        if let Some(entry) = entry.upgrade() {
+            lock(&entry.conns).retain(|other| !Arc::ptr_eq(other, &c));
+            if lock(&entry.conns).is_empty() {
+                if let Some(pool) = pool.upgrade() {
+                    let mut entries = lock(&pool.entries);
+                    // Keep the entry while someone is creating a connection in it.
+                    if entry.creating.try_lock().is_ok() && lock(&entry.conns).is_empty() {
+                        entries.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+    // A released connection has no streams left; let it say goodbye. A dead
+    // one is dropped at once, so a black-holed peer cannot hold the task.
+    if matches!(why, Ending::Idle | Ending::Released) {
+        let _ = tokio::time::timeout(cfg.keepalive_timeout, connection).await;
+    }
+}
+
+/// A TCP connection from the agent: marked so capture ignores it, bound to
+/// `src` when given, with Nagle off.
+pub async fn connect_tcp(
+    dst: SocketAddr,
+    src: Option<IpAddr>,
+    mark: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    if let Some(src) = src {
+        if src.is_ipv4() == dst.is_ipv4() {
+            socket.bind(SocketAddr::new(src, 0))?;
+        }
+    }
+    socket.connect(dst).await
+}

@@ -1,0 +1,215 @@
+//! The HTTP/2 half of an HBONE server: accepts CONNECT streams on an
+//! established mTLS connection, validates each request, and hands it to a
+//! [`Handler`] that either refuses it or accepts it exactly once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn, Instrument};
+
+use super::stream::H2Stream;
+use super::H2Settings;
+use crate::identity::Identity;
+
+/// A validated CONNECT request.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The SPIFFE identity the client proved in the TLS handshake.
+    pub peer_identity: Identity,
+    /// The TCP peer of the HBONE connection (the client's agent).
+    pub peer_addr: SocketAddr,
+    /// The address the HBONE connection arrived on.
+    pub local_addr: SocketAddr,
+    /// `:authority`: where the client wants its bytes to go.
+    pub target: SocketAddr,
+    /// The original client address from `Forwarded: for=`, if given.
+    pub forwarded_for: Option<IpAddr>,
+    /// The `baggage` header, if any.
+    pub baggage: Option<String>,
+}
+
+/// The answer to one CONNECT: refuse with a status, or accept and get the
+/// stream. Dropping it without either resets the stream.
+pub struct Responder {
+    respond: SendResponse<Bytes>,
+    recv: h2::RecvStream,
+}
+
+impl Responder {
+    /// Answers with `status` (an error) and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let _ = self.respond.send_response(response(status), true);
+    }
+
+    /// Answers 200 and returns the tunnel.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(response(StatusCode::OK), false)?;
+        Ok(H2Stream::new(send, self.recv))
+    }
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// Decides what to do with each valid CONNECT request.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: ConnectRequest,
+        responder: Responder,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Facts about the HBONE connection every request on it shares.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub peer_identity: Identity,
+    pub peer_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+}
+
+/// Serves HTTP/2 on an established, authenticated connection until the
+/// client goes away or `shutdown` fires (then GOAWAY and drain).
+pub async fn serve<IO, H>(
+    io: IO,
+    info: ConnectionInfo,
+    settings: &H2Settings,
+    handler: Arc<H>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (req, respond) = next?;
+        let info = info.clone();
+        let handler = handler.clone();
+        let span = tracing::debug_span!("hbone_stream", peer = %info.peer_identity, authority = ?req.uri().authority().map(|a| a.as_str()));
+        tokio::spawn(
+            async move {
+                let (req, responder) = match validate(req, respond, &info) {
+                    Ok(ok) => ok,
+                    Err((responder, status, why)) => {
+                        warn!(%status, reason = why, "refusing HBONE request");
+                        responder.refuse(status);
+                        return;
+                    }
+                };
+                handler.handle(req, responder).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+type Invalid = (Responder, StatusCode, &'static str);
+
+/// Checks the method and authority; everything else is the handler's call.
+fn validate(
+    req: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+    info: &ConnectionInfo,
+) -> Result<(ConnectRequest, Responder), Invalid> {
+    let (parts, recv) = req.into_parts();
+    let responder = Responder { respond, recv };
+    if parts.method != Method::CONNECT {
+        return Err((responder, StatusCode::BAD_REQUEST, "method is not CONNECT"));
+    }
+    let target = match parts
+        .uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    {
+        Some(t) if t.port() != 0 => t,
+        _ => {
+            return Err((
+                responder,
+                StatusCode::BAD_REQUEST,
+                "authority is not an ip:port",
+            ))
+        }
+    };
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let forwarded_for = header("forwarded").and_then(|f| parse_forwarded_for(&f));
+    debug!(%target, ?forwarded_for, "CONNECT");
+    Ok((
+        ConnectRequest {
+            peer_identity: info.peer_identity.clone(),
+            peer_addr: info.peer_addr,
+            local_addr: info.local_addr,
+            target,
+            forwarded_for,
+            baggage: header("baggage"),
+        },
+        responder,
+    ))
+}
+
+/// The address in the first `for=` of a `Forwarded` header (RFC 7239),
+/// quoted or not, IPv6 in brackets.
+fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
+    value
+        .split([';', ','])
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("for"))
+        .and_then(|(_, v)| {
+            let v = v.trim_matches('"');
+            let v = v.strip_prefix('[').map_or(v, |s| s.split(']').next().unwrap_or(s));
+            v.parse().ok().or_else(|| v.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for() {
+        let cases = [
+            (r#"for="10.0.0.1""#, Some("10.0.0.1")),
+            ("for=10.0.0.1;proto=http", Some("10.0.0.1")),
+            (r#"proto=http;For="[2001:db8::1]""#, Some("2001:db8::1")),
+            (r#"for="10.0.0.1:4711""#, Some("10.0.0.1")),
+            ("for=unknown", None),
+            ("by=10.0.0.1", None),
+        ];
+        for (input, want) in cases {
+            let got = parse_forwarded_for(input);
+            assert_eq!(got, want.map(|w| w.parse().unwrap()), "{input}");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Outbound: a connection a local workload made, captured on 15001, sent to
+//! its destination over HBONE (mesh) or plain TCP (outside the mesh).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request};
+use tokio::net::TcpStream;
+use tracing::{info, warn, Instrument};
+
+use super::{orig_dst::original_dst, Accept, ProxyContext};
+use crate::hbone::{self, PoolKey};
+use crate::state::{Route, Workload};
+
+/// The outbound proxy of one local workload (the source of its traffic).
+pub struct Outbound {
+    ctx: ProxyContext,
+    source: Arc<Workload>,
+}
+
+impl Accept for Outbound {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let dst = match original_dst(&stream) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%peer, error = %e, "no original destination; closing");
+                return;
+            }
+        };
+        // Without capture the "original" destination is the listener itself;
+        // following it would connect the proxy to itself forever.
+        if stream.local_addr().ok() == Some(dst) && dst.port() == self.ctx.settings.outbound_port {
+            warn!(%peer, %dst, "connection addressed to the outbound listener itself; closing");
+            return;
+        }
+        self.proxy(stream, peer, dst).await;
+    }
+}
+
+impl Outbound {
+    pub fn new(ctx: ProxyContext, source: Arc<Workload>) -> Self {
+        Outbound { ctx, source }
+    }
+
+    /// Carries `stream` (from `peer`, originally for `dst`) to `dst`.
+    pub async fn proxy(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let route = self.ctx.state.snapshot().route(dst, self.ctx.settings.hbone_port);
+        let src_identity = self.source.identity();
+        let span = tracing::info_span!("outbound", src = %peer, %dst, src_id = %src_identity);
+        async move {
+            let start = Instant::now();
+            let result = self.forward(stream, peer, &route).await;
+            let elapsed_ms = start.elapsed().as_millis() as u64;
+            match (&route, result) {
+                (Route::Hbone { target, identities, .. }, Ok(t)) => info!(
+                    %target, dst_id = %identities[0], sent = t.0, received = t.1, elapsed_ms,
+                    "connection complete (hbone)"
+                ),
+                (Route::Passthrough { target, .. }, Ok(t)) => info!(
+                    %target, sent = t.0, received = t.1, elapsed_ms,
+                    "connection complete (passthrough)"
+                ),
+                (Route::Unreachable(_), Ok(_)) => {}
+                (_, Err(e)) => warn!(error = %e, elapsed_ms, "connection failed"),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn forward(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        route: &Route,
+    ) -> Result<(u64, u64), OutboundError> {
+        match route {
+            Route::Unreachable(why) => Err(OutboundError::Unreachable(why.clone())),
+            Route::Passthrough { target, .. } => {
+                let mut upstream =
+                    hbone::pool::connect_tcp(*target, None, self.ctx.settings.socket_mark)
+                        .await
+                        .map_err(|e| OutboundError::Connect(*target, e))?;
+                let mut stream = stream;
+                tokio::io::copy_bidirectional(&mut stream, &mut upstream)
+                    .await
+                    .map_err(OutboundError::Io)
+            }
+            Route::Hbone {
+                gateway,
+                target,
+                identities,
+                ..
+            } => {
+                let key = PoolKey {
+                    src_identity: self.source.identity(),
+                    dst_identity: identities[0].clone(),
+                    dst: *gateway,
+                    src_ip: self.source.addresses.first().copied(),
+                };
+                let request = self.connect_request(*target, peer)?;
+                let tunnel = self.ctx.pool.connect(&key, identities, request).await?;
+                let t = hbone::copy_bidirectional(tunnel, stream)
+                    .await
+                    .map_err(OutboundError::Io)?;
+                Ok((t.to_stream, t.from_stream))
+            }
+        }
+    }
+
+    fn connect_request(&self, target: SocketAddr, peer: SocketAddr) -> Result<Request<()>, OutboundError> {
+        let for_ip = match peer.ip() {
+            std::net::IpAddr::V4(ip) => format!("for=\"{ip}\""),
+            std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
+        let w = &self.source;
+        let baggage = format!(
+            "k8s.namespace.name={},k8s.pod.name={},service.name={}",
+            w.namespace, w.name, w.name
+        );
+        let trace_id: u128 = rand::random();
+        let span_id: u64 = rand::random();
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", for_ip)
+            .header("baggage", baggage)
+            .header("traceparent", format!("00-{trace_id:032x}-{span_id:016x}-00"))
+            .body(())
+            .map_err(|e| OutboundError::Request(e.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OutboundError {
+    #[error("destination unreachable: {0}")]
+    Unreachable(String),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("building CONNECT request: {0}")]
+    Request(String),
+    #[error(transparent)]
+    Hbone(#[from] hbone::PoolError),
+    #[error("copying: {0}")]
+    Io(#[source] std::io::Error),
+}
