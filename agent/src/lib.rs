@@ -6,6 +6,8 @@
 pub mod identity;
 pub mod state;
 pub mod xds;
+pub mod agent;
 pub mod config;
+pub mod demo;
 pub mod hbone;
 pub mod proxy;

@@ -1,1 +1,235 @@
-//! placeholder
+//! Test topology for the agent's integration tests and benchmarks.
+//!
+//! Loopback worlds need no privilege: every workload gets its own 127.x.y.z
+//! address, so several agents listen on the standard ports side by side.
+//! Each test picks its own second octet (`net`) so tests running in
+//! parallel never share an address.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ambient_agent::agent::Agent;
+use ambient_agent::config::Config;
+use ambient_agent::identity::LocalCa;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A mesh file in a temporary directory, and the root CA the agents share.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub ca: Arc<LocalCa>,
+    pub net: u8,
+}
+
+impl World {
+    /// A world on 127.`net`.0.0/16 with the standard two-node mesh:
+    /// - `client` (sa `client`) on node-a at 127.net.1.1
+    /// - `server` (sa `server`) on node-b at 127.net.2.1, app port 8080
+    /// - service `server` VIP 127.net.3.1 port 80 -> 8080
+    pub fn new(net: u8) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(LocalCa::generate("cluster.local").expect("root CA"));
+        let world = World { dir, ca, net };
+        world.write_mesh(&world.standard_mesh("server"));
+        world
+    }
+
+    pub fn mesh_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    pub fn write_mesh(&self, yaml: &str) {
+        std::fs::write(self.mesh_path(), yaml).expect("write mesh");
+    }
+
+    /// The standard mesh, with the server running as service account `server_sa`.
+    pub fn standard_mesh(&self, server_sa: &str) -> String {
+        let n = self.net;
+        format!(
+            r#"
+workloads:
+  - uid: client
+    name: client
+    namespace: test
+    serviceAccount: client
+    addresses: [127.{n}.1.1]
+    node: node-a
+  - uid: server
+    name: server
+    namespace: test
+    serviceAccount: {server_sa}
+    addresses: [127.{n}.2.1]
+    node: node-b
+services:
+  - name: server
+    namespace: test
+    vips: [127.{n}.3.1]
+    ports: [{{port: 80, targetPort: 8080}}]
+    endpoints: [server]
+"#
+        )
+    }
+
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        format!("127.{}.1.1", self.net).parse().expect("ip")
+    }
+
+    pub fn server_ip(&self) -> std::net::IpAddr {
+        format!("127.{}.2.1", self.net).parse().expect("ip")
+    }
+
+    pub fn server_app(&self) -> SocketAddr {
+        SocketAddr::new(self.server_ip(), 8080)
+    }
+
+    pub fn server_hbone(&self) -> SocketAddr {
+        SocketAddr::new(self.server_ip(), 15008)
+    }
+
+    pub fn service_vip(&self) -> SocketAddr {
+        format!("127.{}.3.1:80", self.net).parse().expect("addr")
+    }
+
+    /// Config for the agent of `node` in this world.
+    pub fn config(&self, node: &str) -> Config {
+        Config {
+            node: node.into(),
+            mesh_file: Some(self.mesh_path()),
+            mesh_poll_interval: std::time::Duration::from_millis(100),
+            socket_mark: 0,
+            connect_timeout: std::time::Duration::from_secs(3),
+            ..Config::default()
+        }
+    }
+
+    pub async fn agent(&self, node: &str) -> Agent {
+        self.agent_with(self.config(node)).await
+    }
+
+    pub async fn agent_with(&self, cfg: Config) -> Agent {
+        Agent::start_with_signer(cfg, self.ca.clone(), self.ca.trust_bundle())
+            .await
+            .expect("agent starts")
+    }
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// An echo server counting its connections; echoes until EOF, then
+/// half-closes.
+pub struct Echo {
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    pub async fn start(addr: SocketAddr) -> Echo {
+        let listener = TcpListener::bind(addr).await.expect("bind echo");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = s.split();
+                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+                        let _ = wr.shutdown().await;
+                    }
+                });
+            }
+        });
+        Echo { accepted, task }
+    }
+}
+
+/// Deterministic test payload.
+pub fn payload(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u32::from(seed) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+/// Sends `data`, half-closes, and returns everything read back.
+pub async fn send_and_read_back(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (mut rd, mut wr) = stream.split();
+    let send = async {
+        wr.write_all(data).await?;
+        wr.shutdown().await
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let (s, r) = tokio::join!(send, rd.read_to_end(&mut back));
+    s?;
+    r?;
+    Ok(back)
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Raises the open-file limit to its hard maximum: a thousand tunneled
+/// connections hold several thousand sockets in one test process.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// An HTTP/2 client over mutual TLS to an HBONE port, presenting `cert`,
+/// for tests that speak to the server directly.
+pub async fn raw_hbone_client(
+    addr: SocketAddr,
+    cert: &ambient_agent::identity::WorkloadCert,
+    trust: &ambient_agent::identity::TrustBundle,
+    expected: ambient_agent::identity::Identity,
+) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    use ambient_agent::hbone::tls;
+    let cfg = tls::client_config(cert, trust, vec![expected])?;
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(tls::placeholder_server_name(), tcp)
+        .await?;
+    let (send, conn) = h2::client::handshake(stream).await?;
+    tokio::spawn(conn);
+    Ok(send.ready().await?)
+}
+
+/// Sends a request with no body and returns the response status.
+pub async fn status_of(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: http::Method,
+    uri: &str,
+) -> anyhow::Result<http::StatusCode> {
+    let req = http::Request::builder().method(method).uri(uri).body(())?;
+    let (resp, _stream) = send.send_request(req, false)?;
+    Ok(resp.await?.status())
+}

@@ -1,0 +1,136 @@
+//! HBONE pool behaviour against a real agent: stream limits, single-flight
+//! creation, idle release, and identity checks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambient_agent::hbone::{Pool, PoolConfig, PoolError, PoolKey};
+use ambient_agent::identity::{CertManager, Identity};
+use ambient_tests::*;
+use http::{Method, Request};
+use tokio::time::timeout;
+
+fn request(target: std::net::SocketAddr) -> Request<()> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap()
+}
+
+struct Setup {
+    w: World,
+    _server: ambient_agent::agent::Agent,
+    _echo: Echo,
+    pool: Pool,
+    key: PoolKey,
+    expected: Vec<Identity>,
+}
+
+async fn setup(net: u8, cfg: PoolConfig) -> Setup {
+    init_tracing();
+    let w = World::new(net);
+    let server = w.agent("node-b").await;
+    let echo = Echo::start(w.server_app()).await;
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let pool = Pool::new(certs, cfg);
+    let server_id = Identity::new("cluster.local", "test", "server");
+    let key = PoolKey {
+        src_identity: Identity::new("cluster.local", "test", "client"),
+        dst_identity: server_id.clone(),
+        dst: w.server_hbone(),
+        src_ip: Some(w.client_ip()),
+    };
+    Setup { w, _server: server, _echo: echo, pool, key, expected: vec![server_id] }
+}
+
+#[tokio::test]
+async fn opens_a_new_connection_past_max_streams() {
+    let s = setup(21, PoolConfig { max_streams: 10, ..Default::default() }).await;
+    let mut streams = Vec::new();
+    for _ in 0..25 {
+        let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+        streams.push(st);
+    }
+    let stats = s.pool.stats();
+    assert_eq!(stats.connections_opened, 3, "{stats:?}");
+    assert_eq!(stats.streams_active, 25);
+    drop(streams);
+    // Freed slots are reused rather than opening more connections.
+    let _again = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    assert_eq!(s.pool.stats().connections_opened, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_is_single_flight_per_key() {
+    let s = Arc::new(setup(22, PoolConfig::default()).await);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await
+        }));
+    }
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await.unwrap().unwrap());
+    }
+    assert_eq!(s.pool.stats().connections_opened, 1);
+    // A different key (another source address) gets its own connection.
+    let mut other = s.key.clone();
+    other.src_ip = None;
+    let _o = s.pool.connect(&other, &s.expected, request(s.w.server_app())).await.unwrap();
+    assert_eq!(s.pool.stats().connections_opened, 2);
+}
+
+#[tokio::test]
+async fn idle_connections_are_released() {
+    let cfg = PoolConfig { idle_timeout: Duration::from_millis(300), ..Default::default() };
+    let s = setup(23, cfg).await;
+    let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.pool.stats().connections_open, 1, "busy connections stay");
+    drop(st);
+    timeout(Duration::from_secs(5), async {
+        while s.pool.stats().connections_open != 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("idle connection released");
+    let _st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    assert_eq!(s.pool.stats().connections_opened, 2);
+}
+
+#[tokio::test]
+async fn keepalive_pings_keep_a_connection_usable() {
+    let cfg = PoolConfig {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let s = setup(24, cfg).await;
+    let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _st2 = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    assert_eq!(s.pool.stats().connections_opened, 1, "answered PINGs keep the connection");
+    drop(st);
+}
+
+#[tokio::test]
+async fn unexpected_server_identity_is_refused() {
+    let s = setup(25, PoolConfig::default()).await;
+    let wrong = vec![Identity::new("cluster.local", "test", "someone-else")];
+    let err = s.pool.connect(&s.key, &wrong, request(s.w.server_app())).await.unwrap_err();
+    assert!(matches!(err, PoolError::Handshake(..)), "{err}");
+    assert!(err.to_string().contains("someone-else") || format!("{err:?}").contains("someone-else"), "{err:?}");
+    assert_eq!(s.pool.stats().connections_open, 0);
+}
+
+#[tokio::test]
+async fn refused_connect_reports_the_status() {
+    let s = setup(26, PoolConfig::default()).await;
+    let target = format!("127.{}.2.1:1", s.w.net).parse().unwrap();
+    let err = s.pool.connect(&s.key, &s.expected, request(target)).await.unwrap_err();
+    assert!(matches!(err, PoolError::Status(http::StatusCode::SERVICE_UNAVAILABLE)), "{err}");
+}
