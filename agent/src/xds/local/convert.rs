@@ -1,0 +1,459 @@
+//! The validation pass: checks what serde cannot (addresses, ports,
+//! references between entries, uniqueness) and builds the model. Field
+//! paths in errors use the file's own names, e.g. `services[0].vips[1]`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use marked_yaml::{Span, Spanned};
+
+use super::schema::{
+    Action, AppTunnel, MatchEntry, MeshFile, PolicyEntry, Protocol, RuleEntry, Scope, ServiceEntry,
+    Text, WaypointEntry, WorkloadEntry,
+};
+use super::{LocalConfigError, Location, Problem};
+use crate::identity::Identity;
+use crate::state::{
+    ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
+    Service, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+};
+
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+const DEFAULT_HBONE_PORT: u16 = 15008;
+
+type Result<T> = std::result::Result<T, LocalConfigError>;
+
+pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
+    let mut cx = Converter {
+        file,
+        addresses: HashMap::new(),
+        workloads: HashMap::new(),
+    };
+    let mut mesh = Mesh::default();
+    for (i, w) in raw.workloads.iter().enumerate() {
+        mesh.workloads.push(cx.workload(i, w)?);
+    }
+    let mut hosts = HashMap::new();
+    for (i, s) in raw.services.iter().enumerate() {
+        mesh.services.push(cx.service(i, s, &mut hosts)?);
+    }
+    let mut keys = HashMap::new();
+    for (i, p) in raw.policies.iter().enumerate() {
+        mesh.policies.push(cx.policy(i, p, &mut keys)?);
+    }
+    Ok(mesh)
+}
+
+struct Converter<'a> {
+    file: &'a str,
+    /// Every workload address and service VIP so far -> where it was first used.
+    addresses: HashMap<IpAddr, String>,
+    /// Workload uid -> (namespace, where it was defined).
+    workloads: HashMap<String, (String, String)>,
+}
+
+/// `field on line N`, to point back at an earlier entry.
+fn place(field: &str, span: &Span) -> String {
+    match span.start() {
+        Some(m) => format!("{field} on line {}", m.line()),
+        None => field.to_string(),
+    }
+}
+
+/// Istio's string match forms: `*` presence, `*x` suffix, `x*` prefix.
+fn string_match(s: &str) -> StringMatch {
+    if s == "*" {
+        StringMatch::Presence
+    } else if let Some(rest) = s.strip_prefix('*') {
+        StringMatch::Suffix(rest.to_string())
+    } else if let Some(rest) = s.strip_suffix('*') {
+        StringMatch::Prefix(rest.to_string())
+    } else {
+        StringMatch::Exact(s.to_string())
+    }
+}
+
+fn string_matches(values: &[String]) -> Vec<StringMatch> {
+    values.iter().map(|s| string_match(s)).collect()
+}
+
+impl Converter<'_> {
+    fn err(&self, field: impl Into<String>, span: &Span, problem: Problem) -> LocalConfigError {
+        LocalConfigError::Invalid {
+            file: self.file.to_string(),
+            at: span.start().map(Location::from_marker),
+            field: field.into(),
+            problem,
+        }
+    }
+
+    fn required(&self, field: &str, t: &Text) -> Result<String> {
+        if t.trim().is_empty() {
+            return Err(self.err(field, t.span(), Problem::Empty));
+        }
+        Ok(t.to_string())
+    }
+
+    /// A namespace, service account or trust domain: it becomes a segment
+    /// of `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    fn identity_part(&self, field: &str, t: &Text) -> Result<String> {
+        let s = self.required(field, t)?;
+        if s.contains('/') {
+            return Err(self.err(field, t.span(), Problem::Slash));
+        }
+        Ok(s)
+    }
+
+    fn ip(&self, field: &str, t: &Text) -> Result<IpAddr> {
+        t.parse()
+            .map_err(|_| self.err(field, t.span(), Problem::InvalidIp(t.to_string())))
+    }
+
+    /// A CIDR, or a bare address meaning just that host.
+    fn net(&self, field: &str, t: &Text) -> Result<IpNet> {
+        let parsed = if t.contains('/') {
+            t.parse::<IpNet>().ok()
+        } else {
+            t.parse::<IpAddr>().ok().map(IpNet::from)
+        };
+        parsed.ok_or_else(|| self.err(field, t.span(), Problem::InvalidCidr(t.to_string())))
+    }
+
+    fn port(&self, field: &str, p: &Spanned<u16>) -> Result<u16> {
+        if **p == 0 {
+            return Err(self.err(field, p.span(), Problem::PortZero));
+        }
+        Ok(**p)
+    }
+
+    /// Records `ip` as taken; addresses are unique across workloads and VIPs
+    /// because the proxy looks destinations up by address.
+    fn claim(&mut self, ip: IpAddr, field: &str, span: &Span) -> Result<()> {
+        if let Some(first) = self.addresses.get(&ip) {
+            let first = first.clone();
+            return Err(self.err(field, span, Problem::DuplicateAddress { ip, first }));
+        }
+        self.addresses.insert(ip, place(field, span));
+        Ok(())
+    }
+
+    fn workload(&mut self, i: usize, w: &WorkloadEntry) -> Result<Workload> {
+        let f = |name: &str| format!("workloads[{i}].{name}");
+        let uid = self.required(&f("uid"), &w.uid)?;
+        if let Some((_, first)) = self.workloads.get(&uid) {
+            let first = first.clone();
+            return Err(self.err(f("uid"), w.uid.span(), Problem::DuplicateUid { uid, first }));
+        }
+        let name = self.required(&f("name"), &w.name)?;
+        let namespace = self.identity_part(&f("namespace"), &w.namespace)?;
+        let service_account = match &w.service_account {
+            Some(t) => self.identity_part(&f("serviceAccount"), t)?,
+            None => DEFAULT_SERVICE_ACCOUNT.to_string(),
+        };
+        let trust_domain = match &w.trust_domain {
+            Some(t) => self.identity_part(&f("trustDomain"), t)?,
+            None => DEFAULT_TRUST_DOMAIN.to_string(),
+        };
+        if w.addresses.is_empty() {
+            return Err(self.err(f("addresses"), w.addresses.span(), Problem::Empty));
+        }
+        let mut addresses = Vec::with_capacity(w.addresses.len());
+        for (j, a) in w.addresses.iter().enumerate() {
+            let field = f(&format!("addresses[{j}]"));
+            let ip = self.ip(&field, a)?;
+            self.claim(ip, &field, a.span())?;
+            addresses.push(ip);
+        }
+        let node = self.required(&f("node"), &w.node)?;
+        // `netns:`, `netns: ~` and `netns: null` are YAML nulls; the loader
+        // hands them over as text.
+        let netns = w
+            .netns
+            .as_ref()
+            .filter(|t| !matches!(t.as_str(), "" | "~" | "null"))
+            .map(|t| PathBuf::from(t.as_str()));
+        let waypoint = self.waypoint(&f("waypoint"), w.waypoint.as_ref())?;
+        self.workloads.insert(
+            uid.clone(),
+            (namespace.clone(), place(&f("uid"), w.uid.span())),
+        );
+        Ok(Workload {
+            uid,
+            name,
+            namespace,
+            service_account,
+            trust_domain,
+            addresses,
+            node,
+            netns,
+            protocol: match w.protocol {
+                Protocol::Hbone => TunnelProtocol::Hbone,
+                Protocol::None => TunnelProtocol::None,
+            },
+            application_tunnel: match w.application_tunnel {
+                AppTunnel::None => ApplicationTunnel::None,
+                AppTunnel::Proxy => ApplicationTunnel::Proxy,
+            },
+            waypoint,
+            healthy: w.healthy,
+        })
+    }
+
+    fn waypoint(
+        &self,
+        field: &str,
+        w: Option<&Spanned<WaypointEntry>>,
+    ) -> Result<Option<Waypoint>> {
+        let Some(w) = w else { return Ok(None) };
+        let target = match (&w.address, &w.service) {
+            (Some(a), None) => WaypointTarget::Address(self.ip(&format!("{field}.address"), a)?),
+            (None, Some(s)) => {
+                let field = format!("{field}.service");
+                match s.split_once('/') {
+                    Some((ns, host))
+                        if !ns.is_empty() && !host.is_empty() && !host.contains('/') =>
+                    {
+                        WaypointTarget::Service {
+                            namespace: ns.to_string(),
+                            hostname: host.to_string(),
+                        }
+                    }
+                    _ => {
+                        let problem = Problem::WaypointService(s.to_string());
+                        return Err(self.err(field, s.span(), problem));
+                    }
+                }
+            }
+            (Some(_), Some(s)) => {
+                return Err(self.err(format!("{field}.service"), s.span(), Problem::WaypointBoth))
+            }
+            (None, None) => {
+                // `waypoint:` with no value is YAML null. It reaches us as an
+                // empty scalar, whose span (unlike a mapping's) has no end.
+                if w.hbone_port.is_none() && w.span().end().is_none() {
+                    return Ok(None);
+                }
+                return Err(self.err(field, w.span(), Problem::WaypointNeither));
+            }
+        };
+        let hbone_port = match &w.hbone_port {
+            Some(p) => self.port(&format!("{field}.hbonePort"), p)?,
+            None => DEFAULT_HBONE_PORT,
+        };
+        Ok(Some(Waypoint { target, hbone_port }))
+    }
+
+    fn service(
+        &mut self,
+        i: usize,
+        s: &ServiceEntry,
+        hosts: &mut HashMap<(String, String), String>,
+    ) -> Result<Service> {
+        let f = |name: &str| format!("services[{i}].{name}");
+        let name = self.required(&f("name"), &s.name)?;
+        let namespace = self.required(&f("namespace"), &s.namespace)?;
+        let (hostname, host_field, host_span) = match &s.hostname {
+            Some(t) => (self.required(&f("hostname"), t)?, f("hostname"), t.span()),
+            None => (
+                format!("{name}.{namespace}.svc.cluster.local"),
+                f("name"),
+                s.name.span(),
+            ),
+        };
+        let key = (namespace.clone(), hostname.clone());
+        if let Some(first) = hosts.get(&key) {
+            let problem = Problem::DuplicateService {
+                service: format!("{namespace}/{hostname}"),
+                first: first.clone(),
+            };
+            return Err(self.err(host_field, host_span, problem));
+        }
+        hosts.insert(key, place(&host_field, host_span));
+
+        if s.vips.is_empty() {
+            return Err(self.err(f("vips"), s.vips.span(), Problem::Empty));
+        }
+        let mut vips = Vec::with_capacity(s.vips.len());
+        for (j, v) in s.vips.iter().enumerate() {
+            let field = f(&format!("vips[{j}]"));
+            let ip = self.ip(&field, v)?;
+            self.claim(ip, &field, v.span())?;
+            vips.push(ip);
+        }
+
+        let mut ports = Vec::with_capacity(s.ports.len());
+        let mut seen_ports: HashMap<u16, String> = HashMap::new();
+        for (j, p) in s.ports.iter().enumerate() {
+            let field = f(&format!("ports[{j}].port"));
+            let port = self.port(&field, &p.port)?;
+            if let Some(first) = seen_ports.get(&port) {
+                let first = first.clone();
+                return Err(self.err(field, p.port.span(), Problem::DuplicatePort { port, first }));
+            }
+            seen_ports.insert(port, place(&field, p.port.span()));
+            ports.push(ServicePort {
+                port,
+                target_port: p.target_port,
+            });
+        }
+
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
+        for (j, uid) in s.endpoints.iter().enumerate() {
+            let field = f(&format!("endpoints[{j}]"));
+            if !self.workloads.contains_key(uid.as_str()) {
+                return Err(self.err(field, uid.span(), Problem::UnknownWorkload(uid.to_string())));
+            }
+            if endpoints.iter().any(|e| e.workload_uid == **uid) {
+                let problem = Problem::DuplicateEndpoint {
+                    uid: uid.to_string(),
+                };
+                return Err(self.err(field, uid.span(), problem));
+            }
+            endpoints.push(Endpoint {
+                workload_uid: uid.to_string(),
+            });
+        }
+
+        let mut subject_alt_names = Vec::with_capacity(s.subject_alt_names.len());
+        for (j, san) in s.subject_alt_names.iter().enumerate() {
+            if let Err(e) = san.parse::<Identity>() {
+                let field = f(&format!("subjectAltNames[{j}]"));
+                return Err(self.err(field, san.span(), Problem::InvalidIdentity(e)));
+            }
+            subject_alt_names.push(san.to_string());
+        }
+
+        let waypoint = self.waypoint(&f("waypoint"), s.waypoint.as_ref())?;
+        Ok(Service {
+            name,
+            namespace,
+            hostname,
+            vips,
+            ports,
+            endpoints,
+            subject_alt_names,
+            waypoint,
+        })
+    }
+
+    fn policy(
+        &mut self,
+        i: usize,
+        p: &PolicyEntry,
+        keys: &mut HashMap<String, String>,
+    ) -> Result<Policy> {
+        let f = |name: &str| format!("policies[{i}].{name}");
+        let name = self.required(&f("name"), &p.name)?;
+        let namespace = self.required(&f("namespace"), &p.namespace)?;
+        let key = format!("{namespace}/{name}");
+        if let Some(first) = keys.get(&key) {
+            let first = first.clone();
+            return Err(self.err(
+                f("name"),
+                p.name.span(),
+                Problem::DuplicatePolicy { key, first },
+            ));
+        }
+        keys.insert(key, place(&f("name"), p.name.span()));
+
+        // An empty (or null) selector counts as absent.
+        let selector = p.selector.as_ref().filter(|s| !s.is_empty());
+        let scope = match p.scope.as_deref().copied().unwrap_or_default() {
+            Scope::WorkloadSelector => {
+                let Some(selector) = selector else {
+                    // Only reachable with an explicit scope, so its span exists.
+                    let span = p.scope.as_ref().map_or(p.name.span(), |s| s.span());
+                    return Err(self.err(f("scope"), span, Problem::MissingSelector));
+                };
+                let mut workload_uids = Vec::with_capacity(selector.len());
+                for (j, uid) in selector.iter().enumerate() {
+                    let field = f(&format!("selector[{j}]"));
+                    let problem = match self.workloads.get(uid.as_str()) {
+                        None => Problem::UnknownWorkload(uid.to_string()),
+                        // The model selects within the policy's namespace; a
+                        // workload elsewhere would silently never match.
+                        Some((ns, _)) if *ns != namespace => Problem::SelectorNamespace {
+                            uid: uid.to_string(),
+                            workload_namespace: ns.clone(),
+                        },
+                        Some(_) => {
+                            workload_uids.push(uid.to_string());
+                            continue;
+                        }
+                    };
+                    return Err(self.err(field, uid.span(), problem));
+                }
+                PolicyScope::WorkloadSelector { workload_uids }
+            }
+            other => {
+                if let Some(selector) = selector {
+                    let problem = Problem::UnexpectedSelector;
+                    return Err(self.err(f("selector"), selector.span(), problem));
+                }
+                match other {
+                    Scope::Global => PolicyScope::Global,
+                    _ => PolicyScope::Namespace,
+                }
+            }
+        };
+
+        Ok(Policy {
+            name,
+            namespace,
+            scope,
+            action: match p.action {
+                Action::Allow => PolicyAction::Allow,
+                Action::Deny => PolicyAction::Deny,
+            },
+            rules: self.rules(&f("rules"), &p.rules)?,
+            dry_run: p.dry_run,
+        })
+    }
+
+    fn rules(&self, field: &str, rules: &[RuleEntry]) -> Result<Vec<Rule>> {
+        let mut out = Vec::with_capacity(rules.len());
+        for (r, rule) in rules.iter().enumerate() {
+            let mut clauses = Vec::with_capacity(rule.clauses.len());
+            for (c, clause) in rule.clauses.iter().enumerate() {
+                let mut matches = Vec::with_capacity(clause.matches.len());
+                for (m, entry) in clause.matches.iter().enumerate() {
+                    let field = format!("{field}[{r}].clauses[{c}].matches[{m}]");
+                    matches.push(self.match_entry(&field, entry)?);
+                }
+                clauses.push(Clause { matches });
+            }
+            out.push(Rule { clauses });
+        }
+        Ok(out)
+    }
+
+    fn match_entry(&self, field: &str, m: &MatchEntry) -> Result<Match> {
+        let nets = |name: &str, values: &[Text]| -> Result<Vec<IpNet>> {
+            let list = values.iter().enumerate();
+            list.map(|(k, t)| self.net(&format!("{field}.{name}[{k}]"), t))
+                .collect()
+        };
+        let ports = |name: &str, values: &[Spanned<u16>]| -> Result<Vec<u16>> {
+            let list = values.iter().enumerate();
+            list.map(|(k, p)| self.port(&format!("{field}.{name}[{k}]"), p))
+                .collect()
+        };
+        Ok(Match {
+            namespaces: string_matches(&m.namespaces),
+            not_namespaces: string_matches(&m.not_namespaces),
+            service_accounts: string_matches(&m.service_accounts),
+            not_service_accounts: string_matches(&m.not_service_accounts),
+            principals: string_matches(&m.principals),
+            not_principals: string_matches(&m.not_principals),
+            source_ips: nets("sourceIps", &m.source_ips)?,
+            not_source_ips: nets("notSourceIps", &m.not_source_ips)?,
+            destination_ips: nets("destinationIps", &m.destination_ips)?,
+            not_destination_ips: nets("notDestinationIps", &m.not_destination_ips)?,
+            destination_ports: ports("destinationPorts", &m.destination_ports)?,
+            not_destination_ports: ports("notDestinationPorts", &m.not_destination_ports)?,
+        })
+    }
+}

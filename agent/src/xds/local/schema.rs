@@ -1,0 +1,159 @@
+//! The mesh file as serde reads it. Values that a later check may reject
+//! are kept as text and wrapped in `Spanned` so the error can name their
+//! line; `convert` checks them and builds the model.
+
+use marked_yaml::Spanned;
+use serde::Deserialize;
+
+/// A string with its position in the file.
+pub(super) type Text = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct MeshFile {
+    #[serde(default)]
+    pub workloads: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub services: Vec<ServiceEntry>,
+    #[serde(default)]
+    pub policies: Vec<PolicyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct WorkloadEntry {
+    pub uid: Text,
+    pub name: Text,
+    pub namespace: Text,
+    pub service_account: Option<Text>,
+    pub trust_domain: Option<Text>,
+    pub addresses: Spanned<Vec<Text>>,
+    pub node: Text,
+    pub netns: Option<Text>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub application_tunnel: AppTunnel,
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+    pub waypoint: Option<Spanned<WaypointEntry>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum Protocol {
+    #[default]
+    Hbone,
+    None,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum AppTunnel {
+    #[default]
+    None,
+    Proxy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct WaypointEntry {
+    pub address: Option<Text>,
+    /// `namespace/hostname`.
+    pub service: Option<Text>,
+    pub hbone_port: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct ServiceEntry {
+    pub name: Text,
+    pub namespace: Text,
+    pub hostname: Option<Text>,
+    pub vips: Spanned<Vec<Text>>,
+    #[serde(default)]
+    pub ports: Vec<PortEntry>,
+    #[serde(default)]
+    pub endpoints: Vec<Text>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<Text>,
+    pub waypoint: Option<Spanned<WaypointEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct PortEntry {
+    pub port: Spanned<u16>,
+    #[serde(default)]
+    pub target_port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct PolicyEntry {
+    pub name: Text,
+    pub namespace: Text,
+    pub scope: Option<Spanned<Scope>>,
+    /// Workload uids.
+    pub selector: Option<Spanned<Vec<Text>>>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub rules: Vec<RuleEntry>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum Scope {
+    Global,
+    #[default]
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RuleEntry {
+    #[serde(default)]
+    pub clauses: Vec<ClauseEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct ClauseEntry {
+    #[serde(default)]
+    pub matches: Vec<MatchEntry>,
+}
+
+/// String fields use Istio's forms: `x` exact, `x*` prefix, `*x` suffix,
+/// `*` any present value. IP fields take a CIDR or a bare address.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub(super) struct MatchEntry {
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub source_ips: Vec<Text>,
+    pub not_source_ips: Vec<Text>,
+    pub destination_ips: Vec<Text>,
+    pub not_destination_ips: Vec<Text>,
+    pub destination_ports: Vec<Spanned<u16>>,
+    pub not_destination_ports: Vec<Spanned<u16>>,
+}
+
+fn default_true() -> bool {
+    true
+}

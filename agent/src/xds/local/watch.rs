@@ -1,0 +1,271 @@
+//! Keeps the shared state in step with the mesh file.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::MissedTickBehavior;
+
+use super::{parse_mesh, LocalConfigError};
+use crate::state::{Mesh, State};
+
+/// Watches the mesh file and installs each good version into the state.
+///
+/// Polls and compares content rather than mtimes: a Kubernetes ConfigMap
+/// update is a symlink swap that may keep the old mtime, and two edits in the
+/// same second look identical by mtime.
+pub struct LocalSource {
+    path: PathBuf,
+    state: Arc<State>,
+    poll_interval: Duration,
+    /// The text last parsed, good or bad, so an unchanged file is neither
+    /// parsed nor logged again.
+    last_text: Option<String>,
+    /// The last read failure, so a missing file is logged once, not per poll.
+    last_read_error: Option<String>,
+}
+
+impl LocalSource {
+    pub fn new(path: PathBuf, state: Arc<State>, poll_interval: Duration) -> Self {
+        LocalSource {
+            path,
+            state,
+            // tokio's interval panics on a zero period.
+            poll_interval: poll_interval.max(Duration::from_millis(1)),
+            last_text: None,
+            last_read_error: None,
+        }
+    }
+
+    /// Loads the file once; the agent refuses to start on error.
+    pub fn load_initial(&mut self) -> Result<(), LocalConfigError> {
+        let text = std::fs::read_to_string(&self.path).map_err(|source| LocalConfigError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mesh = parse_mesh(&self.source_name(), &text)?;
+        self.last_text = Some(text);
+        self.install(mesh);
+        Ok(())
+    }
+
+    /// Re-reads the file whenever its content changes, until `shutdown`
+    /// resolves. A bad version is logged and the last good one keeps serving.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(self.poll_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticker.tick() => self.poll().await,
+            }
+        }
+    }
+
+    async fn poll(&mut self) {
+        let text = match tokio::fs::read_to_string(&self.path).await {
+            Ok(text) => text,
+            Err(e) => {
+                let error = e.to_string();
+                if self.last_read_error.as_ref() != Some(&error) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        %error,
+                        "cannot read mesh file; keeping the last good mesh"
+                    );
+                    self.last_read_error = Some(error);
+                }
+                return;
+            }
+        };
+        self.last_read_error = None;
+        if self.last_text.as_ref() == Some(&text) {
+            return;
+        }
+        let parsed = parse_mesh(&self.source_name(), &text);
+        self.last_text = Some(text);
+        match parsed {
+            Ok(mesh) => self.install(mesh),
+            Err(e) => tracing::warn!("ignoring invalid mesh file, keeping the last good mesh: {e}"),
+        }
+    }
+
+    /// Replaces the state unless nothing changed (e.g. only comments), so
+    /// watchers such as policy re-checks are not woken for nothing.
+    fn install(&self, mesh: Mesh) {
+        if *self.state.snapshot().mesh() == mesh {
+            tracing::debug!(path = %self.path.display(), "mesh file changed, mesh did not");
+            return;
+        }
+        tracing::info!(
+            path = %self.path.display(),
+            workloads = mesh.workloads.len(),
+            services = mesh.services.len(),
+            policies = mesh.policies.len(),
+            "applied mesh file"
+        );
+        self.state.replace(mesh);
+    }
+
+    fn source_name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::path::Path;
+
+    use tokio::sync::watch;
+
+    use super::*;
+
+    const POLL: Duration = Duration::from_millis(50);
+    /// Long enough for several polls, for checking that nothing happened.
+    const QUIET: Duration = Duration::from_millis(300);
+
+    fn mesh_text(ip: &str) -> String {
+        format!(
+            "workloads:\n  - uid: a\n    name: a\n    namespace: default\n    \
+             addresses: [{ip}]\n    node: n\n"
+        )
+    }
+
+    /// Replaces the file in one step, as editors and kubelet do, so a poll
+    /// never sees half a file.
+    fn write_atomic(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn addresses(state: &State) -> Vec<IpAddr> {
+        let snap = state.snapshot();
+        snap.mesh()
+            .workloads
+            .iter()
+            .flat_map(|w| w.addresses.clone())
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    async fn next_version(versions: &mut watch::Receiver<u64>) {
+        tokio::time::timeout(Duration::from_secs(5), versions.changed())
+            .await
+            .expect("no new mesh version within 5s")
+            .unwrap();
+    }
+
+    async fn assert_no_new_version(versions: &mut watch::Receiver<u64>) {
+        tokio::time::sleep(QUIET).await;
+        assert!(!versions.has_changed().unwrap(), "state was replaced");
+    }
+
+    #[tokio::test]
+    async fn applies_good_edits_and_keeps_the_last_good_mesh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        write_atomic(&path, &mesh_text("10.0.0.1"));
+        let state = Arc::new(State::default());
+        let mut versions = state.subscribe();
+
+        let mut source = LocalSource::new(path.clone(), state.clone(), POLL);
+        source.load_initial().unwrap();
+        assert_eq!(addresses(&state), [ip("10.0.0.1")]);
+        assert!(versions.has_changed().unwrap());
+        versions.borrow_and_update();
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(source.run(async {
+            let _ = stopped.await;
+        }));
+        // The first poll sees the file load_initial already installed.
+        assert_no_new_version(&mut versions).await;
+
+        write_atomic(&path, &mesh_text("10.0.0.2"));
+        next_version(&mut versions).await;
+        assert_eq!(addresses(&state), [ip("10.0.0.2")]);
+
+        // A bad edit is ignored; so is a missing file.
+        write_atomic(&path, "workloads:\n  - uid: [a\n");
+        assert_no_new_version(&mut versions).await;
+        std::fs::remove_file(&path).unwrap();
+        assert_no_new_version(&mut versions).await;
+        assert_eq!(addresses(&state), [ip("10.0.0.2")]);
+
+        write_atomic(&path, &mesh_text("10.0.0.3"));
+        next_version(&mut versions).await;
+        assert_eq!(addresses(&state), [ip("10.0.0.3")]);
+
+        // New text, same mesh: no new version to wake watchers with.
+        write_atomic(&path, &format!("# reformatted\n{}", mesh_text("10.0.0.3")));
+        assert_no_new_version(&mut versions).await;
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("run did not stop on shutdown")
+            .unwrap();
+    }
+
+    /// A ConfigMap volume swaps a `..data` symlink; the file's path, size and
+    /// mtime second may all stay the same.
+    #[tokio::test]
+    async fn sees_configmap_symlink_swaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let version_dir = |name: &str, ip: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("mesh.yaml"), mesh_text(ip)).unwrap();
+        };
+        version_dir("..v1", "10.0.0.1");
+        version_dir("..v2", "10.0.0.2");
+        let data = dir.path().join("..data");
+        std::os::unix::fs::symlink("..v1", &data).unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::os::unix::fs::symlink("..data/mesh.yaml", &path).unwrap();
+
+        let state = Arc::new(State::default());
+        let mut source = LocalSource::new(path, state.clone(), POLL);
+        source.load_initial().unwrap();
+        assert_eq!(addresses(&state), [ip("10.0.0.1")]);
+        let mut versions = state.subscribe();
+        versions.borrow_and_update();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(source.run(async {
+            let _ = stopped.await;
+        }));
+
+        let tmp = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink("..v2", &tmp).unwrap();
+        std::fs::rename(&tmp, &data).unwrap();
+        next_version(&mut versions).await;
+        assert_eq!(addresses(&state), [ip("10.0.0.2")]);
+
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn load_initial_fails_on_a_bad_file_and_leaves_the_state_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "workloads:\n  - uid: a\n").unwrap();
+        let state = Arc::new(State::default());
+        let mut source = LocalSource::new(path.clone(), state.clone(), POLL);
+        let err = source.load_initial().unwrap_err().to_string();
+        let want = format!("{}:2:8: workloads[0]: missing field `name`", path.display());
+        assert_eq!(err, want);
+        assert_eq!(*state.snapshot().mesh(), Mesh::default());
+
+        std::fs::remove_file(&path).unwrap();
+        let err = source.load_initial().unwrap_err();
+        assert!(matches!(err, LocalConfigError::Io { .. }), "{err}");
+    }
+}
