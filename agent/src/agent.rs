@@ -12,7 +12,9 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::hbone::{Pool, PoolConfig};
-use crate::identity::{CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle};
+use crate::identity::{
+    CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle,
+};
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
 use crate::state::{State, TunnelProtocol, Workload};
 use crate::xds::local::{LocalConfigError, LocalSource};
@@ -26,6 +28,10 @@ pub enum AgentError {
     Mesh(#[from] LocalConfigError),
 }
 
+/// The proxies running for local workloads, by uid, with the workload
+/// version each was started for.
+type Proxies = Mutex<HashMap<String, (Arc<Workload>, WorkloadProxy)>>;
+
 /// A running agent. Dropping it stops it.
 pub struct Agent {
     cfg: Config,
@@ -33,7 +39,7 @@ pub struct Agent {
     pub certs: Arc<CertManager>,
     pub pool: Pool,
     ctx: ProxyContext,
-    proxies: Arc<Mutex<HashMap<String, (Arc<Workload>, WorkloadProxy)>>>,
+    proxies: Arc<Proxies>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -122,7 +128,11 @@ impl Agent {
         // Listeners are up before start returns; later changes follow.
         let mut changes = agent.state.subscribe();
         reconcile(&agent.ctx, &agent.cfg.node, &agent.proxies).await;
-        let (ctx, node, proxies) = (agent.ctx.clone(), agent.cfg.node.clone(), agent.proxies.clone());
+        let (ctx, node, proxies) = (
+            agent.ctx.clone(),
+            agent.cfg.node.clone(),
+            agent.proxies.clone(),
+        );
         agent.tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 reconcile(&ctx, &node, &proxies).await;
@@ -151,7 +161,9 @@ impl Agent {
             .snapshot()
             .workload_by_uid(uid)
             .cloned()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no workload {uid}")))?;
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("no workload {uid}"))
+            })?;
         let ip = source.addresses.first().copied().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "workload has no address")
         })?;
@@ -175,7 +187,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn reconcile(
     ctx: &ProxyContext,
     node: &str,
-    proxies: &Mutex<HashMap<String, (Arc<Workload>, WorkloadProxy)>>,
+    proxies: &Proxies,
 ) {
     let snap = ctx.state.snapshot();
     let wanted: HashMap<String, Arc<Workload>> = snap

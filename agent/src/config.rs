@@ -235,7 +235,10 @@ impl Config {
         if let (Some(mesh), Some(dir)) = (&cfg.mesh_file, path.parent()) {
             cfg.mesh_file = Some(dir.join(mesh));
         }
-        for p in [&mut cfg.ca.root_cert, &mut cfg.ca.root_key].into_iter().flatten() {
+        for p in [&mut cfg.ca.root_cert, &mut cfg.ca.root_key]
+            .into_iter()
+            .flatten()
+        {
             if let Some(dir) = path.parent() {
                 *p = dir.join(&*p);
             }
@@ -268,7 +271,9 @@ impl Config {
             )));
         }
         if p.max_streams == 0 {
-            return Err(ConfigError::Invalid("pool.maxStreams must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "pool.maxStreams must be at least 1".into(),
+            ));
         }
         if self.ca.root_cert.is_some() != self.ca.root_key.is_some() {
             return Err(ConfigError::Invalid(
@@ -387,8 +392,16 @@ mod tests {
         assert_eq!(cfg.node, "from-flag");
         assert_eq!(cfg.mesh_file, Some(dir.path().join("m.yaml")));
 
-        std::fs::write(&path, "pool:\n  streamWindow: 1048576\n  connectionWindow: 1048576\n").unwrap();
-        let err = Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err();
+        std::fs::write(
+            &path,
+            "pool:\n  streamWindow: 1048576\n  connectionWindow: 1048576\n",
+        )
+        .unwrap();
+        let err = Config::load(&Overrides {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("connectionWindow"), "{err}");
     }
 }

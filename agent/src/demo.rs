@@ -76,9 +76,15 @@ pub async fn run(bytes: usize) -> anyhow::Result<()> {
         let route = a.state.snapshot().route(dst, a.config().ports.hbone);
         let started = Instant::now();
         let stream = a.connect_as("node-a/client", dst).await?;
-        let echoed = round_trip(stream, bytes).await.with_context(|| what.to_string())?;
+        let echoed = round_trip(stream, bytes)
+            .await
+            .with_context(|| what.to_string())?;
         let how = match &route {
-            Route::Hbone { gateway, identities, .. } => format!(
+            Route::Hbone {
+                gateway,
+                identities,
+                ..
+            } => format!(
                 "encrypted: mTLS+HTTP/2 CONNECT via {gateway}, peer proved {}",
                 identities[0]
             ),

@@ -3,11 +3,11 @@
 //! L4 policy. See `DESIGN.md` for the architecture; data flows
 //! capture -> proxy -> (state, identity) -> hbone -> socket.
 
-pub mod identity;
-pub mod state;
-pub mod xds;
 pub mod agent;
 pub mod config;
 pub mod demo;
 pub mod hbone;
+pub mod identity;
 pub mod proxy;
+pub mod state;
+pub mod xds;

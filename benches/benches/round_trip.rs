@@ -23,9 +23,14 @@ fn round_trip(c: &mut Criterion) {
         let a = world.agent("node-a").await;
         let b = world.agent("node-b").await;
         let echo = Echo::start(world.server_app()).await;
-        let direct = TcpStream::connect(world.server_app()).await.expect("direct");
+        let direct = TcpStream::connect(world.server_app())
+            .await
+            .expect("direct");
         direct.set_nodelay(true).expect("nodelay");
-        let tunneled = a.connect_as("client", world.server_app()).await.expect("tunnel");
+        let tunneled = a
+            .connect_as("client", world.server_app())
+            .await
+            .expect("tunnel");
         (a, b, echo, direct, tunneled)
     });
     let mut buf = [0u8; 1];

@@ -89,7 +89,9 @@ async fn half_close_is_honoured_both_ways() {
         let (mut s, _) = app.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
-        s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
         // Server finishes first: it sends and half-closes, then still reads.
         let (mut s, _) = app.accept().await.unwrap();
@@ -104,16 +106,25 @@ async fn half_close_is_honoured_both_ways() {
     c.write_all(b"hello").await.unwrap();
     c.shutdown().await.unwrap();
     let mut answer = String::new();
-    timeout(LIMIT, c.read_to_string(&mut answer)).await.unwrap().unwrap();
+    timeout(LIMIT, c.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(answer, "got 5 bytes");
 
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
     let mut first = Vec::new();
-    timeout(LIMIT, c.read_to_end(&mut first)).await.unwrap().unwrap();
+    timeout(LIMIT, c.read_to_end(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first, b"early", "EOF arrives after the server's bytes");
     c.write_all(b"late reply").await.unwrap();
     c.shutdown().await.unwrap();
-    assert_eq!(timeout(LIMIT, server).await.unwrap().unwrap(), b"late reply");
+    assert_eq!(
+        timeout(LIMIT, server).await.unwrap().unwrap(),
+        b"late reply"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +153,10 @@ async fn thousand_concurrent_connections_share_few_tls_connections() {
     }
     assert_eq!(echo.accepted.load(Ordering::SeqCst), 1000);
     let opened = a.pool.stats().connections_opened;
-    assert!(opened >= 1 && opened <= 30, "{opened} TLS connections for 1000 tunnels");
+    assert!(
+        (1..=30).contains(&opened),
+        "{opened} TLS connections for 1000 tunnels"
+    );
 }
 
 #[tokio::test]
@@ -162,9 +176,15 @@ async fn server_with_the_wrong_identity_is_refused() {
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
     let _ = c.write_all(b"secret").await;
     let mut got = Vec::new();
-    let r = timeout(LIMIT, c.read_to_end(&mut got)).await.expect("no hang");
+    let r = timeout(LIMIT, c.read_to_end(&mut got))
+        .await
+        .expect("no hang");
     assert!(r.is_err() || got.is_empty(), "no data may flow");
-    assert_eq!(echo.accepted.load(Ordering::SeqCst), 0, "the impostor never reached the app");
+    assert_eq!(
+        echo.accepted.load(Ordering::SeqCst),
+        0,
+        "the impostor never reached the app"
+    );
     assert_eq!(a.pool.stats().connections_open, 0);
 }
 
@@ -176,11 +196,15 @@ async fn client_certificate_from_another_root_is_refused() {
     let echo = Echo::start(w.server_app()).await;
     let other = std::sync::Arc::new(LocalCa::generate("cluster.local").unwrap());
     let certs = CertManager::new(other.clone(), other.trust_bundle(), Default::default());
-    let cert = certs.fetch(&Identity::new("cluster.local", "test", "client")).await.unwrap();
+    let cert = certs
+        .fetch(&Identity::new("cluster.local", "test", "client"))
+        .await
+        .unwrap();
     // Trusts the real root, so only the server's check of the client can fail.
     let server_id = Identity::new("cluster.local", "test", "server");
     let result = timeout(LIMIT, async {
-        let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id).await?;
+        let mut send =
+            raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id).await?;
         status_of(&mut send, Method::CONNECT, &w.server_app().to_string()).await
     })
     .await
@@ -196,7 +220,10 @@ async fn bad_requests_get_their_status_codes() {
     let _b = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
     let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let cert = certs.fetch(&Identity::new("cluster.local", "test", "client")).await.unwrap();
+    let cert = certs
+        .fetch(&Identity::new("cluster.local", "test", "client"))
+        .await
+        .unwrap();
     let server_id = Identity::new("cluster.local", "test", "server");
     let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
         .await
@@ -205,15 +232,43 @@ async fn bad_requests_get_their_status_codes() {
     let app = w.server_app().to_string();
     let cases = [
         (Method::CONNECT, app.clone(), StatusCode::OK),
-        (Method::GET, format!("http://{app}/"), StatusCode::BAD_REQUEST),
-        (Method::POST, format!("http://{app}/x"), StatusCode::BAD_REQUEST),
-        (Method::CONNECT, "not-an-ip:8080".into(), StatusCode::BAD_REQUEST),
-        (Method::CONNECT, format!("127.{n}.2.1"), StatusCode::BAD_REQUEST),
-        (Method::CONNECT, format!("127.{n}.2.1:0"), StatusCode::BAD_REQUEST),
+        (
+            Method::GET,
+            format!("http://{app}/"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            format!("http://{app}/x"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::CONNECT,
+            "not-an-ip:8080".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::CONNECT,
+            format!("127.{n}.2.1"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::CONNECT,
+            format!("127.{n}.2.1:0"),
+            StatusCode::BAD_REQUEST,
+        ),
         // Not an address of the workload this connection reached.
-        (Method::CONNECT, format!("127.{n}.9.9:8080"), StatusCode::BAD_REQUEST),
+        (
+            Method::CONNECT,
+            format!("127.{n}.9.9:8080"),
+            StatusCode::BAD_REQUEST,
+        ),
         // Nothing listens there.
-        (Method::CONNECT, format!("127.{n}.2.1:1"), StatusCode::SERVICE_UNAVAILABLE),
+        (
+            Method::CONNECT,
+            format!("127.{n}.2.1:1"),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
     ];
     for (method, uri, want) in cases {
         let got = timeout(LIMIT, status_of(&mut send, method.clone(), &uri))
@@ -233,6 +288,8 @@ async fn unreachable_target_fails_fast_through_the_agents() {
     // No application listens on the server's port 8080.
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
     let mut got = Vec::new();
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await.expect("no hang");
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("no hang");
     assert!(r.is_err() || got.is_empty());
 }

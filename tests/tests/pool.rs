@@ -41,15 +41,33 @@ async fn setup(net: u8, cfg: PoolConfig) -> Setup {
         dst: w.server_hbone(),
         src_ip: Some(w.client_ip()),
     };
-    Setup { w, _server: server, _echo: echo, pool, key, expected: vec![server_id] }
+    Setup {
+        w,
+        _server: server,
+        _echo: echo,
+        pool,
+        key,
+        expected: vec![server_id],
+    }
 }
 
 #[tokio::test]
 async fn opens_a_new_connection_past_max_streams() {
-    let s = setup(21, PoolConfig { max_streams: 10, ..Default::default() }).await;
+    let s = setup(
+        21,
+        PoolConfig {
+            max_streams: 10,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut streams = Vec::new();
     for _ in 0..25 {
-        let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+        let st = s
+            .pool
+            .connect(&s.key, &s.expected, request(s.w.server_app()))
+            .await
+            .unwrap();
         streams.push(st);
     }
     let stats = s.pool.stats();
@@ -57,7 +75,11 @@ async fn opens_a_new_connection_past_max_streams() {
     assert_eq!(stats.streams_active, 25);
     drop(streams);
     // Freed slots are reused rather than opening more connections.
-    let _again = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    let _again = s
+        .pool
+        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 3);
 }
 
@@ -68,7 +90,9 @@ async fn creation_is_single_flight_per_key() {
     for _ in 0..50 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await
+            s.pool
+                .connect(&s.key, &s.expected, request(s.w.server_app()))
+                .await
         }));
     }
     let mut streams = Vec::new();
@@ -79,15 +103,26 @@ async fn creation_is_single_flight_per_key() {
     // A different key (another source address) gets its own connection.
     let mut other = s.key.clone();
     other.src_ip = None;
-    let _o = s.pool.connect(&other, &s.expected, request(s.w.server_app())).await.unwrap();
+    let _o = s
+        .pool
+        .connect(&other, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 2);
 }
 
 #[tokio::test]
 async fn idle_connections_are_released() {
-    let cfg = PoolConfig { idle_timeout: Duration::from_millis(300), ..Default::default() };
+    let cfg = PoolConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let s = setup(23, cfg).await;
-    let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    let st = s
+        .pool
+        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(s.pool.stats().connections_open, 1, "busy connections stay");
     drop(st);
@@ -98,7 +133,11 @@ async fn idle_connections_are_released() {
     })
     .await
     .expect("idle connection released");
-    let _st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    let _st = s
+        .pool
+        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 2);
 }
 
@@ -110,10 +149,22 @@ async fn keepalive_pings_keep_a_connection_usable() {
         ..Default::default()
     };
     let s = setup(24, cfg).await;
-    let st = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
+    let st = s
+        .pool
+        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let _st2 = s.pool.connect(&s.key, &s.expected, request(s.w.server_app())).await.unwrap();
-    assert_eq!(s.pool.stats().connections_opened, 1, "answered PINGs keep the connection");
+    let _st2 = s
+        .pool
+        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.pool.stats().connections_opened,
+        1,
+        "answered PINGs keep the connection"
+    );
     drop(st);
 }
 
@@ -121,9 +172,16 @@ async fn keepalive_pings_keep_a_connection_usable() {
 async fn unexpected_server_identity_is_refused() {
     let s = setup(25, PoolConfig::default()).await;
     let wrong = vec![Identity::new("cluster.local", "test", "someone-else")];
-    let err = s.pool.connect(&s.key, &wrong, request(s.w.server_app())).await.unwrap_err();
+    let err = s
+        .pool
+        .connect(&s.key, &wrong, request(s.w.server_app()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, PoolError::Handshake(..)), "{err}");
-    assert!(err.to_string().contains("someone-else") || format!("{err:?}").contains("someone-else"), "{err:?}");
+    assert!(
+        err.to_string().contains("someone-else") || format!("{err:?}").contains("someone-else"),
+        "{err:?}"
+    );
     assert_eq!(s.pool.stats().connections_open, 0);
 }
 
@@ -131,6 +189,16 @@ async fn unexpected_server_identity_is_refused() {
 async fn refused_connect_reports_the_status() {
     let s = setup(26, PoolConfig::default()).await;
     let target = format!("127.{}.2.1:1", s.w.net).parse().unwrap();
-    let err = s.pool.connect(&s.key, &s.expected, request(target)).await.unwrap_err();
-    assert!(matches!(err, PoolError::Status(http::StatusCode::SERVICE_UNAVAILABLE)), "{err}");
+    let err = s
+        .pool
+        .connect(&s.key, &s.expected, request(target))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PoolError::Status(http::StatusCode::SERVICE_UNAVAILABLE)
+        ),
+        "{err}"
+    );
 }

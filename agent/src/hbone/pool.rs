@@ -215,7 +215,13 @@ impl Pool {
             }
         };
         let slot = Slot(conn);
-        let mut send = slot.0.send.clone().ready().await.inspect_err(|_| slot.0.close())?;
+        let mut send = slot
+            .0
+            .send
+            .clone()
+            .ready()
+            .await
+            .inspect_err(|_| slot.0.close())?;
         let (response, send_stream) = send.send_request(request, false)?;
         let response = response.await?;
         if response.status() != StatusCode::OK {
@@ -240,7 +246,10 @@ impl Pool {
     }
 
     fn entry(&self, key: &PoolKey) -> Arc<Entry> {
-        lock(&self.inner.entries).entry(key.clone()).or_default().clone()
+        lock(&self.inner.entries)
+            .entry(key.clone())
+            .or_default()
+            .clone()
     }
 
     /// Opens a new connection for `key` with its first stream slot taken.
@@ -251,9 +260,10 @@ impl Pool {
         entry: &Arc<Entry>,
     ) -> Result<Arc<Conn>, PoolError> {
         let cfg = &self.inner.cfg;
-        let (send, connection) = tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected))
-            .await
-            .map_err(|_| PoolError::Timeout(key.dst))??;
+        let (send, connection) =
+            tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected))
+                .await
+                .map_err(|_| PoolError::Timeout(key.dst))??;
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,
@@ -281,7 +291,13 @@ impl Pool {
         &self,
         key: &PoolKey,
         expected: &[Identity],
-    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>), PoolError> {
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+        ),
+        PoolError,
+    > {
         let cfg = &self.inner.cfg;
         let cert = self
             .inner
@@ -289,7 +305,8 @@ impl Pool {
             .fetch(&key.src_identity)
             .await
             .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
-        let tls_cfg = tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
+        let tls_cfg =
+            tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
         let tcp = connect_tcp(key.dst, key.src_ip, cfg.socket_mark)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
@@ -336,15 +353,22 @@ async fn drive(
     pool: Weak<Inner>,
     key: PoolKey,
 ) {
-    let Some(cfg) = pool.upgrade().map(|p| p.cfg.clone()) else { return };
+    let Some(cfg) = pool.upgrade().map(|p| p.cfg.clone()) else {
+        return;
+    };
     let mut ping_pong = connection.ping_pong();
-    let tick = cfg.keepalive_interval.min(cfg.idle_timeout / 2).max(Duration::from_millis(10));
+    let tick = cfg
+        .keepalive_interval
+        .min(cfg.idle_timeout / 2)
+        .max(Duration::from_millis(10));
     let maintain = async {
         let mut since_ping = Duration::ZERO;
         loop {
             tokio::time::sleep(tick).await;
             since_ping += tick;
-            let Some(c) = conn.upgrade() else { return Ending::Released };
+            let Some(c) = conn.upgrade() else {
+                return Ending::Released;
+            };
             if c.close_if_idle(cfg.idle_timeout) {
                 return Ending::Idle;
             }
@@ -352,7 +376,8 @@ async fn drive(
             if since_ping >= cfg.keepalive_interval {
                 since_ping = Duration::ZERO;
                 if let Some(pp) = ping_pong.as_mut() {
-                    let pong = tokio::time::timeout(cfg.keepalive_timeout, pp.ping(h2::Ping::opaque()));
+                    let pong =
+                        tokio::time::timeout(cfg.keepalive_timeout, pp.ping(h2::Ping::opaque()));
                     if !matches!(pong.await, Ok(Ok(_))) {
                         return Ending::KeepAliveFailed;
                     }

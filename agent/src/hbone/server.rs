@@ -47,7 +47,9 @@ impl Responder {
 
     /// Answers 200 and returns the tunnel.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(response(StatusCode::OK), false)?;
+        let send = self
+            .respond
+            .send_response(response(StatusCode::OK), false)?;
         Ok(H2Stream::new(send, self.recv))
     }
 }
@@ -188,8 +190,12 @@ fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
         .find(|(k, _)| k.eq_ignore_ascii_case("for"))
         .and_then(|(_, v)| {
             let v = v.trim_matches('"');
-            let v = v.strip_prefix('[').map_or(v, |s| s.split(']').next().unwrap_or(s));
-            v.parse().ok().or_else(|| v.parse::<SocketAddr>().ok().map(|s| s.ip()))
+            let v = v
+                .strip_prefix('[')
+                .map_or(v, |s| s.split(']').next().unwrap_or(s));
+            v.parse()
+                .ok()
+                .or_else(|| v.parse::<SocketAddr>().ok().map(|s| s.ip()))
         })
 }
 

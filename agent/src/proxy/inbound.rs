@@ -36,7 +36,12 @@ impl Accept for Inbound {
             }
         };
         let span = tracing::info_span!("inbound", src = %peer, dst = %local);
-        if let Err(e) = self.clone().serve_tls(stream, peer, local).instrument(span.clone()).await {
+        if let Err(e) = self
+            .clone()
+            .serve_tls(stream, peer, local)
+            .instrument(span.clone())
+            .await
+        {
             warn!(parent: &span, error = %e, "HBONE connection refused");
         }
     }
@@ -105,17 +110,18 @@ impl Handler for Inbound {
             }
             let start = Instant::now();
             let connect = hbone::pool::connect_tcp(req.target, None, self.ctx.settings.socket_mark);
-            let upstream = match tokio::time::timeout(self.ctx.settings.connect_timeout, connect).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "target unreachable; 503");
-                    return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                }
-                Err(_) => {
-                    warn!("target connect timed out; 503");
-                    return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                }
-            };
+            let upstream =
+                match tokio::time::timeout(self.ctx.settings.connect_timeout, connect).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "target unreachable; 503");
+                        return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    Err(_) => {
+                        warn!("target connect timed out; 503");
+                        return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                };
             let tunnel = match responder.accept() {
                 Ok(t) => t,
                 Err(e) => return warn!(error = %e, "client went away"),
@@ -123,7 +129,9 @@ impl Handler for Inbound {
             let elapsed_ms = || start.elapsed().as_millis() as u64;
             match hbone::copy_bidirectional(tunnel, upstream).await {
                 Ok(t) => info!(
-                    received = t.from_stream, sent = t.to_stream, elapsed_ms = elapsed_ms(),
+                    received = t.from_stream,
+                    sent = t.to_stream,
+                    elapsed_ms = elapsed_ms(),
                     "connection complete"
                 ),
                 Err(e) => warn!(error = %e, elapsed_ms = elapsed_ms(), "connection failed"),

@@ -33,13 +33,16 @@ impl Accept for InboundPassthrough {
             return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
         }
         let upstream = hbone::pool::connect_tcp(dst, None, self.ctx.settings.socket_mark);
-        let mut upstream = match tokio::time::timeout(self.ctx.settings.connect_timeout, upstream).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return warn!(%peer, %dst, error = %e, "target unreachable"),
-            Err(_) => return warn!(%peer, %dst, "target connect timed out"),
-        };
+        let mut upstream =
+            match tokio::time::timeout(self.ctx.settings.connect_timeout, upstream).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return warn!(%peer, %dst, error = %e, "target unreachable"),
+                Err(_) => return warn!(%peer, %dst, "target connect timed out"),
+            };
         match tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-            Ok((up, down)) => info!(src = %peer, %dst, received = up, sent = down, "plaintext connection complete"),
+            Ok((up, down)) => {
+                info!(src = %peer, %dst, received = up, sent = down, "plaintext connection complete")
+            }
             Err(e) => warn!(src = %peer, %dst, error = %e, "plaintext connection failed"),
         }
     }

@@ -31,9 +31,7 @@ fn getsockopt_addr(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Op
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: the buffer and its length describe valid writable memory of
     // the size the kernel is told; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(fd, level, name, storage.as_mut_ptr().cast(), &mut len)
-    };
+    let rc = unsafe { libc::getsockopt(fd, level, name, storage.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return None;
     }
@@ -43,13 +41,15 @@ fn getsockopt_addr(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Op
     match storage.ss_family as libc::c_int {
         libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
         }
         libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
         }

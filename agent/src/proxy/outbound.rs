@@ -45,7 +45,11 @@ impl Outbound {
 
     /// Carries `stream` (from `peer`, originally for `dst`) to `dst`.
     pub async fn proxy(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let route = self.ctx.state.snapshot().route(dst, self.ctx.settings.hbone_port);
+        let route = self
+            .ctx
+            .state
+            .snapshot()
+            .route(dst, self.ctx.settings.hbone_port);
         let src_identity = self.source.identity();
         let span = tracing::info_span!("outbound", src = %peer, %dst, src_id = %src_identity);
         async move {
@@ -53,7 +57,12 @@ impl Outbound {
             let result = self.forward(stream, peer, &route).await;
             let elapsed_ms = start.elapsed().as_millis() as u64;
             match (&route, result) {
-                (Route::Hbone { target, identities, .. }, Ok(t)) => info!(
+                (
+                    Route::Hbone {
+                        target, identities, ..
+                    },
+                    Ok(t),
+                ) => info!(
                     %target, dst_id = %identities[0], sent = t.0, received = t.1, elapsed_ms,
                     "connection complete (hbone)"
                 ),
@@ -109,7 +118,11 @@ impl Outbound {
         }
     }
 
-    fn connect_request(&self, target: SocketAddr, peer: SocketAddr) -> Result<Request<()>, OutboundError> {
+    fn connect_request(
+        &self,
+        target: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<Request<()>, OutboundError> {
         let for_ip = match peer.ip() {
             std::net::IpAddr::V4(ip) => format!("for=\"{ip}\""),
             std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
@@ -126,7 +139,10 @@ impl Outbound {
             .uri(target.to_string())
             .header("forwarded", for_ip)
             .header("baggage", baggage)
-            .header("traceparent", format!("00-{trace_id:032x}-{span_id:016x}-00"))
+            .header(
+                "traceparent",
+                format!("00-{trace_id:032x}-{span_id:016x}-00"),
+            )
             .body(())
             .map_err(|e| OutboundError::Request(e.to_string()))
     }

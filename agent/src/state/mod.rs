@@ -73,7 +73,9 @@ impl Snapshot {
 
     /// Workloads served by the agent of `node`.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.workload_by_uid.values().filter(move |w| w.node == node)
+        self.workload_by_uid
+            .values()
+            .filter(move |w| w.node == node)
     }
 
     pub fn policies(&self) -> &[Policy] {

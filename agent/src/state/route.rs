@@ -171,10 +171,17 @@ mod tests {
                     namespace: "ns".into(),
                     hostname: "svc.ns.svc.cluster.local".into(),
                     vips: vec!["10.96.0.1".parse().unwrap()],
-                    ports: vec![ServicePort { port: 80, target_port: 8080 }],
+                    ports: vec![ServicePort {
+                        port: 80,
+                        target_port: 8080,
+                    }],
                     endpoints: vec![
-                        Endpoint { workload_uid: "a".into() },
-                        Endpoint { workload_uid: "sick".into() },
+                        Endpoint {
+                            workload_uid: "a".into(),
+                        },
+                        Endpoint {
+                            workload_uid: "sick".into(),
+                        },
                     ],
                     subject_alt_names: vec!["spiffe://td/ns/ns/sa/extra".into()],
                     waypoint: None,
@@ -184,8 +191,13 @@ mod tests {
                     namespace: "ns".into(),
                     hostname: "empty".into(),
                     vips: vec!["10.96.0.2".parse().unwrap()],
-                    ports: vec![ServicePort { port: 80, target_port: 0 }],
-                    endpoints: vec![Endpoint { workload_uid: "sick".into() }],
+                    ports: vec![ServicePort {
+                        port: 80,
+                        target_port: 0,
+                    }],
+                    endpoints: vec![Endpoint {
+                        workload_uid: "sick".into(),
+                    }],
                     subject_alt_names: vec![],
                     waypoint: None,
                 },
@@ -200,7 +212,12 @@ mod tests {
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         // Mesh workload: HBONE to its agent, same port.
         match snap.route(sa("10.0.0.1:9000"), 15008) {
-            Route::Hbone { gateway, target, identities, .. } => {
+            Route::Hbone {
+                gateway,
+                target,
+                identities,
+                ..
+            } => {
                 assert_eq!(gateway, sa("10.0.0.1:15008"));
                 assert_eq!(target, sa("10.0.0.1:9000"));
                 assert_eq!(identities, vec![Identity::new("td", "ns", "a")]);
@@ -220,7 +237,13 @@ mod tests {
         // Service VIP: the healthy endpoint, mapped port, service SANs.
         for _ in 0..20 {
             match snap.route(sa("10.96.0.1:80"), 15008) {
-                Route::Hbone { gateway, target, identities, service, .. } => {
+                Route::Hbone {
+                    gateway,
+                    target,
+                    identities,
+                    service,
+                    ..
+                } => {
                     assert_eq!(gateway, sa("10.0.0.1:15008"));
                     assert_eq!(target, sa("10.0.0.1:8080"));
                     assert_eq!(identities.len(), 2);
@@ -230,7 +253,13 @@ mod tests {
             }
         }
         // Port the service does not expose, and a service with no healthy endpoint.
-        assert!(matches!(snap.route(sa("10.96.0.1:81"), 15008), Route::Unreachable(_)));
-        assert!(matches!(snap.route(sa("10.96.0.2:80"), 15008), Route::Unreachable(_)));
+        assert!(matches!(
+            snap.route(sa("10.96.0.1:81"), 15008),
+            Route::Unreachable(_)
+        ));
+        assert!(matches!(
+            snap.route(sa("10.96.0.2:80"), 15008),
+            Route::Unreachable(_)
+        ));
     }
 }
