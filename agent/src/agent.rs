@@ -2,7 +2,7 @@
 //! pool together, and keeps one [`WorkloadProxy`] per local mesh workload
 //! in step with the mesh as it changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -10,12 +10,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::capture::nft::NftCapture;
+use crate::capture::Enrollment;
 use crate::config::Config;
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::{
     CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle,
 };
+use crate::proxy::record::ConnectionRecord;
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
+use crate::socket::Sockets;
 use crate::state::{State, TunnelProtocol, Workload};
 use crate::xds::local::{LocalConfigError, LocalSource};
 
@@ -28,9 +32,17 @@ pub enum AgentError {
     Mesh(#[from] LocalConfigError),
 }
 
-/// The proxies running for local workloads, by uid, with the workload
-/// version each was started for.
-type Proxies = Mutex<HashMap<String, (Arc<Workload>, WorkloadProxy)>>;
+/// A local workload being served.
+struct Local {
+    /// The version of the workload the proxy was started for.
+    workload: Arc<Workload>,
+    proxy: WorkloadProxy,
+    /// Its namespace and capture, when it has a namespace of its own.
+    enrollment: Option<Enrollment>,
+}
+
+/// The local workloads being served, by uid.
+type Proxies = Mutex<HashMap<String, Local>>;
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
@@ -50,6 +62,10 @@ impl Drop for Agent {
         for t in &self.tasks {
             t.abort();
         }
+        // Capture comes off every namespace now, not whenever the aborted
+        // tasks happen to be dropped.
+        let locals = std::mem::take(&mut *lock(&self.proxies));
+        drop(locals);
     }
 }
 
@@ -114,6 +130,7 @@ impl Agent {
                 h2: cfg.h2(),
             }),
             shutdown: shutdown_rx,
+            records: tokio::sync::broadcast::channel(1024).0,
         };
         let mut agent = Agent {
             cfg,
@@ -127,19 +144,20 @@ impl Agent {
         };
         // Listeners are up before start returns; later changes follow.
         let mut changes = agent.state.subscribe();
-        reconcile(&agent.ctx, &agent.cfg.node, &agent.proxies).await;
-        let (ctx, node, proxies) = (
-            agent.ctx.clone(),
-            agent.cfg.node.clone(),
-            agent.proxies.clone(),
-        );
+        reconcile(&agent.ctx, &agent.cfg, &agent.proxies).await;
+        let (ctx, cfg, proxies) = (agent.ctx.clone(), agent.cfg.clone(), agent.proxies.clone());
         agent.tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                reconcile(&ctx, &node, &proxies).await;
+                reconcile(&ctx, &cfg, &proxies).await;
             }
         }));
         info!(node = %agent.cfg.node, "agent started");
         Ok(agent)
+    }
+
+    /// A stream of records of finished connections (see [`ConnectionRecord`]).
+    pub fn connections(&self) -> tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>> {
+        self.ctx.records.subscribe()
     }
 
     pub fn config(&self) -> &Config {
@@ -148,7 +166,7 @@ impl Agent {
 
     /// The listener addresses of local workload `uid`, if it is served.
     pub fn listeners(&self, uid: &str) -> Option<ListenerAddrs> {
-        lock(&self.proxies).get(uid).map(|(_, p)| p.addrs)
+        lock(&self.proxies).get(uid).map(|l| l.proxy.addrs)
     }
 
     /// Hands a new connection to workload `uid`'s outbound proxy as if it
@@ -172,7 +190,7 @@ impl Agent {
         let (captured, peer) = listener.accept().await?;
         captured.set_nodelay(true)?;
         app.set_nodelay(true)?;
-        let outbound = Outbound::new(self.ctx.clone(), source);
+        let outbound = Outbound::new(self.ctx.clone(), source, Sockets::Host);
         tokio::spawn(async move { outbound.proxy(captured, peer, dst).await });
         Ok(app)
     }
@@ -184,44 +202,82 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Starts proxies for new or changed local mesh workloads and stops those
 /// that left.
-async fn reconcile(
-    ctx: &ProxyContext,
-    node: &str,
-    proxies: &Proxies,
-) {
+async fn reconcile(ctx: &ProxyContext, cfg: &Config, proxies: &Proxies) {
     let snap = ctx.state.snapshot();
     let wanted: HashMap<String, Arc<Workload>> = snap
-        .local_workloads(node)
+        .local_workloads(&cfg.node)
         .filter(|w| w.protocol == TunnelProtocol::Hbone)
         .map(|w| (w.uid.clone(), w.clone()))
         .collect();
-    let identities: std::collections::HashSet<_> = wanted.values().map(|w| w.identity()).collect();
-    let to_start: Vec<Arc<Workload>> = {
+    let identities: HashSet<_> = wanted.values().map(|w| w.identity()).collect();
+    let (leaving, to_start): (Vec<Local>, Vec<Arc<Workload>>) = {
         let mut running = lock(proxies);
-        running.retain(|uid, (w, _)| {
-            let keep = wanted.get(uid).is_some_and(|n| n == w);
-            if !keep {
-                info!(%uid, "workload left or changed; closing its listeners");
-                // Another local workload may share the identity.
-                if !identities.contains(&w.identity()) {
-                    ctx.certs.forget(&w.identity());
-                }
-            }
-            keep
-        });
-        wanted
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(uid, l)| wanted.get(*uid) != Some(&l.workload))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        let leaving = gone.iter().filter_map(|uid| running.remove(uid)).collect();
+        let to_start = wanted
             .values()
             .filter(|w| !running.contains_key(&w.uid))
             .cloned()
-            .collect()
+            .collect();
+        (leaving, to_start)
     };
-    for w in to_start {
-        ctx.certs.track(w.identity());
-        match WorkloadProxy::start(ctx.clone(), w.clone()).await {
-            Ok(p) => {
-                lock(proxies).insert(w.uid.clone(), (w, p));
-            }
-            Err(e) => warn!(uid = %w.uid, error = %e, "cannot open the workload's listeners"),
+    for l in leaving {
+        info!(uid = %l.workload.uid, "workload left or changed; releasing it");
+        // Another local workload may share the identity.
+        if !identities.contains(&l.workload.identity()) {
+            ctx.certs.forget(&l.workload.identity());
+        }
+        // Stop redirecting before the listeners close.
+        if let Some(e) = l.enrollment {
+            e.release().await;
         }
     }
+    for w in to_start {
+        ctx.certs.track(w.identity());
+        match start_local(ctx, cfg, w.clone()).await {
+            Ok(l) => {
+                lock(proxies).insert(w.uid.clone(), l);
+            }
+            Err(e) => warn!(uid = %w.uid, error = %e, "cannot serve the workload"),
+        }
+    }
+}
+
+/// Opens a workload's listeners and, when it has its own namespace,
+/// enrolls it: listeners inside the namespace first, then capture.
+async fn start_local(ctx: &ProxyContext, cfg: &Config, w: Arc<Workload>) -> Result<Local, String> {
+    let Some(path) = &w.netns else {
+        let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), Sockets::Host)
+            .await
+            .map_err(|e| format!("opening listeners: {e}"))?;
+        return Ok(Local {
+            workload: w,
+            proxy,
+            enrollment: None,
+        });
+    };
+    let mut enrollment = Enrollment::open(path).await.map_err(|e| e.to_string())?;
+    let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), enrollment.sockets())
+        .await
+        .map_err(|e| format!("opening listeners in {}: {e}", path.display()))?;
+    let rules = NftCapture {
+        socket_mark: cfg.socket_mark,
+        outbound_port: cfg.ports.outbound,
+        inbound_plaintext_port: cfg.ports.inbound_plaintext,
+        hbone_port: cfg.ports.hbone,
+    };
+    enrollment
+        .capture(cfg.capture, rules)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(uid = %w.uid, netns = %path.display(), "workload enrolled");
+    Ok(Local {
+        workload: w,
+        proxy,
+        enrollment: Some(enrollment),
+    })
 }

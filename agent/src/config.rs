@@ -30,6 +30,9 @@ pub struct Config {
     /// SO_MARK on the agent's own sockets so capture skips them; 0 leaves
     /// sockets unmarked (needs no privilege). Default: 1337 (0x539).
     pub socket_mark: u32,
+    /// How enrolled workloads' traffic is redirected: `nft` or `ebpf`.
+    /// Default: nft.
+    pub capture: crate::capture::CaptureMode,
     /// Budget for connecting to an application or a peer agent. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -112,6 +115,7 @@ impl Default for Config {
             ports: Ports::default(),
             pool: PoolSettings::default(),
             socket_mark: 0x539,
+            capture: Default::default(),
             connect_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
         }
@@ -176,6 +180,9 @@ pub struct Overrides {
     /// Local mode: the mesh description (YAML), re-read when it changes.
     #[arg(long, env = "AMBIENT_MESH_FILE", value_name = "FILE")]
     pub mesh_file: Option<PathBuf>,
+    /// How enrolled workloads' traffic is captured. [default: nft]
+    #[arg(long, env = "AMBIENT_CAPTURE", value_enum)]
+    pub capture: Option<crate::capture::CaptureMode>,
     /// Log filter, e.g. `info` or `ambient_agent=debug`. [default: info]
     #[arg(long, env = "AMBIENT_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -211,6 +218,9 @@ impl Config {
         }
         if let Some(mesh) = &overrides.mesh_file {
             cfg.mesh_file = Some(mesh.clone());
+        }
+        if let Some(capture) = overrides.capture {
+            cfg.capture = capture;
         }
         if let Some(level) = &overrides.log_level {
             cfg.log.level = level.clone();

@@ -4,10 +4,12 @@
 //! capture -> proxy -> (state, identity) -> hbone -> socket.
 
 pub mod agent;
+pub mod capture;
 pub mod config;
 pub mod demo;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;
+pub mod socket;
 pub mod state;
 pub mod xds;

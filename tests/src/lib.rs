@@ -5,6 +5,8 @@
 //! Each test picks its own second octet (`net`) so tests running in
 //! parallel never share an address.
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -232,4 +234,59 @@ pub async fn status_of(
     let req = http::Request::builder().method(method).uri(uri).body(())?;
     let (resp, _stream) = send.send_request(req, false)?;
     Ok(resp.await?.status())
+}
+
+/// An echo server inside a pod that remembers each client's address.
+pub struct PodEcho {
+    pub peers: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PodEcho {
+    pub async fn start(pod: &netns::Pod, port: u16) -> PodEcho {
+        let listener = pod
+            .sockets()
+            .listen(pod.addr(port), Default::default())
+            .await
+            .expect("listen in pod");
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, peer)) = listener.accept().await {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = s.split();
+                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+                        let _ = wr.shutdown().await;
+                    }
+                });
+            }
+        });
+        PodEcho { peers, task }
+    }
+
+    pub fn peer_ips(&self) -> Vec<std::net::IpAddr> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| p.ip())
+            .collect()
+    }
+}
+
+/// A mesh file entry for a pod served by the agent of `node`.
+pub fn pod_workload(pod: &netns::Pod, node: &str, service_account: &str) -> String {
+    format!(
+        "  - uid: {name}\n    name: {name}\n    namespace: test\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n",
+        name = pod.name,
+        ip = pod.ip,
+        path = pod.netns_path()
+    )
 }

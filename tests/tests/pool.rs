@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ambient_agent::hbone::{Pool, PoolConfig, PoolError, PoolKey};
 use ambient_agent::identity::{CertManager, Identity};
+use ambient_agent::socket::Sockets;
 use ambient_tests::*;
 use http::{Method, Request};
 use tokio::time::timeout;
@@ -65,7 +66,12 @@ async fn opens_a_new_connection_past_max_streams() {
     for _ in 0..25 {
         let st = s
             .pool
-            .connect(&s.key, &s.expected, request(s.w.server_app()))
+            .connect(
+                &s.key,
+                &s.expected,
+                request(s.w.server_app()),
+                &Sockets::Host,
+            )
             .await
             .unwrap();
         streams.push(st);
@@ -77,7 +83,12 @@ async fn opens_a_new_connection_past_max_streams() {
     // Freed slots are reused rather than opening more connections.
     let _again = s
         .pool
-        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .connect(
+            &s.key,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 3);
@@ -91,7 +102,12 @@ async fn creation_is_single_flight_per_key() {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             s.pool
-                .connect(&s.key, &s.expected, request(s.w.server_app()))
+                .connect(
+                    &s.key,
+                    &s.expected,
+                    request(s.w.server_app()),
+                    &Sockets::Host,
+                )
                 .await
         }));
     }
@@ -105,7 +121,12 @@ async fn creation_is_single_flight_per_key() {
     other.src_ip = None;
     let _o = s
         .pool
-        .connect(&other, &s.expected, request(s.w.server_app()))
+        .connect(
+            &other,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 2);
@@ -120,7 +141,12 @@ async fn idle_connections_are_released() {
     let s = setup(23, cfg).await;
     let st = s
         .pool
-        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .connect(
+            &s.key,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -135,7 +161,12 @@ async fn idle_connections_are_released() {
     .expect("idle connection released");
     let _st = s
         .pool
-        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .connect(
+            &s.key,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     assert_eq!(s.pool.stats().connections_opened, 2);
@@ -151,13 +182,23 @@ async fn keepalive_pings_keep_a_connection_usable() {
     let s = setup(24, cfg).await;
     let st = s
         .pool
-        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .connect(
+            &s.key,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let _st2 = s
         .pool
-        .connect(&s.key, &s.expected, request(s.w.server_app()))
+        .connect(
+            &s.key,
+            &s.expected,
+            request(s.w.server_app()),
+            &Sockets::Host,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -174,7 +215,7 @@ async fn unexpected_server_identity_is_refused() {
     let wrong = vec![Identity::new("cluster.local", "test", "someone-else")];
     let err = s
         .pool
-        .connect(&s.key, &wrong, request(s.w.server_app()))
+        .connect(&s.key, &wrong, request(s.w.server_app()), &Sockets::Host)
         .await
         .unwrap_err();
     assert!(matches!(err, PoolError::Handshake(..)), "{err}");
@@ -191,7 +232,7 @@ async fn refused_connect_reports_the_status() {
     let target = format!("127.{}.2.1:1", s.w.net).parse().unwrap();
     let err = s
         .pool
-        .connect(&s.key, &s.expected, request(target))
+        .connect(&s.key, &s.expected, request(target), &Sockets::Host)
         .await
         .unwrap_err();
     assert!(

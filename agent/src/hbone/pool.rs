@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -24,6 +24,7 @@ use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
 use crate::identity::{CaError, CertManager, Identity};
+use crate::socket::{ConnectOpts, Sockets};
 
 /// Pool behaviour; see each field for its default.
 #[derive(Clone, Debug)]
@@ -202,6 +203,7 @@ impl Pool {
         key: &PoolKey,
         expected: &[Identity],
         request: Request<()>,
+        sockets: &Sockets,
     ) -> Result<H2Stream, PoolError> {
         let entry = self.entry(key);
         let conn = match entry.pick() {
@@ -210,7 +212,7 @@ impl Pool {
                 let _creating = entry.creating.lock().await;
                 match entry.pick() {
                     Some(c) => c,
-                    None => self.open(key, expected, &entry).await?,
+                    None => self.open(key, expected, &entry, sockets).await?,
                 }
             }
         };
@@ -258,10 +260,11 @@ impl Pool {
         key: &PoolKey,
         expected: &[Identity],
         entry: &Arc<Entry>,
+        sockets: &Sockets,
     ) -> Result<Arc<Conn>, PoolError> {
         let cfg = &self.inner.cfg;
         let (send, connection) =
-            tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected))
+            tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected, sockets))
                 .await
                 .map_err(|_| PoolError::Timeout(key.dst))??;
         let conn = Arc::new(Conn {
@@ -291,6 +294,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         expected: &[Identity],
+        sockets: &Sockets,
     ) -> Result<
         (
             SendRequest<Bytes>,
@@ -307,7 +311,13 @@ impl Pool {
             .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
         let tls_cfg =
             tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
-        let tcp = connect_tcp(key.dst, key.src_ip, cfg.socket_mark)
+        let opts = ConnectOpts {
+            bind: key.src_ip.map(|ip| SocketAddr::new(ip, 0)),
+            transparent: false,
+            mark: cfg.socket_mark,
+        };
+        let tcp = sockets
+            .connect(key.dst, opts)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
         let tls = TlsConnector::from(Arc::new(tls_cfg))
@@ -416,28 +426,4 @@ async fn drive(
     if matches!(why, Ending::Idle | Ending::Released) {
         let _ = tokio::time::timeout(cfg.keepalive_timeout, connection).await;
     }
-}
-
-/// A TCP connection from the agent: marked so capture ignores it, bound to
-/// `src` when given, with Nagle off.
-pub async fn connect_tcp(
-    dst: SocketAddr,
-    src: Option<IpAddr>,
-    mark: Option<u32>,
-) -> std::io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(mark) = mark {
-        socket2::SockRef::from(&socket).set_mark(mark)?;
-    }
-    socket.set_nodelay(true)?;
-    if let Some(src) = src {
-        if src.is_ipv4() == dst.is_ipv4() {
-            socket.bind(SocketAddr::new(src, 0))?;
-        }
-    }
-    socket.connect(dst).await
 }

@@ -12,16 +12,19 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
-use super::{orig_dst::original_dst, Accept, ProxyContext};
+use super::record::{ConnectionRecord, Direction};
+use super::{connect_app, orig_dst::original_dst, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
 use crate::identity::WorkloadCert;
+use crate::socket::Sockets;
 use crate::state::Workload;
 
 /// The HBONE server of one local workload.
 pub struct Inbound {
     ctx: ProxyContext,
     workload: Arc<Workload>,
+    sockets: Sockets,
     /// The TLS config for the current certificate, rebuilt on rotation.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>,
 }
@@ -48,10 +51,11 @@ impl Accept for Inbound {
 }
 
 impl Inbound {
-    pub fn new(ctx: ProxyContext, workload: Arc<Workload>) -> Self {
+    pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
         Inbound {
             ctx,
             workload,
+            sockets,
             tls: Mutex::new(None),
         }
     }
@@ -109,33 +113,41 @@ impl Handler for Inbound {
                 return responder.refuse(StatusCode::BAD_REQUEST);
             }
             let start = Instant::now();
-            let connect = hbone::pool::connect_tcp(req.target, None, self.ctx.settings.socket_mark);
-            let upstream =
-                match tokio::time::timeout(self.ctx.settings.connect_timeout, connect).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "target unreachable; 503");
-                        return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                    }
-                    Err(_) => {
-                        warn!("target connect timed out; 503");
-                        return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                    }
-                };
+            let upstream = match connect_app(&self.ctx, &self.sockets, req.target, src).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "target unreachable; 503");
+                    return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                }
+            };
             let tunnel = match responder.accept() {
                 Ok(t) => t,
                 Err(e) => return warn!(error = %e, "client went away"),
             };
-            let elapsed_ms = || start.elapsed().as_millis() as u64;
-            match hbone::copy_bidirectional(tunnel, upstream).await {
-                Ok(t) => info!(
-                    received = t.from_stream,
-                    sent = t.to_stream,
-                    elapsed_ms = elapsed_ms(),
-                    "connection complete"
-                ),
-                Err(e) => warn!(error = %e, elapsed_ms = elapsed_ms(), "connection failed"),
+            let result = hbone::copy_bidirectional(tunnel, upstream).await;
+            let duration = start.elapsed();
+            let elapsed_ms = duration.as_millis() as u64;
+            // from_stream: bytes the client sent; to_stream: the app's answer.
+            let (sent, received, error) = match result {
+                Ok(t) => (t.from_stream, t.to_stream, None),
+                Err(e) => (0, 0, Some(e.to_string())),
+            };
+            match &error {
+                None => info!(sent, received, elapsed_ms, "connection complete"),
+                Some(e) => warn!(error = %e, elapsed_ms, "connection failed"),
             }
+            self.ctx.report(ConnectionRecord {
+                direction: Direction::Inbound,
+                src,
+                dst: req.target,
+                src_identity: Some(req.peer_identity.clone()),
+                dst_identity: Some(self.workload.identity()),
+                sent,
+                received,
+                encrypted: true,
+                duration,
+                error,
+            });
         }
         .instrument(span)
         .await

@@ -7,18 +7,24 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{orig_dst::original_dst, Accept, ProxyContext};
-use crate::hbone;
+use super::record::{ConnectionRecord, Direction};
+use super::{connect_app, orig_dst::original_dst, Accept, ProxyContext};
+use crate::socket::Sockets;
 use crate::state::Workload;
 
 pub struct InboundPassthrough {
     ctx: ProxyContext,
     workload: Arc<Workload>,
+    sockets: Sockets,
 }
 
 impl InboundPassthrough {
-    pub fn new(ctx: ProxyContext, workload: Arc<Workload>) -> Self {
-        InboundPassthrough { ctx, workload }
+    pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
+        InboundPassthrough {
+            ctx,
+            workload,
+            sockets,
+        }
     }
 }
 
@@ -32,18 +38,31 @@ impl Accept for InboundPassthrough {
         if own || !self.workload.addresses.contains(&dst.ip()) {
             return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
         }
-        let upstream = hbone::pool::connect_tcp(dst, None, self.ctx.settings.socket_mark);
-        let mut upstream =
-            match tokio::time::timeout(self.ctx.settings.connect_timeout, upstream).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return warn!(%peer, %dst, error = %e, "target unreachable"),
-                Err(_) => return warn!(%peer, %dst, "target connect timed out"),
-            };
-        match tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-            Ok((up, down)) => {
-                info!(src = %peer, %dst, received = up, sent = down, "plaintext connection complete")
-            }
-            Err(e) => warn!(src = %peer, %dst, error = %e, "plaintext connection failed"),
+        let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
+            Ok(s) => s,
+            Err(e) => return warn!(%peer, %dst, error = %e, "target unreachable"),
+        };
+        let start = std::time::Instant::now();
+        let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        let (sent, received, error) = match result {
+            Ok((up, down)) => (up, down, None),
+            Err(e) => (0, 0, Some(e.to_string())),
+        };
+        match &error {
+            None => info!(src = %peer, %dst, sent, received, "plaintext connection complete"),
+            Some(e) => warn!(src = %peer, %dst, error = %e, "plaintext connection failed"),
         }
+        self.ctx.report(ConnectionRecord {
+            direction: Direction::InboundPlaintext,
+            src: peer.ip(),
+            dst,
+            src_identity: None,
+            dst_identity: Some(self.workload.identity()),
+            sent,
+            received,
+            encrypted: false,
+            duration: start.elapsed(),
+            error,
+        });
     }
 }

@@ -8,12 +8,13 @@ mod inbound;
 mod inbound_passthrough;
 pub mod orig_dst;
 mod outbound;
+pub mod record;
 
 pub use inbound::Inbound;
 pub use inbound_passthrough::InboundPassthrough;
 pub use outbound::Outbound;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::hbone::{H2Settings, Pool};
 use crate::identity::CertManager;
+use crate::socket::{ConnectOpts, ListenOpts, Sockets};
 use crate::state::{State, Workload};
 
 /// Settings every proxy shares.
@@ -47,6 +49,14 @@ pub struct ProxyContext {
     pub settings: Arc<ProxySettings>,
     /// Flips to true when the agent drains.
     pub shutdown: watch::Receiver<bool>,
+    /// Where finished connections are reported.
+    pub records: tokio::sync::broadcast::Sender<std::sync::Arc<record::ConnectionRecord>>,
+}
+
+impl ProxyContext {
+    pub(crate) fn report(&self, r: record::ConnectionRecord) {
+        let _ = self.records.send(Arc::new(r));
+    }
 }
 
 /// Bound addresses of a workload's listeners.
@@ -72,16 +82,38 @@ impl Drop for WorkloadProxy {
 }
 
 impl WorkloadProxy {
-    /// Binds `workload`'s listeners on its first address in the current
-    /// network namespace and starts serving.
-    pub async fn start(ctx: ProxyContext, workload: Arc<Workload>) -> std::io::Result<Self> {
+    /// Opens `workload`'s listeners and starts serving. Inside the
+    /// workload's own namespace they listen on every address, marked and
+    /// transparent as capture needs; without one, on the workload's first
+    /// address in the agent's namespace.
+    pub async fn start(
+        ctx: ProxyContext,
+        workload: Arc<Workload>,
+        sockets: Sockets,
+    ) -> std::io::Result<Self> {
         let ip = workload.addresses.first().copied().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "workload has no address")
         })?;
         let s = &ctx.settings;
-        let outbound = bind(SocketAddr::new(ip, s.outbound_port))?;
-        let inbound_plain = bind(SocketAddr::new(ip, s.inbound_plaintext_port))?;
-        let hbone = bind(SocketAddr::new(ip, s.hbone_port))?;
+        let (ip, opts) = match sockets {
+            Sockets::Netns(_) => (
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ListenOpts {
+                    transparent: true,
+                    mark: s.socket_mark,
+                },
+            ),
+            Sockets::Host => (ip, ListenOpts::default()),
+        };
+        let outbound = sockets
+            .listen(SocketAddr::new(ip, s.outbound_port), opts)
+            .await?;
+        let inbound_plain = sockets
+            .listen(SocketAddr::new(ip, s.inbound_plaintext_port), opts)
+            .await?;
+        let hbone = sockets
+            .listen(SocketAddr::new(ip, s.hbone_port), opts)
+            .await?;
         let addrs = ListenerAddrs {
             outbound: outbound.local_addr()?,
             inbound_plaintext: inbound_plain.local_addr()?,
@@ -89,9 +121,17 @@ impl WorkloadProxy {
         };
         let span = tracing::info_span!("workload", uid = %workload.uid);
         info!(parent: &span, ?addrs, "listening");
-        let ob = Arc::new(Outbound::new(ctx.clone(), workload.clone()));
-        let ib = Arc::new(Inbound::new(ctx.clone(), workload.clone()));
-        let ip = Arc::new(InboundPassthrough::new(ctx.clone(), workload.clone()));
+        let ob = Arc::new(Outbound::new(
+            ctx.clone(),
+            workload.clone(),
+            sockets.clone(),
+        ));
+        let ib = Arc::new(Inbound::new(ctx.clone(), workload.clone(), sockets.clone()));
+        let ip = Arc::new(InboundPassthrough::new(
+            ctx.clone(),
+            workload.clone(),
+            sockets,
+        ));
         let tasks = vec![
             tokio::spawn(accept_loop(outbound, ob, "outbound").instrument(span.clone())),
             tokio::spawn(accept_loop(hbone, ib, "hbone").instrument(span.clone())),
@@ -101,17 +141,24 @@ impl WorkloadProxy {
     }
 }
 
-/// A listening socket that accepts connections for another address when
-/// capture hands them over: reuse the address across quick restarts.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
+/// Connects to a local application on behalf of `client`: as `client`
+/// itself where the namespace routes replies back to us, else plainly.
+async fn connect_app(
+    ctx: &ProxyContext,
+    sockets: &Sockets,
+    target: SocketAddr,
+    client: IpAddr,
+) -> std::io::Result<TcpStream> {
+    let opts = ConnectOpts {
+        bind: sockets
+            .preserves_source()
+            .then_some(SocketAddr::new(client, 0)),
+        transparent: true,
+        mark: ctx.settings.socket_mark,
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    tokio::time::timeout(ctx.settings.connect_timeout, sockets.connect(target, opts))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// Something that serves accepted connections.

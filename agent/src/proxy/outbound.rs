@@ -9,14 +9,17 @@ use http::{Method, Request};
 use tokio::net::TcpStream;
 use tracing::{info, warn, Instrument};
 
+use super::record::{ConnectionRecord, Direction};
 use super::{orig_dst::original_dst, Accept, ProxyContext};
 use crate::hbone::{self, PoolKey};
+use crate::socket::{ConnectOpts, Sockets};
 use crate::state::{Route, Workload};
 
 /// The outbound proxy of one local workload (the source of its traffic).
 pub struct Outbound {
     ctx: ProxyContext,
     source: Arc<Workload>,
+    sockets: Sockets,
 }
 
 impl Accept for Outbound {
@@ -39,8 +42,12 @@ impl Accept for Outbound {
 }
 
 impl Outbound {
-    pub fn new(ctx: ProxyContext, source: Arc<Workload>) -> Self {
-        Outbound { ctx, source }
+    pub fn new(ctx: ProxyContext, source: Arc<Workload>, sockets: Sockets) -> Self {
+        Outbound {
+            ctx,
+            source,
+            sockets,
+        }
     }
 
     /// Carries `stream` (from `peer`, originally for `dst`) to `dst`.
@@ -55,24 +62,33 @@ impl Outbound {
         async move {
             let start = Instant::now();
             let result = self.forward(stream, peer, &route).await;
-            let elapsed_ms = start.elapsed().as_millis() as u64;
-            match (&route, result) {
-                (
-                    Route::Hbone {
-                        target, identities, ..
-                    },
-                    Ok(t),
-                ) => info!(
-                    %target, dst_id = %identities[0], sent = t.0, received = t.1, elapsed_ms,
-                    "connection complete (hbone)"
-                ),
-                (Route::Passthrough { target, .. }, Ok(t)) => info!(
-                    %target, sent = t.0, received = t.1, elapsed_ms,
-                    "connection complete (passthrough)"
-                ),
-                (Route::Unreachable(_), Ok(_)) => {}
-                (_, Err(e)) => warn!(error = %e, elapsed_ms, "connection failed"),
+            let duration = start.elapsed();
+            let (target, dst_identity, encrypted) = match &route {
+                Route::Hbone { target, identities, .. } => (*target, identities.first().cloned(), true),
+                Route::Passthrough { target, .. } => (*target, None, false),
+                Route::Unreachable(_) => (dst, None, false),
+            };
+            let (sent, received, error) = match result {
+                Ok((s, r)) => (s, r, None),
+                Err(e) => (0, 0, Some(e.to_string())),
+            };
+            let elapsed_ms = duration.as_millis() as u64;
+            match &error {
+                None => info!(%target, dst_id = ?dst_identity.as_ref().map(|i| i.to_string()), encrypted, sent, received, elapsed_ms, "connection complete"),
+                Some(e) => warn!(%target, error = %e, elapsed_ms, "connection failed"),
             }
+            self.ctx.report(ConnectionRecord {
+                direction: Direction::Outbound,
+                src: peer.ip(),
+                dst: target,
+                src_identity: Some(src_identity),
+                dst_identity,
+                sent,
+                received,
+                encrypted,
+                duration,
+                error,
+            });
         }
         .instrument(span)
         .await
@@ -87,10 +103,15 @@ impl Outbound {
         match route {
             Route::Unreachable(why) => Err(OutboundError::Unreachable(why.clone())),
             Route::Passthrough { target, .. } => {
-                let mut upstream =
-                    hbone::pool::connect_tcp(*target, None, self.ctx.settings.socket_mark)
-                        .await
-                        .map_err(|e| OutboundError::Connect(*target, e))?;
+                let opts = ConnectOpts {
+                    mark: self.ctx.settings.socket_mark,
+                    ..Default::default()
+                };
+                let mut upstream = self
+                    .sockets
+                    .connect(*target, opts)
+                    .await
+                    .map_err(|e| OutboundError::Connect(*target, e))?;
                 let mut stream = stream;
                 tokio::io::copy_bidirectional(&mut stream, &mut upstream)
                     .await
@@ -109,7 +130,11 @@ impl Outbound {
                     src_ip: self.source.addresses.first().copied(),
                 };
                 let request = self.connect_request(*target, peer)?;
-                let tunnel = self.ctx.pool.connect(&key, identities, request).await?;
+                let tunnel = self
+                    .ctx
+                    .pool
+                    .connect(&key, identities, request, &self.sockets)
+                    .await?;
                 let t = hbone::copy_bidirectional(tunnel, stream)
                     .await
                     .map_err(OutboundError::Io)?;

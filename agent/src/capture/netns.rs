@@ -1,0 +1,134 @@
+//! Entering a network namespace. Sockets belong to the namespace they were
+//! created in, so a [`Netns`] keeps one thread parked inside the namespace
+//! and runs socket-creating closures there; the sockets are then used from
+//! any thread. Tokio's workers never call `setns`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on a network namespace with a thread inside it.
+pub struct Netns {
+    path: PathBuf,
+    fd: OwnedFd,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl std::fmt::Debug for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netns").field("path", &self.path).finish()
+    }
+}
+
+impl Netns {
+    /// Opens the namespace at `path` (e.g. `/var/run/netns/pod1` or
+    /// `/proc/<pid>/ns/net`) and starts its thread.
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file = File::open(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("opening netns {}: {e}", path.display()))
+        })?;
+        Self::from_fd(path.to_path_buf(), file.into())
+    }
+
+    /// Like [`Netns::open`], from a namespace fd received from elsewhere
+    /// (the CNI hands them over a unix socket).
+    pub fn from_fd(path: PathBuf, fd: OwnedFd) -> io::Result<Netns> {
+        let thread_fd = fd.try_clone()?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || {
+                // SAFETY: setns on an fd we own; it affects only this thread.
+                let rc = unsafe { libc::setns(thread_fd.as_raw_fd(), libc::CLONE_NEWNET) };
+                let entered = if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                };
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("netns thread died"))?
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("entering netns {}: {e}", path.display()))
+            })?;
+        Ok(Netns {
+            path,
+            fd,
+            jobs: Mutex::new(jobs),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside the namespace and waits for its result without
+    /// blocking the async runtime.
+    pub async fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Box::new(move || {
+            let _ = tx.send(f());
+        }))?;
+        rx.await
+            .map_err(|_| io::Error::other("netns thread went away"))?
+    }
+
+    /// Runs `f` inside the namespace, blocking the caller.
+    pub fn run_blocking<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        self.submit(Box::new(move || {
+            let _ = tx.send(f());
+        }))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("netns thread went away"))?
+    }
+
+    fn submit(&self, job: Job) -> io::Result<()> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| io::Error::other("netns thread went away"))
+    }
+
+    /// A command that runs inside the namespace (for `nft`, `ip`).
+    pub fn command(&self, program: &str) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(program);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: between fork and exec only setns, which is
+        // async-signal-safe, is called; the fd stays open in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}

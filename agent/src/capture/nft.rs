@@ -1,0 +1,233 @@
+//! The nft capture backend: rules inside a workload's network namespace
+//! that send its TCP to the agent's listeners, as Istio's CNI does in-pod.
+//!
+//! - outbound TCP (not the agent's own, marked sockets; not loopback) is
+//!   REDIRECTed to the outbound port; the proxy reads `SO_ORIGINAL_DST`;
+//! - inbound TCP to the workload (except HBONE) is REDIRECTed to the inbound
+//!   plaintext port;
+//! - the agent connects to applications from the client's address
+//!   (transparent); the connection is tagged in conntrack and a policy route
+//!   delivers the application's replies back to the agent's socket instead
+//!   of out of the pod.
+//!
+//! The ruleset is one nft table written from [`NftCapture`] and applied in a
+//! single transaction, so installing twice is the same as once and a pod
+//! never sees half a ruleset.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::netns::Netns;
+
+/// The nft table the agent owns in each captured namespace.
+pub const TABLE: &str = "ambient_agent";
+/// Connection mark for the agent's connections to local applications.
+pub const CONN_MARK: u32 = 0x111;
+/// Mask of the mark bits the agent uses.
+pub const MARK_MASK: u32 = 0xfff;
+/// Routing table that delivers replies to the agent's transparent sockets.
+pub const ROUTE_TABLE: u32 = 133;
+/// Priority of the policy routing rule.
+pub const RULE_PRIORITY: u32 = 32764;
+
+/// Capture settings for one namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NftCapture {
+    /// SO_MARK of the agent's sockets.
+    pub socket_mark: u32,
+    pub outbound_port: u16,
+    pub inbound_plaintext_port: u16,
+    pub hbone_port: u16,
+}
+
+/// Why capture could not be installed or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("running {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+impl NftCapture {
+    /// The complete ruleset, replacing any earlier version of the table.
+    pub fn ruleset(&self) -> String {
+        let NftCapture {
+            socket_mark: agent,
+            outbound_port,
+            inbound_plaintext_port,
+            hbone_port,
+        } = *self;
+        let (conn, mask) = (CONN_MARK, MARK_MASK);
+        format!(
+            r#"table inet {TABLE} {{}}
+delete table inet {TABLE}
+table inet {TABLE} {{
+    chain prerouting_mangle {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "lo" meta mark & {mask:#x} == {agent:#x} ct mark set {conn:#x}
+    }}
+    chain output_route {{
+        type route hook output priority mangle; policy accept;
+        ct mark & {mask:#x} == {conn:#x} meta mark set ct mark
+    }}
+    chain prerouting_nat {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "lo" return
+        meta l4proto != tcp return
+        tcp dport {hbone_port} return
+        meta mark & {mask:#x} == {agent:#x} return
+        fib daddr type local meta l4proto tcp redirect to :{inbound_plaintext_port}
+    }}
+    chain output_nat {{
+        type nat hook output priority -100; policy accept;
+        meta l4proto != tcp return
+        meta mark & {mask:#x} == {agent:#x} return
+        ct mark & {mask:#x} == {conn:#x} return
+        oifname "lo" return
+        meta l4proto tcp redirect to :{outbound_port}
+    }}
+}}
+"#
+        )
+    }
+
+    /// Installs (or replaces) capture in `ns`.
+    pub fn install(&self, ns: &Netns) -> Result<(), NftError> {
+        run(ns.command("nft").args(["-f", "-"]), Some(&self.ruleset()))?;
+        for family in ["-4", "-6"] {
+            // Replace semantics: drop an earlier rule before adding ours.
+            let _ = run(ns.command("ip").args(rule_args(family, "del")), None);
+            run(ns.command("ip").args(rule_args(family, "add")), None)?;
+            let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+            let table = ROUTE_TABLE.to_string();
+            run(
+                ns.command("ip").args([
+                    family, "route", "replace", "local", any, "dev", "lo", "table", &table,
+                ]),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes everything [`NftCapture::install`] added; absent pieces are fine.
+    pub fn remove(ns: &Netns) -> Result<(), NftError> {
+        let mut first_err = None;
+        let delete = format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n");
+        if let Err(e) = run(ns.command("nft").args(["-f", "-"]), Some(&delete)) {
+            first_err.get_or_insert(e);
+        }
+        for family in ["-4", "-6"] {
+            let _ = run(ns.command("ip").args(rule_args(family, "del")), None);
+            let table = ROUTE_TABLE.to_string();
+            let _ = run(
+                ns.command("ip")
+                    .args([family, "route", "flush", "table", &table]),
+                None,
+            );
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Whether the agent's table is present in `ns`.
+    pub fn is_installed(ns: &Netns) -> Result<bool, NftError> {
+        let out = output(ns.command("nft").args(["list", "tables"]))?;
+        Ok(out
+            .lines()
+            .any(|l| l.trim() == format!("table inet {TABLE}")))
+    }
+}
+
+fn rule_args(family: &'static str, verb: &'static str) -> Vec<String> {
+    vec![
+        family.into(),
+        "rule".into(),
+        verb.into(),
+        "fwmark".into(),
+        format!("{CONN_MARK:#x}/{MARK_MASK:#x}"),
+        "pref".into(),
+        RULE_PRIORITY.to_string(),
+        "lookup".into(),
+        ROUTE_TABLE.to_string(),
+    ]
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<(), NftError> {
+    let spawn_err = |cmd: &Command, source| NftError::Spawn {
+        program: cmd.get_program().to_string_lossy().into_owned(),
+        source,
+    };
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| spawn_err(cmd, e))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| spawn_err(cmd, e))?;
+    }
+    let out = child.wait_with_output().map_err(|e| spawn_err(cmd, e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NftError::Failed {
+            command: describe(cmd),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String, NftError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NftError::Spawn {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NftError::Failed {
+            command: describe(cmd),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_names_the_ports_and_marks() {
+        let r = NftCapture {
+            socket_mark: 0x539,
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            hbone_port: 15008,
+        }
+        .ruleset();
+        assert!(r.starts_with("table inet ambient_agent {}\ndelete table inet ambient_agent\n"));
+        assert!(r.contains("redirect to :15001"));
+        assert!(r.contains("fib daddr type local meta l4proto tcp redirect to :15006"));
+        assert!(r.contains("tcp dport 15008 return"));
+        assert!(r.contains("meta mark & 0xfff == 0x539 return"));
+    }
+}

@@ -1,0 +1,379 @@
+//! Network-namespace worlds for end-to-end tests: "node" namespaces joined
+//! by a veth "wire", "pod" namespaces wired to their node, routes between
+//! them, and a packet sniffer on the wire. Everything is removed when the
+//! [`Topology`] is dropped, including on panic.
+//!
+//! Needs root. Tests call [`require_root`] first, which fails the test with
+//! the reason when the machine cannot build namespaces: never a silent skip.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ambient_agent::capture::netns::Netns;
+use ambient_agent::socket::Sockets;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Fails the calling test, with the reason, unless namespaces can be built.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test builds network namespaces and needs root (euid is {euid}); run the suite as root, as CI does"
+    );
+    let probe = format!(
+        "amb{}-probe{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    if let Err(e) = ip(&["netns", "add", &probe]) {
+        panic!("cannot create network namespaces here ({e}); is iproute2 installed and /var/run/netns writable?");
+    }
+    let _ = ip(&["netns", "del", &probe]);
+    sweep_stale();
+}
+
+/// Removes namespaces left by earlier test processes that died hard.
+fn sweep_stale() {
+    let Ok(list) = ip(&["netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(pid) = name.strip_prefix("amb").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+/// Runs `ip` with `args`; returns stdout or a message with stderr.
+pub fn ip(args: &[&str]) -> Result<String, String> {
+    run("ip", args)
+}
+
+pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `program args` inside namespace `ns`.
+pub fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<String, String> {
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    ip(&full)
+}
+
+/// A pod namespace and its address.
+#[derive(Clone)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+    ns: Arc<Netns>,
+}
+
+impl Pod {
+    /// `/var/run/netns/<netns>`, as the agent's mesh file names it.
+    pub fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.netns)
+    }
+
+    /// Sockets made inside the pod, as its applications' would be.
+    pub fn sockets(&self) -> Sockets {
+        Sockets::Netns(self.ns.clone())
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+}
+
+/// Two nodes joined by a wire, with pods hanging off them.
+pub struct Topology {
+    prefix: String,
+    namespaces: Mutex<Vec<String>>,
+    pub nodes: Vec<String>,
+    pods: Mutex<HashMap<String, Pod>>,
+    pod_count: AtomicUsize,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for ns in self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .rev()
+        {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("topology cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// The node-side name of the wire interface.
+pub const WIRE: &str = "wire";
+
+impl Topology {
+    /// Node `i` (0-based) is `10.0.0.(i+1)` on the wire; its pods are in
+    /// `10.(i+1).0.0/16`.
+    pub fn new(tag: &str) -> Topology {
+        require_root();
+        let prefix = format!("amb{}-{tag}", std::process::id());
+        let topo = Topology {
+            prefix: prefix.clone(),
+            namespaces: Mutex::default(),
+            nodes: vec![format!("{prefix}-n1"), format!("{prefix}-n2")],
+            pods: Mutex::default(),
+            pod_count: AtomicUsize::new(0),
+        };
+        for n in &topo.nodes {
+            topo.add_ns(n);
+            in_ns(n, "ip", &["link", "set", "lo", "up"]).expect("lo up");
+            in_ns(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]).expect("forwarding");
+        }
+        let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
+        ip(&[
+            "link", "add", "amb-w1", "netns", n1, "type", "veth", "peer", "name", "amb-w2",
+            "netns", n2,
+        ])
+        .expect("wire veth");
+        for (i, (ns, dev)) in [(n1, "amb-w1"), (n2, "amb-w2")].into_iter().enumerate() {
+            in_ns(ns, "ip", &["link", "set", dev, "name", WIRE]).expect("rename wire");
+            let addr = format!("10.0.0.{}/24", i + 1);
+            in_ns(ns, "ip", &["addr", "add", &addr, "dev", WIRE]).expect("wire addr");
+            in_ns(ns, "ip", &["link", "set", WIRE, "up"]).expect("wire up");
+            let (other_net, other_gw) = if i == 0 {
+                ("10.2.0.0/16", "10.0.0.2")
+            } else {
+                ("10.1.0.0/16", "10.0.0.1")
+            };
+            in_ns(ns, "ip", &["route", "add", other_net, "via", other_gw])
+                .expect("route to other node");
+        }
+        topo
+    }
+
+    fn add_ns(&self, name: &str) {
+        ip(&["netns", "add", name]).unwrap_or_else(|e| panic!("{e}"));
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+    }
+
+    /// Adds a pod named `name` on node `node` (0-based).
+    pub fn add_pod(&self, name: &str, node: usize) -> Pod {
+        let i = self.pod_count.fetch_add(1, Ordering::SeqCst) + 1;
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_ns(&netns);
+        let node_ns = &self.nodes[node];
+        let host_dev = format!("veth{i}");
+        let ip_addr = Ipv4Addr::new(10, node as u8 + 1, i as u8, 2);
+        let gw = Ipv4Addr::new(10, node as u8 + 1, i as u8, 1);
+        ip(&[
+            "link", "add", "amb-p", "netns", &netns, "type", "veth", "peer", "name", &host_dev,
+            "netns", node_ns,
+        ])
+        .expect("pod veth");
+        in_ns(&netns, "ip", &["link", "set", "amb-p", "name", "eth0"]).expect("rename");
+        in_ns(
+            &netns,
+            "ip",
+            &["addr", "add", &format!("{ip_addr}/30"), "dev", "eth0"],
+        )
+        .expect("pod addr");
+        in_ns(&netns, "ip", &["link", "set", "eth0", "up"]).expect("eth0 up");
+        in_ns(&netns, "ip", &["link", "set", "lo", "up"]).expect("lo up");
+        in_ns(
+            &netns,
+            "ip",
+            &["route", "add", "default", "via", &gw.to_string()],
+        )
+        .expect("default route");
+        in_ns(
+            node_ns,
+            "ip",
+            &["addr", "add", &format!("{gw}/30"), "dev", &host_dev],
+        )
+        .expect("node side addr");
+        in_ns(node_ns, "ip", &["link", "set", &host_dev, "up"]).expect("node side up");
+        let ns = Arc::new(
+            Netns::open(std::path::Path::new(&format!("/var/run/netns/{netns}")))
+                .expect("open pod netns"),
+        );
+        let pod = Pod {
+            name: name.into(),
+            netns,
+            ip: ip_addr,
+            node,
+            ns,
+        };
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), pod.clone());
+        pod
+    }
+
+    /// Starts capturing every frame on node `node`'s wire interface.
+    pub fn sniff_wire(&self, node: usize) -> Sniffer {
+        let ns = Netns::open(std::path::Path::new(&format!(
+            "/var/run/netns/{}",
+            self.nodes[node]
+        )))
+        .expect("open node netns");
+        Sniffer::start(&ns, WIRE)
+    }
+
+    /// Names of this topology's namespaces that still exist.
+    pub fn remaining_namespaces(&self) -> Vec<String> {
+        let list = ip(&["netns", "list"]).unwrap_or_default();
+        list.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&self.prefix))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// One TCP segment seen on the wire.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// A packet socket on one interface, collecting TCP segments until stopped.
+pub struct Sniffer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Segment>>>,
+}
+
+impl Sniffer {
+    fn start(ns: &Netns, dev: &str) -> Sniffer {
+        let dev = std::ffi::CString::new(dev).expect("dev name");
+        let fd = ns
+            .run_blocking(move || {
+                // SAFETY: plain socket syscalls on values we own.
+                unsafe {
+                    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                    sll.sll_family = libc::AF_PACKET as u16;
+                    sll.sll_protocol = proto as u16;
+                    sll.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
+                    let rc = libc::bind(
+                        fd,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    if rc != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let tv = libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 100_000,
+                    };
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    );
+                    Ok(fd)
+                }
+            })
+            .expect("packet socket");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut segments = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::SeqCst) {
+                // SAFETY: reading into a buffer we own, of the size given.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    if let Some(s) = parse_frame(&buf[..n as usize]) {
+                        segments.push(s);
+                    }
+                }
+            }
+            // SAFETY: closing the fd this thread owns.
+            unsafe { libc::close(fd) };
+            segments
+        });
+        Sniffer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops capturing and returns what was seen.
+    pub fn finish(mut self) -> Vec<Segment> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Ethernet + IPv4 + TCP, else None.
+fn parse_frame(f: &[u8]) -> Option<Segment> {
+    if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &f[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[9] != 6 || ip.len() < ihl + 20 || total > ip.len() {
+        return None;
+    }
+    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let tcp = &ip[ihl..total];
+    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    Some(Segment {
+        src: SocketAddr::new(src_ip.into(), sport),
+        dst: SocketAddr::new(dst_ip.into(), dport),
+        payload: tcp.get(doff..).unwrap_or_default().to_vec(),
+    })
+}
