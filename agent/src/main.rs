@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use ambient_agent::capture::CaptureMode;
 use ambient_agent::config::{Config, LogFormat, Overrides};
 
 /// Node-level ambient mesh agent: mutual-TLS HBONE tunnels between
@@ -23,12 +24,20 @@ enum Command {
     /// With no configuration at all the agent runs on its embedded default:
     /// local mode, an empty mesh and a freshly generated CA.
     Run(Overrides),
-    /// Build a small mesh on this machine's loopback, send traffic through it,
-    /// print what happened, and clean up.
+    /// Build a small mesh on this machine (2 node and 3 pod network
+    /// namespaces, needs root), send traffic between pods through the
+    /// agents, print who talked to whom and what the wire saw, clean up.
     Demo {
         /// Bytes each demo client sends.
         #[arg(long, default_value_t = 1 << 20)]
         bytes: usize,
+        /// Capture backend the agents use.
+        #[arg(long, value_enum, default_value_t = CaptureMode::Nft)]
+        capture: CaptureMode,
+        /// Run without namespaces or root: two agents on 127.x addresses,
+        /// capture stood in for.
+        #[arg(long)]
+        loopback: bool,
     },
 }
 
@@ -57,9 +66,17 @@ async fn main() -> anyhow::Result<()> {
             drop(agent);
             Ok(())
         }
-        Command::Demo { bytes } => {
+        Command::Demo {
+            bytes,
+            capture,
+            loopback,
+        } => {
             init_logging("warn", LogFormat::Text)?;
-            ambient_agent::demo::run(bytes).await
+            if loopback {
+                ambient_agent::demo::loopback::run(bytes).await
+            } else {
+                ambient_agent::demo::run_netns(bytes, capture).await
+            }
         }
     }
 }

@@ -31,12 +31,12 @@ struct Mesh {
 /// node 0: client, neighbour (same node as client), loner (not in the mesh)
 /// node 1: server, outside (not in the mesh)
 fn build(tag: &str) -> Mesh {
-    let topo = Topology::new(tag);
-    let client = topo.add_pod("client", 0);
-    let neighbour = topo.add_pod("neighbour", 0);
-    let loner = topo.add_pod("loner", 0);
-    let server = topo.add_pod("server", 1);
-    let outside = topo.add_pod("outside", 1);
+    let topo = Topology::new(tag).expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let neighbour = topo.add_pod("neighbour", 0).expect("pod");
+    let loner = topo.add_pod("loner", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    let outside = topo.add_pod("outside", 1).expect("pod");
     let world = World::new(0);
     let mut yaml = String::from("workloads:\n");
     yaml += &pod_workload(&client, "node-a", "client");
@@ -108,7 +108,7 @@ async fn mesh_traffic_is_tunneled(mode: CaptureMode, tag: &str) {
     let neighbour_app = PodEcho::start(&m.neighbour, 8080).await;
     let mut inbound_b = b.connections();
     let mut inbound_a = a.connections();
-    let wire = m.topo.sniff_wire(0);
+    let wire = m.topo.sniff_wire(0).expect("sniffer");
 
     // Cross-node, many at once.
     let mut tasks = Vec::new();
@@ -195,7 +195,7 @@ async fn outside_and_unenrolled_are_not_tunneled(mode: CaptureMode, tag: &str) {
     let outside_app = PodEcho::start(&m.outside, 9090).await;
     let server_app = PodEcho::start(&m.server, 8080).await;
     let mut out_a = a.connections();
-    let wire = m.topo.sniff_wire(0);
+    let wire = m.topo.sniff_wire(0).expect("sniffer");
 
     // A destination outside the mesh passes through, from the pod's address.
     let data = payload_with_marker(32 * 1024, 1);

@@ -1,10 +1,10 @@
-//! Network-namespace worlds for end-to-end tests: "node" namespaces joined
-//! by a veth "wire", "pod" namespaces wired to their node, routes between
-//! them, and a packet sniffer on the wire. Everything is removed when the
-//! [`Topology`] is dropped, including on panic.
+//! Network-namespace worlds for the demo and the end-to-end tests: "node"
+//! namespaces joined by a veth "wire", "pod" namespaces wired to their node,
+//! routes between them, and a packet sniffer on the wire. Everything is
+//! removed when the [`Topology`] is dropped, including on panic.
 //!
-//! Needs root. Tests call [`require_root`] first, which fails the test with
-//! the reason when the machine cannot build namespaces: never a silent skip.
+//! Needs root. [`check_root`] says why when the machine cannot build
+//! namespaces; tests turn that into a failure, never a silent skip.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,29 +12,40 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ambient_agent::capture::netns::Netns;
-use ambient_agent::socket::Sockets;
+use crate::capture::netns::Netns;
+use crate::socket::Sockets;
+
+/// Why a topology could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TopologyError(pub String);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Fails the calling test, with the reason, unless namespaces can be built.
-pub fn require_root() {
+/// Whether network namespaces can be built here; the error says why not.
+pub fn check_root() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "this test builds network namespaces and needs root (euid is {euid}); run the suite as root, as CI does"
-    );
-    let probe = format!(
-        "amb{}-probe{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    if let Err(e) = ip(&["netns", "add", &probe]) {
-        panic!("cannot create network namespaces here ({e}); is iproute2 installed and /var/run/netns writable?");
+    if euid != 0 {
+        return Err(format!(
+            "building network namespaces needs root (euid is {euid}); run as root, as CI does"
+        ));
     }
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let probe = format!("amb{}-probe{n}", std::process::id());
+    ip(&["netns", "add", &probe]).map_err(|e| {
+        format!("cannot create network namespaces here ({e}); is iproute2 installed and /var/run/netns writable?")
+    })?;
     let _ = ip(&["netns", "del", &probe]);
     sweep_stale();
+    Ok(())
+}
+
+/// Fails the calling test, with the reason, unless namespaces can be built.
+pub fn require_root() {
+    if let Err(why) = check_root() {
+        panic!("{why}");
+    }
 }
 
 /// Removes namespaces left by earlier test processes that died hard.
@@ -138,8 +149,8 @@ pub const WIRE: &str = "wire";
 impl Topology {
     /// Node `i` (0-based) is `10.0.0.(i+1)` on the wire; its pods are in
     /// `10.(i+1).0.0/16`.
-    pub fn new(tag: &str) -> Topology {
-        require_root();
+    pub fn new(tag: &str) -> Result<Topology, TopologyError> {
+        check_root().map_err(TopologyError)?;
         let prefix = format!("amb{}-{tag}", std::process::id());
         let topo = Topology {
             prefix: prefix.clone(),
@@ -149,45 +160,51 @@ impl Topology {
             pod_count: AtomicUsize::new(0),
         };
         for n in &topo.nodes {
-            topo.add_ns(n);
-            in_ns(n, "ip", &["link", "set", "lo", "up"]).expect("lo up");
-            in_ns(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]).expect("forwarding");
+            topo.add_ns(n)?;
+            in_ns(n, "ip", &["link", "set", "lo", "up"])
+                .map_err(|e| TopologyError(format!("lo up: {e}")))?;
+            in_ns(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+                .map_err(|e| TopologyError(format!("forwarding: {e}")))?;
         }
         let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
         ip(&[
             "link", "add", "amb-w1", "netns", n1, "type", "veth", "peer", "name", "amb-w2",
             "netns", n2,
         ])
-        .expect("wire veth");
+        .map_err(|e| TopologyError(format!("wire veth: {e}")))?;
         for (i, (ns, dev)) in [(n1, "amb-w1"), (n2, "amb-w2")].into_iter().enumerate() {
-            in_ns(ns, "ip", &["link", "set", dev, "name", WIRE]).expect("rename wire");
+            in_ns(ns, "ip", &["link", "set", dev, "name", WIRE])
+                .map_err(|e| TopologyError(format!("rename wire: {e}")))?;
             let addr = format!("10.0.0.{}/24", i + 1);
-            in_ns(ns, "ip", &["addr", "add", &addr, "dev", WIRE]).expect("wire addr");
-            in_ns(ns, "ip", &["link", "set", WIRE, "up"]).expect("wire up");
+            in_ns(ns, "ip", &["addr", "add", &addr, "dev", WIRE])
+                .map_err(|e| TopologyError(format!("wire addr: {e}")))?;
+            in_ns(ns, "ip", &["link", "set", WIRE, "up"])
+                .map_err(|e| TopologyError(format!("wire up: {e}")))?;
             let (other_net, other_gw) = if i == 0 {
                 ("10.2.0.0/16", "10.0.0.2")
             } else {
                 ("10.1.0.0/16", "10.0.0.1")
             };
             in_ns(ns, "ip", &["route", "add", other_net, "via", other_gw])
-                .expect("route to other node");
+                .map_err(|e| TopologyError(format!("route to other node: {e}")))?;
         }
-        topo
+        Ok(topo)
     }
 
-    fn add_ns(&self, name: &str) {
-        ip(&["netns", "add", name]).unwrap_or_else(|e| panic!("{e}"));
+    fn add_ns(&self, name: &str) -> Result<(), TopologyError> {
+        ip(&["netns", "add", name]).map_err(TopologyError)?;
         self.namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(name.to_string());
+        Ok(())
     }
 
     /// Adds a pod named `name` on node `node` (0-based).
-    pub fn add_pod(&self, name: &str, node: usize) -> Pod {
+    pub fn add_pod(&self, name: &str, node: usize) -> Result<Pod, TopologyError> {
         let i = self.pod_count.fetch_add(1, Ordering::SeqCst) + 1;
         let netns = format!("{}-{name}", self.prefix);
-        self.add_ns(&netns);
+        self.add_ns(&netns)?;
         let node_ns = &self.nodes[node];
         let host_dev = format!("veth{i}");
         let ip_addr = Ipv4Addr::new(10, node as u8 + 1, i as u8, 2);
@@ -196,32 +213,36 @@ impl Topology {
             "link", "add", "amb-p", "netns", &netns, "type", "veth", "peer", "name", &host_dev,
             "netns", node_ns,
         ])
-        .expect("pod veth");
-        in_ns(&netns, "ip", &["link", "set", "amb-p", "name", "eth0"]).expect("rename");
+        .map_err(|e| TopologyError(format!("pod veth: {e}")))?;
+        in_ns(&netns, "ip", &["link", "set", "amb-p", "name", "eth0"])
+            .map_err(|e| TopologyError(format!("rename: {e}")))?;
         in_ns(
             &netns,
             "ip",
             &["addr", "add", &format!("{ip_addr}/30"), "dev", "eth0"],
         )
-        .expect("pod addr");
-        in_ns(&netns, "ip", &["link", "set", "eth0", "up"]).expect("eth0 up");
-        in_ns(&netns, "ip", &["link", "set", "lo", "up"]).expect("lo up");
+        .map_err(|e| TopologyError(format!("pod addr: {e}")))?;
+        in_ns(&netns, "ip", &["link", "set", "eth0", "up"])
+            .map_err(|e| TopologyError(format!("eth0 up: {e}")))?;
+        in_ns(&netns, "ip", &["link", "set", "lo", "up"])
+            .map_err(|e| TopologyError(format!("lo up: {e}")))?;
         in_ns(
             &netns,
             "ip",
             &["route", "add", "default", "via", &gw.to_string()],
         )
-        .expect("default route");
+        .map_err(|e| TopologyError(format!("default route: {e}")))?;
         in_ns(
             node_ns,
             "ip",
             &["addr", "add", &format!("{gw}/30"), "dev", &host_dev],
         )
-        .expect("node side addr");
-        in_ns(node_ns, "ip", &["link", "set", &host_dev, "up"]).expect("node side up");
+        .map_err(|e| TopologyError(format!("node side addr: {e}")))?;
+        in_ns(node_ns, "ip", &["link", "set", &host_dev, "up"])
+            .map_err(|e| TopologyError(format!("node side up: {e}")))?;
         let ns = Arc::new(
             Netns::open(std::path::Path::new(&format!("/var/run/netns/{netns}")))
-                .expect("open pod netns"),
+                .map_err(|e| TopologyError(format!("open pod netns: {e}")))?,
         );
         let pod = Pod {
             name: name.into(),
@@ -234,17 +255,22 @@ impl Topology {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.into(), pod.clone());
-        pod
+        Ok(pod)
     }
 
     /// Starts capturing every frame on node `node`'s wire interface.
-    pub fn sniff_wire(&self, node: usize) -> Sniffer {
+    pub fn sniff_wire(&self, node: usize) -> Result<Sniffer, TopologyError> {
         let ns = Netns::open(std::path::Path::new(&format!(
             "/var/run/netns/{}",
             self.nodes[node]
         )))
-        .expect("open node netns");
+        .map_err(|e| TopologyError(format!("open node netns: {e}")))?;
         Sniffer::start(&ns, WIRE)
+    }
+
+    /// The node namespaces' names.
+    pub fn node_names(&self) -> &[String] {
+        &self.nodes
     }
 
     /// Names of this topology's namespaces that still exist.
@@ -273,8 +299,9 @@ pub struct Sniffer {
 }
 
 impl Sniffer {
-    fn start(ns: &Netns, dev: &str) -> Sniffer {
-        let dev = std::ffi::CString::new(dev).expect("dev name");
+    fn start(ns: &Netns, dev: &str) -> Result<Sniffer, TopologyError> {
+        let dev =
+            std::ffi::CString::new(dev).map_err(|e| TopologyError(format!("dev name: {e}")))?;
         let fd = ns
             .run_blocking(move || {
                 // SAFETY: plain socket syscalls on values we own.
@@ -310,7 +337,7 @@ impl Sniffer {
                     Ok(fd)
                 }
             })
-            .expect("packet socket");
+            .map_err(|e| TopologyError(format!("packet socket: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -329,10 +356,10 @@ impl Sniffer {
             unsafe { libc::close(fd) };
             segments
         });
-        Sniffer {
+        Ok(Sniffer {
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Stops capturing and returns what was seen.
