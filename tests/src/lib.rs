@@ -5,6 +5,8 @@
 //! Each test picks its own second octet (`net`) so tests running in
 //! parallel never share an address.
 
+pub mod control_plane;
+
 /// The namespace topology lives with the demo, which builds the same world.
 pub use ambient_agent::demo::topology as netns;
 

@@ -6,6 +6,7 @@
 //! CA here, the Istio CA later) is hidden behind [`CertificateSigner`].
 
 mod ca;
+pub mod istio_ca;
 mod manager;
 mod spiffe;
 

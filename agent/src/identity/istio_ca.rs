@@ -1,0 +1,1 @@
+//! Client of the Istio CA. (being written)

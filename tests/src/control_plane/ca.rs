@@ -1,0 +1,1 @@
+//! Test Istio CA server. (being written)

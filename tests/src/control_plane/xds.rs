@@ -1,0 +1,1 @@
+//! Test Delta xDS server. (being written)
