@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::capture::nft::NftCapture;
-use crate::capture::Enrollment;
+use crate::capture::{Backend, CaptureError, CaptureSpec, Enrollment};
 use crate::config::Config;
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::{
@@ -30,6 +30,8 @@ pub enum AgentError {
     Ca(#[from] CaError),
     #[error("mesh configuration: {0}")]
     Mesh(#[from] LocalConfigError),
+    #[error("capture: {0}")]
+    Capture(#[from] CaptureError),
 }
 
 /// A local workload being served.
@@ -86,6 +88,7 @@ impl Agent {
         signer: Arc<dyn CertificateSigner>,
         trust: TrustBundle,
     ) -> Result<Agent, AgentError> {
+        let backend = Backend::load(cfg.capture).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let certs = CertManager::new(
             signer,
@@ -144,11 +147,11 @@ impl Agent {
         };
         // Listeners are up before start returns; later changes follow.
         let mut changes = agent.state.subscribe();
-        reconcile(&agent.ctx, &agent.cfg, &agent.proxies).await;
+        reconcile(&agent.ctx, &agent.cfg, &backend, &agent.proxies).await;
         let (ctx, cfg, proxies) = (agent.ctx.clone(), agent.cfg.clone(), agent.proxies.clone());
         agent.tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                reconcile(&ctx, &cfg, &proxies).await;
+                reconcile(&ctx, &cfg, &backend, &proxies).await;
             }
         }));
         info!(node = %agent.cfg.node, "agent started");
@@ -202,7 +205,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Starts proxies for new or changed local mesh workloads and stops those
 /// that left.
-async fn reconcile(ctx: &ProxyContext, cfg: &Config, proxies: &Proxies) {
+async fn reconcile(ctx: &ProxyContext, cfg: &Config, backend: &Backend, proxies: &Proxies) {
     let snap = ctx.state.snapshot();
     let wanted: HashMap<String, Arc<Workload>> = snap
         .local_workloads(&cfg.node)
@@ -238,7 +241,7 @@ async fn reconcile(ctx: &ProxyContext, cfg: &Config, proxies: &Proxies) {
     }
     for w in to_start {
         ctx.certs.track(w.identity());
-        match start_local(ctx, cfg, w.clone()).await {
+        match start_local(ctx, cfg, backend, w.clone()).await {
             Ok(l) => {
                 lock(proxies).insert(w.uid.clone(), l);
             }
@@ -249,7 +252,12 @@ async fn reconcile(ctx: &ProxyContext, cfg: &Config, proxies: &Proxies) {
 
 /// Opens a workload's listeners and, when it has its own namespace,
 /// enrolls it: listeners inside the namespace first, then capture.
-async fn start_local(ctx: &ProxyContext, cfg: &Config, w: Arc<Workload>) -> Result<Local, String> {
+async fn start_local(
+    ctx: &ProxyContext,
+    cfg: &Config,
+    backend: &Backend,
+    w: Arc<Workload>,
+) -> Result<Local, String> {
     let Some(path) = &w.netns else {
         let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), Sockets::Host)
             .await
@@ -264,14 +272,20 @@ async fn start_local(ctx: &ProxyContext, cfg: &Config, w: Arc<Workload>) -> Resu
     let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), enrollment.sockets())
         .await
         .map_err(|e| format!("opening listeners in {}: {e}", path.display()))?;
-    let rules = NftCapture {
-        socket_mark: cfg.socket_mark,
-        outbound_port: cfg.ports.outbound,
-        inbound_plaintext_port: cfg.ports.inbound_plaintext,
-        hbone_port: cfg.ports.hbone,
+    let spec = CaptureSpec {
+        rules: NftCapture {
+            socket_mark: cfg.socket_mark,
+            outbound_port: cfg.ports.outbound,
+            inbound_plaintext_port: cfg.ports.inbound_plaintext,
+            hbone_port: cfg.ports.hbone,
+            redirect: true,
+        },
+        addresses: w.addresses.clone(),
+        cgroup: w.cgroup.clone(),
+        interface: cfg.pod_interface.clone(),
     };
     enrollment
-        .capture(cfg.capture, rules)
+        .capture(backend, spec)
         .await
         .map_err(|e| e.to_string())?;
     info!(uid = %w.uid, netns = %path.display(), "workload enrolled");

@@ -33,6 +33,9 @@ pub struct Config {
     /// How enrolled workloads' traffic is redirected: `nft` or `ebpf`.
     /// Default: nft.
     pub capture: crate::capture::CaptureMode,
+    /// The workload's network interface inside its namespace, where eBPF
+    /// inbound capture attaches. Default: eth0.
+    pub pod_interface: String,
     /// Budget for connecting to an application or a peer agent. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -116,6 +119,7 @@ impl Default for Config {
             pool: PoolSettings::default(),
             socket_mark: 0x539,
             capture: Default::default(),
+            pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
         }
@@ -289,6 +293,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "ca.rootCert and ca.rootKey must be given together".into(),
             ));
+        }
+        let defaults = Ports::default();
+        if self.capture == crate::capture::CaptureMode::Ebpf && self.ports != defaults {
+            return Err(ConfigError::Invalid(format!(
+                "capture: ebpf uses the standard ports {}/{}/{} (compiled into its programs); \
+                 ports may only be changed with nft capture",
+                defaults.outbound, defaults.inbound_plaintext, defaults.hbone
+            )));
         }
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node must not be empty".into()));

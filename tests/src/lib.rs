@@ -287,9 +287,24 @@ impl PodEcho {
 /// A mesh file entry for a pod served by the agent of `node`.
 pub fn pod_workload(pod: &netns::Pod, node: &str, service_account: &str) -> String {
     format!(
-        "  - uid: {name}\n    name: {name}\n    namespace: test\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n",
+        "  - uid: {name}\n    name: {name}\n    namespace: test\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
         name = pod.name,
         ip = pod.ip,
-        path = pod.netns_path()
+        path = pod.netns_path(),
+        cgroup = pod.cgroup.display()
     )
+}
+
+/// Bytes that must never be seen in the clear between nodes.
+pub const MARKER: &[u8] = b"PLAINTEXT-MARKER-0123456789";
+
+/// The test payload with [`MARKER`] planted every few KiB.
+pub fn payload_with_marker(len: usize, seed: u8) -> Vec<u8> {
+    let mut data = payload(len, seed);
+    for (i, chunk) in data.chunks_mut(4096).enumerate() {
+        if i % 3 == 0 && chunk.len() >= MARKER.len() {
+            chunk[..MARKER.len()].copy_from_slice(MARKER);
+        }
+    }
+    data
 }

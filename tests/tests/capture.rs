@@ -9,14 +9,11 @@ use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::config::Config;
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
-use ambient_agent::socket::ConnectOpts;
 use ambient_tests::netns::{in_ns, Pod, Segment, Topology};
 use ambient_tests::*;
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
-/// Bytes that must never be seen in the clear on the wire.
-const MARKER: &[u8] = b"PLAINTEXT-MARKER-0123456789";
 
 struct Mesh {
     topo: Topology,
@@ -63,26 +60,57 @@ async fn agent(m: &Mesh, node: &str, mode: CaptureMode) -> Agent {
     m.world.agent_with(cfg).await
 }
 
-fn payload_with_marker(len: usize, seed: u8) -> Vec<u8> {
-    let mut data = payload(len, seed);
-    for (i, chunk) in data.chunks_mut(4096).enumerate() {
-        if i % 3 == 0 && chunk.len() >= MARKER.len() {
-            chunk[..MARKER.len()].copy_from_slice(MARKER);
-        }
+/// Runs the `pod-client` application inside `from` (its namespace and its
+/// cgroup, as a pod's process would be): it sends `len` bytes to `dst`
+/// and reads the echo. Returns (hash sent, hash received).
+async fn echo_through(
+    from: &Pod,
+    dst: std::net::SocketAddr,
+    len: usize,
+    seed: u8,
+) -> (String, String) {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    let ns = std::fs::File::open(from.netns_path()).expect("open netns");
+    let fd = ns.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pod-client"));
+    cmd.args([dst.to_string(), len.to_string(), seed.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only setns, async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
-    data
-}
-
-/// Connects from inside `from` (an ordinary socket, no mark) and echoes.
-async fn echo_through(from: &Pod, dst: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
-    let mut s = timeout(LIMIT, from.sockets().connect(dst, ConnectOpts::default()))
+    let mut child = cmd.spawn().expect("spawn pod-client");
+    let pid = child.id().expect("pid");
+    std::fs::write(from.cgroup.join("cgroup.procs"), pid.to_string()).expect("join the pod cgroup");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").await.expect("go");
+    drop(stdin);
+    let out = timeout(LIMIT, child.wait_with_output())
         .await
-        .expect("connect in time")
-        .expect("connect");
-    timeout(LIMIT, send_and_read_back(&mut s, data))
-        .await
-        .expect("echo in time")
-        .expect("echo")
+        .expect("client in time")
+        .expect("client ran");
+    assert!(
+        out.status.success(),
+        "pod-client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {text:?}"))
+            .to_string()
+    };
+    (field("sent="), field("received="))
 }
 
 fn records(
@@ -116,18 +144,16 @@ async fn mesh_traffic_is_tunneled(mode: CaptureMode, tag: &str) {
         let client = m.client.clone();
         let dst = m.server.addr(8080);
         tasks.push(tokio::spawn(async move {
-            let data = payload_with_marker(64 * 1024 + usize::from(i) * 100, i);
-            let back = echo_through(&client, dst, &data).await;
-            assert_eq!(sha256(&back), sha256(&data), "connection {i} intact");
+            let (sent, got) = echo_through(&client, dst, 64 * 1024 + usize::from(i) * 100, i).await;
+            assert_eq!(sent, got, "connection {i} intact");
         }));
     }
     for t in tasks {
         t.await.expect("client task");
     }
     // Same node.
-    let data = payload_with_marker(256 * 1024, 99);
-    let back = echo_through(&m.client, m.neighbour.addr(8080), &data).await;
-    assert_eq!(sha256(&back), sha256(&data));
+    let (sent, got) = echo_through(&m.client, m.neighbour.addr(8080), 256 * 1024, 99).await;
+    assert_eq!(sent, got);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen: Vec<Segment> = wire.finish();
 
@@ -198,20 +224,14 @@ async fn outside_and_unenrolled_are_not_tunneled(mode: CaptureMode, tag: &str) {
     let wire = m.topo.sniff_wire(0).expect("sniffer");
 
     // A destination outside the mesh passes through, from the pod's address.
-    let data = payload_with_marker(32 * 1024, 1);
-    assert_eq!(
-        echo_through(&m.client, m.outside.addr(9090), &data).await,
-        data
-    );
+    let (sent, got) = echo_through(&m.client, m.outside.addr(9090), 32 * 1024, 1).await;
+    assert_eq!(sent, got);
     assert_eq!(outside_app.peer_ips(), vec![IpAddr::V4(m.client.ip)]);
 
     // A pod that is not enrolled is not captured: it reaches the server in
     // plaintext (the server's own capture hands it over as plaintext).
-    let data2 = payload_with_marker(32 * 1024, 2);
-    assert_eq!(
-        echo_through(&m.loner, m.server.addr(8080), &data2).await,
-        data2
-    );
+    let (sent, got) = echo_through(&m.loner, m.server.addr(8080), 32 * 1024, 2).await;
+    assert_eq!(sent, got);
     assert_eq!(server_app.peer_ips(), vec![IpAddr::V4(m.loner.ip)]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = wire.finish();
@@ -243,11 +263,15 @@ async fn stopping_the_agent_leaves_nothing_behind(mode: CaptureMode, tag: &str) 
     init_tracing();
     let m = build(tag);
     let a = agent(&m, "node-a", mode).await;
-    let data = payload(1024, 3);
     let _outside_app = PodEcho::start(&m.outside, 9090).await;
+    let mut outbound = a.connections();
+    let (sent, got) = echo_through(&m.client, m.outside.addr(9090), 1024, 3).await;
+    assert_eq!(sent, got);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        echo_through(&m.client, m.outside.addr(9090), &data).await,
-        data
+        records(&mut outbound).len(),
+        1,
+        "captured while the agent runs"
     );
     let rules = in_ns(&m.client.netns, "nft", &["list", "tables"]).expect("nft list");
     assert!(
@@ -281,12 +305,26 @@ async fn stopping_the_agent_leaves_nothing_behind(mode: CaptureMode, tag: &str) 
             "{}: listeners left: {listening}",
             pod.name
         );
+        // eBPF: no tc filter on the pod's interface, nothing on its cgroup.
+        let tc = in_ns(
+            &pod.netns,
+            "tc",
+            &["filter", "show", "dev", "eth0", "ingress"],
+        )
+        .unwrap_or_default();
+        assert!(tc.trim().is_empty(), "{}: tc filters left: {tc}", pod.name);
+        let cgroup = pod.cgroup.display().to_string();
+        let progs =
+            ambient_tests::netns::run("bpftool", &["cgroup", "show", &cgroup]).expect("bpftool");
+        assert!(
+            progs.trim().is_empty(),
+            "{}: cgroup programs left: {progs}",
+            pod.name
+        );
     }
     // Traffic now flows directly, uncaptured.
-    assert_eq!(
-        echo_through(&m.client, m.outside.addr(9090), &data).await,
-        data
-    );
+    let (sent, got) = echo_through(&m.client, m.outside.addr(9090), 1024, 3).await;
+    assert_eq!(sent, got);
     let names = m.topo.remaining_namespaces();
     drop(m);
     assert!(!names.is_empty());
@@ -312,4 +350,19 @@ async fn nft_outside_and_unenrolled_are_not_tunneled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nft_stopping_the_agent_leaves_nothing_behind() {
     stopping_the_agent_leaves_nothing_behind(CaptureMode::Nft, "nft-stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_mesh_traffic_is_tunneled() {
+    mesh_traffic_is_tunneled(CaptureMode::Ebpf, "bpf-mesh").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_outside_and_unenrolled_are_not_tunneled() {
+    outside_and_unenrolled_are_not_tunneled(CaptureMode::Ebpf, "bpf-out").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_stopping_the_agent_leaves_nothing_behind() {
+    stopping_the_agent_leaves_nothing_behind(CaptureMode::Ebpf, "bpf-stop").await;
 }

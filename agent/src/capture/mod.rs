@@ -8,8 +8,11 @@
 pub mod netns;
 pub mod nft;
 
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use ambient_ebpf::{EbpfCapture, EbpfError, PodAttachment, PodSpec};
 
 use tracing::{info, warn};
 
@@ -28,15 +31,48 @@ pub enum CaptureMode {
     Ebpf,
 }
 
-/// Why a workload could not be enrolled.
+/// A loaded capture backend, shared by every enrollment.
+#[derive(Clone)]
+pub enum Backend {
+    Nft,
+    Ebpf(Arc<EbpfCapture>),
+}
+
+impl Backend {
+    /// Prepares `mode` (for eBPF: loads the programs once).
+    pub async fn load(mode: CaptureMode) -> Result<Backend, CaptureError> {
+        match mode {
+            CaptureMode::Nft => Ok(Backend::Nft),
+            CaptureMode::Ebpf => {
+                let capture = tokio::task::spawn_blocking(EbpfCapture::load)
+                    .await
+                    .map_err(|e| CaptureError::Task(e.to_string()))??;
+                Ok(Backend::Ebpf(Arc::new(capture)))
+            }
+        }
+    }
+}
+
+/// What to capture for one workload.
+#[derive(Clone, Debug)]
+pub struct CaptureSpec {
+    pub rules: NftCapture,
+    pub addresses: Vec<IpAddr>,
+    /// cgroup v2 directory of the workload's processes (eBPF outbound).
+    pub cgroup: Option<PathBuf>,
+    /// The workload's interface inside its namespace (eBPF inbound).
+    pub interface: String,
+}
+
+/// Why a workload could not be enrolled./// Why a workload could not be enrolled.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error("network namespace: {0}")]
     Netns(#[source] std::io::Error),
     #[error(transparent)]
     Nft(#[from] NftError),
-    #[error("capture mode {0:?} is not available in this build")]
-    Unsupported(CaptureMode),
+    #[error("eBPF capture: {0}")]
+    Ebpf(#[from] EbpfError),
     #[error("capture task failed: {0}")]
     Task(String),
 }
@@ -44,7 +80,9 @@ pub enum CaptureError {
 /// A workload's namespace with capture installed in it.
 pub struct Enrollment {
     netns: Arc<Netns>,
+    /// The nft table (all of it, or the return path for eBPF) is in place.
     installed: bool,
+    ebpf: Option<PodAttachment>,
 }
 
 impl Enrollment {
@@ -58,6 +96,7 @@ impl Enrollment {
         Ok(Enrollment {
             netns: Arc::new(netns),
             installed: false,
+            ebpf: None,
         })
     }
 
@@ -70,33 +109,60 @@ impl Enrollment {
     /// are up, so nothing is redirected to a closed port.
     pub async fn capture(
         &mut self,
-        mode: CaptureMode,
-        rules: NftCapture,
+        backend: &Backend,
+        spec: CaptureSpec,
     ) -> Result<(), CaptureError> {
-        if mode != CaptureMode::Nft {
-            return Err(CaptureError::Unsupported(mode));
-        }
+        let rules = NftCapture {
+            redirect: matches!(backend, Backend::Nft),
+            ..spec.rules
+        };
         let ns = self.netns.clone();
         tokio::task::spawn_blocking(move || rules.install(&ns))
             .await
             .map_err(|e| CaptureError::Task(e.to_string()))??;
         self.installed = true;
+        if let Backend::Ebpf(capture) = backend {
+            let capture = capture.clone();
+            let netns = self.netns.path().to_path_buf();
+            let attachment = tokio::task::spawn_blocking(move || {
+                capture.attach(&PodSpec {
+                    netns: &netns,
+                    cgroup: spec.cgroup.as_deref(),
+                    pod_ips: &spec.addresses,
+                    interface: &spec.interface,
+                })
+            })
+            .await
+            .map_err(|e| CaptureError::Task(e.to_string()))??;
+            self.ebpf = Some(attachment);
+        }
         info!(netns = %self.netns.path().display(), "capture installed");
         Ok(())
     }
 
     /// Stops redirecting and removes everything capture installed.
     pub async fn release(mut self) {
-        if !std::mem::take(&mut self.installed) {
-            return;
-        }
+        let ebpf = self.ebpf.take();
+        let nft = std::mem::take(&mut self.installed);
         let ns = self.netns.clone();
-        match tokio::task::spawn_blocking(move || NftCapture::remove(&ns)).await {
-            Ok(Ok(())) => info!(netns = %self.netns.path().display(), "capture removed"),
-            Ok(Err(e)) => {
-                warn!(netns = %self.netns.path().display(), error = %e, "removing capture")
-            }
-            Err(e) => warn!(error = %e, "removing capture"),
+        let done = tokio::task::spawn_blocking(move || remove(&ns, ebpf, nft)).await;
+        if let Err(e) = done {
+            warn!(error = %e, "removing capture");
+        }
+    }
+}
+
+/// Takes capture off `ns`: the redirection first, then the return path.
+fn remove(ns: &Netns, ebpf: Option<PodAttachment>, nft: bool) {
+    if let Some(a) = ebpf {
+        if let Err(e) = a.detach() {
+            warn!(netns = %ns.path().display(), error = %e, "detaching eBPF capture");
+        }
+    }
+    if nft {
+        match NftCapture::remove(ns) {
+            Ok(()) => info!(netns = %ns.path().display(), "capture removed"),
+            Err(e) => warn!(netns = %ns.path().display(), error = %e, "removing capture"),
         }
     }
 }
@@ -105,10 +171,10 @@ impl Drop for Enrollment {
     fn drop(&mut self) {
         // Fallback when release() was not awaited (e.g. the agent is torn
         // down): leaving redirect rules behind would black-hole the pod.
-        if self.installed {
-            if let Err(e) = NftCapture::remove(&self.netns) {
-                warn!(netns = %self.netns.path().display(), error = %e, "removing capture");
-            }
-        }
+        remove(
+            &self.netns,
+            self.ebpf.take(),
+            std::mem::take(&mut self.installed),
+        );
     }
 }

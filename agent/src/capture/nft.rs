@@ -1,5 +1,7 @@
 //! The nft capture backend: rules inside a workload's network namespace
 //! that send its TCP to the agent's listeners, as Istio's CNI does in-pod.
+//! With `redirect` off only the return path is installed (the eBPF backend
+//! redirects by itself but shares the return path).
 //!
 //! - outbound TCP (not the agent's own, marked sockets; not loopback) is
 //!   REDIRECTed to the outbound port; the proxy reads `SO_ORIGINAL_DST`;
@@ -38,6 +40,8 @@ pub struct NftCapture {
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
     pub hbone_port: u16,
+    /// Install the REDIRECT chains (nft mode); else only the return path.
+    pub redirect: bool,
 }
 
 /// Why capture could not be installed or removed.
@@ -61,9 +65,10 @@ impl NftCapture {
             outbound_port,
             inbound_plaintext_port,
             hbone_port,
+            redirect,
         } = *self;
         let (conn, mask) = (CONN_MARK, MARK_MASK);
-        format!(
+        let mut r = format!(
             r#"table inet {TABLE} {{}}
 delete table inet {TABLE}
 table inet {TABLE} {{
@@ -75,7 +80,11 @@ table inet {TABLE} {{
         type route hook output priority mangle; policy accept;
         ct mark & {mask:#x} == {conn:#x} meta mark set ct mark
     }}
-    chain prerouting_nat {{
+"#
+        );
+        if redirect {
+            r += &format!(
+                r#"    chain prerouting_nat {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "lo" return
         meta l4proto != tcp return
@@ -91,9 +100,11 @@ table inet {TABLE} {{
         oifname "lo" return
         meta l4proto tcp redirect to :{outbound_port}
     }}
-}}
 "#
-        )
+            );
+        }
+        r.push_str("}\n");
+        r
     }
 
     /// Installs (or replaces) capture in `ns`.
@@ -222,6 +233,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
+            redirect: true,
         }
         .ruleset();
         assert!(r.starts_with("table inet ambient_agent {}\ndelete table inet ambient_agent\n"));
@@ -229,5 +241,20 @@ mod tests {
         assert!(r.contains("fib daddr type local meta l4proto tcp redirect to :15006"));
         assert!(r.contains("tcp dport 15008 return"));
         assert!(r.contains("meta mark & 0xfff == 0x539 return"));
+        assert!(r.contains("ct mark set 0x111"));
+    }
+
+    #[test]
+    fn return_path_only_has_no_redirects() {
+        let r = NftCapture {
+            socket_mark: 0x539,
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            hbone_port: 15008,
+            redirect: false,
+        }
+        .ruleset();
+        assert!(!r.contains("redirect"));
+        assert!(r.contains("meta mark set ct mark"));
     }
 }

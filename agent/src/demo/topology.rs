@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,25 @@ pub fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<String, String> {
     ip(&full)
 }
 
+/// Where the cgroup v2 hierarchy is mounted.
+pub fn cgroup2_root() -> Result<PathBuf, TopologyError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| TopologyError(format!("reading mountinfo: {e}")))?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            pre.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .ok_or_else(|| {
+            TopologyError(
+                "no cgroup v2 hierarchy is mounted (ebpf/install-deps.sh mounts one)".into(),
+            )
+        })
+}
+
 /// A pod namespace and its address.
 #[derive(Clone)]
 pub struct Pod {
@@ -98,6 +118,8 @@ pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub node: usize,
+    /// The pod's cgroup v2 directory: its processes go here.
+    pub cgroup: PathBuf,
     ns: Arc<Netns>,
 }
 
@@ -121,6 +143,7 @@ impl Pod {
 pub struct Topology {
     prefix: String,
     namespaces: Mutex<Vec<String>>,
+    cgroups: Mutex<Vec<PathBuf>>,
     pub nodes: Vec<String>,
     pods: Mutex<HashMap<String, Pod>>,
     pod_count: AtomicUsize,
@@ -129,6 +152,16 @@ pub struct Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.pods.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for cg in self
+            .cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            if let Err(e) = std::fs::remove_dir(&cg) {
+                eprintln!("topology cleanup: removing cgroup {}: {e}", cg.display());
+            }
+        }
         for ns in self
             .namespaces
             .lock()
@@ -155,6 +188,7 @@ impl Topology {
         let topo = Topology {
             prefix: prefix.clone(),
             namespaces: Mutex::default(),
+            cgroups: Mutex::default(),
             nodes: vec![format!("{prefix}-n1"), format!("{prefix}-n2")],
             pods: Mutex::default(),
             pod_count: AtomicUsize::new(0),
@@ -244,7 +278,15 @@ impl Topology {
             Netns::open(std::path::Path::new(&format!("/var/run/netns/{netns}")))
                 .map_err(|e| TopologyError(format!("open pod netns: {e}")))?,
         );
+        let cgroup = cgroup2_root()?.join(&netns);
+        std::fs::create_dir_all(&cgroup)
+            .map_err(|e| TopologyError(format!("creating cgroup {}: {e}", cgroup.display())))?;
+        self.cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cgroup.clone());
         let pod = Pod {
+            cgroup,
             name: name.into(),
             netns,
             ip: ip_addr,

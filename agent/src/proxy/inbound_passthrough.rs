@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{connect_app, orig_dst::original_dst, Accept, ProxyContext};
+use super::{addressed_to_listener, connect_app, orig_dst::original_dst, Accept, ProxyContext};
 use crate::socket::Sockets;
 use crate::state::Workload;
 
@@ -34,7 +34,7 @@ impl Accept for InboundPassthrough {
             Ok(d) => d,
             Err(e) => return warn!(%peer, error = %e, "no original destination; closing"),
         };
-        let own = stream.local_addr().ok() == Some(dst);
+        let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || !self.workload.addresses.contains(&dst.ip()) {
             return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
         }

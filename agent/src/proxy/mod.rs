@@ -141,6 +141,13 @@ impl WorkloadProxy {
     }
 }
 
+/// Whether `dst` is the listener `stream` was accepted on: what the
+/// original destination looks like when nothing redirected the connection.
+/// Following it would connect the proxy to itself forever.
+fn addressed_to_listener(stream: &TcpStream, dst: SocketAddr, listener_port: u16) -> bool {
+    dst.port() == listener_port && stream.local_addr().ok() == Some(dst)
+}
+
 /// Connects to a local application on behalf of `client`: as `client`
 /// itself where the namespace routes replies back to us, else plainly.
 async fn connect_app(

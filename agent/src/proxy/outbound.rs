@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn, Instrument};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{orig_dst::original_dst, Accept, ProxyContext};
+use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
 use crate::hbone::{self, PoolKey};
 use crate::socket::{ConnectOpts, Sockets};
 use crate::state::{Route, Workload};
@@ -31,9 +31,7 @@ impl Accept for Outbound {
                 return;
             }
         };
-        // Without capture the "original" destination is the listener itself;
-        // following it would connect the proxy to itself forever.
-        if stream.local_addr().ok() == Some(dst) && dst.port() == self.ctx.settings.outbound_port {
+        if addressed_to_listener(&stream, dst, self.ctx.settings.outbound_port) {
             warn!(%peer, %dst, "connection addressed to the outbound listener itself; closing");
             return;
         }

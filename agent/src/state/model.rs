@@ -57,6 +57,9 @@ pub struct Workload {
     pub node: String,
     /// Network namespace to enter for this workload's listeners (local mode).
     pub netns: Option<PathBuf>,
+    /// cgroup v2 directory holding the workload's processes (local mode;
+    /// eBPF capture hooks the workload's outbound connects there).
+    pub cgroup: Option<PathBuf>,
     pub protocol: TunnelProtocol,
     pub application_tunnel: ApplicationTunnel,
     pub waypoint: Option<Waypoint>,

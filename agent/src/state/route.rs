@@ -151,6 +151,7 @@ mod tests {
             addresses: vec![ip.parse().unwrap()],
             node: "n1".into(),
             netns: None,
+            cgroup: None,
             protocol,
             application_tunnel: Default::default(),
             waypoint: None,

@@ -195,9 +195,11 @@ int amb_getsockopt(struct bpf_sockopt *ctx)
 		v6 = 1;
 	else
 		return 1;
-	/* conntrack (nft backend) or another program already answered. */
-	if (ctx->retval == 0)
-		return 1;
+	/*
+	 * No early return when the kernel answered: conntrack, if loaded in
+	 * the pod (the return-path rules load it), knows only the address
+	 * connect4 rewrote to. A flow recorded below is authoritative.
+	 */
 	sk = ctx->sk;
 	if (!sk || sk->src_port != OUTBOUND_PORT)
 		return 1;

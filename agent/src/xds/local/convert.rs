@@ -170,11 +170,13 @@ impl Converter<'_> {
         let node = self.required(&f("node"), &w.node)?;
         // `netns:`, `netns: ~` and `netns: null` are YAML nulls; the loader
         // hands them over as text.
-        let netns = w
-            .netns
-            .as_ref()
-            .filter(|t| !matches!(t.as_str(), "" | "~" | "null"))
-            .map(|t| PathBuf::from(t.as_str()));
+        let optional_path = |t: &Option<Text>| {
+            t.as_ref()
+                .filter(|t| !matches!(t.as_str(), "" | "~" | "null"))
+                .map(|t| PathBuf::from(t.as_str()))
+        };
+        let netns = optional_path(&w.netns);
+        let cgroup = optional_path(&w.cgroup);
         let waypoint = self.waypoint(&f("waypoint"), w.waypoint.as_ref())?;
         self.workloads.insert(
             uid.clone(),
@@ -189,6 +191,7 @@ impl Converter<'_> {
             addresses,
             node,
             netns,
+            cgroup,
             protocol: match w.protocol {
                 Protocol::Hbone => TunnelProtocol::Hbone,
                 Protocol::None => TunnelProtocol::None,

@@ -30,6 +30,7 @@ pub(super) struct WorkloadEntry {
     pub addresses: Spanned<Vec<Text>>,
     pub node: Text,
     pub netns: Option<Text>,
+    pub cgroup: Option<Text>,
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default)]

@@ -123,6 +123,7 @@ fn expected_full() -> Mesh {
         addresses,
         node: node.into(),
         netns: None,
+        cgroup: None,
         protocol: TunnelProtocol::Hbone,
         application_tunnel: ApplicationTunnel::None,
         waypoint: None,
@@ -131,6 +132,7 @@ fn expected_full() -> Mesh {
     let client = Workload {
         service_account: "client".into(),
         netns: Some(PathBuf::from("/var/run/netns/client")),
+        cgroup: None,
         ..workload(
             "node-a/client",
             "client",
