@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_agent::hbone::{Pool, PoolConfig, PoolError, PoolKey};
+use ambient_agent::hbone::{H2Stream, Pool, PoolConfig, PoolError, PoolKey};
 use ambient_agent::identity::{CertManager, Identity};
 use ambient_agent::socket::Sockets;
 use ambient_tests::*;
@@ -52,6 +52,20 @@ async fn setup(net: u8, cfg: PoolConfig) -> Setup {
     }
 }
 
+impl Setup {
+    /// Opens a stream to the server app over the pool, with `key`.
+    async fn open_with(&self, key: &PoolKey) -> Result<H2Stream, PoolError> {
+        let req = request(self.w.server_app());
+        self.pool
+            .connect(key, &self.expected, req, &Sockets::Host)
+            .await
+    }
+
+    async fn open(&self) -> H2Stream {
+        self.open_with(&self.key).await.expect("stream opens")
+    }
+}
+
 #[tokio::test]
 async fn opens_a_new_connection_past_max_streams() {
     let s = setup(
@@ -64,16 +78,7 @@ async fn opens_a_new_connection_past_max_streams() {
     .await;
     let mut streams = Vec::new();
     for _ in 0..25 {
-        let st = s
-            .pool
-            .connect(
-                &s.key,
-                &s.expected,
-                request(s.w.server_app()),
-                &Sockets::Host,
-            )
-            .await
-            .unwrap();
+        let st = s.open().await;
         streams.push(st);
     }
     let stats = s.pool.stats();
@@ -81,16 +86,7 @@ async fn opens_a_new_connection_past_max_streams() {
     assert_eq!(stats.streams_active, 25);
     drop(streams);
     // Freed slots are reused rather than opening more connections.
-    let _again = s
-        .pool
-        .connect(
-            &s.key,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let _again = s.open().await;
     assert_eq!(s.pool.stats().connections_opened, 3);
 }
 
@@ -100,16 +96,7 @@ async fn creation_is_single_flight_per_key() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            s.pool
-                .connect(
-                    &s.key,
-                    &s.expected,
-                    request(s.w.server_app()),
-                    &Sockets::Host,
-                )
-                .await
-        }));
+        tasks.push(tokio::spawn(async move { s.open_with(&s.key).await }));
     }
     let mut streams = Vec::new();
     for t in tasks {
@@ -119,16 +106,7 @@ async fn creation_is_single_flight_per_key() {
     // A different key (another source address) gets its own connection.
     let mut other = s.key.clone();
     other.src_ip = None;
-    let _o = s
-        .pool
-        .connect(
-            &other,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let _o = s.open_with(&other).await.unwrap();
     assert_eq!(s.pool.stats().connections_opened, 2);
 }
 
@@ -139,16 +117,7 @@ async fn idle_connections_are_released() {
         ..Default::default()
     };
     let s = setup(23, cfg).await;
-    let st = s
-        .pool
-        .connect(
-            &s.key,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let st = s.open().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(s.pool.stats().connections_open, 1, "busy connections stay");
     drop(st);
@@ -159,16 +128,7 @@ async fn idle_connections_are_released() {
     })
     .await
     .expect("idle connection released");
-    let _st = s
-        .pool
-        .connect(
-            &s.key,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let _st = s.open().await;
     assert_eq!(s.pool.stats().connections_opened, 2);
 }
 
@@ -180,27 +140,9 @@ async fn keepalive_pings_keep_a_connection_usable() {
         ..Default::default()
     };
     let s = setup(24, cfg).await;
-    let st = s
-        .pool
-        .connect(
-            &s.key,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let st = s.open().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let _st2 = s
-        .pool
-        .connect(
-            &s.key,
-            &s.expected,
-            request(s.w.server_app()),
-            &Sockets::Host,
-        )
-        .await
-        .unwrap();
+    let _st2 = s.open().await;
     assert_eq!(
         s.pool.stats().connections_opened,
         1,
