@@ -18,6 +18,10 @@ pub struct Config {
     /// This node's name; the agent serves the workloads whose `node` is this.
     /// Default: `$NODE_NAME`, else the host name.
     pub node: String,
+    /// Where the mesh and certificates come from: `local` (a YAML file and
+    /// an in-process CA) or `istio` (istiod's xDS and CA, pods from the
+    /// CNI). Default: local.
+    pub mode: Mode,
     /// Local mode: the YAML file describing the mesh. Relative paths are
     /// relative to the config file. Default: none (an empty mesh).
     pub mesh_file: Option<PathBuf>,
@@ -25,6 +29,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub mesh_poll_interval: Duration,
     pub ca: CaConfig,
+    /// Istio mode: the control plane and the CNI.
+    pub control_plane: ControlPlaneConfig,
     pub ports: Ports,
     pub pool: PoolSettings,
     /// SO_MARK on the agent's own sockets so capture skips them; 0 leaves
@@ -56,6 +62,55 @@ pub struct CaConfig {
     /// Lifetime of workload certificates; renewed at half-life. Default: 24h.
     #[serde(with = "humantime_serde")]
     pub cert_ttl: Duration,
+}
+
+/// Where configuration and identity come from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Mesh from `meshFile`, certificates from the local CA, pods from the
+    /// mesh file's `netns` paths.
+    #[default]
+    Local,
+    /// Mesh over Delta xDS and certificates from the Istio CA (istiod), pods
+    /// from the CNI over ZDS.
+    Istio,
+}
+
+/// Istio mode settings; the defaults are Istio's own.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// istiod's xDS address. Default: https://istiod.istio-system.svc:15012.
+    pub xds_address: String,
+    /// The Istio CA's address. Default: the xDS address.
+    pub ca_address: Option<String>,
+    /// Root that signed istiod's serving certificate, and the mesh root.
+    /// Default: /var/run/secrets/istio/root-cert.pem.
+    pub root_cert: PathBuf,
+    /// Name in istiod's certificate. Default: the host of the address.
+    pub server_name: Option<String>,
+    /// Service-account token sent as the bearer credential.
+    /// Default: /var/run/secrets/tokens/istio-token.
+    pub token_path: PathBuf,
+    /// Sent to the CA as `ClusterID`. Default: Kubernetes.
+    pub cluster_id: String,
+    /// The CNI's ZDS socket. Default: /var/run/ztunnel/ztunnel.sock.
+    pub cni_socket: PathBuf,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            xds_address: "https://istiod.istio-system.svc:15012".into(),
+            ca_address: None,
+            root_cert: "/var/run/secrets/istio/root-cert.pem".into(),
+            server_name: None,
+            token_path: "/var/run/secrets/tokens/istio-token".into(),
+            cluster_id: "Kubernetes".into(),
+            cni_socket: "/var/run/ztunnel/ztunnel.sock".into(),
+        }
+    }
 }
 
 /// Listener ports (DESIGN §2).
@@ -112,9 +167,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node: default_node_name(),
+            mode: Mode::Local,
             mesh_file: None,
             mesh_poll_interval: Duration::from_secs(1),
             ca: CaConfig::default(),
+            control_plane: ControlPlaneConfig::default(),
             ports: Ports::default(),
             pool: PoolSettings::default(),
             socket_mark: 0x539,
@@ -181,6 +238,9 @@ pub struct Overrides {
     /// [default: $NODE_NAME, else the host name]
     #[arg(long, env = "AMBIENT_NODE", value_name = "NAME")]
     pub node: Option<String>,
+    /// `local` (mesh file + local CA) or `istio` (istiod + CNI). [default: local]
+    #[arg(long, env = "AMBIENT_MODE", value_enum)]
+    pub mode: Option<Mode>,
     /// Local mode: the mesh description (YAML), re-read when it changes.
     #[arg(long, env = "AMBIENT_MESH_FILE", value_name = "FILE")]
     pub mesh_file: Option<PathBuf>,
@@ -219,6 +279,9 @@ impl Config {
         };
         if let Some(node) = &overrides.node {
             cfg.node = node.clone();
+        }
+        if let Some(mode) = overrides.mode {
+            cfg.mode = mode;
         }
         if let Some(mesh) = &overrides.mesh_file {
             cfg.mesh_file = Some(mesh.clone());
@@ -369,6 +432,19 @@ mod tests {
         assert_eq!(cfg.pool.max_streams, 100);
         assert_eq!(cfg.pool.stream_window, 4 << 20);
         assert!(cfg.pool.connection_window > cfg.pool.stream_window);
+    }
+
+    #[test]
+    fn istio_mode_defaults_are_istios() {
+        let cfg = Config::parse("mode: istio\n").unwrap();
+        assert_eq!(cfg.mode, Mode::Istio);
+        let cp = &cfg.control_plane;
+        assert_eq!(cp.xds_address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(
+            cp.cni_socket,
+            PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+        );
+        assert_eq!(cp.cluster_id, "Kubernetes");
     }
 
     #[test]
