@@ -61,6 +61,12 @@ pub enum CaError {
     /// A remote CA could not be reached or refused to answer.
     #[error("CA unavailable: {0}")]
     Unavailable(String),
+    /// A remote CA rejected our credentials (e.g. the bearer token).
+    #[error("CA refused the request: {0}")]
+    Refused(String),
+    /// A CA client is configured in a way that cannot work.
+    #[error("CA client configuration: {0}")]
+    Config(String),
 }
 
 impl CaError {

@@ -122,6 +122,7 @@ impl IstioCaClient {
     /// certificates.
     async fn create_certificate(
         &self,
+        identity: &Identity,
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
@@ -130,7 +131,9 @@ impl IstioCaClient {
             // Whole seconds; a sub-second ttl must not become 0, which Istio
             // reads as "use your default".
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1),
-            metadata: None,
+            // The agent asks on behalf of its pods; istiod signs the token's
+            // own identity unless another is named here.
+            metadata: Some(impersonate(identity)),
         });
         if let Some(path) = &self.token_path {
             request
@@ -194,7 +197,12 @@ impl CertificateSigner for IstioCaClient {
             debug!(%identity, address = %self.address, "requesting a certificate from the Istio CA");
             // The endpoint's own timeouts do not cover everything (e.g. a
             // reconnect queued behind another); this bounds the whole call.
-            match tokio::time::timeout(self.timeout, self.create_certificate(csr_pem, ttl)).await {
+            match tokio::time::timeout(
+                self.timeout,
+                self.create_certificate(identity, csr_pem, ttl),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(CaError::Unavailable(format!(
                     "{}: no answer within {:?}",
@@ -571,5 +579,16 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("no-token"), "{err}");
+    }
+}
+
+/// Request metadata naming the identity the agent asks for.
+fn impersonate(identity: &Identity) -> ambient_proto::prost_types::Struct {
+    use ambient_proto::prost_types::{value::Kind, Struct, Value};
+    let value = Value {
+        kind: Some(Kind::StringValue(identity.to_uri())),
+    };
+    Struct {
+        fields: [("ImpersonatedIdentity".to_string(), value)].into(),
     }
 }

@@ -4,6 +4,7 @@
 //! [`State::replace`]; readers take a [`Snapshot`] — an immutable, indexed
 //! view — so a connection decides against one consistent version.
 
+pub mod authz;
 pub mod model;
 mod route;
 

@@ -196,6 +196,20 @@ impl IstioCertificateService for Service {
 
         let request = request.into_inner();
         let identity = csr_identity(&request.csr).map_err(Status::invalid_argument)?;
+        // Like istiod, an agent asking for another identity must name it.
+        let impersonated = request
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+            .and_then(|v| match &v.kind {
+                Some(ambient_proto::prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        if impersonated.as_deref() != Some(identity.to_uri().as_str()) {
+            return Err(Status::permission_denied(format!(
+                "ImpersonatedIdentity {impersonated:?} does not name the CSR's identity {identity}"
+            )));
+        }
         let ttl = u64::try_from(request.validity_duration)
             .ok()
             .filter(|s| *s > 0)

@@ -1,0 +1,348 @@
+//! L4 authorization with Istio's semantics (DESIGN §6).
+//!
+//! Policies apply to a destination workload by scope (global, its
+//! namespace, or a selector naming it). Any matching DENY denies; when no
+//! ALLOW policy applies, the connection is allowed; otherwise a matching
+//! ALLOW is needed. A policy matches when any rule does; a rule when all its
+//! clauses do; a clause when any of its matches does; a match when every
+//! field it sets holds (a field holds when any value matches; a `not_`
+//! field when none does). Dry-run policies are evaluated and reported but
+//! never decide.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::model::{Match, Policy, PolicyAction, PolicyScope, StringMatch, Workload};
+use crate::identity::Identity;
+
+/// What is known about a connection when it is authorized.
+#[derive(Clone, Debug)]
+pub struct Connection<'a> {
+    /// The client's address (the original client, not its agent).
+    pub src_ip: IpAddr,
+    /// The client's proven identity; `None` for plaintext.
+    pub src_identity: Option<&'a Identity>,
+    /// Where the client connects to.
+    pub dst: SocketAddr,
+}
+
+/// The outcome for one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied, with the reason (which policy, or that no ALLOW matched).
+    Deny(String),
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow)
+    }
+}
+
+/// Whether `policy` applies to connections to `workload`.
+pub fn applies_to(policy: &Policy, workload: &Workload) -> bool {
+    match &policy.scope {
+        PolicyScope::Global => true,
+        PolicyScope::Namespace => policy.namespace == workload.namespace,
+        PolicyScope::WorkloadSelector { workload_uids } => {
+            policy.namespace == workload.namespace && workload_uids.contains(&workload.uid)
+        }
+    }
+}
+
+/// Decides `conn` to `dst` under `policies`. Dry-run matches are returned
+/// separately, for logging.
+pub fn authorize<'p>(
+    policies: &'p [Policy],
+    dst: &Workload,
+    conn: &Connection<'_>,
+) -> (Decision, Vec<&'p Policy>) {
+    let mut dry_run_hits = Vec::new();
+    let mut allow_applies = false;
+    let mut allowed = false;
+    for p in policies.iter().filter(|p| applies_to(p, dst)) {
+        let hit = policy_matches(p, conn);
+        if p.dry_run {
+            if hit {
+                dry_run_hits.push(p);
+            }
+            continue;
+        }
+        match p.action {
+            PolicyAction::Deny if hit => {
+                return (
+                    Decision::Deny(format!("denied by policy {}", p.key())),
+                    dry_run_hits,
+                );
+            }
+            PolicyAction::Deny => {}
+            PolicyAction::Allow => {
+                allow_applies = true;
+                allowed |= hit;
+            }
+        }
+    }
+    let decision = if !allow_applies || allowed {
+        Decision::Allow
+    } else {
+        Decision::Deny("no ALLOW policy matched".into())
+    };
+    (decision, dry_run_hits)
+}
+
+fn policy_matches(p: &Policy, conn: &Connection<'_>) -> bool {
+    p.rules.iter().any(|rule| {
+        rule.clauses.iter().all(|clause| {
+            clause.matches.is_empty() || clause.matches.iter().any(|m| match_holds(m, conn))
+        })
+    })
+}
+
+fn match_holds(m: &Match, conn: &Connection<'_>) -> bool {
+    let id = conn.src_identity;
+    // Istio writes principals without the scheme: td/ns/<ns>/sa/<sa>.
+    let principal = id.map(|i| {
+        format!(
+            "{}/ns/{}/sa/{}",
+            i.trust_domain, i.namespace, i.service_account
+        )
+    });
+    let ns = id.map(|i| i.namespace.as_str());
+    let sa = id.map(|i| i.service_account.as_str());
+    let strings = |values: &[StringMatch], subject: Option<&str>| {
+        subject.is_some_and(|s| values.iter().any(|v| v.matches(s)))
+    };
+    let nets = |values: &[ipnet::IpNet], ip: IpAddr| values.iter().any(|n| n.contains(&ip));
+    let port = conn.dst.port();
+    positive(&m.namespaces, |v| strings(v, ns))
+        && negative(&m.not_namespaces, |v| strings(v, ns))
+        && positive(&m.service_accounts, |v| strings(v, sa))
+        && negative(&m.not_service_accounts, |v| strings(v, sa))
+        && positive(&m.principals, |v| strings(v, principal.as_deref()))
+        && negative(&m.not_principals, |v| strings(v, principal.as_deref()))
+        && positive(&m.source_ips, |v| nets(v, conn.src_ip))
+        && negative(&m.not_source_ips, |v| nets(v, conn.src_ip))
+        && positive(&m.destination_ips, |v| nets(v, conn.dst.ip()))
+        && negative(&m.not_destination_ips, |v| nets(v, conn.dst.ip()))
+        && positive(&m.destination_ports, |v| v.contains(&port))
+        && negative(&m.not_destination_ports, |v| v.contains(&port))
+}
+
+/// An unset field holds; a set one holds when `any` finds a match.
+fn positive<T>(values: &[T], any: impl Fn(&[T]) -> bool) -> bool {
+    values.is_empty() || any(values)
+}
+
+/// An unset `not_` field holds; a set one holds when nothing matches.
+fn negative<T>(values: &[T], any: impl Fn(&[T]) -> bool) -> bool {
+    values.is_empty() || !any(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::model::{Clause, Rule, TunnelProtocol};
+
+    fn workload(ns: &str, uid: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: ns.into(),
+            service_account: "server".into(),
+            trust_domain: "cluster.local".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+            node: "n".into(),
+            netns: None,
+            cgroup: None,
+            protocol: TunnelProtocol::Hbone,
+            application_tunnel: Default::default(),
+            waypoint: None,
+            healthy: true,
+        }
+    }
+
+    fn policy(name: &str, scope: PolicyScope, action: PolicyAction, m: Match) -> Policy {
+        Policy {
+            name: name.into(),
+            namespace: "prod".into(),
+            scope,
+            action,
+            rules: vec![Rule {
+                clauses: vec![Clause { matches: vec![m] }],
+            }],
+            dry_run: false,
+        }
+    }
+
+    fn exact(s: &str) -> StringMatch {
+        StringMatch::Exact(s.into())
+    }
+
+    #[test]
+    fn decisions() {
+        let dst = workload("prod", "db");
+        let client = Identity::new("cluster.local", "prod", "client");
+        let other = Identity::new("cluster.local", "test", "other");
+        let allow_client = policy(
+            "allow-client",
+            PolicyScope::Namespace,
+            PolicyAction::Allow,
+            Match {
+                service_accounts: vec![exact("client")],
+                ..Default::default()
+            },
+        );
+        let deny_test_ns = policy(
+            "deny-test",
+            PolicyScope::Global,
+            PolicyAction::Deny,
+            Match {
+                namespaces: vec![exact("test")],
+                ..Default::default()
+            },
+        );
+        let strict = policy(
+            "strict",
+            PolicyScope::Namespace,
+            PolicyAction::Deny,
+            Match {
+                not_principals: vec![StringMatch::Presence],
+                ..Default::default()
+            },
+        );
+        let deny_port = policy(
+            "deny-9000",
+            PolicyScope::WorkloadSelector {
+                workload_uids: vec!["db".into()],
+            },
+            PolicyAction::Deny,
+            Match {
+                destination_ports: vec![9000],
+                ..Default::default()
+            },
+        );
+        let deny_net = policy(
+            "deny-net",
+            PolicyScope::Namespace,
+            PolicyAction::Deny,
+            Match {
+                source_ips: vec!["10.9.0.0/16".parse().unwrap()],
+                not_source_ips: vec!["10.9.9.9/32".parse().unwrap()],
+                ..Default::default()
+            },
+        );
+        let mut dry = deny_test_ns.clone();
+        dry.name = "dry".into();
+        dry.dry_run = true;
+        let conn = |id: Option<&'static Identity>, ip: &str, port: u16| Connection {
+            src_ip: ip.parse().unwrap(),
+            src_identity: id,
+            dst: SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+        };
+        let client: &'static Identity = Box::leak(Box::new(client));
+        let other: &'static Identity = Box::leak(Box::new(other));
+        let cases: Vec<(&str, Vec<Policy>, Connection<'_>, bool)> = vec![
+            ("no policy allows", vec![], conn(None, "10.1.0.1", 80), true),
+            (
+                "allow by sa",
+                vec![allow_client.clone()],
+                conn(Some(client), "10.1.0.1", 80),
+                true,
+            ),
+            (
+                "allow needed",
+                vec![allow_client.clone()],
+                conn(Some(other), "10.1.0.1", 80),
+                false,
+            ),
+            (
+                "plaintext not allowed by sa",
+                vec![allow_client.clone()],
+                conn(None, "10.1.0.1", 80),
+                false,
+            ),
+            (
+                "deny by namespace",
+                vec![deny_test_ns.clone()],
+                conn(Some(other), "10.1.0.1", 80),
+                false,
+            ),
+            (
+                "deny other ns only",
+                vec![deny_test_ns.clone()],
+                conn(Some(client), "10.1.0.1", 80),
+                true,
+            ),
+            (
+                "deny before allow",
+                vec![allow_client.clone(), deny_port.clone()],
+                conn(Some(client), "10.1.0.1", 9000),
+                false,
+            ),
+            (
+                "deny port other port",
+                vec![deny_port.clone()],
+                conn(Some(client), "10.1.0.1", 80),
+                true,
+            ),
+            (
+                "strict denies plaintext",
+                vec![strict.clone()],
+                conn(None, "10.1.0.1", 80),
+                false,
+            ),
+            (
+                "strict allows mtls",
+                vec![strict.clone()],
+                conn(Some(client), "10.1.0.1", 80),
+                true,
+            ),
+            (
+                "cidr deny",
+                vec![deny_net.clone()],
+                conn(Some(client), "10.9.1.1", 80),
+                false,
+            ),
+            (
+                "not_ cidr exempts",
+                vec![deny_net.clone()],
+                conn(Some(client), "10.9.9.9", 80),
+                true,
+            ),
+            (
+                "dry run never decides",
+                vec![dry.clone()],
+                conn(Some(other), "10.1.0.1", 80),
+                true,
+            ),
+        ];
+        for (name, policies, c, want) in cases {
+            let (d, _) = authorize(&policies, &dst, &c);
+            assert_eq!(d.is_allowed(), want, "{name}: {d:?}");
+        }
+        let (_, dry_hits) = authorize(
+            std::slice::from_ref(&dry),
+            &dst,
+            &conn(Some(other), "10.1.0.1", 80),
+        );
+        assert_eq!(dry_hits.len(), 1);
+    }
+
+    #[test]
+    fn scopes() {
+        let p = |scope| policy("p", scope, PolicyAction::Deny, Match::default());
+        let in_prod = workload("prod", "db");
+        let in_test = workload("test", "db");
+        assert!(applies_to(&p(PolicyScope::Global), &in_test));
+        assert!(applies_to(&p(PolicyScope::Namespace), &in_prod));
+        assert!(!applies_to(&p(PolicyScope::Namespace), &in_test));
+        let sel = PolicyScope::WorkloadSelector {
+            workload_uids: vec!["db".into()],
+        };
+        assert!(applies_to(&p(sel.clone()), &in_prod));
+        assert!(
+            !applies_to(&p(sel), &in_test),
+            "selectors stay in the policy's namespace"
+        );
+    }
+}
