@@ -371,6 +371,17 @@ fn check_certificate(block: &str) -> Result<(), String> {
         .map_err(|e| format!("unparsable certificate: {e}"))
 }
 
+/// Request metadata naming the identity the agent asks for.
+fn impersonate(identity: &Identity) -> ambient_proto::prost_types::Struct {
+    use ambient_proto::prost_types::{value::Kind, Struct, Value};
+    let value = Value {
+        kind: Some(Kind::StringValue(identity.to_uri())),
+    };
+    Struct {
+        fields: [("ImpersonatedIdentity".to_string(), value)].into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,16 +590,5 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("no-token"), "{err}");
-    }
-}
-
-/// Request metadata naming the identity the agent asks for.
-fn impersonate(identity: &Identity) -> ambient_proto::prost_types::Struct {
-    use ambient_proto::prost_types::{value::Kind, Struct, Value};
-    let value = Value {
-        kind: Some(Kind::StringValue(identity.to_uri())),
-    };
-    Struct {
-        fields: [("ImpersonatedIdentity".to_string(), value)].into(),
     }
 }
