@@ -293,3 +293,51 @@ async fn unreachable_target_fails_fast_through_the_agents() {
         .expect("no hang");
     assert!(r.is_err() || got.is_empty());
 }
+
+#[tokio::test]
+async fn policy_allows_one_identity_and_denies_another_with_401() {
+    init_tracing();
+    let w = World::new(18);
+    let mesh = w.standard_mesh("server")
+        + r#"
+policies:
+  - name: only-client
+    namespace: test
+    scope: NAMESPACE
+    action: ALLOW
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#;
+    w.write_mesh(&mesh);
+    let _b = w.agent("node-b").await;
+    let _echo = Echo::start(w.server_app()).await;
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let server_id = Identity::new("cluster.local", "test", "server");
+    for (sa, want) in [
+        ("client", StatusCode::OK),
+        ("intruder", StatusCode::UNAUTHORIZED),
+    ] {
+        let cert = certs
+            .fetch(&Identity::new("cluster.local", "test", sa))
+            .await
+            .unwrap();
+        let mut send = raw_hbone_client(
+            w.server_hbone(),
+            &cert,
+            &w.ca.trust_bundle(),
+            server_id.clone(),
+        )
+        .await
+        .unwrap();
+        let got = timeout(
+            LIMIT,
+            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()),
+        )
+        .await
+        .expect("no hang")
+        .unwrap();
+        assert_eq!(got, want, "{sa}");
+    }
+}

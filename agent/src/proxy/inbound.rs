@@ -13,11 +13,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{connect_app, orig_dst::original_dst, Accept, ProxyContext};
+use super::{authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
 use crate::identity::WorkloadCert;
 use crate::socket::Sockets;
+use crate::state::authz;
 use crate::state::Workload;
 
 /// The HBONE server of one local workload.
@@ -111,6 +112,14 @@ impl Handler for Inbound {
             if !self.workload.addresses.contains(&req.target.ip()) {
                 warn!("target is not an address of this workload; 400");
                 return responder.refuse(StatusCode::BAD_REQUEST);
+            }
+            let conn = authz::Connection {
+                src_ip: src,
+                src_identity: Some(&req.peer_identity),
+                dst: req.target,
+            };
+            if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
+                return responder.refuse(StatusCode::UNAUTHORIZED);
             }
             let start = Instant::now();
             let upstream = match connect_app(&self.ctx, &self.sockets, req.target, src).await {

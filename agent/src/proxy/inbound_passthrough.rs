@@ -8,8 +8,11 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{addressed_to_listener, connect_app, orig_dst::original_dst, Accept, ProxyContext};
+use super::{
+    addressed_to_listener, authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext,
+};
 use crate::socket::Sockets;
+use crate::state::authz;
 use crate::state::Workload;
 
 pub struct InboundPassthrough {
@@ -37,6 +40,14 @@ impl Accept for InboundPassthrough {
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || !self.workload.addresses.contains(&dst.ip()) {
             return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
+        }
+        let conn = authz::Connection {
+            src_ip: peer.ip(),
+            src_identity: None,
+            dst,
+        };
+        if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
+            return;
         }
         let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
             Ok(s) => s,

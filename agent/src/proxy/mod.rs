@@ -25,7 +25,7 @@ use tracing::{info, warn, Instrument};
 use crate::hbone::{H2Settings, Pool};
 use crate::identity::CertManager;
 use crate::socket::{ConnectOpts, ListenOpts, Sockets};
-use crate::state::{State, Workload};
+use crate::state::{authz, State, Workload};
 
 /// Settings every proxy shares.
 #[derive(Clone, Debug)]
@@ -139,6 +139,24 @@ impl WorkloadProxy {
         ];
         Ok(WorkloadProxy { addrs, tasks })
     }
+}
+
+/// Applies the L4 policies of the current mesh to a connection for
+/// `workload`; logs dry-run matches and denials.
+fn authorize(
+    ctx: &ProxyContext,
+    workload: &Workload,
+    conn: &authz::Connection<'_>,
+) -> authz::Decision {
+    let snap = ctx.state.snapshot();
+    let (decision, dry_run) = authz::authorize(snap.policies(), workload, conn);
+    for p in dry_run {
+        info!(policy = %p.key(), src = %conn.src_ip, "dry-run policy matched (not enforced)");
+    }
+    if let authz::Decision::Deny(why) = &decision {
+        warn!(src = %conn.src_ip, dst = %conn.dst, src_id = ?conn.src_identity.map(|i| i.to_string()), reason = %why, "connection denied by policy");
+    }
+    decision
 }
 
 /// Whether `dst` is the listener `stream` was accepted on: what the
