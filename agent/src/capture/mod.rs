@@ -7,6 +7,7 @@
 
 pub mod netns;
 pub mod nft;
+pub mod zds;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

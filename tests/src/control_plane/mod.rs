@@ -4,3 +4,4 @@
 
 pub mod ca;
 pub mod xds;
+pub mod zds;
