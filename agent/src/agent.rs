@@ -4,16 +4,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::capture::netns::Netns;
 use crate::capture::nft::NftCapture;
+use crate::capture::zds::{WorkloadInfo, ZdsClient, ZdsEvent};
 use crate::capture::{Backend, CaptureError, CaptureSpec, Enrollment};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::hbone::{Pool, PoolConfig};
+use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
 use crate::identity::{
     CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle,
 };
@@ -38,6 +42,7 @@ pub enum AgentError {
 struct Local {
     /// The version of the workload the proxy was started for.
     workload: Arc<Workload>,
+    source: NetnsSource,
     proxy: WorkloadProxy,
     /// Its namespace and capture, when it has a namespace of its own.
     enrollment: Option<Enrollment>,
@@ -53,7 +58,7 @@ pub struct Agent {
     pub certs: Arc<CertManager>,
     pub pool: Pool,
     ctx: ProxyContext,
-    proxies: Arc<Proxies>,
+    reconciler: Arc<Reconciler>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -66,20 +71,41 @@ impl Drop for Agent {
         }
         // Capture comes off every namespace now, not whenever the aborted
         // tasks happen to be dropped.
-        let locals = std::mem::take(&mut *lock(&self.proxies));
+        let locals = std::mem::take(&mut *lock(&self.reconciler.proxies));
         drop(locals);
     }
 }
 
 impl Agent {
-    /// Starts with the CA the configuration names (loaded or generated).
+    /// Starts with the CA the configuration names: the local CA (loaded
+    /// or generated) or, in Istio mode, the Istio CA.
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
-        let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
-            (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
-            _ => LocalCa::generate(&cfg.ca.trust_domain)?,
+        let (signer, trust): (Arc<dyn CertificateSigner>, TrustBundle) = match cfg.mode {
+            Mode::Local => {
+                let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
+                    (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
+                    _ => LocalCa::generate(&cfg.ca.trust_domain)?,
+                };
+                let trust = ca.trust_bundle();
+                (Arc::new(ca), trust)
+            }
+            Mode::Istio => {
+                let cp = &cfg.control_plane;
+                let client = IstioCaClient::new(IstioCaConfig {
+                    address: cp
+                        .ca_address
+                        .clone()
+                        .unwrap_or_else(|| cp.xds_address.clone()),
+                    root_cert: cp.root_cert.clone(),
+                    server_name: cp.server_name.clone(),
+                    token_path: Some(cp.token_path.clone()),
+                    cluster_id: cp.cluster_id.clone(),
+                    request_timeout: cfg.connect_timeout,
+                })?;
+                (Arc::new(client), TrustBundle::from_pem_file(&cp.root_cert)?)
+            }
         };
-        let trust = ca.trust_bundle();
-        Self::start_with_signer(cfg, Arc::new(ca), trust).await
+        Self::start_with_signer(cfg, signer, trust).await
     }
 
     /// Starts with a given signer and trust bundle.
@@ -100,13 +126,13 @@ impl Agent {
         );
         let state = Arc::new(State::default());
         let mut tasks = Vec::new();
-        if let Some(path) = &cfg.mesh_file {
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let (Mode::Local, Some(path)) = (cfg.mode, &cfg.mesh_file) {
             let mut source = LocalSource::new(path.clone(), state.clone(), cfg.mesh_poll_interval);
             source.load_initial()?;
-            let mut rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(source.run(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })));
+            tasks.push(tokio::spawn(source.run(stopped(shutdown_rx.clone()))));
         }
         let pool = Pool::new(
             certs.clone(),
@@ -135,25 +161,44 @@ impl Agent {
             shutdown: shutdown_rx,
             records: tokio::sync::broadcast::channel(1024).0,
         };
-        let mut agent = Agent {
+        let reconciler = Arc::new(Reconciler {
+            ctx: ctx.clone(),
+            cfg: cfg.clone(),
+            backend,
+            proxies: Arc::default(),
+            cni: Mutex::default(),
+            running: tokio::sync::Mutex::new(()),
+        });
+        // Listeners are up before start returns; later changes follow.
+        let mut changes = state.subscribe();
+        reconciler.run().await;
+        let r = reconciler.clone();
+        tasks.push(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                r.run().await;
+            }
+        }));
+        if cfg.mode == Mode::Istio {
+            let zds = ZdsClient::new(cfg.control_plane.cni_socket.clone());
+            let r = reconciler.clone();
+            let handler = move |event| {
+                let r = r.clone();
+                async move { r.on_cni(event).await }
+            };
+            tasks.push(tokio::spawn(
+                zds.run(handler, stopped(ctx.shutdown.clone())),
+            ));
+        }
+        let agent = Agent {
             cfg,
             state,
             certs,
             pool,
             ctx,
-            proxies: Arc::default(),
+            reconciler,
             shutdown,
             tasks,
         };
-        // Listeners are up before start returns; later changes follow.
-        let mut changes = agent.state.subscribe();
-        reconcile(&agent.ctx, &agent.cfg, &backend, &agent.proxies).await;
-        let (ctx, cfg, proxies) = (agent.ctx.clone(), agent.cfg.clone(), agent.proxies.clone());
-        agent.tasks.push(tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                reconcile(&ctx, &cfg, &backend, &proxies).await;
-            }
-        }));
         info!(node = %agent.cfg.node, "agent started");
         Ok(agent)
     }
@@ -169,7 +214,9 @@ impl Agent {
 
     /// The listener addresses of local workload `uid`, if it is served.
     pub fn listeners(&self, uid: &str) -> Option<ListenerAddrs> {
-        lock(&self.proxies).get(uid).map(|l| l.proxy.addrs)
+        lock(&self.reconciler.proxies)
+            .get(uid)
+            .map(|l| l.proxy.addrs)
     }
 
     /// Hands a new connection to workload `uid`'s outbound proxy as if it
@@ -203,95 +250,201 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts proxies for new or changed local mesh workloads and stops those
-/// that left.
-async fn reconcile(ctx: &ProxyContext, cfg: &Config, backend: &Backend, proxies: &Proxies) {
-    let snap = ctx.state.snapshot();
-    let wanted: HashMap<String, Arc<Workload>> = snap
-        .local_workloads(&cfg.node)
-        .filter(|w| w.protocol == TunnelProtocol::Hbone)
-        .map(|w| (w.uid.clone(), w.clone()))
-        .collect();
-    let identities: HashSet<_> = wanted.values().map(|w| w.identity()).collect();
-    let (leaving, to_start): (Vec<Local>, Vec<Arc<Workload>>) = {
-        let mut running = lock(proxies);
-        let gone: Vec<String> = running
-            .iter()
-            .filter(|(uid, l)| wanted.get(*uid) != Some(&l.workload))
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        let leaving = gone.iter().filter_map(|uid| running.remove(uid)).collect();
-        let to_start = wanted
-            .values()
-            .filter(|w| !running.contains_key(&w.uid))
-            .cloned()
-            .collect();
-        (leaving, to_start)
-    };
-    for l in leaving {
-        info!(uid = %l.workload.uid, "workload left or changed; releasing it");
-        // Another local workload may share the identity.
-        if !identities.contains(&l.workload.identity()) {
-            ctx.certs.forget(&l.workload.identity());
-        }
-        // Stop redirecting before the listeners close.
-        if let Some(e) = l.enrollment {
-            e.release().await;
-        }
-    }
-    for w in to_start {
-        ctx.certs.track(w.identity());
-        match start_local(ctx, cfg, backend, w.clone()).await {
-            Ok(l) => {
-                lock(proxies).insert(w.uid.clone(), l);
-            }
-            Err(e) => warn!(uid = %w.uid, error = %e, "cannot serve the workload"),
+/// Where a served workload's network namespace comes from.
+#[derive(Clone)]
+enum NetnsSource {
+    /// None of its own: listeners in the agent's namespace (loopback use).
+    Host,
+    /// A path from the local mesh file.
+    Path(PathBuf),
+    /// An fd the CNI sent.
+    Cni(Arc<Netns>),
+}
+
+impl PartialEq for NetnsSource {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (NetnsSource::Host, NetnsSource::Host) => true,
+            (NetnsSource::Path(a), NetnsSource::Path(b)) => a == b,
+            (NetnsSource::Cni(a), NetnsSource::Cni(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 }
 
-/// Opens a workload's listeners and, when it has its own namespace,
-/// enrolls it: listeners inside the namespace first, then capture.
-async fn start_local(
-    ctx: &ProxyContext,
-    cfg: &Config,
-    backend: &Backend,
-    w: Arc<Workload>,
-) -> Result<Local, String> {
-    let Some(path) = &w.netns else {
-        let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), Sockets::Host)
+/// A pod the CNI handed over.
+struct CniPod {
+    netns: Arc<Netns>,
+    info: Option<WorkloadInfo>,
+}
+
+/// Keeps the served workloads in step with the mesh and the CNI's pods.
+struct Reconciler {
+    ctx: ProxyContext,
+    cfg: Config,
+    backend: Backend,
+    proxies: Arc<Proxies>,
+    cni: Mutex<HashMap<String, CniPod>>,
+    /// One reconciliation at a time (mesh changes and CNI events race).
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Reconciler {
+    /// The workloads this agent should serve, and where their namespaces are.
+    fn wanted(&self) -> HashMap<String, (Arc<Workload>, NetnsSource)> {
+        let snap = self.ctx.state.snapshot();
+        match self.cfg.mode {
+            Mode::Local => snap
+                .local_workloads(&self.cfg.node)
+                .filter(|w| w.protocol == TunnelProtocol::Hbone)
+                .map(|w| {
+                    let source = w.netns.clone().map_or(NetnsSource::Host, NetnsSource::Path);
+                    (w.uid.clone(), (w.clone(), source))
+                })
+                .collect(),
+            // The CNI says which pods are here; the mesh says who they are.
+            Mode::Istio => lock(&self.cni)
+                .iter()
+                .filter_map(|(uid, pod)| {
+                    let w = snap.workload_by_uid(uid).cloned().or_else(|| {
+                        let info = pod.info.as_ref()?;
+                        snap.mesh()
+                            .workloads
+                            .iter()
+                            .find(|w| w.name == info.name && w.namespace == info.namespace)
+                            .map(|w| Arc::new(w.clone()))
+                    })?;
+                    Some((w.uid.clone(), (w, NetnsSource::Cni(pod.netns.clone()))))
+                })
+                .collect(),
+        }
+    }
+
+    /// Starts proxies for new or changed workloads and stops those that left.
+    async fn run(&self) {
+        let _one = self.running.lock().await;
+        let wanted = self.wanted();
+        let identities: HashSet<_> = wanted.values().map(|(w, _)| w.identity()).collect();
+        let (leaving, to_start) = {
+            let mut running = lock(&self.proxies);
+            let gone: Vec<String> = running
+                .iter()
+                .filter(|(uid, l)| {
+                    wanted.get(*uid).map(|(w, s)| (w, s)) != Some((&l.workload, &l.source))
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            let leaving: Vec<Local> = gone.iter().filter_map(|uid| running.remove(uid)).collect();
+            let to_start: Vec<(Arc<Workload>, NetnsSource)> = wanted
+                .values()
+                .filter(|(w, _)| !running.contains_key(&w.uid))
+                .cloned()
+                .collect();
+            (leaving, to_start)
+        };
+        for l in leaving {
+            info!(uid = %l.workload.uid, "workload left or changed; releasing it");
+            // Another local workload may share the identity.
+            if !identities.contains(&l.workload.identity()) {
+                self.ctx.certs.forget(&l.workload.identity());
+            }
+            // Stop redirecting before the listeners close.
+            if let Some(e) = l.enrollment {
+                e.release().await;
+            }
+        }
+        for (w, source) in to_start {
+            self.ctx.certs.track(w.identity());
+            match self.start_local(w.clone(), source).await {
+                Ok(l) => {
+                    lock(&self.proxies).insert(w.uid.clone(), l);
+                }
+                Err(e) => warn!(uid = %w.uid, error = %e, "cannot serve the workload"),
+            }
+        }
+    }
+
+    /// Opens a workload's listeners and, when it has its own namespace,
+    /// enrolls it: listeners inside the namespace first, then capture.
+    async fn start_local(&self, w: Arc<Workload>, source: NetnsSource) -> Result<Local, String> {
+        let (ctx, cfg) = (&self.ctx, &self.cfg);
+        let mut enrollment = match &source {
+            NetnsSource::Host => {
+                let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), Sockets::Host)
+                    .await
+                    .map_err(|e| format!("opening listeners: {e}"))?;
+                return Ok(Local {
+                    workload: w,
+                    source,
+                    proxy,
+                    enrollment: None,
+                });
+            }
+            NetnsSource::Path(path) => Enrollment::open(path).await.map_err(|e| e.to_string())?,
+            NetnsSource::Cni(ns) => Enrollment::with_netns(ns.clone()),
+        };
+        let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), enrollment.sockets())
             .await
-            .map_err(|e| format!("opening listeners: {e}"))?;
-        return Ok(Local {
+            .map_err(|e| format!("opening listeners in the workload's namespace: {e}"))?;
+        let spec = CaptureSpec {
+            rules: NftCapture {
+                socket_mark: cfg.socket_mark,
+                outbound_port: cfg.ports.outbound,
+                inbound_plaintext_port: cfg.ports.inbound_plaintext,
+                hbone_port: cfg.ports.hbone,
+                redirect: true,
+            },
+            addresses: w.addresses.clone(),
+            cgroup: w.cgroup.clone(),
+            interface: cfg.pod_interface.clone(),
+        };
+        enrollment
+            .capture(&self.backend, spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(uid = %w.uid, "workload enrolled");
+        Ok(Local {
             workload: w,
+            source,
             proxy,
-            enrollment: None,
-        });
-    };
-    let mut enrollment = Enrollment::open(path).await.map_err(|e| e.to_string())?;
-    let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), enrollment.sockets())
-        .await
-        .map_err(|e| format!("opening listeners in {}: {e}", path.display()))?;
-    let spec = CaptureSpec {
-        rules: NftCapture {
-            socket_mark: cfg.socket_mark,
-            outbound_port: cfg.ports.outbound,
-            inbound_plaintext_port: cfg.ports.inbound_plaintext,
-            hbone_port: cfg.ports.hbone,
-            redirect: true,
-        },
-        addresses: w.addresses.clone(),
-        cgroup: w.cgroup.clone(),
-        interface: cfg.pod_interface.clone(),
-    };
-    enrollment
-        .capture(backend, spec)
-        .await
-        .map_err(|e| e.to_string())?;
-    info!(uid = %w.uid, netns = %path.display(), "workload enrolled");
-    Ok(Local {
-        workload: w,
-        proxy,
-        enrollment: Some(enrollment),
-    })
+            enrollment: Some(enrollment),
+        })
+    }
+
+    /// Applies one message from the CNI; the answer becomes its ack.
+    async fn on_cni(&self, event: ZdsEvent) -> Result<(), String> {
+        match event {
+            ZdsEvent::Add { uid, netns, info } => {
+                let name = PathBuf::from(format!("cni:{uid}"));
+                let ns = tokio::task::spawn_blocking(move || Netns::from_fd(name, netns))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("entering the pod's namespace: {e}"))?;
+                info!(%uid, "pod added by the CNI");
+                lock(&self.cni).insert(
+                    uid,
+                    CniPod {
+                        netns: Arc::new(ns),
+                        info,
+                    },
+                );
+            }
+            ZdsEvent::Keep { uid } => {
+                if !lock(&self.cni).contains_key(&uid) {
+                    return Err(format!("keep for unknown pod {uid}"));
+                }
+            }
+            ZdsEvent::Del { uid } => {
+                info!(%uid, "pod removed by the CNI");
+                lock(&self.cni).remove(&uid);
+            }
+            ZdsEvent::SnapshotSent { current } => {
+                lock(&self.cni).retain(|uid, _| current.contains(uid));
+            }
+        }
+        // A pod whose workload is not in the mesh yet is enrolled when it
+        // arrives; the ack only says the CNI's message was taken.
+        self.run().await;
+        Ok(())
+    }
 }

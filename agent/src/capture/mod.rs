@@ -101,6 +101,15 @@ impl Enrollment {
         })
     }
 
+    /// Enrolls a namespace already open (e.g. an fd the CNI sent).
+    pub fn with_netns(netns: Arc<Netns>) -> Enrollment {
+        Enrollment {
+            netns,
+            installed: false,
+            ebpf: None,
+        }
+    }
+
     /// How to make sockets inside the workload's namespace.
     pub fn sockets(&self) -> Sockets {
         Sockets::Netns(self.netns.clone())

@@ -72,3 +72,26 @@ pub type SignFuture<'a> =
 pub struct TrustBundle {
     pub roots: Arc<Vec<CertificateDer<'static>>>,
 }
+
+impl TrustBundle {
+    /// Every certificate in a PEM file (the mesh root(s) in Istio mode).
+    pub fn from_pem_file(path: &std::path::Path) -> Result<TrustBundle, CaError> {
+        let io = |source| CaError::Io {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        };
+        let data = std::fs::read(path).map_err(io)?;
+        let roots = rustls_pemfile::certs(&mut data.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
+        if roots.is_empty() {
+            return Err(CaError::BadPem(format!(
+                "{} holds no certificate",
+                path.display()
+            )));
+        }
+        Ok(TrustBundle {
+            roots: Arc::new(roots),
+        })
+    }
+}
