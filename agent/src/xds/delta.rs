@@ -1,1 +1,0 @@
-//! Delta xDS client. (being written)

@@ -1,0 +1,661 @@
+//! Proto -> model. Each resource is decoded and checked on its own
+//! ([`decode`]); the accepted resources are then joined into a [`Mesh`]
+//! ([`Resources::build`]), which is where checks that span resources
+//! (addresses used twice) happen and where the references istiod expresses
+//! from the workload side (the services it backs, the selector policies
+//! that apply to it) become the model's service endpoints and policy
+//! selectors.
+//!
+//! The rules follow local mode's (see [`crate::xds::local`]) with the
+//! differences a real istiod needs: a workload may have no address (DNS
+//! workloads) and no node (VMs, remote clusters), a service may have no
+//! VIP (headless), and a reference to a service or policy that has not
+//! arrived is simply not followed yet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use ambient_proto::discovery::DeltaDiscoveryResponse;
+use ambient_proto::prost_types::Any;
+use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ipnet::IpNet;
+
+use crate::identity::Identity;
+use crate::state::{
+    ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
+    Service, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+};
+use crate::xds::local::Problem;
+
+pub(super) const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+pub(super) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub(super) const DEFAULT_HBONE_PORT: u16 = 15008;
+
+/// What is wrong with one field of a resource.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Invalid {
+    /// A rule shared with local mode.
+    #[error(transparent)]
+    Problem(#[from] Problem),
+    #[error("an IP address must be 4 or 16 bytes, not {0}")]
+    AddressLength(usize),
+    #[error("prefix length {len} is too long for {ip}")]
+    PrefixLength { ip: IpAddr, len: u32 },
+    #[error("port {0} is not in 1..=65535")]
+    Port(u32),
+    #[error("target port {0} is not in 0..=65535")]
+    TargetPort(u32),
+    #[error("unknown {kind} value {value}")]
+    UnknownEnum { kind: &'static str, value: i32 },
+    #[error("string match has no value")]
+    EmptyStringMatch,
+    #[error("waypoint has neither an address nor a hostname")]
+    WaypointNoDestination,
+    #[error("{0:?} is not of the form <namespace>/<hostname>")]
+    ServiceKey(String),
+}
+
+/// Why one resource was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RejectReason {
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("resource has no body")]
+    MissingBody,
+    #[error("Address holds neither a workload nor a service")]
+    EmptyAddress,
+    #[error("resource name must be {expected:?} (istiod names resources by uid, namespace/hostname or namespace/name)")]
+    Name { expected: String },
+    #[error("sent twice in one response")]
+    DuplicateName,
+    #[error("{field}: {invalid}")]
+    Field { field: String, invalid: Invalid },
+}
+
+/// A refused resource, by its xDS name.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}: {reason}")]
+pub struct Rejected {
+    pub name: String,
+    pub reason: RejectReason,
+}
+
+/// Why a whole response was refused (and NACKed).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResponseError {
+    #[error("unknown type URL {0:?}")]
+    UnknownType(String),
+    #[error("rejected {}: {}", .0.len(), Joined(.0))]
+    Rejected(Vec<Rejected>),
+}
+
+/// `a; b; c`.
+struct Joined<'a>(&'a [Rejected]);
+
+impl fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{r}")?;
+        }
+        Ok(())
+    }
+}
+
+fn field(field: impl Into<String>, invalid: impl Into<Invalid>) -> RejectReason {
+    RejectReason::Field {
+        field: field.into(),
+        invalid: invalid.into(),
+    }
+}
+
+/// A decoded `istio.workload.Address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum AddressResource {
+    Workload(WorkloadResource),
+    /// Endpoints are filled in by [`Resources::build`].
+    Service(Service),
+}
+
+/// A workload with the references istiod sends on the workload side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct WorkloadResource {
+    pub workload: Workload,
+    /// Services it backs (`namespace/hostname`) and their ports.
+    pub services: BTreeMap<String, Vec<ServicePort>>,
+    /// Selector-scoped policies (`namespace/name`) that apply to it.
+    pub policies: Vec<String>,
+}
+
+/// A decoded resource of either type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Decoded {
+    Address(Box<AddressResource>),
+    /// Selector uids are filled in by [`Resources::build`].
+    Policy(Policy),
+}
+
+/// Decodes and checks one resource named `name` of type `type_url`.
+pub(super) fn decode(type_url: &str, name: &str, any: &Any) -> Result<Decoded, RejectReason> {
+    if type_url == ADDRESS_TYPE_URL {
+        let msg: pb::Address = any
+            .to_msg()
+            .map_err(|e| RejectReason::Decode(e.to_string()))?;
+        address(name, msg).map(|a| Decoded::Address(Box::new(a)))
+    } else {
+        let msg: pb_sec::Authorization = any
+            .to_msg()
+            .map_err(|e| RejectReason::Decode(e.to_string()))?;
+        policy(name, msg).map(Decoded::Policy)
+    }
+}
+
+fn address(name: &str, a: pb::Address) -> Result<AddressResource, RejectReason> {
+    match a.r#type {
+        Some(pb::address::Type::Workload(w)) => workload(name, w).map(AddressResource::Workload),
+        Some(pb::address::Type::Service(s)) => service(name, s).map(AddressResource::Service),
+        None => Err(RejectReason::EmptyAddress),
+    }
+}
+
+fn required(name: &str, value: String) -> Result<String, RejectReason> {
+    if value.trim().is_empty() {
+        return Err(field(name, Problem::Empty));
+    }
+    Ok(value)
+}
+
+/// A namespace, service account or trust domain: a segment of a SPIFFE id.
+fn identity_part(name: &str, value: String) -> Result<String, RejectReason> {
+    let value = required(name, value)?;
+    if value.contains('/') {
+        return Err(field(name, Problem::Slash));
+    }
+    Ok(value)
+}
+
+/// Like [`identity_part`], with a default for the empty string (proto3
+/// cannot tell "unset" from "").
+fn identity_part_or(name: &str, value: String, default: &str) -> Result<String, RejectReason> {
+    if value.is_empty() {
+        return Ok(default.to_string());
+    }
+    identity_part(name, value)
+}
+
+pub(super) fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, Invalid> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(b) {
+        Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+    } else {
+        Err(Invalid::AddressLength(b.len()))
+    }
+}
+
+fn port(name: &str, p: u32) -> Result<u16, RejectReason> {
+    match u16::try_from(p) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(field(name, Invalid::Port(p))),
+    }
+}
+
+fn target_port(name: &str, p: u32) -> Result<u16, RejectReason> {
+    u16::try_from(p).map_err(|_| field(name, Invalid::TargetPort(p)))
+}
+
+fn enum_value<T: TryFrom<i32>>(
+    name: &str,
+    kind: &'static str,
+    value: i32,
+) -> Result<T, RejectReason> {
+    T::try_from(value).map_err(|_| field(name, Invalid::UnknownEnum { kind, value }))
+}
+
+/// `namespace/rest`, both parts non-empty, `rest` without '/'.
+fn split_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+        .filter(|(ns, rest)| !ns.is_empty() && !rest.is_empty() && !rest.contains('/'))
+}
+
+fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReason> {
+    let uid = required("uid", w.uid)?;
+    if uid != name {
+        return Err(RejectReason::Name { expected: uid });
+    }
+    let network_mode: pb::NetworkMode = enum_value("network_mode", "NetworkMode", w.network_mode)?;
+    let mut addresses = Vec::with_capacity(w.addresses.len());
+    for (i, a) in w.addresses.iter().enumerate() {
+        addresses.push(ip_from_bytes(a).map_err(|e| field(format!("addresses[{i}]"), e))?);
+    }
+    if network_mode == pb::NetworkMode::HostNetwork {
+        // Host-network pods share the node's address: it cannot identify
+        // them, so they are known by uid only.
+        addresses.clear();
+    }
+    let protocol = match enum_value("tunnel_protocol", "TunnelProtocol", w.tunnel_protocol)? {
+        pb::TunnelProtocol::None => TunnelProtocol::None,
+        pb::TunnelProtocol::Hbone => TunnelProtocol::Hbone,
+    };
+    let application_tunnel = match &w.application_tunnel {
+        None => ApplicationTunnel::None,
+        Some(t) => match enum_value(
+            "application_tunnel.protocol",
+            "ApplicationTunnel.Protocol",
+            t.protocol,
+        )? {
+            pb::application_tunnel::Protocol::None => ApplicationTunnel::None,
+            pb::application_tunnel::Protocol::Proxy => ApplicationTunnel::Proxy,
+        },
+    };
+    let healthy = match enum_value("status", "WorkloadStatus", w.status)? {
+        pb::WorkloadStatus::Healthy => true,
+        pb::WorkloadStatus::Unhealthy => false,
+    };
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        let at = format!("services[{key:?}]");
+        if split_key(key).is_none() {
+            return Err(field(at, Invalid::ServiceKey(key.clone())));
+        }
+        let mut ports = Vec::with_capacity(list.ports.len());
+        for (j, p) in list.ports.iter().enumerate() {
+            ports.push(ServicePort {
+                port: port(&format!("{at}.ports[{j}].service_port"), p.service_port)?,
+                target_port: target_port(&format!("{at}.ports[{j}].target_port"), p.target_port)?,
+            });
+        }
+        services.insert(key.clone(), ports);
+    }
+    let workload = Workload {
+        uid,
+        name: required("name", w.name)?,
+        namespace: identity_part("namespace", w.namespace)?,
+        service_account: identity_part_or(
+            "service_account",
+            w.service_account,
+            DEFAULT_SERVICE_ACCOUNT,
+        )?,
+        trust_domain: identity_part_or("trust_domain", w.trust_domain, DEFAULT_TRUST_DOMAIN)?,
+        addresses,
+        node: w.node,
+        // Pods reach the agent through ZDS, not xDS.
+        netns: None,
+        cgroup: None,
+        protocol,
+        application_tunnel,
+        waypoint: waypoint("waypoint", w.waypoint)?,
+        healthy,
+    };
+    Ok(WorkloadResource {
+        workload,
+        services,
+        policies: w.authorization_policies,
+    })
+}
+
+fn service(name: &str, s: pb::Service) -> Result<Service, RejectReason> {
+    let svc_name = required("name", s.name)?;
+    let namespace = required("namespace", s.namespace)?;
+    let hostname = required("hostname", s.hostname)?;
+    let expected = format!("{namespace}/{hostname}");
+    if name != expected {
+        return Err(RejectReason::Name { expected });
+    }
+    let mut vips = Vec::with_capacity(s.addresses.len());
+    for (i, a) in s.addresses.iter().enumerate() {
+        vips.push(ip_from_bytes(&a.address).map_err(|e| field(format!("addresses[{i}]"), e))?);
+    }
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(s.ports.len());
+    for (j, p) in s.ports.iter().enumerate() {
+        let at = format!("ports[{j}]");
+        let sp = port(&format!("{at}.service_port"), p.service_port)?;
+        if let Some(k) = ports.iter().position(|q| q.port == sp) {
+            let problem = Problem::DuplicatePort {
+                port: sp,
+                first: format!("ports[{k}]"),
+            };
+            return Err(field(format!("{at}.service_port"), problem));
+        }
+        ports.push(ServicePort {
+            port: sp,
+            target_port: target_port(&format!("{at}.target_port"), p.target_port)?,
+        });
+    }
+    for (j, san) in s.subject_alt_names.iter().enumerate() {
+        if let Err(e) = san.parse::<Identity>() {
+            return Err(field(
+                format!("subject_alt_names[{j}]"),
+                Problem::InvalidIdentity(e),
+            ));
+        }
+    }
+    Ok(Service {
+        name: svc_name,
+        namespace,
+        hostname,
+        vips,
+        ports,
+        endpoints: Vec::new(),
+        subject_alt_names: s.subject_alt_names,
+        waypoint: waypoint("waypoint", s.waypoint)?,
+    })
+}
+
+fn waypoint(at: &str, g: Option<pb::GatewayAddress>) -> Result<Option<Waypoint>, RejectReason> {
+    let Some(g) = g else { return Ok(None) };
+    let target = match g.destination {
+        Some(pb::gateway_address::Destination::Address(a)) => WaypointTarget::Address(
+            ip_from_bytes(&a.address).map_err(|e| field(format!("{at}.address.address"), e))?,
+        ),
+        Some(pb::gateway_address::Destination::Hostname(h)) => {
+            if h.namespace.is_empty() || h.hostname.is_empty() || h.hostname.contains('/') {
+                let problem = Problem::WaypointService(format!("{}/{}", h.namespace, h.hostname));
+                return Err(field(format!("{at}.hostname"), problem));
+            }
+            WaypointTarget::Service {
+                namespace: h.namespace,
+                hostname: h.hostname,
+            }
+        }
+        None => return Err(field(at, Invalid::WaypointNoDestination)),
+    };
+    // proto3 cannot tell an unset port from 0; istiod always sets it.
+    let hbone_port = match g.hbone_mtls_port {
+        0 => DEFAULT_HBONE_PORT,
+        p => port(&format!("{at}.hbone_mtls_port"), p)?,
+    };
+    Ok(Some(Waypoint { target, hbone_port }))
+}
+
+fn policy(name: &str, a: pb_sec::Authorization) -> Result<Policy, RejectReason> {
+    let policy_name = required("name", a.name)?;
+    let namespace = required("namespace", a.namespace)?;
+    let expected = format!("{namespace}/{policy_name}");
+    if name != expected {
+        return Err(RejectReason::Name { expected });
+    }
+    let scope = match enum_value("scope", "Scope", a.scope)? {
+        pb_sec::Scope::Global => PolicyScope::Global,
+        pb_sec::Scope::Namespace => PolicyScope::Namespace,
+        pb_sec::Scope::WorkloadSelector => PolicyScope::WorkloadSelector {
+            workload_uids: Vec::new(),
+        },
+    };
+    let action = match enum_value("action", "Action", a.action)? {
+        pb_sec::Action::Allow => PolicyAction::Allow,
+        pb_sec::Action::Deny => PolicyAction::Deny,
+    };
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for (r, rule) in a.rules.iter().enumerate() {
+        let mut clauses = Vec::with_capacity(rule.clauses.len());
+        for (c, clause) in rule.clauses.iter().enumerate() {
+            let mut matches = Vec::with_capacity(clause.matches.len());
+            for (m, entry) in clause.matches.iter().enumerate() {
+                let at = format!("rules[{r}].clauses[{c}].matches[{m}]");
+                matches.push(match_entry(&at, entry)?);
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(Policy {
+        name: policy_name,
+        namespace,
+        scope,
+        action,
+        rules,
+        // Not in the Authorization proto this agent speaks.
+        dry_run: false,
+    })
+}
+
+fn match_entry(at: &str, m: &pb_sec::Match) -> Result<Match, RejectReason> {
+    let strings =
+        |name: &str, values: &[pb_sec::StringMatch]| -> Result<Vec<StringMatch>, RejectReason> {
+            let list = values.iter().enumerate();
+            list.map(|(k, s)| string_match(s).map_err(|e| field(format!("{at}.{name}[{k}]"), e)))
+                .collect()
+        };
+    let nets = |name: &str, values: &[pb_sec::Address]| -> Result<Vec<IpNet>, RejectReason> {
+        let list = values.iter().enumerate();
+        list.map(|(k, a)| cidr(a).map_err(|e| field(format!("{at}.{name}[{k}]"), e)))
+            .collect()
+    };
+    let ports = |name: &str, values: &[u32]| -> Result<Vec<u16>, RejectReason> {
+        let list = values.iter().enumerate();
+        list.map(|(k, p)| port(&format!("{at}.{name}[{k}]"), *p))
+            .collect()
+    };
+    Ok(Match {
+        namespaces: strings("namespaces", &m.namespaces)?,
+        not_namespaces: strings("not_namespaces", &m.not_namespaces)?,
+        // Not in the Authorization proto this agent speaks.
+        service_accounts: Vec::new(),
+        not_service_accounts: Vec::new(),
+        principals: strings("principals", &m.principals)?,
+        not_principals: strings("not_principals", &m.not_principals)?,
+        source_ips: nets("source_ips", &m.source_ips)?,
+        not_source_ips: nets("not_source_ips", &m.not_source_ips)?,
+        destination_ips: nets("destination_ips", &m.destination_ips)?,
+        not_destination_ips: nets("not_destination_ips", &m.not_destination_ips)?,
+        destination_ports: ports("destination_ports", &m.destination_ports)?,
+        not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+    })
+}
+
+/// An absent match is refused rather than dropped: dropped from a `not_`
+/// list it would widen the policy.
+fn string_match(s: &pb_sec::StringMatch) -> Result<StringMatch, Invalid> {
+    use pb_sec::string_match::MatchType;
+    match &s.match_type {
+        Some(MatchType::Exact(v)) => Ok(StringMatch::Exact(v.clone())),
+        Some(MatchType::Prefix(v)) => Ok(StringMatch::Prefix(v.clone())),
+        Some(MatchType::Suffix(v)) => Ok(StringMatch::Suffix(v.clone())),
+        Some(MatchType::Presence(())) => Ok(StringMatch::Presence),
+        None => Err(Invalid::EmptyStringMatch),
+    }
+}
+
+fn cidr(a: &pb_sec::Address) -> Result<IpNet, Invalid> {
+    let ip = ip_from_bytes(&a.address)?;
+    u8::try_from(a.length)
+        .ok()
+        .and_then(|len| IpNet::new(ip, len).ok())
+        .ok_or(Invalid::PrefixLength { ip, len: a.length })
+}
+
+/// One accepted resource and the version the server gave it.
+#[derive(Clone, Debug)]
+struct Entry<T> {
+    version: String,
+    value: Arc<T>,
+}
+
+/// Every accepted resource, by type and name: what the client holds.
+/// Cloning is cheap (the values are shared), so a response is applied to
+/// a copy that replaces the original only if the whole response is good.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Resources {
+    addresses: BTreeMap<String, Entry<AddressResource>>,
+    policies: BTreeMap<String, Entry<Policy>>,
+}
+
+impl Resources {
+    /// Name -> version of the resources held of `type_url`.
+    pub(super) fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
+        fn of<T>(m: &BTreeMap<String, Entry<T>>) -> BTreeMap<String, String> {
+            m.iter()
+                .map(|(k, e)| (k.clone(), e.version.clone()))
+                .collect()
+        }
+        match type_url {
+            ADDRESS_TYPE_URL => of(&self.addresses),
+            AUTHORIZATION_TYPE_URL => of(&self.policies),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.addresses.len() + self.policies.len()
+    }
+
+    /// Applies a response's additions and removals. Returns the names it
+    /// added or changed; on error `self` may be partly changed (callers
+    /// apply to a copy).
+    pub(super) fn apply(
+        &mut self,
+        resp: &DeltaDiscoveryResponse,
+    ) -> Result<BTreeSet<String>, ResponseError> {
+        let type_url = resp.type_url.as_str();
+        if type_url != ADDRESS_TYPE_URL && type_url != AUTHORIZATION_TYPE_URL {
+            return Err(ResponseError::UnknownType(type_url.to_string()));
+        }
+        for name in &resp.removed_resources {
+            if type_url == ADDRESS_TYPE_URL {
+                self.addresses.remove(name);
+            } else {
+                self.policies.remove(name);
+            }
+        }
+        let mut changed = BTreeSet::new();
+        let mut rejected = Vec::new();
+        for r in &resp.resources {
+            let reject = |reason| Rejected {
+                name: r.name.clone(),
+                reason,
+            };
+            if !changed.insert(r.name.clone()) {
+                rejected.push(reject(RejectReason::DuplicateName));
+                continue;
+            }
+            let Some(any) = &r.resource else {
+                rejected.push(reject(RejectReason::MissingBody));
+                continue;
+            };
+            match decode(type_url, &r.name, any) {
+                Ok(Decoded::Address(a)) => {
+                    self.addresses.insert(r.name.clone(), entry(&r.version, *a));
+                }
+                Ok(Decoded::Policy(p)) => {
+                    self.policies.insert(r.name.clone(), entry(&r.version, p));
+                }
+                Err(reason) => rejected.push(reject(reason)),
+            }
+        }
+        if rejected.is_empty() {
+            Ok(changed)
+        } else {
+            Err(ResponseError::Rejected(rejected))
+        }
+    }
+
+    /// Joins the resources into a mesh. `changed` names the resources of
+    /// the response being applied: when two resources claim one address,
+    /// the changed one is blamed (the others were accepted together before).
+    pub(super) fn build(&self, changed: &BTreeSet<String>) -> Result<Mesh, ResponseError> {
+        let mut rejected = Vec::new();
+        let mut claims: HashMap<IpAddr, String> = HashMap::new();
+        let mut order: Vec<(&String, &AddressResource)> = self
+            .addresses
+            .iter()
+            .map(|(name, e)| (name, &*e.value))
+            .collect();
+        order.sort_by_key(|(name, _)| changed.contains(*name));
+        for (name, a) in order {
+            let (owner, ips) = match a {
+                AddressResource::Workload(w) => {
+                    (format!("workload {name:?}"), &w.workload.addresses)
+                }
+                AddressResource::Service(s) => (format!("service {name:?}"), &s.vips),
+            };
+            for (i, ip) in ips.iter().enumerate() {
+                if let Some(first) = claims.get(ip) {
+                    let problem = Problem::DuplicateAddress {
+                        ip: *ip,
+                        first: first.clone(),
+                    };
+                    rejected.push(Rejected {
+                        name: name.clone(),
+                        reason: field(format!("addresses[{i}]"), problem),
+                    });
+                } else {
+                    claims.insert(*ip, owner.clone());
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            return Err(ResponseError::Rejected(rejected));
+        }
+
+        let mut mesh = Mesh::default();
+        // Service key -> its endpoints' uids and ports; policy key -> uids.
+        let mut backing: HashMap<&str, Vec<(&str, &[ServicePort])>> = HashMap::new();
+        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
+        for e in self.addresses.values() {
+            if let AddressResource::Workload(w) = &*e.value {
+                let uid = w.workload.uid.as_str();
+                for (key, ports) in &w.services {
+                    backing.entry(key).or_default().push((uid, ports));
+                }
+                for key in &w.policies {
+                    selected.entry(key).or_default().push(uid.to_string());
+                }
+                mesh.workloads.push(w.workload.clone());
+            }
+        }
+        for (key, e) in &self.addresses {
+            if let AddressResource::Service(s) = &*e.value {
+                let backers = backing.get(key.as_str()).map_or(&[][..], |v| v.as_slice());
+                mesh.services.push(with_endpoints(s, backers));
+            }
+        }
+        for (key, e) in &self.policies {
+            let mut p = (*e.value).clone();
+            if let PolicyScope::WorkloadSelector { workload_uids } = &mut p.scope {
+                // istiod lists a root-namespace policy on workloads of every
+                // namespace, so uids are not limited to the policy's.
+                *workload_uids = selected.remove(key.as_str()).unwrap_or_default();
+            }
+            mesh.policies.push(p);
+        }
+        Ok(mesh)
+    }
+}
+
+fn entry<T>(version: &str, value: T) -> Entry<T> {
+    Entry {
+        version: version.to_string(),
+        value: Arc::new(value),
+    }
+}
+
+/// `s` with its endpoints (`backers`, in uid order). The model has one
+/// target port per service port; where the service leaves it unset (a
+/// named target port), the endpoints' port lists supply it if they agree.
+fn with_endpoints(s: &Service, backers: &[(&str, &[ServicePort])]) -> Service {
+    let mut s = s.clone();
+    s.endpoints = backers
+        .iter()
+        .map(|(uid, _)| Endpoint {
+            workload_uid: uid.to_string(),
+        })
+        .collect();
+    for p in s.ports.iter_mut().filter(|p| p.target_port == 0) {
+        let mut targets = backers
+            .iter()
+            .flat_map(|(_, ports)| ports.iter())
+            .filter(|q| q.port == p.port && q.target_port != 0)
+            .map(|q| q.target_port);
+        if let Some(first) = targets.next() {
+            if targets.all(|t| t == first) {
+                p.target_port = first;
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,294 @@
+//! Model -> proto, the inverse of [`convert`](super::convert): a [`Mesh`]
+//! as istiod would serve it, for test control planes and tools.
+//!
+//! Service membership is written on the workload side, as istiod does
+//! (`Workload.services["namespace/hostname"]`), and selector-scoped
+//! policies are listed in `Workload.authorization_policies`.
+
+use std::collections::BTreeMap;
+
+use ambient_proto::prost_types::Any;
+use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ipnet::IpNet;
+
+use crate::state::{
+    ApplicationTunnel, Match, Mesh, Policy, PolicyAction, PolicyScope, Service, StringMatch,
+    TunnelProtocol, Waypoint, WaypointTarget, Workload,
+};
+
+/// Why a mesh cannot be served over xDS.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("policy {0}: service account matches have no field in istio.security.Match")]
+    ServiceAccounts(String),
+    #[error("policy {0}: dry run has no field in istio.security.Authorization")]
+    DryRun(String),
+    #[error("{name}: {source}")]
+    Encode {
+        name: String,
+        #[source]
+        source: ambient_proto::prost::EncodeError,
+    },
+}
+
+/// A mesh as xDS resources: name -> body, per type URL.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EncodedMesh {
+    /// `istio.workload.Address` by uid (workloads) or `namespace/hostname`.
+    pub addresses: BTreeMap<String, Any>,
+    /// `istio.security.Authorization` by `namespace/name`.
+    pub authorizations: BTreeMap<String, Any>,
+}
+
+impl EncodedMesh {
+    /// The resources of `type_url` (empty for an unknown type).
+    pub fn of_type(&self, type_url: &str) -> BTreeMap<String, Any> {
+        match type_url {
+            ADDRESS_TYPE_URL => self.addresses.clone(),
+            AUTHORIZATION_TYPE_URL => self.authorizations.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+}
+
+/// Encodes `mesh` as istiod would serve it.
+pub fn encode_mesh(mesh: &Mesh) -> Result<EncodedMesh, EncodeError> {
+    let mut out = EncodedMesh::default();
+    for w in &mesh.workloads {
+        let msg = pb::Address {
+            r#type: Some(pb::address::Type::Workload(workload(mesh, w))),
+        };
+        out.addresses.insert(w.uid.clone(), any(&w.uid, &msg)?);
+    }
+    for s in &mesh.services {
+        let name = format!("{}/{}", s.namespace, s.hostname);
+        let msg = pb::Address {
+            r#type: Some(pb::address::Type::Service(service(s))),
+        };
+        out.addresses.insert(name.clone(), any(&name, &msg)?);
+    }
+    for p in &mesh.policies {
+        let name = p.key();
+        let msg = authorization(p)?;
+        out.authorizations.insert(name.clone(), any(&name, &msg)?);
+    }
+    Ok(out)
+}
+
+/// `mesh` as a client reads it back from xDS: entries in resource-name
+/// order, endpoints and selectors in uid order, no netns or cgroup (local
+/// mode only; pods come through ZDS). `canonical(m) == decode(encode_mesh(m))`.
+pub fn canonical(mesh: &Mesh) -> Mesh {
+    let mut m = mesh.clone();
+    m.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    for w in &mut m.workloads {
+        w.netns = None;
+        w.cgroup = None;
+    }
+    m.services
+        .sort_by_key(|s| format!("{}/{}", s.namespace, s.hostname));
+    for s in &mut m.services {
+        s.endpoints
+            .sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
+    }
+    m.policies.sort_by_key(Policy::key);
+    for p in &mut m.policies {
+        if let PolicyScope::WorkloadSelector { workload_uids } = &mut p.scope {
+            workload_uids.sort();
+            workload_uids.dedup();
+        }
+    }
+    m
+}
+
+fn any<M: ambient_proto::prost::Name>(name: &str, msg: &M) -> Result<Any, EncodeError> {
+    Any::from_msg(msg).map_err(|source| EncodeError::Encode {
+        name: name.to_string(),
+        source,
+    })
+}
+
+fn ip_bytes(ip: std::net::IpAddr) -> Vec<u8> {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
+    let services = mesh
+        .services
+        .iter()
+        .filter(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid))
+        .map(|s| {
+            let ports = s.ports.iter().map(|p| pb::Port {
+                service_port: p.port.into(),
+                target_port: p.target_port.into(),
+            });
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            (
+                key,
+                pb::PortList {
+                    ports: ports.collect(),
+                },
+            )
+        })
+        .collect();
+    let authorization_policies = mesh
+        .policies
+        .iter()
+        .filter(|p| match &p.scope {
+            PolicyScope::WorkloadSelector { workload_uids } => workload_uids.contains(&w.uid),
+            _ => false,
+        })
+        .map(Policy::key)
+        .collect();
+    pb::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.addresses.iter().map(|ip| ip_bytes(*ip)).collect(),
+        tunnel_protocol: match w.protocol {
+            TunnelProtocol::None => pb::TunnelProtocol::None,
+            TunnelProtocol::Hbone => pb::TunnelProtocol::Hbone,
+        } as i32,
+        trust_domain: w.trust_domain.clone(),
+        service_account: w.service_account.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway),
+        node: w.node.clone(),
+        status: if w.healthy {
+            pb::WorkloadStatus::Healthy
+        } else {
+            pb::WorkloadStatus::Unhealthy
+        } as i32,
+        services,
+        authorization_policies,
+        application_tunnel: match w.application_tunnel {
+            ApplicationTunnel::None => None,
+            ApplicationTunnel::Proxy => Some(pb::ApplicationTunnel {
+                protocol: pb::application_tunnel::Protocol::Proxy as i32,
+                port: 0,
+            }),
+        },
+        ..Default::default()
+    }
+}
+
+fn service(s: &Service) -> pb::Service {
+    pb::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        addresses: s
+            .vips
+            .iter()
+            .map(|ip| pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(*ip),
+            })
+            .collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                service_port: p.port.into(),
+                target_port: p.target_port.into(),
+            })
+            .collect(),
+        subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(gateway),
+        ..Default::default()
+    }
+}
+
+fn gateway(w: &Waypoint) -> pb::GatewayAddress {
+    use pb::gateway_address::Destination;
+    pb::GatewayAddress {
+        destination: Some(match &w.target {
+            WaypointTarget::Address(ip) => Destination::Address(pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(*ip),
+            }),
+            WaypointTarget::Service {
+                namespace,
+                hostname,
+            } => Destination::Hostname(pb::NamespacedHostname {
+                namespace: namespace.clone(),
+                hostname: hostname.clone(),
+            }),
+        }),
+        hbone_mtls_port: w.hbone_port.into(),
+    }
+}
+
+fn authorization(p: &Policy) -> Result<pb_sec::Authorization, EncodeError> {
+    if p.dry_run {
+        return Err(EncodeError::DryRun(p.key()));
+    }
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for r in &p.rules {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        for c in &r.clauses {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for m in &c.matches {
+                if !m.service_accounts.is_empty() || !m.not_service_accounts.is_empty() {
+                    return Err(EncodeError::ServiceAccounts(p.key()));
+                }
+                matches.push(match_entry(m));
+            }
+            clauses.push(pb_sec::Clause { matches });
+        }
+        rules.push(pb_sec::Rule { clauses });
+    }
+    Ok(pb_sec::Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: match p.scope {
+            PolicyScope::Global => pb_sec::Scope::Global,
+            PolicyScope::Namespace => pb_sec::Scope::Namespace,
+            PolicyScope::WorkloadSelector { .. } => pb_sec::Scope::WorkloadSelector,
+        } as i32,
+        action: match p.action {
+            PolicyAction::Allow => pb_sec::Action::Allow,
+            PolicyAction::Deny => pb_sec::Action::Deny,
+        } as i32,
+        rules,
+    })
+}
+
+fn match_entry(m: &Match) -> pb_sec::Match {
+    let strings = |v: &[StringMatch]| v.iter().map(string_match).collect();
+    let nets = |v: &[IpNet]| {
+        v.iter()
+            .map(|n| pb_sec::Address {
+                address: ip_bytes(n.addr()),
+                length: n.prefix_len().into(),
+            })
+            .collect()
+    };
+    let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    pb_sec::Match {
+        namespaces: strings(&m.namespaces),
+        not_namespaces: strings(&m.not_namespaces),
+        principals: strings(&m.principals),
+        not_principals: strings(&m.not_principals),
+        source_ips: nets(&m.source_ips),
+        not_source_ips: nets(&m.not_source_ips),
+        destination_ips: nets(&m.destination_ips),
+        not_destination_ips: nets(&m.not_destination_ips),
+        destination_ports: ports(&m.destination_ports),
+        not_destination_ports: ports(&m.not_destination_ports),
+    }
+}
+
+fn string_match(s: &StringMatch) -> pb_sec::StringMatch {
+    use pb_sec::string_match::MatchType;
+    pb_sec::StringMatch {
+        match_type: Some(match s {
+            StringMatch::Exact(v) => MatchType::Exact(v.clone()),
+            StringMatch::Prefix(v) => MatchType::Prefix(v.clone()),
+            StringMatch::Suffix(v) => MatchType::Suffix(v.clone()),
+            StringMatch::Presence => MatchType::Presence(()),
+        }),
+    }
+}
