@@ -25,6 +25,7 @@ use crate::proxy::record::ConnectionRecord;
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
 use crate::socket::Sockets;
 use crate::state::{State, TunnelProtocol, Workload};
+use crate::xds::delta::{XdsClient, XdsConfig};
 use crate::xds::local::{LocalConfigError, LocalSource};
 
 /// Why the agent could not start.
@@ -129,6 +130,10 @@ impl Agent {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        if cfg.mode == Mode::Istio {
+            let xds = XdsClient::new(xds_config(&cfg), state.clone());
+            tasks.push(tokio::spawn(xds.run(stopped(shutdown_rx.clone()))));
+        }
         if let (Mode::Local, Some(path)) = (cfg.mode, &cfg.mesh_file) {
             let mut source = LocalSource::new(path.clone(), state.clone(), cfg.mesh_poll_interval);
             source.load_initial()?;
@@ -243,6 +248,37 @@ impl Agent {
         let outbound = Outbound::new(self.ctx.clone(), source, Sockets::Host);
         tokio::spawn(async move { outbound.proxy(captured, peer, dst).await });
         Ok(app)
+    }
+}
+
+/// How the agent introduces itself to istiod.
+fn xds_config(cfg: &Config) -> XdsConfig {
+    let cp = &cfg.control_plane;
+    let ns = &cp.pod_namespace;
+    let metadata = [
+        ("NAMESPACE", ns.as_str()),
+        ("NODE_NAME", cfg.node.as_str()),
+        ("CLUSTER_ID", cp.cluster_id.as_str()),
+        ("NAME", cp.pod_name.as_str()),
+        ("INSTANCE_IPS", cp.pod_ip.as_str()),
+    ];
+    XdsConfig {
+        address: cp.xds_address.clone(),
+        root_cert: cp
+            .xds_address
+            .starts_with("https://")
+            .then(|| cp.root_cert.clone()),
+        server_name: cp.server_name.clone(),
+        token_path: Some(cp.token_path.clone()),
+        node_id: format!(
+            "ztunnel~{}~{}.{ns}~{ns}.svc.cluster.local",
+            cp.pod_ip, cp.pod_name
+        ),
+        node_metadata: metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..XdsConfig::default()
     }
 }
 

@@ -97,6 +97,12 @@ pub struct ControlPlaneConfig {
     pub cluster_id: String,
     /// The CNI's ZDS socket. Default: /var/run/ztunnel/ztunnel.sock.
     pub cni_socket: PathBuf,
+    /// The agent's own pod, as istiod knows it (its xDS node id).
+    /// Default: `$POD_NAME`, `$POD_NAMESPACE` (else istio-system),
+    /// `$INSTANCE_IP`, as the Istio charts set them.
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub pod_ip: String,
 }
 
 impl Default for ControlPlaneConfig {
@@ -109,6 +115,9 @@ impl Default for ControlPlaneConfig {
             token_path: "/var/run/secrets/tokens/istio-token".into(),
             cluster_id: "Kubernetes".into(),
             cni_socket: "/var/run/ztunnel/ztunnel.sock".into(),
+            pod_name: env_or("POD_NAME", "ambient-agent"),
+            pod_namespace: env_or("POD_NAMESPACE", "istio-system"),
+            pod_ip: env_or("INSTANCE_IP", ""),
         }
     }
 }
@@ -401,6 +410,13 @@ pub fn describe_yaml_error(e: &marked_yaml::FromYamlError) -> String {
             format!("{at}{field}{inner}")
         }
     }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn default_node_name() -> String {

