@@ -39,6 +39,13 @@ enum Command {
         #[arg(long)]
         loopback: bool,
     },
+    /// The demo's client application, run by the demo inside a pod.
+    #[command(hide = true)]
+    PodClient {
+        addr: std::net::SocketAddr,
+        len: usize,
+        seed: u8,
+    },
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
@@ -77,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 ambient_agent::demo::run_netns(bytes, capture).await
             }
+        }
+        Command::PodClient { addr, len, seed } => {
+            ambient_agent::demo::client::main(addr, len, seed)
         }
     }
 }

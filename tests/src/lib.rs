@@ -295,23 +295,11 @@ pub fn pod_workload(pod: &netns::Pod, node: &str, service_account: &str) -> Stri
     )
 }
 
-/// Bytes that must never be seen in the clear between nodes.
-pub const MARKER: &[u8] = b"PLAINTEXT-MARKER-0123456789";
+pub use ambient_agent::demo::client::{payload as payload_with_marker, MARKER};
 
-/// The test payload with [`MARKER`] planted every few KiB.
-pub fn payload_with_marker(len: usize, seed: u8) -> Vec<u8> {
-    let mut data = payload(len, seed);
-    for (i, chunk) in data.chunks_mut(4096).enumerate() {
-        if i % 3 == 0 && chunk.len() >= MARKER.len() {
-            chunk[..MARKER.len()].copy_from_slice(MARKER);
-        }
-    }
-    data
-}
-
-/// Runs the `pod-client` application (`exe`) inside `from` — its
-/// namespace and its cgroup, as a pod's process would be: it sends `len`
-/// bytes to `dst` and reads the echo. Returns (hash sent, hash received).
+/// Runs the `pod-client` application (`exe`) as a process of `from` (its
+/// namespace and cgroup): it sends `len` bytes to `dst` and reads the echo.
+/// Returns (hash sent, hash received).
 pub async fn run_pod_client(
     exe: &str,
     from: &netns::Pod,
@@ -319,46 +307,9 @@ pub async fn run_pod_client(
     len: usize,
     seed: u8,
 ) -> (String, String) {
-    use std::os::fd::AsRawFd;
-    use tokio::io::AsyncWriteExt;
-    let ns = std::fs::File::open(from.netns_path()).expect("open netns");
-    let fd = ns.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args([dst.to_string(), len.to_string(), seed.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: only setns, async-signal-safe, runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn pod-client");
-    let pid = child.id().expect("pid");
-    std::fs::write(from.cgroup.join("cgroup.procs"), pid.to_string()).expect("join the pod cgroup");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"go\n").await.expect("go");
-    drop(stdin);
-    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+    let x = from
+        .run_client(exe, false, dst, len, seed)
         .await
-        .expect("client in time")
-        .expect("client ran");
-    assert!(
-        out.status.success(),
-        "pod-client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |k: &str| {
-        text.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in {text:?}"))
-            .to_string()
-    };
-    (field("sent="), field("received="))
+        .expect("pod client");
+    (x.sent, x.received)
 }

@@ -6,6 +6,7 @@
 //! - [`loopback`] (no privilege): two agents on 127.x addresses with capture
 //!   stood in for.
 
+pub mod client;
 pub mod loopback;
 mod netns;
 pub mod topology;

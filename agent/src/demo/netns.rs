@@ -2,24 +2,19 @@
 //! (nft or eBPF), two agents, and the link between the nodes watched.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::client::MARKER;
 use super::topology::{Pod, Topology};
 use crate::agent::Agent;
 use crate::capture::CaptureMode;
 use crate::config::Config;
 use crate::identity::LocalCa;
 use crate::proxy::record::{ConnectionRecord, Direction};
-use crate::socket::ConnectOpts;
-
-/// Bytes the demo looks for on the wire: seen only if traffic is in the clear.
-const MARKER: &[u8] = b"hello from the client pod";
 
 pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let topo = Topology::new("demo").context("building the demo topology")?;
@@ -31,10 +26,11 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let mesh = dir.path().join("mesh.yaml");
     let entry = |p: &Pod, node: &str| {
         format!(
-            "  - uid: {n}\n    name: {n}\n    namespace: demo\n    serviceAccount: {n}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n",
+            "  - uid: {n}\n    name: {n}\n    namespace: demo\n    serviceAccount: {n}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
             n = p.name,
             ip = p.ip,
-            path = p.netns_path()
+            path = p.netns_path(),
+            cgroup = p.cgroup.display()
         )
     };
     let yaml = format!(
@@ -78,9 +74,14 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
         let mut records = b.connections();
         let wire = topo.sniff_wire(0)?;
         let started = Instant::now();
-        let echoed = round_trip(&client, dst, bytes)
+        // The client is a process of the pod, as an application would be.
+        let exe = std::env::current_exe().context("locating ambient-agent")?;
+        let x = client
+            .run_client(&exe.to_string_lossy(), true, dst, bytes, 1)
             .await
             .with_context(|| what.to_string())?;
+        anyhow::ensure!(x.intact(), "{what}: the echo differs from what was sent");
+        let echoed = x.bytes;
         let elapsed = started.elapsed();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let seen = wire.finish();
@@ -132,34 +133,6 @@ fn records_now(
         out.push((*r).clone());
     }
     out
-}
-
-/// From inside `from`, sends `bytes` (starting with the marker) to `dst`,
-/// half-closes and checks the echo.
-async fn round_trip(from: &Pod, dst: SocketAddr, bytes: usize) -> anyhow::Result<usize> {
-    let mut data: Vec<u8> = (0..bytes.max(MARKER.len()))
-        .map(|i| (i % 251) as u8)
-        .collect();
-    data[..MARKER.len()].copy_from_slice(MARKER);
-    let sockets = from.sockets();
-    let connect = sockets.connect(dst, ConnectOpts::default());
-    let mut s = tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .context("connect timed out")??;
-    let (mut rd, mut wr) = s.split();
-    let send = async {
-        wr.write_all(&data).await?;
-        wr.shutdown().await
-    };
-    let mut back = Vec::with_capacity(data.len());
-    let (sent, got) = tokio::join!(send, rd.read_to_end(&mut back));
-    sent.context("sending")?;
-    got.context("receiving")?;
-    anyhow::ensure!(
-        Sha256::digest(&back) == Sha256::digest(&data),
-        "echo differs"
-    );
-    Ok(back.len())
 }
 
 /// An echo server inside `pod`.

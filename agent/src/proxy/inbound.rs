@@ -10,7 +10,7 @@ use http::StatusCode;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::record::{ConnectionRecord, Direction};
 use super::{authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext};
@@ -46,7 +46,14 @@ impl Accept for Inbound {
             .instrument(span.clone())
             .await
         {
-            warn!(parent: &span, error = %e, "HBONE connection refused");
+            match e {
+                // The peer went away after the handshake (e.g. it stopped).
+                InboundError::H2(e) if e.is_io() => {
+                    debug!(parent: &span, error = %e, "HBONE connection closed")
+                }
+                InboundError::H2(e) => warn!(parent: &span, error = %e, "HBONE connection failed"),
+                e => warn!(parent: &span, error = %e, "HBONE connection refused"),
+            }
         }
     }
 }

@@ -1,0 +1,58 @@
+//! The README's main job, run as a user would: `ambient-agent demo`, for
+//! each capture backend and on loopback. Needs root for the namespace runs
+//! (it fails with the demo's own message otherwise).
+
+use std::process::Command;
+
+fn demo(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambient-agent"))
+        .arg("demo")
+        .args(args)
+        .output()
+        .expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "demo {args:?} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn check_namespace_demo(text: &str) {
+    let (mesh, outside) = text
+        .split_once("client -> outside")
+        .expect("both connections reported");
+    assert!(
+        mesh.contains(
+            "accepted it over HBONE from 10.1.1.2 proving spiffe://cluster.local/ns/demo/sa/client"
+        ),
+        "{text}"
+    );
+    assert!(
+        mesh.contains("port(s) {15008}, plaintext visible: no"),
+        "{text}"
+    );
+    assert!(
+        outside.contains("port(s) {9090}, plaintext visible: YES"),
+        "{text}"
+    );
+    assert!(text.contains("echoed back intact"), "{text}");
+}
+
+#[test]
+fn demo_with_nft_capture() {
+    check_namespace_demo(&demo(&["--capture", "nft", "--bytes", "65536"]));
+}
+
+#[test]
+fn demo_with_ebpf_capture() {
+    check_namespace_demo(&demo(&["--capture", "ebpf", "--bytes", "65536"]));
+}
+
+#[test]
+fn demo_on_loopback() {
+    let text = demo(&["--loopback", "--bytes", "65536"]);
+    assert_eq!(text.matches("intact (SHA-256 match)").count(), 3, "{text}");
+    assert!(text.contains("encrypted: mTLS+HTTP/2 CONNECT"), "{text}");
+}
