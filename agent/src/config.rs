@@ -2,7 +2,6 @@
 //! assembled in one place from the config file, then environment variables
 //! and flags (flags win; clap reads the environment for each flag).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -430,9 +429,6 @@ fn default_node_name() -> String {
         })
         .unwrap_or_else(|| "localhost".into())
 }
-
-/// The loopback address the agent's admin endpoints bind to.
-pub const ADMIN_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 #[cfg(test)]
 mod tests {

@@ -284,15 +284,9 @@ impl PodEcho {
     }
 }
 
-/// A mesh file entry for a pod served by the agent of `node`.
+/// A mesh file entry for a pod of namespace `test` served by the agent of `node`.
 pub fn pod_workload(pod: &netns::Pod, node: &str, service_account: &str) -> String {
-    format!(
-        "  - uid: {name}\n    name: {name}\n    namespace: test\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
-        name = pod.name,
-        ip = pod.ip,
-        path = pod.netns_path(),
-        cgroup = pod.cgroup.display()
-    )
+    pod.workload_yaml("test", node, service_account)
 }
 
 pub use ambient_agent::demo::client::{payload as payload_with_marker, MARKER};

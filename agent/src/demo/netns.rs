@@ -24,15 +24,7 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let mesh = dir.path().join("mesh.yaml");
-    let entry = |p: &Pod, node: &str| {
-        format!(
-            "  - uid: {n}\n    name: {n}\n    namespace: demo\n    serviceAccount: {n}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
-            n = p.name,
-            ip = p.ip,
-            path = p.netns_path(),
-            cgroup = p.cgroup.display()
-        )
-    };
+    let entry = |p: &Pod, node: &str| p.workload_yaml("demo", node, &p.name);
     let yaml = format!(
         "workloads:\n{}{}",
         entry(&client, "node-a"),

@@ -137,6 +137,18 @@ impl Pod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip), port)
     }
+
+    /// This pod as a workload entry of a local-mode mesh file, served by
+    /// the agent of `node`.
+    pub fn workload_yaml(&self, namespace: &str, node: &str, service_account: &str) -> String {
+        format!(
+            "  - uid: {name}\n    name: {name}\n    namespace: {namespace}\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
+            name = self.name,
+            ip = self.ip,
+            path = self.netns_path(),
+            cgroup = self.cgroup.display()
+        )
+    }
 }
 
 /// Two nodes joined by a wire, with pods hanging off them.
