@@ -164,6 +164,7 @@ impl Agent {
                 h2: cfg.h2(),
             }),
             shutdown: shutdown_rx,
+            tracker: Arc::default(),
             records: tokio::sync::broadcast::channel(1024).0,
         };
         let reconciler = Arc::new(Reconciler {
@@ -181,6 +182,7 @@ impl Agent {
         tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 r.run().await;
+                r.ctx.tracker.recheck(&r.ctx.state.snapshot());
             }
         }));
         if cfg.mode == Mode::Istio {

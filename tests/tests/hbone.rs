@@ -341,3 +341,46 @@ policies:
         assert_eq!(got, want, "{sa}");
     }
 }
+
+#[tokio::test]
+async fn a_policy_added_while_a_connection_is_open_closes_it() {
+    init_tracing();
+    let w = World::new(19);
+    let a = w.agent("node-a").await;
+    let b = w.agent("node-b").await;
+    let _echo = Echo::start(w.server_app()).await;
+    let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+    let mut buf = [0u8; 4];
+    c.write_all(b"ping").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping", "open and allowed");
+
+    let mut changes = b.state.subscribe();
+    w.write_mesh(
+        &(w.standard_mesh("server")
+            + r#"
+policies:
+  - name: deny-client
+    namespace: test
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#),
+    );
+    timeout(LIMIT, changes.changed()).await.unwrap().unwrap();
+    // The open connection is closed by the destination agent...
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    assert!(rest.is_empty());
+    // ...and a new one is refused.
+    let mut c2 = a.connect_as("client", w.server_app()).await.unwrap();
+    let _ = c2.write_all(b"ping").await;
+    let mut got = Vec::new();
+    let r = timeout(LIMIT, c2.read_to_end(&mut got))
+        .await
+        .expect("no hang");
+    assert!(r.is_err() || got.is_empty(), "denied: {got:?}");
+}

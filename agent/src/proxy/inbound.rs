@@ -128,6 +128,7 @@ impl Handler for Inbound {
             if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
+            let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
             let start = Instant::now();
             let upstream = match connect_app(&self.ctx, &self.sockets, req.target, src).await {
                 Ok(s) => s,
@@ -140,7 +141,13 @@ impl Handler for Inbound {
                 Ok(t) => t,
                 Err(e) => return warn!(error = %e, "client went away"),
             };
-            let result = hbone::copy_bidirectional(tunnel, upstream).await;
+            let result = tokio::select! {
+                r = hbone::copy_bidirectional(tunnel, upstream) => r,
+                _ = registration.revoked() => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "closed: policy changed",
+                )),
+            };
             let duration = start.elapsed();
             let elapsed_ms = duration.as_millis() as u64;
             // from_stream: bytes the client sent; to_stream: the app's answer.

@@ -49,12 +49,19 @@ impl Accept for InboundPassthrough {
         if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
             return;
         }
+        let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
         let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
             Ok(s) => s,
             Err(e) => return warn!(%peer, %dst, error = %e, "target unreachable"),
         };
         let start = std::time::Instant::now();
-        let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        let result = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => r,
+            _ = registration.revoked() => Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "closed: policy changed",
+            )),
+        };
         let (sent, received, error) = match result {
             Ok((up, down)) => (up, down, None),
             Err(e) => (0, 0, Some(e.to_string())),

@@ -9,6 +9,7 @@ mod inbound_passthrough;
 pub mod orig_dst;
 mod outbound;
 pub mod record;
+pub mod tracker;
 
 pub use inbound::Inbound;
 pub use inbound_passthrough::InboundPassthrough;
@@ -49,6 +50,8 @@ pub struct ProxyContext {
     pub settings: Arc<ProxySettings>,
     /// Flips to true when the agent drains.
     pub shutdown: watch::Receiver<bool>,
+    /// Open inbound connections, re-authorized when policy changes.
+    pub tracker: Arc<tracker::Tracker>,
     /// Where finished connections are reported.
     pub records: tokio::sync::broadcast::Sender<std::sync::Arc<record::ConnectionRecord>>,
 }
