@@ -384,3 +384,37 @@ policies:
         .expect("no hang");
     assert!(r.is_err() || got.is_empty(), "denied: {got:?}");
 }
+
+#[tokio::test]
+async fn a_client_from_another_trust_domain_is_refused() {
+    init_tracing();
+    let w = World::new(20);
+    let _b = w.agent("node-b").await;
+    let _echo = Echo::start(w.server_app()).await;
+    // Same root, other trust domain: the chain verifies, the identity does not belong.
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let server_id = Identity::new("cluster.local", "test", "server");
+    for (td, ok) in [("cluster.local", true), ("elsewhere.example", false)] {
+        let cert = certs
+            .fetch(&Identity::new(td, "test", "client"))
+            .await
+            .unwrap();
+        let result = timeout(LIMIT, async {
+            let mut send = raw_hbone_client(
+                w.server_hbone(),
+                &cert,
+                &w.ca.trust_bundle(),
+                server_id.clone(),
+            )
+            .await?;
+            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()).await
+        })
+        .await
+        .expect("no hang");
+        match (ok, result) {
+            (true, Ok(s)) => assert_eq!(s, StatusCode::OK),
+            (false, Err(_)) => {}
+            (ok, r) => panic!("{td}: expected ok={ok}, got {r:?}"),
+        }
+    }
+}

@@ -98,6 +98,10 @@ impl Inbound {
             return Err(tls::TlsError::NoH2.into());
         }
         let peer_identity = tls::peer_identity(conn.peer_certificates())?;
+        // One root may sign several trust domains; only our own is the mesh.
+        if peer_identity.trust_domain != self.workload.trust_domain {
+            return Err(InboundError::ForeignTrustDomain(peer_identity));
+        }
         let info = ConnectionInfo {
             peer_identity,
             peer_addr: peer,
@@ -179,6 +183,8 @@ impl Handler for Inbound {
 
 #[derive(Debug, thiserror::Error)]
 enum InboundError {
+    #[error("peer {0} is not in this mesh's trust domain")]
+    ForeignTrustDomain(crate::identity::Identity),
     #[error("certificate: {0}")]
     Certificate(#[from] crate::identity::CaError),
     #[error(transparent)]
