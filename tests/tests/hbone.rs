@@ -418,3 +418,47 @@ async fn a_client_from_another_trust_domain_is_refused() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_direct_attempt_that_bypasses_the_waypoint_is_denied() {
+    init_tracing();
+    let w = World::new(30);
+    let n = w.net;
+    let mesh = format!(
+        r#"
+workloads:
+  - {{uid: server, name: server, namespace: test, serviceAccount: server, addresses: [127.{n}.2.1], node: node-b, waypoint: {{address: 127.{n}.9.1}}}}
+  - {{uid: waypoint, name: waypoint, namespace: test, serviceAccount: waypoint, addresses: [127.{n}.9.1], node: node-w, applicationTunnel: PROXY}}
+"#
+    );
+    w.write_mesh(&mesh);
+    let _b = w.agent("node-b").await;
+    let _echo = Echo::start(w.server_app()).await;
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let server_id = Identity::new("cluster.local", "test", "server");
+    for (sa, want) in [
+        ("client", StatusCode::UNAUTHORIZED),
+        ("waypoint", StatusCode::OK),
+    ] {
+        let cert = certs
+            .fetch(&Identity::new("cluster.local", "test", sa))
+            .await
+            .unwrap();
+        let mut send = raw_hbone_client(
+            w.server_hbone(),
+            &cert,
+            &w.ca.trust_bundle(),
+            server_id.clone(),
+        )
+        .await
+        .unwrap();
+        let got = timeout(
+            LIMIT,
+            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()),
+        )
+        .await
+        .expect("no hang")
+        .unwrap();
+        assert_eq!(got, want, "{sa}");
+    }
+}

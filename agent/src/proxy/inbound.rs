@@ -18,8 +18,8 @@ use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Respon
 use crate::hbone::{self, tls};
 use crate::identity::WorkloadCert;
 use crate::socket::Sockets;
-use crate::state::authz;
 use crate::state::Workload;
+use crate::state::{authz, ApplicationTunnel};
 
 /// The HBONE server of one local workload.
 pub struct Inbound {
@@ -119,10 +119,23 @@ impl Handler for Inbound {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
         let span = tracing::info_span!("connect", %src, src_id = %req.peer_identity, dst = %req.target, dst_id = %self.workload.identity());
         async move {
-            // The tunnel may only reach the workload it was sent to.
-            if !self.workload.addresses.contains(&req.target.ip()) {
+            // The tunnel may only reach the workload it was sent to, unless
+            // that workload is a waypoint: it serves other targets.
+            let waypoint = self.workload.application_tunnel == ApplicationTunnel::Proxy;
+            if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
                 warn!("target is not an address of this workload; 400");
                 return responder.refuse(StatusCode::BAD_REQUEST);
+            }
+            // Behind a waypoint, only the waypoint may come in.
+            let required = self
+                .ctx
+                .state
+                .snapshot()
+                .waypoint_identities(&self.workload);
+            if !required.is_empty() && !required.contains(&req.peer_identity) {
+                warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                    "direct connection to a workload behind a waypoint; 401");
+                return responder.refuse(StatusCode::UNAUTHORIZED);
             }
             let conn = authz::Connection {
                 src_ip: src,

@@ -41,6 +41,15 @@ impl Accept for InboundPassthrough {
         if own || !self.workload.addresses.contains(&dst.ip()) {
             return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
         }
+        if !self
+            .ctx
+            .state
+            .snapshot()
+            .waypoint_identities(&self.workload)
+            .is_empty()
+        {
+            return warn!(%peer, %dst, "plaintext connection to a workload behind a waypoint; closing");
+        }
         let conn = authz::Connection {
             src_ip: peer.ip(),
             src_identity: None,

@@ -50,11 +50,11 @@ impl Outbound {
 
     /// Carries `stream` (from `peer`, originally for `dst`) to `dst`.
     pub async fn proxy(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let route = self
-            .ctx
-            .state
-            .snapshot()
-            .route(dst, self.ctx.settings.hbone_port);
+        let route = self.ctx.state.snapshot().route_from(
+            Some(&self.source),
+            dst,
+            self.ctx.settings.hbone_port,
+        );
         let src_identity = self.source.identity();
         let span = tracing::info_span!("outbound", src = %peer, %dst, src_id = %src_identity);
         async move {

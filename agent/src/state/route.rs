@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 
-use super::{Service, Snapshot, TunnelProtocol, Workload};
+use super::{Service, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload};
 use crate::identity::Identity;
 
 /// What the original destination address names.
@@ -53,15 +53,26 @@ impl Snapshot {
     }
 
     /// Chooses how to carry a connection to `dst`, tunneling to the peer's
-    /// agent on `hbone_port`.
+    /// agent on `hbone_port`, for a source outside the mesh's waypoints.
     pub fn route(&self, dst: SocketAddr, hbone_port: u16) -> Route {
-        match self.destination(dst) {
-            Destination::Unknown => Route::Passthrough {
-                target: dst,
-                workload: None,
-                service: None,
-            },
-            Destination::Workload(w) => workload_route(w, dst.port(), None, hbone_port),
+        self.route_from(None, dst, hbone_port)
+    }
+
+    /// Chooses how to carry a connection from `source` to `dst` (DESIGN §5):
+    /// a service's waypoint first, then the chosen workload's waypoint, else
+    /// straight to the workload's agent, or plain TCP outside the mesh. A
+    /// waypoint's own traffic is never sent back to it.
+    pub fn route_from(&self, source: Option<&Workload>, dst: SocketAddr, hbone_port: u16) -> Route {
+        let via = |wp: &Waypoint| source.is_none_or(|src| !self.is_waypoint(src, wp));
+        let (w, port, service) = match self.destination(dst) {
+            Destination::Unknown => {
+                return Route::Passthrough {
+                    target: dst,
+                    workload: None,
+                    service: None,
+                }
+            }
+            Destination::Workload(w) => (w, dst.port(), None),
             Destination::Service(s) => {
                 let Some(target_port) = s.target_port(dst.port()) else {
                     return Route::Unreachable(format!(
@@ -71,14 +82,115 @@ impl Snapshot {
                         dst.port()
                     ));
                 };
+                if let Some(wp) = s.waypoint.clone().filter(|wp| via(wp)) {
+                    // The waypoint picks the endpoint; it is asked for the VIP.
+                    return self.waypoint_route(&wp, dst, Some(s), dst.ip().is_ipv4());
+                }
                 match self.choose_endpoint(&s, dst.ip().is_ipv4()) {
-                    Some(w) => workload_route(w, target_port, Some(s), hbone_port),
-                    None => Route::Unreachable(format!(
-                        "service {}/{} has no healthy endpoint",
-                        s.namespace, s.hostname
-                    )),
+                    Some(w) => (w, target_port, Some(s)),
+                    None => {
+                        return Route::Unreachable(format!(
+                            "service {}/{} has no healthy endpoint",
+                            s.namespace, s.hostname
+                        ))
+                    }
                 }
             }
+        };
+        if let Some(wp) = w.waypoint.clone().filter(|wp| via(wp)) {
+            if let Some(ip) = pick_address(&w, dst.ip().is_ipv4()) {
+                return self.waypoint_route(
+                    &wp,
+                    SocketAddr::new(ip, port),
+                    service,
+                    dst.ip().is_ipv4(),
+                );
+            }
+        }
+        workload_route(w, port, service, hbone_port)
+    }
+
+    /// A tunnel to waypoint `wp` asking it for `target`.
+    fn waypoint_route(
+        &self,
+        wp: &Waypoint,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+        want_v4: bool,
+    ) -> Route {
+        let waypoint = match &wp.target {
+            WaypointTarget::Address(ip) => self.workload_by_ip(*ip).cloned(),
+            WaypointTarget::Service {
+                namespace,
+                hostname,
+            } => self
+                .service_by_host(namespace, hostname)
+                .and_then(|s| self.choose_endpoint(s, want_v4)),
+        };
+        let Some(waypoint) = waypoint else {
+            return Route::Unreachable(format!("waypoint {:?} has no healthy workload", wp.target));
+        };
+        let Some(ip) = pick_address(&waypoint, want_v4) else {
+            return Route::Unreachable(format!("waypoint {} has no address", waypoint.uid));
+        };
+        Route::Hbone {
+            gateway: SocketAddr::new(ip, wp.hbone_port),
+            target,
+            identities: vec![waypoint.identity()],
+            workload: waypoint,
+            service,
+        }
+    }
+
+    /// Whether `w` is (one of the workloads of) waypoint `wp`.
+    pub fn is_waypoint(&self, w: &Workload, wp: &Waypoint) -> bool {
+        match &wp.target {
+            WaypointTarget::Address(ip) => w.addresses.contains(ip),
+            WaypointTarget::Service {
+                namespace,
+                hostname,
+            } => self
+                .service_by_host(namespace, hostname)
+                .is_some_and(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid)),
+        }
+    }
+
+    /// The identities of the waypoints `w` must be reached through (its
+    /// own and those of the services it backs); empty when none.
+    pub fn waypoint_identities(&self, w: &Workload) -> Vec<Identity> {
+        let services = self
+            .mesh()
+            .services
+            .iter()
+            .filter(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid))
+            .filter_map(|s| s.waypoint.as_ref());
+        let mut ids: Vec<Identity> = w
+            .waypoint
+            .iter()
+            .chain(services)
+            .flat_map(|wp| self.waypoint_workloads(wp))
+            .map(|wl| wl.identity())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    fn waypoint_workloads(&self, wp: &Waypoint) -> Vec<Arc<Workload>> {
+        match &wp.target {
+            WaypointTarget::Address(ip) => self.workload_by_ip(*ip).cloned().into_iter().collect(),
+            WaypointTarget::Service {
+                namespace,
+                hostname,
+            } => self
+                .service_by_host(namespace, hostname)
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .filter_map(|e| self.workload_by_uid(&e.workload_uid).cloned())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -261,6 +373,171 @@ mod tests {
         assert!(matches!(
             snap.route(sa("10.96.0.2:80"), 15008),
             Route::Unreachable(_)
+        ));
+    }
+}
+
+#[cfg(test)]
+mod waypoint_tests {
+    use super::*;
+    use crate::state::{ApplicationTunnel, Endpoint, Mesh, ServicePort};
+
+    fn wl(uid: &str, ip: &str, waypoint: Option<Waypoint>) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            service_account: uid.into(),
+            trust_domain: "td".into(),
+            addresses: vec![ip.parse().unwrap()],
+            node: "n".into(),
+            netns: None,
+            cgroup: None,
+            protocol: TunnelProtocol::Hbone,
+            application_tunnel: if uid.starts_with("wp") {
+                ApplicationTunnel::Proxy
+            } else {
+                ApplicationTunnel::None
+            },
+            waypoint,
+            healthy: true,
+        }
+    }
+
+    fn svc(name: &str, vip: &str, endpoints: &[&str], waypoint: Option<Waypoint>) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            hostname: format!("{name}.ns"),
+            vips: vec![vip.parse().unwrap()],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    workload_uid: (*e).into(),
+                })
+                .collect(),
+            subject_alt_names: vec![],
+            waypoint,
+        }
+    }
+
+    /// `web` (service with a waypoint service `wp`), `db` (workload with a
+    /// waypoint at an address), `plain`, and the waypoints themselves.
+    fn snapshot() -> Snapshot {
+        let by_service = Waypoint {
+            target: WaypointTarget::Service {
+                namespace: "ns".into(),
+                hostname: "wp.ns".into(),
+            },
+            hbone_port: 15008,
+        };
+        let by_address = Waypoint {
+            target: WaypointTarget::Address("10.0.9.2".parse().unwrap()),
+            hbone_port: 15008,
+        };
+        Snapshot::new(Mesh {
+            workloads: vec![
+                wl("client", "10.0.0.1", None),
+                wl("web", "10.0.0.2", None),
+                wl("db", "10.0.0.3", Some(by_address)),
+                wl("plain", "10.0.0.4", None),
+                wl("wp1", "10.0.9.1", None),
+                wl("wp2", "10.0.9.2", None),
+            ],
+            services: vec![
+                svc("web", "10.96.0.1", &["web"], Some(by_service)),
+                svc("wp", "10.96.0.9", &["wp1"], None),
+            ],
+            policies: vec![],
+        })
+    }
+
+    #[test]
+    fn waypoint_routes() {
+        let snap = snapshot();
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let w = |uid: &str| snap.workload_by_uid(uid).unwrap().clone();
+        // (source, destination, expected gateway, expected :authority, expected identity)
+        let cases = [
+            (
+                "client",
+                "10.96.0.1:80",
+                "10.0.9.1:15008",
+                "10.96.0.1:80",
+                "wp1",
+            ),
+            (
+                "client",
+                "10.0.0.3:5432",
+                "10.0.9.2:15008",
+                "10.0.0.3:5432",
+                "wp2",
+            ),
+            (
+                "client",
+                "10.0.0.4:80",
+                "10.0.0.4:15008",
+                "10.0.0.4:80",
+                "plain",
+            ),
+            // The waypoint itself goes straight to the endpoint: no loop.
+            (
+                "wp1",
+                "10.96.0.1:80",
+                "10.0.0.2:15008",
+                "10.0.0.2:8080",
+                "web",
+            ),
+            (
+                "wp2",
+                "10.0.0.3:5432",
+                "10.0.0.3:15008",
+                "10.0.0.3:5432",
+                "db",
+            ),
+        ];
+        for (src, dst, gw, authority, peer) in cases {
+            let src_w = w(src);
+            match snap.route_from(Some(&src_w), sa(dst), 15008) {
+                Route::Hbone {
+                    gateway,
+                    target,
+                    identities,
+                    ..
+                } => {
+                    assert_eq!(gateway, sa(gw), "{src} -> {dst}");
+                    assert_eq!(target, sa(authority), "{src} -> {dst}");
+                    assert_eq!(identities, vec![w(peer).identity()], "{src} -> {dst}");
+                }
+                r => panic!("{src} -> {dst}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_waypoint_may_reach_what_is_behind_it() {
+        let snap = snapshot();
+        let w = |uid: &str| snap.workload_by_uid(uid).unwrap().clone();
+        assert_eq!(
+            snap.waypoint_identities(&w("web")),
+            vec![w("wp1").identity()]
+        );
+        assert_eq!(
+            snap.waypoint_identities(&w("db")),
+            vec![w("wp2").identity()]
+        );
+        assert!(snap.waypoint_identities(&w("plain")).is_empty());
+        assert!(snap.is_waypoint(
+            &w("wp1"),
+            snap.service_by_vip("10.96.0.1".parse().unwrap())
+                .unwrap()
+                .waypoint
+                .as_ref()
+                .unwrap()
         ));
     }
 }
