@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -67,6 +68,7 @@ pub struct Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
+        self.ctx.active.terminate();
         for t in &self.tasks {
             t.abort();
         }
@@ -164,6 +166,7 @@ impl Agent {
                 h2: cfg.h2(),
             }),
             shutdown: shutdown_rx,
+            active: Arc::default(),
             tracker: Arc::default(),
             records: tokio::sync::broadcast::channel(1024).0,
         };
@@ -208,6 +211,33 @@ impl Agent {
         };
         info!(node = %agent.cfg.node, "agent started");
         Ok(agent)
+    }
+
+    /// Drains, then stops: closes every listener (new connections are
+    /// refused), sends GOAWAY to HBONE peers, lets connections in flight
+    /// finish for at most `deadline`, then removes capture and exits.
+    /// Returns how many connections were cut at the deadline.
+    pub async fn drain(self, deadline: Duration) -> usize {
+        info!(?deadline, "draining");
+        let _ = self.shutdown.send(true);
+        for l in lock(&self.reconciler.proxies).values() {
+            l.proxy.stop_accepting();
+        }
+        let active = self.ctx.active.clone();
+        let cut = match tokio::time::timeout(deadline, active.idle()).await {
+            Ok(()) => 0,
+            Err(_) => active.count(),
+        };
+        if cut > 0 {
+            warn!(
+                connections = cut,
+                "drain deadline reached; closing what is left"
+            );
+        } else {
+            info!("drained");
+        }
+        drop(self);
+        cut
     }
 
     /// A stream of records of finished connections (see [`ConnectionRecord`]).

@@ -45,6 +45,10 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub log: LogConfig,
+    /// On SIGTERM, how long connections in flight may take to finish before
+    /// they are cut. Default: 25s (under Kubernetes' 30s grace period).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// The local certificate authority (local mode).
@@ -187,6 +191,7 @@ impl Default for Config {
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
+            drain_timeout: Duration::from_secs(25),
         }
     }
 }

@@ -69,8 +69,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("starting the agent")?;
             wait_for_signal().await?;
-            tracing::info!("shutting down");
-            drop(agent);
+            let deadline = agent.config().drain_timeout;
+            agent.drain(deadline).await;
             Ok(())
         }
         Command::Demo {

@@ -50,6 +50,8 @@ pub struct ProxyContext {
     pub settings: Arc<ProxySettings>,
     /// Flips to true when the agent drains.
     pub shutdown: watch::Receiver<bool>,
+    /// Connections being served (for draining).
+    pub active: Arc<Active>,
     /// Open inbound connections, re-authorized when policy changes.
     pub tracker: Arc<tracker::Tracker>,
     /// Where finished connections are reported.
@@ -78,6 +80,13 @@ pub struct WorkloadProxy {
 
 impl Drop for WorkloadProxy {
     fn drop(&mut self) {
+        self.stop_accepting();
+    }
+}
+
+impl WorkloadProxy {
+    /// Closes the listeners; connections already accepted carry on.
+    pub fn stop_accepting(&self) {
         for t in &self.tasks {
             t.abort();
         }
@@ -136,9 +145,16 @@ impl WorkloadProxy {
             sockets,
         ));
         let tasks = vec![
-            tokio::spawn(accept_loop(outbound, ob, "outbound").instrument(span.clone())),
-            tokio::spawn(accept_loop(hbone, ib, "hbone").instrument(span.clone())),
-            tokio::spawn(accept_loop(inbound_plain, ip, "inbound_plaintext").instrument(span)),
+            tokio::spawn(
+                accept_loop(outbound, ob, ctx.active.clone(), "outbound").instrument(span.clone()),
+            ),
+            tokio::spawn(
+                accept_loop(hbone, ib, ctx.active.clone(), "hbone").instrument(span.clone()),
+            ),
+            tokio::spawn(
+                accept_loop(inbound_plain, ip, ctx.active.clone(), "inbound_plaintext")
+                    .instrument(span),
+            ),
         ];
         Ok(WorkloadProxy { addrs, tasks })
     }
@@ -198,12 +214,92 @@ pub trait Accept: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = ()> + Send;
 }
 
-async fn accept_loop<A: Accept>(listener: TcpListener, handler: Arc<A>, name: &'static str) {
+/// Connections being served, so a drain knows when the last one is done,
+/// and the agent can cut those left when it stops.
+#[derive(Debug)]
+pub struct Active {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+    terminate: watch::Sender<bool>,
+}
+
+impl Default for Active {
+    fn default() -> Self {
+        Active {
+            count: Default::default(),
+            idle: Default::default(),
+            terminate: watch::Sender::new(false),
+        }
+    }
+}
+
+/// Counts one connection while it lives.
+struct ActiveGuard(Arc<Active>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Active {
+    fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Closes every connection still being served.
+    pub fn terminate(&self) {
+        self.terminate.send_replace(true);
+    }
+
+    /// Resolves once no connection is being served.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn accept_loop<A: Accept>(
+    listener: TcpListener,
+    handler: Arc<A>,
+    active: Arc<Active>,
+    name: &'static str,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handler.clone().serve(stream, peer).in_current_span());
+                let guard = active.enter();
+                let serve = handler.clone().serve(stream, peer);
+                let mut terminated = active.terminate.subscribe();
+                tokio::spawn(
+                    async move {
+                        // Dropping `serve` closes its sockets.
+                        tokio::select! {
+                            _ = serve => {}
+                            _ = terminated.wait_for(|t| *t) => {}
+                        }
+                        drop(guard);
+                    }
+                    .in_current_span(),
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
