@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::admin::{AdminConfig, AdminServer, MeshReady, Readiness, Sources};
 use crate::capture::netns::Netns;
 use crate::capture::nft::NftCapture;
 use crate::capture::zds::{WorkloadInfo, ZdsClient, ZdsEvent};
@@ -63,6 +64,7 @@ pub struct Agent {
     reconciler: Arc<Reconciler>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    admin: AdminServer,
 }
 
 impl Drop for Agent {
@@ -132,8 +134,10 @@ impl Agent {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let mut mesh_ready = MeshReady::Loaded;
         if cfg.mode == Mode::Istio {
             let xds = XdsClient::new(xds_config(&cfg), state.clone());
+            mesh_ready = MeshReady::Xds(xds.status());
             tasks.push(tokio::spawn(xds.run(stopped(shutdown_rx.clone()))));
         }
         if let (Mode::Local, Some(path)) = (cfg.mode, &cfg.mesh_file) {
@@ -178,9 +182,31 @@ impl Agent {
             cni: Mutex::default(),
             running: tokio::sync::Mutex::new(()),
         });
+        let readiness = Readiness::new(mesh_ready);
+        let proxies = reconciler.proxies.clone();
+        let admin = AdminServer::start(
+            AdminConfig::from_config(&cfg),
+            Sources {
+                node: cfg.node.clone(),
+                state: state.clone(),
+                certs: certs.clone(),
+                pool: pool.clone(),
+                records: ctx.records.subscribe(),
+                served: Arc::new(move || {
+                    lock(&proxies)
+                        .values()
+                        .map(|l| l.workload.clone())
+                        .collect()
+                }),
+                readiness: readiness.clone(),
+                shutdown: shutdown.clone(),
+            },
+        )
+        .await;
         // Listeners are up before start returns; later changes follow.
         let mut changes = state.subscribe();
         reconciler.run().await;
+        readiness.listeners_started();
         let r = reconciler.clone();
         tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
@@ -208,6 +234,7 @@ impl Agent {
             reconciler,
             shutdown,
             tasks,
+            admin,
         };
         info!(node = %agent.cfg.node, "agent started");
         Ok(agent)
@@ -243,6 +270,16 @@ impl Agent {
     /// A stream of records of finished connections (see [`ConnectionRecord`]).
     pub fn connections(&self) -> tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>> {
         self.ctx.records.subscribe()
+    }
+
+    /// The admin, metrics and readiness endpoints.
+    pub fn admin(&self) -> &AdminServer {
+        &self.admin
+    }
+
+    /// Resolves once the agent is told to stop (`POST /quitquitquit`).
+    pub async fn stopped(&self) {
+        let _ = self.shutdown.subscribe().wait_for(|s| *s).await;
     }
 
     pub fn config(&self) -> &Config {

@@ -2,6 +2,7 @@
 //! assembled in one place from the config file, then environment variables
 //! and flags (flags win; clap reads the environment for each flag).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +50,19 @@ pub struct Config {
     /// they are cut. Default: 25s (under Kubernetes' 30s grace period).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Admin endpoint (`/config_dump`, `/logging`, `/quitquitquit`); 0
+    /// disables it. Default: 15000.
+    pub admin_port: u16,
+    /// Address the admin endpoint binds. Default: 127.0.0.1 (local only).
+    pub admin_address: IpAddr,
+    /// Prometheus endpoint (`/metrics`); 0 disables it. Default: 15020.
+    pub metrics_port: u16,
+    /// Address the metrics endpoint binds. Default: 0.0.0.0.
+    pub metrics_address: IpAddr,
+    /// Readiness endpoint (`/healthz/ready`); 0 disables it. Default: 15021.
+    pub readiness_port: u16,
+    /// Address the readiness endpoint binds. Default: 0.0.0.0.
+    pub readiness_address: IpAddr,
 }
 
 /// The local certificate authority (local mode).
@@ -192,6 +206,12 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
             drain_timeout: Duration::from_secs(25),
+            admin_port: 15000,
+            admin_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            metrics_port: 15020,
+            metrics_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            readiness_port: 15021,
+            readiness_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         }
     }
 }

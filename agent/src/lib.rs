@@ -3,6 +3,7 @@
 //! L4 policy. See `DESIGN.md` for the architecture; data flows
 //! capture -> proxy -> (state, identity) -> hbone -> socket.
 
+pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod config;

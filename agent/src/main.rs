@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
+use ambient_agent::admin::LogHandle;
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::config::{Config, LogFormat, Overrides};
 
@@ -48,14 +48,9 @@ enum Command {
     },
 }
 
-fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(level).with_context(|| format!("bad log filter {level:?}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+/// Installs the logger; the handle changes its filter at run time.
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogHandle> {
+    LogHandle::init(level, format).context("setting up logging")
 }
 
 #[tokio::main]
@@ -64,11 +59,16 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(overrides) => {
             let cfg = Config::load(&overrides).context("loading configuration")?;
-            init_logging(&cfg.log.level, cfg.log.format)?;
+            let log = init_logging(&cfg.log.level, cfg.log.format)?;
             let agent = ambient_agent::agent::Agent::start(cfg)
                 .await
                 .context("starting the agent")?;
-            wait_for_signal().await?;
+            agent.admin().set_log_handle(log);
+            // SIGTERM, ctrl-c or POST /quitquitquit.
+            tokio::select! {
+                r = wait_for_signal() => r?,
+                () = agent.stopped() => {}
+            }
             let deadline = agent.config().drain_timeout;
             agent.drain(deadline).await;
             Ok(())

@@ -106,6 +106,11 @@ services:
             mesh_poll_interval: std::time::Duration::from_millis(100),
             socket_mark: 0,
             connect_timeout: std::time::Duration::from_secs(3),
+            // Several agents share a process: no fixed admin ports unless a
+            // test asks for them.
+            admin_port: 0,
+            metrics_port: 0,
+            readiness_port: 0,
             ..Config::default()
         }
     }

@@ -87,6 +87,9 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
                 cni_socket: socket,
                 ..ControlPlaneConfig::default()
             },
+            admin_port: 0,
+            metrics_port: 0,
+            readiness_port: 0,
             ..Config::default()
         };
         agents.push(Agent::start(cfg).await.expect("agent starts in Istio mode"));

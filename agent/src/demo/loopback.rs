@@ -53,6 +53,10 @@ pub async fn run(bytes: usize) -> anyhow::Result<()> {
         node: node.into(),
         mesh_file: Some(mesh.clone()),
         socket_mark: 0,
+        // Two agents in one process: no admin endpoints.
+        admin_port: 0,
+        metrics_port: 0,
+        readiness_port: 0,
         ..Config::default()
     };
     let a = Agent::start_with_signer(agent_cfg("node-a"), ca.clone(), ca.trust_bundle()).await?;

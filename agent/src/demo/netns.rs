@@ -37,6 +37,10 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
         node: node.into(),
         mesh_file: Some(mesh.clone()),
         capture,
+        // Two agents in one process: no admin endpoints.
+        admin_port: 0,
+        metrics_port: 0,
+        readiness_port: 0,
         ..Config::default()
     };
     let a = Agent::start_with_signer(cfg("node-a"), ca.clone(), ca.trust_bundle()).await?;

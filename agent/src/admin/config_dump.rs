@@ -1,0 +1,98 @@
+//! The admin `GET /config_dump` document: what the agent knows and holds —
+//! workloads, services, policies, certificates, pool and served workloads —
+//! as JSON, for people and scripts debugging a node.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use crate::hbone::pool::PoolStats;
+use crate::identity::WorkloadCert;
+use crate::state::{PolicyScope, Snapshot, Waypoint, WaypointTarget, Workload};
+
+use super::metrics::epoch_seconds;
+
+/// Everything the dump shows.
+pub struct DumpInput<'a> {
+    pub node: &'a str,
+    pub snapshot: &'a Snapshot,
+    pub certificates: &'a [Arc<WorkloadCert>],
+    pub pool: PoolStats,
+    pub served: &'a [Arc<Workload>],
+    pub now: SystemTime,
+}
+
+/// Builds the config dump.
+pub fn dump(input: &DumpInput<'_>) -> Value {
+    let mesh = input.snapshot.mesh();
+    let mut served: Vec<&str> = input.served.iter().map(|w| w.uid.as_str()).collect();
+    served.sort_unstable();
+    json!({
+        "node": input.node,
+        "workloads": mesh.workloads.iter().map(workload).collect::<Vec<_>>(),
+        "services": mesh.services.iter().map(|s| json!({
+            "name": s.name,
+            "namespace": s.namespace,
+            "hostname": s.hostname,
+            "vips": s.vips,
+            "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
+            "endpoints": s.endpoints.iter().map(|e| e.workload_uid.as_str()).collect::<Vec<_>>(),
+            "subjectAltNames": s.subject_alt_names,
+            "waypoint": s.waypoint.as_ref().map(waypoint),
+        })).collect::<Vec<_>>(),
+        "policies": mesh.policies.iter().map(|p| json!({
+            "name": p.name,
+            "namespace": p.namespace,
+            "scope": match &p.scope {
+                PolicyScope::Global => json!("global"),
+                PolicyScope::Namespace => json!("namespace"),
+                PolicyScope::WorkloadSelector { workload_uids } => json!({"workloads": workload_uids}),
+            },
+            "action": format!("{:?}", p.action).to_lowercase(),
+            "dryRun": p.dry_run,
+            "rules": p.rules.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "certificates": input.certificates.iter().map(|c| json!({
+            "identity": c.identity.to_string(),
+            "notBefore": epoch_seconds(c.not_before),
+            "notAfter": epoch_seconds(c.not_after),
+            "expiresInSeconds": c.not_after.duration_since(input.now).map_or(0, |d| d.as_secs()),
+            "valid": c.is_valid_at(input.now),
+            "chainLength": c.chain.len(),
+        })).collect::<Vec<_>>(),
+        "pool": {
+            "connectionsOpened": input.pool.connections_opened,
+            "connectionsOpen": input.pool.connections_open,
+            "streamsActive": input.pool.streams_active,
+        },
+        "enrolledWorkloads": served,
+    })
+}
+
+fn workload(w: &Workload) -> Value {
+    json!({
+        "uid": w.uid,
+        "name": w.name,
+        "namespace": w.namespace,
+        "serviceAccount": w.service_account,
+        "identity": w.identity().to_string(),
+        "addresses": w.addresses,
+        "node": w.node,
+        "protocol": format!("{:?}", w.protocol).to_lowercase(),
+        "applicationTunnel": format!("{:?}", w.application_tunnel).to_lowercase(),
+        "waypoint": w.waypoint.as_ref().map(waypoint),
+        "healthy": w.healthy,
+    })
+}
+
+fn waypoint(w: &Waypoint) -> Value {
+    let target = match &w.target {
+        WaypointTarget::Address(ip) => ip.to_string(),
+        WaypointTarget::Service {
+            namespace,
+            hostname,
+        } => format!("{namespace}/{hostname}"),
+    };
+    json!({"target": target, "hbonePort": w.hbone_port})
+}

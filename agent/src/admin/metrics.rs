@@ -1,0 +1,347 @@
+//! Prometheus metrics (`GET /metrics`): Istio's standard TCP metrics from
+//! the proxies' [`ConnectionRecord`]s, plus the agent's own gauges (pool,
+//! certificates, enrolled workloads), in the OpenMetrics text format.
+//!
+//! Byte counters follow Istio's meaning: `istio_tcp_received_bytes_total`
+//! counts request bytes (client towards server, the record's `sent`) and
+//! `istio_tcp_sent_bytes_total` response bytes (the record's `received`).
+//! Proxies report a connection when it ends, so `opened` is counted when its
+//! record arrives, together with `closed`.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::hbone::pool::PoolStats;
+use crate::identity::{Identity, WorkloadCert};
+use crate::proxy::record::{ConnectionRecord, Direction};
+use crate::state::Snapshot;
+
+/// The labels of Istio's TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub connection_security_policy: String,
+    pub response_flags: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+/// What the agent's gauges show at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct AgentGauges {
+    pub pool: PoolStats,
+    pub certificates: Vec<Arc<WorkloadCert>>,
+    pub enrolled: usize,
+}
+
+/// The agent's metrics registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    records_lost: Counter,
+    pool_opened: Counter,
+    pool_open: Gauge,
+    pool_streams: Gauge,
+    cert_expiry: Family<IdentityLabel, Gauge>,
+    certificates: Gauge,
+    enrolled: Gauge,
+    /// One scrape at a time updates the gauges and encodes.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            records_lost: Counter::default(),
+            pool_opened: Counter::default(),
+            pool_open: Gauge::default(),
+            pool_streams: Gauge::default(),
+            cert_expiry: Family::default(),
+            certificates: Gauge::default(),
+            enrolled: Gauge::default(),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        // Counter names get `_total` from the encoder.
+        let counters = [
+            (
+                "istio_tcp_connections_opened",
+                "TCP connections opened",
+                &m.opened,
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "TCP connections closed",
+                &m.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent in responses (server to client)",
+                &m.sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received in requests (client to server)",
+                &m.received,
+            ),
+        ];
+        for (name, help, family) in counters {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "ambient_connection_records_lost",
+            "Connection records the metrics missed because they fell behind",
+            m.records_lost.clone(),
+        );
+        registry.register(
+            "ambient_pool_connections_opened",
+            "HBONE client connections opened since start",
+            m.pool_opened.clone(),
+        );
+        registry.register(
+            "ambient_pool_connections_open",
+            "HBONE client connections currently pooled",
+            m.pool_open.clone(),
+        );
+        registry.register(
+            "ambient_pool_streams_active",
+            "HBONE streams currently open",
+            m.pool_streams.clone(),
+        );
+        registry.register(
+            "ambient_certificate_expiry_seconds",
+            "Expiry of each held workload certificate, seconds since the epoch",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "ambient_certificates",
+            "Workload certificates held",
+            m.certificates.clone(),
+        );
+        registry.register(
+            "ambient_enrolled_workloads",
+            "Local workloads being served",
+            m.enrolled.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one finished connection; names come from `snap`.
+    pub fn record(&self, r: &ConnectionRecord, snap: &Snapshot) {
+        let labels = labels(r, snap);
+        self.opened.get_or_create(&labels).inc();
+        self.closed.get_or_create(&labels).inc();
+        self.received.get_or_create(&labels).inc_by(r.sent);
+        self.sent.get_or_create(&labels).inc_by(r.received);
+    }
+
+    /// Counts records missed by a lagging subscriber.
+    pub fn lost(&self, n: u64) {
+        self.records_lost.inc_by(n);
+    }
+
+    /// Updates the agent gauges and encodes everything.
+    pub fn encode(&self, gauges: &AgentGauges) -> Result<String, std::fmt::Error> {
+        let _one = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        let opened = gauges.pool.connections_opened;
+        let seen = self.pool_opened.get();
+        if opened > seen {
+            self.pool_opened.inc_by(opened - seen);
+        }
+        self.pool_open
+            .set(to_i64(gauges.pool.connections_open as u64));
+        self.pool_streams
+            .set(to_i64(gauges.pool.streams_active as u64));
+        self.cert_expiry.clear();
+        for c in &gauges.certificates {
+            let expiry = c
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| to_i64(d.as_secs()));
+            self.cert_expiry
+                .get_or_create(&IdentityLabel {
+                    identity: c.identity.to_string(),
+                })
+                .set(expiry);
+        }
+        self.certificates
+            .set(to_i64(gauges.certificates.len() as u64));
+        self.enrolled.set(to_i64(gauges.enrolled as u64));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The labels for a record: the reporter is the side that proxied it, and
+/// workloads are found by address, else by identity (namespace only).
+pub fn labels(r: &ConnectionRecord, snap: &Snapshot) -> TcpLabels {
+    let reporter = match r.direction {
+        Direction::Outbound => "source",
+        Direction::Inbound | Direction::InboundPlaintext => "destination",
+    };
+    let (source_workload, source_workload_namespace) = names(snap, r.src, r.src_identity.as_ref());
+    let (destination_workload, destination_workload_namespace) =
+        names(snap, r.dst.ip(), r.dst_identity.as_ref());
+    let principal = |id: Option<&Identity>| id.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
+    TcpLabels {
+        reporter: reporter.into(),
+        source_workload,
+        source_workload_namespace,
+        source_principal: principal(r.src_identity.as_ref()),
+        destination_workload,
+        destination_workload_namespace,
+        destination_principal: principal(r.dst_identity.as_ref()),
+        connection_security_policy: if r.encrypted { "mutual_tls" } else { UNKNOWN }.into(),
+        response_flags: response_flags(r.error.as_deref()).into(),
+    }
+}
+
+const UNKNOWN: &str = "unknown";
+
+/// The workload at `ip`; else the one workload with identity `id`; else
+/// unknown, in the identity's namespace if there is one.
+fn names(snap: &Snapshot, ip: std::net::IpAddr, id: Option<&Identity>) -> (String, String) {
+    if let Some(w) = snap.workload_by_ip(ip) {
+        return (w.name.clone(), w.namespace.clone());
+    }
+    let Some(id) = id else {
+        return (UNKNOWN.into(), UNKNOWN.into());
+    };
+    let mut same = snap
+        .mesh()
+        .workloads
+        .iter()
+        .filter(|w| w.namespace == id.namespace && &w.identity() == id);
+    match (same.next(), same.next()) {
+        (Some(w), None) => (w.name.clone(), w.namespace.clone()),
+        _ => (UNKNOWN.into(), id.namespace.clone()),
+    }
+}
+
+/// Envoy-style response flags from a record's error: `-` for none, `DENY`
+/// for a policy refusal, `NR` when there was no route, `UF` when the
+/// upstream could not be reached, `UC` when it failed mid-connection.
+pub fn response_flags(error: Option<&str>) -> &'static str {
+    let Some(e) = error else {
+        return "-";
+    };
+    if e.contains("401") || e.contains("403") {
+        "DENY"
+    } else if e.starts_with("destination unreachable") {
+        "NR"
+    } else if e.starts_with("copying") {
+        "UC"
+    } else {
+        "UF"
+    }
+}
+
+/// Seconds since the epoch of `t` (0 before it).
+pub fn epoch_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Mesh;
+    use std::time::Duration;
+
+    #[test]
+    fn names_are_exact_and_labels_follow_the_record() {
+        let mut mesh = Mesh::default();
+        mesh.workloads.push(crate::state::Workload {
+            uid: "c".into(),
+            name: "client".into(),
+            namespace: "test".into(),
+            service_account: "client".into(),
+            trust_domain: "td".into(),
+            addresses: vec!["10.0.0.1".parse().expect("ip")],
+            node: "n".into(),
+            netns: None,
+            cgroup: None,
+            protocol: Default::default(),
+            application_tunnel: Default::default(),
+            waypoint: None,
+            healthy: true,
+        });
+        let snap = Snapshot::new(mesh);
+        let m = Metrics::new();
+        let r = ConnectionRecord {
+            direction: Direction::Outbound,
+            src: "10.0.0.1".parse().expect("ip"),
+            dst: "10.0.0.2:80".parse().expect("addr"),
+            src_identity: Some(Identity::new("td", "test", "client")),
+            dst_identity: Some(Identity::new("td", "other", "server")),
+            sent: 5,
+            received: 7,
+            encrypted: true,
+            duration: Duration::from_millis(1),
+            error: None,
+        };
+        m.record(&r, &snap);
+        let text = m.encode(&AgentGauges::default()).expect("encode");
+        let want = "reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"test\",\
+            source_principal=\"spiffe://td/ns/test/sa/client\",destination_workload=\"unknown\",\
+            destination_workload_namespace=\"other\",destination_principal=\"spiffe://td/ns/other/sa/server\",\
+            connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
+        for line in [
+            format!("istio_tcp_connections_opened_total{{{want}}} 1"),
+            format!("istio_tcp_connections_closed_total{{{want}}} 1"),
+            format!("istio_tcp_received_bytes_total{{{want}}} 5"),
+            format!("istio_tcp_sent_bytes_total{{{want}}} 7"),
+        ] {
+            assert!(text.contains(&line), "{line}\nnot in\n{text}");
+        }
+    }
+
+    #[test]
+    fn response_flags_from_errors() {
+        assert_eq!(response_flags(None), "-");
+        assert_eq!(
+            response_flags(Some("peer answered CONNECT with 401 Unauthorized")),
+            "DENY"
+        );
+        assert_eq!(response_flags(Some("destination unreachable: x")), "NR");
+        assert_eq!(
+            response_flags(Some("connecting to 1.2.3.4:5: refused")),
+            "UF"
+        );
+        assert_eq!(response_flags(Some("copying: reset")), "UC");
+    }
+}

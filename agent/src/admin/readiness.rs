@@ -1,0 +1,211 @@
+//! Readiness (`GET /healthz/ready`): the agent is ready once the mesh is
+//! loaded, its listeners are up, and every local workload it serves holds a
+//! valid certificate. The decision is a pure function of [`Conditions`] so
+//! it can be checked without sockets.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::identity::{Identity, WorkloadCert};
+use crate::state::Workload;
+use crate::xds::delta::XdsStatus;
+
+/// Where the mesh comes from, and so when it counts as loaded.
+#[derive(Clone, Debug)]
+pub enum MeshReady {
+    /// Local mode: the initial load finished before the agent started.
+    Loaded,
+    /// Istio mode: loaded once the xDS client has synced every type.
+    Xds(watch::Receiver<XdsStatus>),
+}
+
+/// The agent's progress towards readiness. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mesh: MeshReady,
+    listeners: AtomicBool,
+}
+
+impl Readiness {
+    pub fn new(mesh: MeshReady) -> Self {
+        Readiness {
+            inner: Arc::new(Inner {
+                mesh,
+                listeners: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Records that the first reconciliation ran: the listeners of the
+    /// workloads known at start are open.
+    pub fn listeners_started(&self) {
+        self.inner.listeners.store(true, Ordering::Release);
+    }
+
+    /// The conditions now, given the workloads being served and the
+    /// certificates held.
+    pub fn conditions(
+        &self,
+        served: &[Arc<Workload>],
+        certs: &[Arc<WorkloadCert>],
+        shutting_down: bool,
+        now: SystemTime,
+    ) -> Conditions {
+        let mesh_loaded = match &self.inner.mesh {
+            MeshReady::Loaded => true,
+            MeshReady::Xds(status) => status.borrow().synced,
+        };
+        let mut without_certificate: Vec<Identity> = served
+            .iter()
+            .map(|w| w.identity())
+            .filter(|id| {
+                !certs
+                    .iter()
+                    .any(|c| &c.identity == id && c.is_valid_at(now))
+            })
+            .collect();
+        without_certificate.sort();
+        without_certificate.dedup();
+        Conditions {
+            mesh_loaded,
+            listeners_up: self.inner.listeners.load(Ordering::Acquire),
+            without_certificate,
+            shutting_down,
+        }
+    }
+}
+
+/// What readiness is decided from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// Local mode: initial load done; Istio mode: xDS synced.
+    pub mesh_loaded: bool,
+    /// The reconciler has run once.
+    pub listeners_up: bool,
+    /// Identities of served workloads with no valid certificate yet.
+    pub without_certificate: Vec<Identity>,
+    /// The agent was told to stop.
+    pub shutting_down: bool,
+}
+
+impl Conditions {
+    /// `Ok` when ready, else a short reason for the 503 body.
+    pub fn check(&self) -> Result<(), String> {
+        if self.shutting_down {
+            return Err("shutting down".into());
+        }
+        if !self.mesh_loaded {
+            return Err("mesh configuration not loaded yet".into());
+        }
+        if !self.listeners_up {
+            return Err("listeners not started yet".into());
+        }
+        if !self.without_certificate.is_empty() {
+            let ids: Vec<String> = self
+                .without_certificate
+                .iter()
+                .map(|i| i.to_string())
+                .collect();
+            return Err(format!("no certificate yet for {}", ids.join(", ")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> Conditions {
+        Conditions {
+            mesh_loaded: true,
+            listeners_up: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_condition_is_needed() {
+        assert_eq!(ready().check(), Ok(()));
+        let not_loaded = Conditions {
+            mesh_loaded: false,
+            ..ready()
+        };
+        assert!(not_loaded.check().unwrap_err().contains("mesh"));
+        let no_listeners = Conditions {
+            listeners_up: false,
+            ..ready()
+        };
+        assert!(no_listeners.check().unwrap_err().contains("listeners"));
+        let no_cert = Conditions {
+            without_certificate: vec![Identity::new("td", "ns", "sa")],
+            ..ready()
+        };
+        assert!(no_cert
+            .check()
+            .unwrap_err()
+            .contains("spiffe://td/ns/ns/sa/sa"));
+        let stopping = Conditions {
+            shutting_down: true,
+            ..ready()
+        };
+        assert_eq!(stopping.check(), Err("shutting down".into()));
+    }
+
+    fn workload(sa: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: sa.into(),
+            name: sa.into(),
+            namespace: "ns".into(),
+            service_account: sa.into(),
+            trust_domain: "td".into(),
+            addresses: vec![],
+            node: "n".into(),
+            netns: None,
+            cgroup: None,
+            protocol: Default::default(),
+            application_tunnel: Default::default(),
+            waypoint: None,
+            healthy: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn follows_xds_listeners_and_certificates() {
+        let (tx, rx) = watch::channel(XdsStatus::default());
+        let r = Readiness::new(MeshReady::Xds(rx));
+        let now = SystemTime::now();
+        let c = r.conditions(&[], &[], false, now);
+        assert!(!c.mesh_loaded && !c.listeners_up);
+        assert!(c.check().is_err());
+
+        tx.send_modify(|s| s.synced = true);
+        r.listeners_started();
+        assert_eq!(r.conditions(&[], &[], false, now).check(), Ok(()));
+
+        let ca = Arc::new(crate::identity::LocalCa::generate("td").expect("CA"));
+        let trust = ca.trust_bundle();
+        let certs = crate::identity::CertManager::new(ca, trust, Default::default());
+        let served = [workload("a")];
+        let c = r.conditions(&served, &certs.certificates(), false, now);
+        assert_eq!(c.without_certificate, vec![Identity::new("td", "ns", "a")]);
+        assert!(c.check().is_err());
+
+        certs
+            .fetch(&Identity::new("td", "ns", "a"))
+            .await
+            .expect("certificate");
+        let c = r.conditions(&served, &certs.certificates(), false, SystemTime::now());
+        assert_eq!(c.check(), Ok(()));
+        let c = r.conditions(&served, &certs.certificates(), true, SystemTime::now());
+        assert!(c.check().is_err());
+    }
+}

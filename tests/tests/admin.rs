@@ -1,0 +1,310 @@
+//! The admin, metrics and readiness endpoints of agents on loopback: TCP
+//! metrics after tunneled traffic, the config dump, readiness, run-time log
+//! level changes and `/quitquitquit`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ambient_agent::admin::{Endpoint, LogHandle};
+use ambient_agent::agent::Agent;
+use ambient_agent::config::Config;
+use ambient_agent::identity::{CaError, CertificateSigner, Identity, SignFuture};
+use ambient_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, timeout, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Endpoints on `ip`, on ports away from the standard ones so that agents
+/// elsewhere on the machine (on 0.0.0.0:15020...) do not collide.
+fn with_endpoints(cfg: Config, ip: std::net::IpAddr) -> Config {
+    Config {
+        admin_address: ip,
+        admin_port: 25000,
+        metrics_address: ip,
+        metrics_port: 25020,
+        readiness_address: ip,
+        readiness_port: 25021,
+        ..cfg
+    }
+}
+
+/// Status and body of one HTTP/1.1 request.
+async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await?;
+        std::io::Result::Ok(raw)
+    };
+    let raw = timeout(LIMIT, exchange)
+        .await
+        .expect("answer in time")
+        .expect("HTTP exchange");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, body.to_string())
+}
+
+fn addr(agent: &Agent, e: Endpoint) -> SocketAddr {
+    agent.admin().addr(e).expect("endpoint served")
+}
+
+/// Scrapes until every line of `want` is present.
+async fn scrape_until(agent: &Agent, want: &[String]) -> String {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (status, body) = request(addr(agent, Endpoint::Metrics), "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        if want.iter().all(|l| body.lines().any(|b| b == l)) {
+            return body;
+        }
+        if Instant::now() > deadline {
+            panic!("missing some of {want:#?} in\n{body}");
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tcp_metrics_count_tunneled_connections_and_bytes() {
+    const REQUEST: usize = 100_000;
+    const RESPONSE: usize = 7_777;
+    let w = World::new(71);
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    let b = w
+        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
+        .await;
+    let app = TcpListener::bind(w.server_app()).await.unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(&payload(RESPONSE, 2)).await.unwrap();
+        s.shutdown().await.unwrap();
+        got.len()
+    });
+    let mut c = a.connect_as("client", w.service_vip()).await.unwrap();
+    let back = timeout(LIMIT, send_and_read_back(&mut c, &payload(REQUEST, 1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), RESPONSE);
+    assert_eq!(server.await.unwrap(), REQUEST);
+
+    let rest = "source_workload=\"client\",source_workload_namespace=\"test\",\
+        source_principal=\"spiffe://cluster.local/ns/test/sa/client\",\
+        destination_workload=\"server\",destination_workload_namespace=\"test\",\
+        destination_principal=\"spiffe://cluster.local/ns/test/sa/server\",\
+        connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
+    for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
+        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        let want = [
+            format!("istio_tcp_connections_opened_total{labels} 1"),
+            format!("istio_tcp_connections_closed_total{labels} 1"),
+            // Istio's meaning: received = request bytes, sent = response.
+            format!("istio_tcp_received_bytes_total{labels} {REQUEST}"),
+            format!("istio_tcp_sent_bytes_total{labels} {RESPONSE}"),
+            "ambient_enrolled_workloads 1".to_string(),
+            "ambient_certificates 1".to_string(),
+        ];
+        let body = scrape_until(agent, &want).await;
+        assert!(
+            body.contains("# TYPE istio_tcp_sent_bytes counter"),
+            "{body}"
+        );
+        let sa = if reporter == "source" {
+            "client"
+        } else {
+            "server"
+        };
+        let expiry = format!(
+            "ambient_certificate_expiry_seconds{{identity=\"spiffe://cluster.local/ns/test/sa/{sa}\"}} "
+        );
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(&expiry))
+            .unwrap_or_else(|| panic!("no {expiry} in {body}"));
+        let secs: u64 = line[expiry.len()..].parse().expect("seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(secs > now && secs <= now + 25 * 3600, "{line}");
+    }
+    let body = scrape_until(&a, &["ambient_pool_connections_opened_total 1".into()]).await;
+    assert!(body.contains("ambient_pool_connections_open 1"), "{body}");
+}
+
+/// A CA that is always down.
+struct DownCa;
+
+impl CertificateSigner for DownCa {
+    fn sign<'a>(&'a self, _: &'a Identity, _: &'a str, _: Duration) -> SignFuture<'a> {
+        Box::pin(async { Err(CaError::Unavailable("test CA is down".into())) })
+    }
+}
+
+#[tokio::test]
+async fn readiness_waits_for_certificates_and_config_dump_shows_the_node() {
+    // No certificate can be had: served but not ready. (A world of its own:
+    // a dropped agent's sockets close a moment later.)
+    let w = World::new(74);
+    let cfg = with_endpoints(w.config("node-a"), w.client_ip());
+    let down = Agent::start_with_signer(cfg, Arc::new(DownCa), w.ca.trust_bundle())
+        .await
+        .expect("agent starts");
+    sleep(Duration::from_millis(200)).await;
+    let (status, body) = request(addr(&down, Endpoint::Readiness), "GET", "/healthz/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("no certificate yet for spiffe://cluster.local/ns/test/sa/client"),
+        "{body}"
+    );
+    drop(down);
+
+    let w = World::new(72);
+    // With a CA: ready once the certificate is issued.
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    let ready = addr(&a, Endpoint::Readiness);
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (status, body) = request(ready, "GET", "/healthz/ready").await;
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.admin().conditions().check(), Ok(()));
+
+    let (status, dump) = request(addr(&a, Endpoint::Admin), "GET", "/config_dump").await;
+    assert_eq!(status, 200);
+    for want in [
+        "\"node\": \"node-a\"",
+        "\"uid\": \"client\"",
+        "\"uid\": \"server\"",
+        "\"127.72.3.1\"",
+        "\"connectionsOpened\": 0",
+    ] {
+        assert!(dump.contains(want), "{want} not in {dump}");
+    }
+    let certs = &dump[dump.find("\"certificates\"").expect("certificates")..];
+    let certs = &certs[..certs.find(']').expect("list end")];
+    assert!(
+        certs.contains("\"identity\": \"spiffe://cluster.local/ns/test/sa/client\""),
+        "{certs}"
+    );
+    assert!(certs.contains("\"notAfter\": "), "{certs}");
+    let enrolled = &dump[dump.find("\"enrolledWorkloads\"").expect("enrolled")..];
+    assert!(
+        enrolled.starts_with("\"enrolledWorkloads\": [\n    \"client\"\n  ]"),
+        "{enrolled}"
+    );
+
+    // Wrong method, unknown path, the admin paths not on other ports.
+    let (status, _) = request(addr(&a, Endpoint::Admin), "GET", "/quitquitquit").await;
+    assert_eq!(status, 405);
+    let (status, _) = request(addr(&a, Endpoint::Metrics), "GET", "/config_dump").await;
+    assert_eq!(status, 404);
+
+    // Without a log handle the filter cannot change.
+    let (status, _) = request(addr(&a, Endpoint::Admin), "POST", "/logging?level=debug").await;
+    assert_eq!(status, 503);
+
+    // Quitting stops the agent and readiness says so.
+    let (status, _) = request(addr(&a, Endpoint::Admin), "POST", "/quitquitquit").await;
+    assert_eq!(status, 200);
+    timeout(LIMIT, a.stopped()).await.expect("agent stops");
+    let (status, body) = request(ready, "GET", "/healthz/ready").await;
+    assert_eq!((status, body.as_str()), (503, "shutting down\n"));
+}
+
+/// Log lines written by the test's subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn logging_level_changes_at_run_time() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let (filter, handle) = reload::Layer::new(EnvFilter::new("warn"));
+    let subscriber = tracing_subscriber::registry().with(filter).with(
+        fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone()),
+    );
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+
+    let w = World::new(73);
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    a.admin().set_log_handle(LogHandle::new(handle, "warn"));
+    let admin = addr(&a, Endpoint::Admin);
+
+    tracing::debug!(target: "admin_test", "marker-before");
+    assert_eq!(
+        request(admin, "GET", "/logging").await,
+        (200, "level: warn\n".into())
+    );
+    let (status, body) = request(admin, "POST", "/logging?level=warn%2Cadmin_test%3Ddebug").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "level: warn,admin_test=debug\n")
+    );
+    tracing::debug!(target: "admin_test", "marker-after");
+    let logs = captured.text();
+    assert!(logs.contains("marker-after"), "{logs}");
+    assert!(!logs.contains("marker-before"), "{logs}");
+
+    // A bad filter is refused and the current one kept.
+    let (status, body) = request(admin, "POST", "/logging?level=admin_test%3Dloud").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = request(admin, "POST", "/logging").await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        request(admin, "GET", "/logging").await,
+        (200, "level: warn,admin_test=debug\n".into())
+    );
+}
