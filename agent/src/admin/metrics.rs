@@ -286,19 +286,10 @@ mod tests {
     fn names_are_exact_and_labels_follow_the_record() {
         let mut mesh = Mesh::default();
         mesh.workloads.push(crate::state::Workload {
-            uid: "c".into(),
             name: "client".into(),
-            namespace: "test".into(),
             service_account: "client".into(),
-            trust_domain: "td".into(),
-            addresses: vec!["10.0.0.1".parse().expect("ip")],
-            node: "n".into(),
-            netns: None,
-            cgroup: None,
             protocol: Default::default(),
-            application_tunnel: Default::default(),
-            waypoint: None,
-            healthy: true,
+            ..crate::state::Workload::for_test("c", "test", Some("10.0.0.1"))
         });
         let snap = Snapshot::new(mesh);
         let m = Metrics::new();

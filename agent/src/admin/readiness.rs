@@ -162,19 +162,8 @@ mod tests {
 
     fn workload(sa: &str) -> Arc<Workload> {
         Arc::new(Workload {
-            uid: sa.into(),
-            name: sa.into(),
-            namespace: "ns".into(),
-            service_account: sa.into(),
-            trust_domain: "td".into(),
-            addresses: vec![],
-            node: "n".into(),
-            netns: None,
-            cgroup: None,
             protocol: Default::default(),
-            application_tunnel: Default::default(),
-            waypoint: None,
-            healthy: true,
+            ..Workload::for_test(sa, "ns", None)
         })
     }
 

@@ -141,23 +141,13 @@ fn negative<T>(values: &[T], any: impl Fn(&[T]) -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::model::{Clause, Rule, TunnelProtocol};
+    use crate::state::model::{Clause, Rule};
 
     fn workload(ns: &str, uid: &str) -> Workload {
         Workload {
-            uid: uid.into(),
-            name: uid.into(),
-            namespace: ns.into(),
             service_account: "server".into(),
             trust_domain: "cluster.local".into(),
-            addresses: vec!["10.0.0.2".parse().unwrap()],
-            node: "n".into(),
-            netns: None,
-            cgroup: None,
-            protocol: TunnelProtocol::Hbone,
-            application_tunnel: Default::default(),
-            waypoint: None,
-            healthy: true,
+            ..Workload::for_test(uid, ns, Some("10.0.0.2"))
         }
     }
 

@@ -73,6 +73,32 @@ impl Workload {
     }
 }
 
+#[cfg(test)]
+impl Workload {
+    /// A healthy HBONE workload for unit tests: service account = uid,
+    /// trust domain `td`, node `n`, at `ip` if given.
+    pub(crate) fn for_test(uid: &str, namespace: &str, ip: Option<&str>) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: namespace.into(),
+            service_account: uid.into(),
+            trust_domain: "td".into(),
+            addresses: ip
+                .map(|ip| ip.parse().expect("test ip"))
+                .into_iter()
+                .collect(),
+            node: "n".into(),
+            netns: None,
+            cgroup: None,
+            protocol: TunnelProtocol::Hbone,
+            application_tunnel: ApplicationTunnel::None,
+            waypoint: None,
+            healthy: true,
+        }
+    }
+}
+
 /// A service port and the workload port it maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServicePort {

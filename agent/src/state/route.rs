@@ -255,19 +255,10 @@ mod tests {
 
     fn wl(uid: &str, ip: &str, protocol: TunnelProtocol, healthy: bool) -> Workload {
         Workload {
-            uid: uid.into(),
-            name: uid.into(),
             namespace: "ns".into(),
-            service_account: uid.into(),
-            trust_domain: "td".into(),
-            addresses: vec![ip.parse().unwrap()],
-            node: "n1".into(),
-            netns: None,
-            cgroup: None,
             protocol,
-            application_tunnel: Default::default(),
-            waypoint: None,
             healthy,
+            ..Workload::for_test(uid, "ns", Some(ip))
         }
     }
 
@@ -383,24 +374,15 @@ mod waypoint_tests {
     use crate::state::{ApplicationTunnel, Endpoint, Mesh, ServicePort};
 
     fn wl(uid: &str, ip: &str, waypoint: Option<Waypoint>) -> Workload {
+        let application_tunnel = if uid.starts_with("wp") {
+            ApplicationTunnel::Proxy
+        } else {
+            ApplicationTunnel::None
+        };
         Workload {
-            uid: uid.into(),
-            name: uid.into(),
-            namespace: "ns".into(),
-            service_account: uid.into(),
-            trust_domain: "td".into(),
-            addresses: vec![ip.parse().unwrap()],
-            node: "n".into(),
-            netns: None,
-            cgroup: None,
-            protocol: TunnelProtocol::Hbone,
-            application_tunnel: if uid.starts_with("wp") {
-                ApplicationTunnel::Proxy
-            } else {
-                ApplicationTunnel::None
-            },
+            application_tunnel,
             waypoint,
-            healthy: true,
+            ..Workload::for_test(uid, "ns", Some(ip))
         }
     }
 
