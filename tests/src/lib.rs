@@ -52,6 +52,12 @@ impl World {
 
     /// The standard mesh, with the server running as service account `server_sa`.
     pub fn standard_mesh(&self, server_sa: &str) -> String {
+        self.mesh_with(server_sa, "", "server")
+    }
+
+    /// The standard mesh with `extra_workloads` (YAML list items) after the
+    /// two standard ones, and the service's endpoints set to `endpoints`.
+    pub fn mesh_with(&self, server_sa: &str, extra_workloads: &str, endpoints: &str) -> String {
         let n = self.net;
         format!(
             r#"
@@ -68,12 +74,12 @@ workloads:
     serviceAccount: {server_sa}
     addresses: [127.{n}.2.1]
     node: node-b
-services:
+{extra_workloads}services:
   - name: server
     namespace: test
     vips: [127.{n}.3.1]
     ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [server]
+    endpoints: [{endpoints}]
 "#
         )
     }

@@ -52,6 +52,22 @@ async fn exchange(stream: TcpStream, len: usize, seed: u8) -> ([u8; 32], [u8; 32
     (sent, got, n)
 }
 
+/// CONNECTs to the server app through node-b's HBONE port, presenting a
+/// certificate for `who` signed by the world's root. Returns the answer's
+/// status, or the error when the connection itself is refused.
+async fn connect_as_identity(w: &World, who: Identity) -> anyhow::Result<StatusCode> {
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let cert = certs.fetch(&who).await?;
+    let server_id = Identity::new("cluster.local", "test", "server");
+    timeout(LIMIT, async {
+        let mut send =
+            raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id).await?;
+        status_of(&mut send, Method::CONNECT, &w.server_app().to_string()).await
+    })
+    .await
+    .expect("no hang")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transfer_both_ways_is_intact() {
     init_tracing();
@@ -313,31 +329,13 @@ policies:
     w.write_mesh(&mesh);
     let _b = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let server_id = Identity::new("cluster.local", "test", "server");
     for (sa, want) in [
         ("client", StatusCode::OK),
         ("intruder", StatusCode::UNAUTHORIZED),
     ] {
-        let cert = certs
-            .fetch(&Identity::new("cluster.local", "test", sa))
+        let got = connect_as_identity(&w, Identity::new("cluster.local", "test", sa))
             .await
             .unwrap();
-        let mut send = raw_hbone_client(
-            w.server_hbone(),
-            &cert,
-            &w.ca.trust_bundle(),
-            server_id.clone(),
-        )
-        .await
-        .unwrap();
-        let got = timeout(
-            LIMIT,
-            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()),
-        )
-        .await
-        .expect("no hang")
-        .unwrap();
         assert_eq!(got, want, "{sa}");
     }
 }
@@ -392,25 +390,8 @@ async fn a_client_from_another_trust_domain_is_refused() {
     let _b = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
     // Same root, other trust domain: the chain verifies, the identity does not belong.
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let server_id = Identity::new("cluster.local", "test", "server");
     for (td, ok) in [("cluster.local", true), ("elsewhere.example", false)] {
-        let cert = certs
-            .fetch(&Identity::new(td, "test", "client"))
-            .await
-            .unwrap();
-        let result = timeout(LIMIT, async {
-            let mut send = raw_hbone_client(
-                w.server_hbone(),
-                &cert,
-                &w.ca.trust_bundle(),
-                server_id.clone(),
-            )
-            .await?;
-            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()).await
-        })
-        .await
-        .expect("no hang");
+        let result = connect_as_identity(&w, Identity::new(td, "test", "client")).await;
         match (ok, result) {
             (true, Ok(s)) => assert_eq!(s, StatusCode::OK),
             (false, Err(_)) => {}
@@ -434,31 +415,13 @@ workloads:
     w.write_mesh(&mesh);
     let _b = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let server_id = Identity::new("cluster.local", "test", "server");
     for (sa, want) in [
         ("client", StatusCode::UNAUTHORIZED),
         ("waypoint", StatusCode::OK),
     ] {
-        let cert = certs
-            .fetch(&Identity::new("cluster.local", "test", sa))
+        let got = connect_as_identity(&w, Identity::new("cluster.local", "test", sa))
             .await
             .unwrap();
-        let mut send = raw_hbone_client(
-            w.server_hbone(),
-            &cert,
-            &w.ca.trust_bundle(),
-            server_id.clone(),
-        )
-        .await
-        .unwrap();
-        let got = timeout(
-            LIMIT,
-            status_of(&mut send, Method::CONNECT, &w.server_app().to_string()),
-        )
-        .await
-        .expect("no hang")
-        .unwrap();
         assert_eq!(got, want, "{sa}");
     }
 }

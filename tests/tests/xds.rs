@@ -30,28 +30,8 @@ fn mesh_yaml(w: &World, endpoints: &str, with_server2: bool) -> String {
     } else {
         String::new()
     };
-    format!(
-        r#"
-workloads:
-  - uid: client
-    name: client
-    namespace: test
-    serviceAccount: client
-    addresses: [127.{n}.1.1]
-    node: node-a
-  - uid: server
-    name: server
-    namespace: test
-    serviceAccount: server
-    addresses: [127.{n}.2.1]
-    node: node-b
-{server2}services:
-  - name: server
-    namespace: test
-    vips: [127.{n}.3.1]
-    ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [{endpoints}]
-policies:
+    w.mesh_with("server", &server2, endpoints)
+        + r#"policies:
   - name: allow-client
     namespace: test
     scope: WORKLOAD_SELECTOR
@@ -62,7 +42,6 @@ policies:
               - principals: ["cluster.local/ns/test/sa/client"]
                 destinationPorts: [8080]
 "#
-    )
 }
 
 /// Writes the mesh into the world's file (as local mode would read it)
