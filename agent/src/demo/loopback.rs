@@ -137,15 +137,6 @@ async fn echo_server(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the demo app on {addr}"))?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = s.split();
-                if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                    let _ = wr.shutdown().await;
-                }
-            });
-        }
-    });
+    super::serve_echo(listener);
     Ok(())
 }

@@ -12,3 +12,18 @@ mod netns;
 pub mod topology;
 
 pub use netns::run as run_netns;
+
+/// The demo's application: echoes each connection back, then half-closes.
+fn serve_echo(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.split();
+                if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+                    let _ = wr.shutdown().await;
+                }
+            });
+        }
+    })
+}

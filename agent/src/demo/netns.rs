@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 use anyhow::Context;
 
@@ -137,14 +136,5 @@ async fn echo(pod: &Pod, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()
         .sockets()
         .listen(pod.addr(port), Default::default())
         .await?;
-    Ok(tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = s.split();
-                if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                    let _ = wr.shutdown().await;
-                }
-            });
-        }
-    }))
+    Ok(super::serve_echo(listener))
 }
