@@ -85,31 +85,7 @@ impl Agent {
     /// Starts with the CA the configuration names: the local CA (loaded
     /// or generated) or, in Istio mode, the Istio CA.
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
-        let (signer, trust): (Arc<dyn CertificateSigner>, TrustBundle) = match cfg.mode {
-            Mode::Local => {
-                let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
-                    (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
-                    _ => LocalCa::generate(&cfg.ca.trust_domain)?,
-                };
-                let trust = ca.trust_bundle();
-                (Arc::new(ca), trust)
-            }
-            Mode::Istio => {
-                let cp = &cfg.control_plane;
-                let client = IstioCaClient::new(IstioCaConfig {
-                    address: cp
-                        .ca_address
-                        .clone()
-                        .unwrap_or_else(|| cp.xds_address.clone()),
-                    root_cert: cp.root_cert.clone(),
-                    server_name: cp.server_name.clone(),
-                    token_path: Some(cp.token_path.clone()),
-                    cluster_id: cp.cluster_id.clone(),
-                    request_timeout: cfg.connect_timeout,
-                })?;
-                (Arc::new(client), TrustBundle::from_pem_file(&cp.root_cert)?)
-            }
-        };
+        let (signer, trust) = signer_for(&cfg)?;
         Self::start_with_signer(cfg, signer, trust).await
     }
 
@@ -134,17 +110,7 @@ impl Agent {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let mut mesh_ready = MeshReady::Loaded;
-        if cfg.mode == Mode::Istio {
-            let xds = XdsClient::new(xds_config(&cfg), state.clone());
-            mesh_ready = MeshReady::Xds(xds.status());
-            tasks.push(tokio::spawn(xds.run(stopped(shutdown_rx.clone()))));
-        }
-        if let (Mode::Local, Some(path)) = (cfg.mode, &cfg.mesh_file) {
-            let mut source = LocalSource::new(path.clone(), state.clone(), cfg.mesh_poll_interval);
-            source.load_initial()?;
-            tasks.push(tokio::spawn(source.run(stopped(shutdown_rx.clone()))));
-        }
+        let mesh_ready = follow_mesh(&cfg, &state, &shutdown_rx, &mut tasks)?;
         let pool = Pool::new(
             certs.clone(),
             PoolConfig {
@@ -317,6 +283,65 @@ impl Agent {
         let outbound = Outbound::new(self.ctx.clone(), source, Sockets::Host);
         tokio::spawn(async move { outbound.proxy(captured, peer, dst).await });
         Ok(app)
+    }
+}
+
+/// The certificate signer and trust bundle the configuration names: the
+/// local CA (loaded, or generated when no files are given) or the Istio CA.
+pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustBundle), AgentError> {
+    Ok(match cfg.mode {
+        Mode::Local => {
+            let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
+                (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
+                _ => LocalCa::generate(&cfg.ca.trust_domain)?,
+            };
+            let trust = ca.trust_bundle();
+            (Arc::new(ca), trust)
+        }
+        Mode::Istio => {
+            let cp = &cfg.control_plane;
+            let client = IstioCaClient::new(IstioCaConfig {
+                address: cp
+                    .ca_address
+                    .clone()
+                    .unwrap_or_else(|| cp.xds_address.clone()),
+                root_cert: cp.root_cert.clone(),
+                server_name: cp.server_name.clone(),
+                token_path: Some(cp.token_path.clone()),
+                cluster_id: cp.cluster_id.clone(),
+                request_timeout: cfg.connect_timeout,
+            })?;
+            (Arc::new(client), TrustBundle::from_pem_file(&cp.root_cert)?)
+        }
+    })
+}
+
+/// Keeps `state` following the configured mesh source (the local file, or
+/// istiod over xDS) until `shutdown`; the local file is loaded before this
+/// returns. Says how readiness learns the mesh is there.
+pub fn follow_mesh(
+    cfg: &Config,
+    state: &Arc<State>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<MeshReady, AgentError> {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    match (cfg.mode, &cfg.mesh_file) {
+        (Mode::Istio, _) => {
+            let xds = XdsClient::new(xds_config(cfg), state.clone());
+            let ready = MeshReady::Xds(xds.status());
+            tasks.push(tokio::spawn(xds.run(stopped(shutdown.clone()))));
+            Ok(ready)
+        }
+        (Mode::Local, Some(path)) => {
+            let mut source = LocalSource::new(path.clone(), state.clone(), cfg.mesh_poll_interval);
+            source.load_initial()?;
+            tasks.push(tokio::spawn(source.run(stopped(shutdown.clone()))));
+            Ok(MeshReady::Loaded)
+        }
+        (Mode::Local, None) => Ok(MeshReady::Loaded),
     }
 }
 

@@ -13,4 +13,5 @@ pub mod identity;
 pub mod proxy;
 pub mod socket;
 pub mod state;
+pub mod waypoint;
 pub mod xds;

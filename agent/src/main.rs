@@ -39,6 +39,16 @@ enum Command {
         #[arg(long)]
         loopback: bool,
     },
+    /// Run the reference waypoint: terminate HBONE as mesh workload
+    /// `--workload`, apply the mesh's HTTP routes (403 deny, weighted
+    /// subsets) to HTTP/1.1 requests, and forward each over HBONE.
+    Waypoint {
+        /// The waypoint's workload uid in the mesh.
+        #[arg(long)]
+        workload: String,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// The demo's client application, run by the demo inside a pod.
     #[command(hide = true)]
     PodClient {
@@ -71,6 +81,20 @@ async fn main() -> anyhow::Result<()> {
             }
             let deadline = agent.config().drain_timeout;
             agent.drain(deadline).await;
+            Ok(())
+        }
+        Command::Waypoint {
+            workload,
+            overrides,
+        } => {
+            let cfg = Config::load(&overrides).context("loading configuration")?;
+            init_logging(&cfg.log.level, cfg.log.format)?;
+            let waypoint = ambient_agent::waypoint::Waypoint::from_config(&cfg, &workload)
+                .await
+                .context("starting the waypoint")?;
+            tracing::info!(addr = %waypoint.addr, "waypoint ready");
+            wait_for_signal().await?;
+            drop(waypoint);
             Ok(())
         }
         Command::Demo {

@@ -228,9 +228,20 @@ pub async fn raw_hbone_client(
     trust: &ambient_agent::identity::TrustBundle,
     expected: ambient_agent::identity::Identity,
 ) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let tcp = TcpStream::connect(addr).await?;
+    raw_hbone_client_over(tcp, cert, trust, expected).await
+}
+
+/// [`raw_hbone_client`] over an established TCP connection (e.g. one made
+/// inside a pod's namespace).
+pub async fn raw_hbone_client_over(
+    tcp: TcpStream,
+    cert: &ambient_agent::identity::WorkloadCert,
+    trust: &ambient_agent::identity::TrustBundle,
+    expected: ambient_agent::identity::Identity,
+) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
     use ambient_agent::hbone::tls;
     let cfg = tls::client_config(cert, trust, vec![expected])?;
-    let tcp = TcpStream::connect(addr).await?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(tls::placeholder_server_name(), tcp)
         .await?;
@@ -317,4 +328,46 @@ pub async fn run_pod_client(
         .await
         .expect("pod client");
     (x.sent, x.received)
+}
+
+/// Sends `msg` from inside `from` (an ordinary socket of the pod, so
+/// capture applies), closes the write side and returns what came back
+/// within 5 s: the echo when allowed; an error or nothing when refused.
+pub async fn pod_exchange(
+    from: &netns::Pod,
+    dst: SocketAddr,
+    msg: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let run = async {
+        let mut s = from.sockets().connect(dst, Default::default()).await?;
+        s.write_all(msg).await?;
+        s.shutdown().await?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await?;
+        Ok(back)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// Waits until `agent` runs a mesh whose policies are exactly `names`
+/// (after a mesh file edit).
+pub async fn wait_for_policies(agent: &Agent, names: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let snap = agent.state.snapshot();
+        let mut have: Vec<&str> = snap.policies().iter().map(|p| p.name.as_str()).collect();
+        have.sort_unstable();
+        let mut want = names.to_vec();
+        want.sort_unstable();
+        if have == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not load policies {want:?} (has {have:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::hbone::pool::PoolStats;
 use crate::identity::WorkloadCert;
-use crate::state::{PolicyScope, Snapshot, Waypoint, WaypointTarget, Workload};
+use crate::state::{ApplicationTunnel, PolicyScope, Snapshot, Waypoint, WaypointTarget, Workload};
 
 use super::metrics::epoch_seconds;
 
@@ -80,7 +80,11 @@ fn workload(w: &Workload) -> Value {
         "addresses": w.addresses,
         "node": w.node,
         "protocol": format!("{:?}", w.protocol).to_lowercase(),
-        "applicationTunnel": format!("{:?}", w.application_tunnel).to_lowercase(),
+        "applicationTunnel": match w.application_tunnel {
+            ApplicationTunnel::None => json!("none"),
+            ApplicationTunnel::Proxy { port } => json!({"protocol": "proxy", "port": port}),
+        },
+        "capacity": w.capacity,
         "waypoint": w.waypoint.as_ref().map(waypoint),
         "healthy": w.healthy,
     })

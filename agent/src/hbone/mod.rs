@@ -13,6 +13,40 @@ pub mod tls;
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
 pub use stream::{copy_bidirectional, H2Stream, Transferred};
 
+/// A CONNECT request for `target` on behalf of `client` (sent as
+/// `Forwarded: for=`), with `baggage` describing the source workload and
+/// a fresh `traceparent`.
+pub fn connect_request(
+    target: std::net::SocketAddr,
+    client: std::net::IpAddr,
+    baggage: &str,
+) -> Result<http::Request<()>, http::Error> {
+    let for_ip = match client {
+        std::net::IpAddr::V4(ip) => format!("for=\"{ip}\""),
+        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    let trace_id: u128 = rand::random();
+    let span_id: u64 = rand::random();
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", for_ip)
+        .header("baggage", baggage)
+        .header(
+            "traceparent",
+            format!("00-{trace_id:032x}-{span_id:016x}-00"),
+        )
+        .body(())
+}
+
+/// The `baggage` header describing workload `w`.
+pub fn baggage(w: &crate::state::Workload) -> String {
+    format!(
+        "k8s.namespace.name={},k8s.pod.name={},service.name={}",
+        w.namespace, w.name, w.name
+    )
+}
+
 /// The port every agent accepts HBONE on.
 pub const HBONE_PORT: u16 = 15008;
 

@@ -12,8 +12,47 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn, Instrument};
 
 use super::stream::H2Stream;
+use super::tls::{self, TlsError};
 use super::H2Settings;
 use crate::identity::Identity;
+
+/// Why an HBONE connection was not established.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("peer {0} is not in this mesh's trust domain")]
+    ForeignTrustDomain(Identity),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("TLS handshake: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("TLS handshake timed out")]
+    Timeout,
+}
+
+/// Completes the mTLS handshake of an accepted HBONE connection: TLS with
+/// `cfg` within `timeout`, ALPN h2, and a client identity of `trust_domain`
+/// (one root may sign several trust domains; only ours is the mesh).
+pub async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    timeout: std::time::Duration,
+    trust_domain: &str,
+) -> Result<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Identity), HandshakeError> {
+    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+    let tls = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Io)?;
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(tls::ALPN_H2) {
+        return Err(TlsError::NoH2.into());
+    }
+    let peer = tls::peer_identity(conn.peer_certificates())?;
+    if peer.trust_domain != trust_domain {
+        return Err(HandshakeError::ForeignTrustDomain(peer));
+    }
+    Ok((tls, peer))
+}
 
 /// A validated CONNECT request.
 #[derive(Clone, Debug)]

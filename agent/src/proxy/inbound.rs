@@ -8,12 +8,14 @@ use std::time::Instant;
 
 use http::StatusCode;
 use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext};
+use super::{
+    authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext,
+};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
 use crate::identity::WorkloadCert;
@@ -88,20 +90,9 @@ impl Inbound {
         local: SocketAddr,
     ) -> Result<(), InboundError> {
         let cfg = self.server_config().await?;
-        let handshake = TlsAcceptor::from(cfg).accept(stream);
-        let tls = tokio::time::timeout(self.ctx.settings.connect_timeout, handshake)
-            .await
-            .map_err(|_| InboundError::HandshakeTimeout)?
-            .map_err(InboundError::Handshake)?;
-        let (_, conn) = tls.get_ref();
-        if conn.alpn_protocol() != Some(tls::ALPN_H2) {
-            return Err(tls::TlsError::NoH2.into());
-        }
-        let peer_identity = tls::peer_identity(conn.peer_certificates())?;
-        // One root may sign several trust domains; only our own is the mesh.
-        if peer_identity.trust_domain != self.workload.trust_domain {
-            return Err(InboundError::ForeignTrustDomain(peer_identity));
-        }
+        let timeout = self.ctx.settings.connect_timeout;
+        let (tls, peer_identity) =
+            server::accept_tls(stream, cfg, timeout, &self.workload.trust_domain).await?;
         let info = ConnectionInfo {
             peer_identity,
             peer_addr: peer,
@@ -114,6 +105,45 @@ impl Inbound {
     }
 }
 
+impl Inbound {
+    /// Connects to the application for `req`. A PROXY-tunnel workload (a
+    /// waypoint) is reached on its tunnel port and told first who came,
+    /// for what target, with which identity.
+    async fn connect_upstream(
+        &self,
+        req: &ConnectRequest,
+        src: std::net::IpAddr,
+    ) -> std::io::Result<TcpStream> {
+        let ApplicationTunnel::Proxy { port } = self.workload.application_tunnel else {
+            return connect_app(&self.ctx, &self.sockets, req.target, src).await;
+        };
+        let own = self
+            .workload
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4() == req.target.is_ipv4())
+            .or(self.workload.addresses.first())
+            .copied()
+            .ok_or_else(|| std::io::Error::other("workload has no address"))?;
+        let app = SocketAddr::new(own, port.unwrap_or(req.target.port()));
+        // The client's port is only known when it connected directly.
+        let src_port = if src == req.peer_addr.ip() {
+            req.peer_addr.port()
+        } else {
+            0
+        };
+        let header = proxy_protocol::encode(
+            SocketAddr::new(src, src_port),
+            req.target,
+            &req.peer_identity,
+        )
+        .map_err(std::io::Error::other)?;
+        let mut upstream = connect_app(&self.ctx, &self.sockets, app, src).await?;
+        upstream.write_all(&header).await?;
+        Ok(upstream)
+    }
+}
+
 impl Handler for Inbound {
     async fn handle(&self, req: ConnectRequest, responder: Responder) {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
@@ -121,7 +151,7 @@ impl Handler for Inbound {
         async move {
             // The tunnel may only reach the workload it was sent to, unless
             // that workload is a waypoint: it serves other targets.
-            let waypoint = self.workload.application_tunnel == ApplicationTunnel::Proxy;
+            let waypoint = self.workload.application_tunnel.is_proxy();
             if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
                 warn!("target is not an address of this workload; 400");
                 return responder.refuse(StatusCode::BAD_REQUEST);
@@ -147,7 +177,7 @@ impl Handler for Inbound {
             }
             let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
             let start = Instant::now();
-            let upstream = match connect_app(&self.ctx, &self.sockets, req.target, src).await {
+            let upstream = match self.connect_upstream(&req, src).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "target unreachable; 503");
@@ -196,16 +226,12 @@ impl Handler for Inbound {
 
 #[derive(Debug, thiserror::Error)]
 enum InboundError {
-    #[error("peer {0} is not in this mesh's trust domain")]
-    ForeignTrustDomain(crate::identity::Identity),
     #[error("certificate: {0}")]
     Certificate(#[from] crate::identity::CaError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("TLS handshake: {0}")]
-    Handshake(#[source] std::io::Error),
-    #[error("TLS handshake timed out")]
-    HandshakeTimeout,
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
 }

@@ -8,6 +8,7 @@ mod inbound;
 mod inbound_passthrough;
 pub mod orig_dst;
 mod outbound;
+pub mod proxy_protocol;
 pub mod record;
 pub mod tracker;
 

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request};
 use tokio::net::TcpStream;
 use tracing::{info, warn, Instrument};
 
@@ -121,13 +120,15 @@ impl Outbound {
                 identities,
                 ..
             } => {
+                let w = &self.source;
                 let key = PoolKey {
                     src_identity: self.source.identity(),
                     dst_identity: identities[0].clone(),
                     dst: *gateway,
                     src_ip: self.source.addresses.first().copied(),
                 };
-                let request = self.connect_request(*target, peer)?;
+                let request = hbone::connect_request(*target, peer.ip(), &hbone::baggage(w))
+                    .map_err(|e| OutboundError::Request(e.to_string()))?;
                 let tunnel = self
                     .ctx
                     .pool
@@ -139,35 +140,6 @@ impl Outbound {
                 Ok((t.to_stream, t.from_stream))
             }
         }
-    }
-
-    fn connect_request(
-        &self,
-        target: SocketAddr,
-        peer: SocketAddr,
-    ) -> Result<Request<()>, OutboundError> {
-        let for_ip = match peer.ip() {
-            std::net::IpAddr::V4(ip) => format!("for=\"{ip}\""),
-            std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-        };
-        let w = &self.source;
-        let baggage = format!(
-            "k8s.namespace.name={},k8s.pod.name={},service.name={}",
-            w.namespace, w.name, w.name
-        );
-        let trace_id: u128 = rand::random();
-        let span_id: u64 = rand::random();
-        Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header("forwarded", for_ip)
-            .header("baggage", baggage)
-            .header(
-                "traceparent",
-                format!("00-{trace_id:032x}-{span_id:016x}-00"),
-            )
-            .body(())
-            .map_err(|e| OutboundError::Request(e.to_string()))
     }
 }
 

@@ -5,10 +5,12 @@
 //! view — so a connection decides against one consistent version.
 
 pub mod authz;
+pub mod l7;
 pub mod model;
 mod route;
 
 pub use model::*;
+pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
 pub use route::{Destination, Route};
 
 use std::collections::HashMap;

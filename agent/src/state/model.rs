@@ -24,8 +24,18 @@ pub enum ApplicationTunnel {
     /// Raw bytes of the tunneled connection.
     #[default]
     None,
-    /// A PROXY protocol v2 header first (waypoints).
-    Proxy,
+    /// A PROXY protocol v2 header first (waypoints), carrying the source,
+    /// the tunnel's target and the source identity (TLV 0xD0). Delivered
+    /// to `port` when given, else to the target's port.
+    Proxy { port: Option<u16> },
+}
+
+impl ApplicationTunnel {
+    /// Whether the workload is a waypoint-like proxy: it serves tunnels
+    /// for targets other than its own addresses.
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, ApplicationTunnel::Proxy { .. })
+    }
 }
 
 /// Where a waypoint is found.
@@ -65,6 +75,9 @@ pub struct Workload {
     pub waypoint: Option<Waypoint>,
     /// Unhealthy workloads are not chosen as service endpoints.
     pub healthy: bool,
+    /// Relative weight among a service's endpoints (Istio's `capacity`,
+    /// default 1); 0 is chosen only when every candidate has 0.
+    pub capacity: u32,
 }
 
 impl Workload {
@@ -95,6 +108,7 @@ impl Workload {
             application_tunnel: ApplicationTunnel::None,
             waypoint: None,
             healthy: true,
+            capacity: 1,
         }
     }
 }
@@ -233,4 +247,7 @@ pub struct Mesh {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: Vec<Policy>,
+    /// L7 routes for waypoints (local mode only: istiod sends these to
+    /// Envoy waypoints in its own resources, not to node agents).
+    pub http_routes: Vec<super::l7::HttpRoute>,
 }

@@ -203,8 +203,19 @@ impl Snapshot {
             .filter_map(|e| self.workload_by_uid(&e.workload_uid))
             .filter(|w| w.healthy && pick_address(w, want_v4).is_some())
             .collect();
-        candidates.choose(&mut rand::rng()).map(|w| (*w).clone())
+        choose_weighted(&candidates)
     }
+}
+
+/// One of `candidates`, at random in proportion to their capacity (all
+/// alike when every capacity is 0).
+pub(super) fn choose_weighted(candidates: &[&Arc<Workload>]) -> Option<Arc<Workload>> {
+    let mut rng = rand::rng();
+    candidates
+        .choose_weighted(&mut rng, |w| w.capacity)
+        .or_else(|_| candidates.choose(&mut rng).ok_or(()))
+        .ok()
+        .map(|w| (*w).clone())
 }
 
 /// The workload's first address of the wanted family, else its first.
@@ -375,7 +386,7 @@ mod waypoint_tests {
 
     fn wl(uid: &str, ip: &str, waypoint: Option<Waypoint>) -> Workload {
         let application_tunnel = if uid.starts_with("wp") {
-            ApplicationTunnel::Proxy
+            ApplicationTunnel::Proxy { port: None }
         } else {
             ApplicationTunnel::None
         };

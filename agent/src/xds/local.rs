@@ -178,6 +178,16 @@ pub enum Problem {
     MissingSelector,
     #[error("`selector` is only allowed with scope WORKLOAD_SELECTOR")]
     UnexpectedSelector,
+    #[error("`applicationTunnelPort` needs `applicationTunnel: PROXY`")]
+    TunnelPortWithoutProxy,
+    #[error("no service {0:?} (expected <namespace>/<hostname> of a service in this file)")]
+    UnknownService(String),
+    #[error("a rule needs exactly one of `deny: true` and `backends`, not both")]
+    RuleBoth,
+    #[error("a rule needs exactly one of `deny: true` and `backends`, found neither")]
+    RuleNeither,
+    #[error("at least one backend needs a weight above 0")]
+    NoWeight,
 }
 
 /// True for a file with no YAML document in it (only comments, blank lines

@@ -249,7 +249,12 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
             t.protocol,
         )? {
             pb::application_tunnel::Protocol::None => ApplicationTunnel::None,
-            pb::application_tunnel::Protocol::Proxy => ApplicationTunnel::Proxy,
+            pb::application_tunnel::Protocol::Proxy => ApplicationTunnel::Proxy {
+                port: match t.port {
+                    0 => None,
+                    p => Some(port("application_tunnel.port", p)?),
+                },
+            },
         },
     };
     let healthy = match enum_value("status", "WorkloadStatus", w.status)? {
@@ -290,6 +295,8 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
         application_tunnel,
         waypoint: waypoint("waypoint", w.waypoint)?,
         healthy,
+        // Unset means one instance.
+        capacity: w.capacity.unwrap_or(1),
     };
     Ok(WorkloadResource {
         workload,

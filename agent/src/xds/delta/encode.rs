@@ -165,11 +165,12 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
         authorization_policies,
         application_tunnel: match w.application_tunnel {
             ApplicationTunnel::None => None,
-            ApplicationTunnel::Proxy => Some(pb::ApplicationTunnel {
+            ApplicationTunnel::Proxy { port } => Some(pb::ApplicationTunnel {
                 protocol: pb::application_tunnel::Protocol::Proxy as i32,
-                port: 0,
+                port: port.map_or(0, u32::from),
             }),
         },
+        capacity: (w.capacity != 1).then_some(w.capacity),
         ..Default::default()
     }
 }

@@ -10,14 +10,15 @@ use ipnet::IpNet;
 use marked_yaml::{Span, Spanned};
 
 use super::schema::{
-    Action, AppTunnel, MatchEntry, MeshFile, PolicyEntry, Protocol, RuleEntry, Scope, ServiceEntry,
-    Text, WaypointEntry, WorkloadEntry,
+    Action, AppTunnel, HttpRouteEntry, MatchEntry, MeshFile, PathEntry, PolicyEntry, Protocol,
+    RuleEntry, Scope, ServiceEntry, Text, WaypointEntry, WorkloadEntry,
 };
 use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
 use crate::state::{
-    ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
-    Service, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute, HttpRule,
+    Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service, ServicePort,
+    StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -43,6 +44,10 @@ pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
     let mut keys = HashMap::new();
     for (i, p) in raw.policies.iter().enumerate() {
         mesh.policies.push(cx.policy(i, p, &mut keys)?);
+    }
+    for (i, r) in raw.http_routes.iter().enumerate() {
+        let route = cx.http_route(i, r, &mesh.services)?;
+        mesh.http_routes.push(route);
     }
     Ok(mesh)
 }
@@ -178,6 +183,16 @@ impl Converter<'_> {
         let netns = optional_path(&w.netns);
         let cgroup = optional_path(&w.cgroup);
         let waypoint = self.waypoint(&f("waypoint"), w.waypoint.as_ref())?;
+        let port_field = f("applicationTunnelPort");
+        let application_tunnel = match (&w.application_tunnel, &w.application_tunnel_port) {
+            (AppTunnel::None, None) => ApplicationTunnel::None,
+            (AppTunnel::None, Some(p)) => {
+                return Err(self.err(port_field, p.span(), Problem::TunnelPortWithoutProxy))
+            }
+            (AppTunnel::Proxy, port) => ApplicationTunnel::Proxy {
+                port: port.as_ref().map(|p| self.port(&port_field, p)).transpose()?,
+            },
+        };
         self.workloads.insert(
             uid.clone(),
             (namespace.clone(), place(&f("uid"), w.uid.span())),
@@ -196,12 +211,10 @@ impl Converter<'_> {
                 Protocol::Hbone => TunnelProtocol::Hbone,
                 Protocol::None => TunnelProtocol::None,
             },
-            application_tunnel: match w.application_tunnel {
-                AppTunnel::None => ApplicationTunnel::None,
-                AppTunnel::Proxy => ApplicationTunnel::Proxy,
-            },
+            application_tunnel,
             waypoint,
             healthy: w.healthy,
+            capacity: w.capacity,
         })
     }
 
@@ -458,5 +471,97 @@ impl Converter<'_> {
             destination_ports: ports("destinationPorts", &m.destination_ports)?,
             not_destination_ports: ports("notDestinationPorts", &m.not_destination_ports)?,
         })
+    }
+}
+
+impl Converter<'_> {
+    fn http_route(&self, i: usize, r: &HttpRouteEntry, services: &[Service]) -> Result<HttpRoute> {
+        let f = |name: &str| format!("httpRoutes[{i}].{name}");
+        let name = self.required(&f("name"), &r.name)?;
+        let namespace = self.required(&f("namespace"), &r.namespace)?;
+        let service = match r.service.split_once('/') {
+            Some((ns, host))
+                if services
+                    .iter()
+                    .any(|s| s.namespace == ns && s.hostname == host) =>
+            {
+                (ns.to_string(), host.to_string())
+            }
+            _ => {
+                let problem = Problem::UnknownService(r.service.to_string());
+                return Err(self.err(f("service"), r.service.span(), problem));
+            }
+        };
+        let mut rules = Vec::with_capacity(r.rules.len());
+        for (j, rule) in r.rules.iter().enumerate() {
+            let field = f(&format!("rules[{j}]"));
+            let matches = rule
+                .matches
+                .iter()
+                .map(|m| HttpMatch {
+                    path: m.path.as_ref().map(|p| match p {
+                        PathEntry::Exact(p) => PathMatch::Exact(p.clone()),
+                        PathEntry::Prefix(p) => PathMatch::Prefix(p.clone()),
+                    }),
+                    method: m.method.as_ref().map(|m| m.to_ascii_uppercase()),
+                    headers: m
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                        .collect(),
+                })
+                .collect();
+            let action = match (&rule.deny, &rule.backends) {
+                (true, None) => HttpAction::Deny,
+                (false, Some(backends)) => {
+                    HttpAction::Route(self.backends(&format!("{field}.backends"), backends)?)
+                }
+                (true, Some(b)) => {
+                    return Err(self.err(format!("{field}.backends"), b.span(), Problem::RuleBoth))
+                }
+                (false, None) => {
+                    let span = r.name.span();
+                    return Err(self.err(field, span, Problem::RuleNeither));
+                }
+            };
+            rules.push(HttpRule { matches, action });
+        }
+        Ok(HttpRoute {
+            name,
+            namespace,
+            service_namespace: service.0,
+            service_hostname: service.1,
+            rules,
+        })
+    }
+
+    fn backends(
+        &self,
+        field: &str,
+        entries: &Spanned<Vec<super::schema::BackendEntry>>,
+    ) -> Result<Vec<Backend>> {
+        if entries.iter().all(|b| b.weight == 0) {
+            return Err(self.err(field, entries.span(), Problem::NoWeight));
+        }
+        let mut backends = Vec::with_capacity(entries.len());
+        for (k, b) in entries.iter().enumerate() {
+            let field = format!("{field}[{k}].workloads");
+            if b.workloads.is_empty() {
+                return Err(self.err(field, b.workloads.span(), Problem::Empty));
+            }
+            let mut uids = Vec::with_capacity(b.workloads.len());
+            for t in b.workloads.iter() {
+                if !self.workloads.contains_key(t.as_str()) {
+                    let problem = Problem::UnknownWorkload(t.to_string());
+                    return Err(self.err(field, t.span(), problem));
+                }
+                uids.push(t.to_string());
+            }
+            backends.push(Backend {
+                workload_uids: uids,
+                weight: b.weight,
+            });
+        }
+        Ok(backends)
     }
 }

@@ -17,6 +17,8 @@ pub(super) struct MeshFile {
     pub services: Vec<ServiceEntry>,
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
+    #[serde(default)]
+    pub http_routes: Vec<HttpRouteEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,8 +37,13 @@ pub(super) struct WorkloadEntry {
     pub protocol: Protocol,
     #[serde(default)]
     pub application_tunnel: AppTunnel,
+    /// Where PROXY-protocol tunnels are delivered (default: the target port).
+    pub application_tunnel_port: Option<Spanned<u16>>,
     #[serde(default = "default_true")]
     pub healthy: bool,
+    /// Weight among a service's endpoints (default 1).
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
     pub waypoint: Option<Spanned<WaypointEntry>>,
 }
 
@@ -155,6 +162,58 @@ pub(super) struct MatchEntry {
     pub not_destination_ports: Vec<Spanned<u16>>,
 }
 
+/// L7 routes of one service, for waypoints.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct HttpRouteEntry {
+    pub name: Text,
+    pub namespace: Text,
+    /// `namespace/hostname` of the service.
+    pub service: Text,
+    #[serde(default)]
+    pub rules: Vec<HttpRuleEntry>,
+}
+
+/// Exactly one of `deny: true` and `backends`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct HttpRuleEntry {
+    #[serde(default)]
+    pub matches: Vec<HttpMatchEntry>,
+    #[serde(default)]
+    pub deny: bool,
+    pub backends: Option<Spanned<Vec<BackendEntry>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub(super) struct HttpMatchEntry {
+    pub path: Option<PathEntry>,
+    pub method: Option<Text>,
+    /// Header name -> exact value.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) enum PathEntry {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct BackendEntry {
+    /// Workload uids.
+    pub workloads: Spanned<Vec<Text>>,
+    #[serde(default = "default_capacity")]
+    pub weight: u32,
+}
+
 fn default_true() -> bool {
     true
+}
+
+fn default_capacity() -> u32 {
+    1
 }

@@ -143,7 +143,7 @@ fn expected_full() -> Mesh {
     let echo = Workload {
         trust_domain: "example.org".into(),
         protocol: TunnelProtocol::None,
-        application_tunnel: ApplicationTunnel::Proxy,
+        application_tunnel: ApplicationTunnel::Proxy { port: None },
         healthy: false,
         waypoint: Some(Waypoint {
             target: WaypointTarget::Address(ip("10.0.0.9")),

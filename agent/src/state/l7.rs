@@ -1,0 +1,297 @@
+//! L7 routes a waypoint applies to the HTTP/1.1 requests of a service:
+//! match a request by path, method or headers, then deny it (403) or send
+//! it to one of weighted subsets of the service's workloads.
+
+use std::sync::Arc;
+
+use rand::seq::IndexedRandom;
+
+use super::{Service, Snapshot, Workload};
+
+/// The routes of one service, tried in order; the first rule whose
+/// matches hold decides. Without a matching rule any endpoint serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRoute {
+    pub name: String,
+    pub namespace: String,
+    /// The service (`namespace`, `hostname`) whose traffic it routes.
+    pub service_namespace: String,
+    pub service_hostname: String,
+    pub rules: Vec<HttpRule>,
+}
+
+/// Holds when any of `matches` holds (or always, when there are none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRule {
+    pub matches: Vec<HttpMatch>,
+    pub action: HttpAction,
+}
+
+/// Every given condition must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpMatch {
+    pub path: Option<PathMatch>,
+    /// Upper-case method, e.g. `DELETE`.
+    pub method: Option<String>,
+    /// Header name (lower case) and exact value.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAction {
+    /// Answer 403 Forbidden.
+    Deny,
+    /// Send to one of these subsets, chosen by weight.
+    Route(Vec<Backend>),
+}
+
+/// A subset of a service's workloads and its share of the traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub workload_uids: Vec<String>,
+    pub weight: u32,
+}
+
+/// What to do with one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum L7Decision {
+    /// Refuse with 403; names the route and rule that denied it.
+    Deny { rule: String },
+    /// Send to this workload.
+    Forward(Arc<Workload>),
+    /// Nothing healthy to send it to.
+    NoBackend,
+}
+
+impl HttpMatch {
+    fn holds(&self, req: &http::request::Parts) -> bool {
+        let path = req.uri.path();
+        let path_ok = match &self.path {
+            None => true,
+            Some(PathMatch::Exact(p)) => path == p,
+            Some(PathMatch::Prefix(p)) => path.starts_with(p.as_str()),
+        };
+        let method_ok = self.method.as_ref().is_none_or(|m| req.method.as_str() == m);
+        let headers_ok = self.headers.iter().all(|(name, value)| {
+            req.headers
+                .get_all(name.as_str())
+                .iter()
+                .any(|v| v.as_bytes() == value.as_bytes())
+        });
+        path_ok && method_ok && headers_ok
+    }
+}
+
+impl Snapshot {
+    /// The routes of `service`, if any are configured.
+    pub fn http_route(&self, service: &Service) -> Option<&HttpRoute> {
+        self.mesh().http_routes.iter().find(|r| {
+            r.service_namespace == service.namespace && r.service_hostname == service.hostname
+        })
+    }
+
+    /// Decides where request `req` to `service` goes.
+    pub fn route_request(&self, service: &Service, req: &http::request::Parts) -> L7Decision {
+        let rule = self.http_route(service).and_then(|route| {
+            route
+                .rules
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.matches.is_empty() || r.matches.iter().any(|m| m.holds(req)))
+                .map(|(i, r)| (route, i, r))
+        });
+        let chosen = match rule {
+            Some((route, i, HttpRule { action: HttpAction::Deny, .. })) => {
+                return L7Decision::Deny {
+                    rule: format!("{}/{} rule {i}", route.namespace, route.name),
+                }
+            }
+            Some((
+                _,
+                _,
+                HttpRule {
+                    action: HttpAction::Route(backends),
+                    ..
+                },
+            )) => backends
+                .choose_weighted(&mut rand::rng(), |b| b.weight)
+                .ok()
+                .and_then(|b| self.choose_among(&b.workload_uids)),
+            None => self.choose_endpoint(service, true),
+        };
+        chosen.map_or(L7Decision::NoBackend, L7Decision::Forward)
+    }
+
+    /// A healthy workload among `uids`, weighted by capacity.
+    fn choose_among(&self, uids: &[String]) -> Option<Arc<Workload>> {
+        let candidates: Vec<&Arc<Workload>> = uids
+            .iter()
+            .filter_map(|uid| self.workload_by_uid(uid))
+            .filter(|w| w.healthy && !w.addresses.is_empty())
+            .collect();
+        super::route::choose_weighted(&candidates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Endpoint, Mesh, ServicePort};
+
+    fn mesh(rules: Vec<HttpRule>) -> Snapshot {
+        let workloads = ["v1", "v2"]
+            .iter()
+            .enumerate()
+            .map(|(i, uid)| Workload::for_test(uid, "ns", Some(&format!("10.0.0.{}", i + 1))))
+            .collect();
+        Snapshot::new(Mesh {
+            workloads,
+            services: vec![Service {
+                name: "svc".into(),
+                namespace: "ns".into(),
+                hostname: "svc.ns".into(),
+                vips: vec!["10.1.0.1".parse().expect("ip")],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec![
+                    Endpoint {
+                        workload_uid: "v1".into(),
+                    },
+                    Endpoint {
+                        workload_uid: "v2".into(),
+                    },
+                ],
+                subject_alt_names: vec![],
+                waypoint: None,
+            }],
+            http_routes: vec![HttpRoute {
+                name: "r".into(),
+                namespace: "ns".into(),
+                service_namespace: "ns".into(),
+                service_hostname: "svc.ns".into(),
+                rules,
+            }],
+            ..Mesh::default()
+        })
+    }
+
+    fn to(uids: &[(&str, u32)]) -> HttpAction {
+        HttpAction::Route(
+            uids.iter()
+                .map(|(u, w)| Backend {
+                    workload_uids: vec![u.to_string()],
+                    weight: *w,
+                })
+                .collect(),
+        )
+    }
+
+    fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    fn decide(snap: &Snapshot, r: &http::request::Parts) -> String {
+        let svc = snap.mesh().services[0].clone();
+        match snap.route_request(&svc, r) {
+            L7Decision::Deny { rule } => format!("deny {rule}"),
+            L7Decision::Forward(w) => w.uid.clone(),
+            L7Decision::NoBackend => "none".into(),
+        }
+    }
+
+    #[test]
+    fn rules_match_in_order() {
+        let snap = mesh(vec![
+            HttpRule {
+                matches: vec![HttpMatch {
+                    path: Some(PathMatch::Prefix("/admin".into())),
+                    ..Default::default()
+                }],
+                action: HttpAction::Deny,
+            },
+            HttpRule {
+                matches: vec![HttpMatch {
+                    method: Some("DELETE".into()),
+                    ..Default::default()
+                }],
+                action: HttpAction::Deny,
+            },
+            HttpRule {
+                matches: vec![
+                    HttpMatch {
+                        headers: vec![("x-version".into(), "v2".into())],
+                        ..Default::default()
+                    },
+                    HttpMatch {
+                        path: Some(PathMatch::Exact("/v2".into())),
+                        ..Default::default()
+                    },
+                ],
+                action: to(&[("v2", 1)]),
+            },
+            HttpRule {
+                matches: vec![],
+                action: to(&[("v1", 1)]),
+            },
+        ]);
+        let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+            ("GET", "/admin/x", &[], "deny ns/r rule 0"),
+            ("GET", "/adminx", &[], "deny ns/r rule 0"),
+            ("DELETE", "/thing", &[], "deny ns/r rule 1"),
+            ("GET", "/thing", &[("x-version", "v2")], "v2"),
+            ("GET", "/thing", &[("x-version", "v3")], "v1"),
+            ("GET", "/v2", &[], "v2"),
+            ("GET", "/v2/deeper", &[], "v1"),
+            ("POST", "/", &[], "v1"),
+        ];
+        for (method, path, headers, want) in cases {
+            assert_eq!(
+                decide(&snap, &req(method, path, headers)),
+                *want,
+                "{method} {path} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn weights_split_traffic() {
+        let snap = mesh(vec![HttpRule {
+            matches: vec![],
+            action: to(&[("v1", 80), ("v2", 20)]),
+        }]);
+        let r = req("GET", "/", &[]);
+        let v2 = (0..10_000).filter(|_| decide(&snap, &r) == "v2").count();
+        // 2,000 expected; 5 standard deviations is 200.
+        assert!((1_800..=2_200).contains(&v2), "{v2} of 10000 went to v2");
+    }
+
+    #[test]
+    fn without_routes_any_endpoint_serves() {
+        let snap = mesh(vec![]);
+        let r = req("GET", "/", &[]);
+        let seen: std::collections::HashSet<String> =
+            (0..200).map(|_| decide(&snap, &r)).collect();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+    }
+
+    #[test]
+    fn unhealthy_or_missing_backends_yield_none() {
+        let snap = mesh(vec![HttpRule {
+            matches: vec![],
+            action: to(&[("gone", 1)]),
+        }]);
+        assert_eq!(decide(&snap, &req("GET", "/", &[])), "none");
+    }
+}

@@ -1,0 +1,284 @@
+//! The reference waypoint: an L7 proxy for tests and the demo.
+//!
+//! It terminates HBONE with the waypoint workload's identity, reads the
+//! HTTP/1.1 requests inside each tunnel, applies the mesh's L7 routes for
+//! the target service (deny with 403, or pick a weighted subset of its
+//! workloads), and carries each request over HBONE to the chosen workload,
+//! which sees the waypoint's identity. It is configured from the same
+//! mesh as the agents (local YAML or xDS).
+
+mod http1;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn, Instrument};
+
+use crate::config::{Config, Mode};
+use crate::hbone::{server, tls, H2Settings, Pool, PoolConfig};
+use crate::identity::{CaError, CertManager, CertManagerConfig, Identity};
+use crate::socket::{ListenOpts, Sockets};
+use crate::state::{State, Workload};
+
+/// Where and how the waypoint runs.
+#[derive(Clone, Debug)]
+pub struct WaypointConfig {
+    /// The mesh workload this waypoint is (its identity and address).
+    pub workload_uid: String,
+    /// Port to accept HBONE on (default 15008).
+    pub hbone_port: u16,
+    /// HBONE port of the agents it forwards to.
+    pub peer_hbone_port: u16,
+    pub connect_timeout: Duration,
+    pub h2: H2Settings,
+}
+
+impl WaypointConfig {
+    pub fn new(workload_uid: impl Into<String>) -> Self {
+        WaypointConfig {
+            workload_uid: workload_uid.into(),
+            hbone_port: crate::hbone::HBONE_PORT,
+            peer_hbone_port: crate::hbone::HBONE_PORT,
+            connect_timeout: Duration::from_secs(10),
+            h2: H2Settings::default(),
+        }
+    }
+}
+
+/// Why the waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error("no workload {0:?} in the mesh")]
+    UnknownWorkload(String),
+    #[error("workload {0:?} has no address")]
+    NoAddress(String),
+    #[error("certificate: {0}")]
+    Certificate(#[from] CaError),
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] crate::agent::AgentError),
+}
+
+/// One request the waypoint handled.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub src: IpAddr,
+    pub src_identity: Identity,
+    /// The tunnel's target: a service VIP:port or a workload address.
+    pub target: SocketAddr,
+    pub method: String,
+    pub path: String,
+    /// The workload chosen, if the request was forwarded.
+    pub backend: Option<String>,
+    pub status: u16,
+    /// Why it was not forwarded (denying rule, no backend, error).
+    pub reason: Option<String>,
+}
+
+/// A running waypoint; dropping it stops it.
+pub struct Waypoint {
+    pub addr: SocketAddr,
+    records: broadcast::Sender<Arc<RequestRecord>>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// What keeps the mesh current, when the waypoint owns it.
+    sources: Vec<tokio::task::JoinHandle<()>>,
+    sources_stop: Option<watch::Sender<bool>>,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+        if let Some(stop) = &self.sources_stop {
+            let _ = stop.send(true);
+        }
+        for t in &self.sources {
+            t.abort();
+        }
+    }
+}
+
+/// What every tunnel of the waypoint shares.
+pub(crate) struct Shared {
+    pub state: Arc<State>,
+    pub certs: Arc<CertManager>,
+    pub pool: Pool,
+    pub workload: Arc<Workload>,
+    pub sockets: Sockets,
+    pub cfg: WaypointConfig,
+    pub records: broadcast::Sender<Arc<RequestRecord>>,
+}
+
+impl Waypoint {
+    /// Listens on the waypoint workload's address inside `sockets` and
+    /// serves until dropped.
+    pub async fn start(
+        state: Arc<State>,
+        certs: Arc<CertManager>,
+        pool: Pool,
+        sockets: Sockets,
+        cfg: WaypointConfig,
+    ) -> Result<Waypoint, WaypointError> {
+        let workload = state
+            .snapshot()
+            .workload_by_uid(&cfg.workload_uid)
+            .cloned()
+            .ok_or_else(|| WaypointError::UnknownWorkload(cfg.workload_uid.clone()))?;
+        let ip = workload
+            .addresses
+            .first()
+            .copied()
+            .ok_or_else(|| WaypointError::NoAddress(workload.uid.clone()))?;
+        // Fail now, not at the first connection, if no certificate comes.
+        certs.fetch(&workload.identity()).await?;
+        certs.track(workload.identity());
+        let addr = SocketAddr::new(ip, cfg.hbone_port);
+        let listener = sockets
+            .listen(addr, ListenOpts::default())
+            .await
+            .map_err(|e| WaypointError::Listen(addr, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| WaypointError::Listen(addr, e))?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let records = broadcast::channel(4096).0;
+        let shared = Arc::new(Shared {
+            state,
+            certs,
+            pool,
+            workload,
+            sockets,
+            cfg,
+            records: records.clone(),
+        });
+        let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
+        info!(parent: &span, "waypoint listening");
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let shutdown = shutdown_rx.clone();
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = shared.serve(stream, peer, shutdown).await {
+                                warn!(%peer, error = %e, "HBONE connection refused or failed");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Waypoint {
+            addr,
+            records,
+            shutdown,
+            task,
+            sources: Vec::new(),
+            sources_stop: None,
+        })
+    }
+
+    /// Starts as the agent would from `cfg`: its CA, its mesh source, its
+    /// HBONE settings; the waypoint is mesh workload `uid`, listening in
+    /// the current network namespace.
+    pub async fn from_config(cfg: &Config, uid: &str) -> Result<Waypoint, WaypointError> {
+        let (signer, trust) = crate::agent::signer_for(cfg)?;
+        let certs = CertManager::new(
+            signer,
+            trust,
+            CertManagerConfig {
+                ttl: cfg.ca.cert_ttl,
+                ..Default::default()
+            },
+        );
+        let state = Arc::new(State::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut sources = Vec::new();
+        crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
+        if cfg.mode == Mode::Istio {
+            // Wait for the first push: the waypoint must find itself in it.
+            let mut changes = state.subscribe();
+            let _ = tokio::time::timeout(cfg.connect_timeout, changes.changed()).await;
+        }
+        let pool = Pool::new(
+            certs.clone(),
+            PoolConfig {
+                connect_timeout: cfg.connect_timeout,
+                h2: cfg.h2(),
+                ..Default::default()
+            },
+        );
+        let wcfg = WaypointConfig {
+            hbone_port: cfg.ports.hbone,
+            peer_hbone_port: cfg.ports.hbone,
+            connect_timeout: cfg.connect_timeout,
+            h2: cfg.h2(),
+            ..WaypointConfig::new(uid)
+        };
+        let mut wp = Waypoint::start(state, certs, pool, Sockets::Host, wcfg).await?;
+        // The sources stop with the waypoint.
+        wp.sources = sources;
+        wp.sources_stop = Some(stop);
+        Ok(wp)
+    }
+
+    /// A record of every request handled from now on.
+    pub fn requests(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
+        self.records.subscribe()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("certificate: {0}")]
+    Certificate(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+impl Shared {
+    async fn serve(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnectionError> {
+        let local = stream.local_addr().unwrap_or(peer);
+        let cert = self.certs.fetch(&self.workload.identity()).await?;
+        let cfg = Arc::new(tls::server_config(&cert, self.certs.trust_bundle())?);
+        let (tls, peer_identity) = server::accept_tls(
+            stream,
+            cfg,
+            self.cfg.connect_timeout,
+            &self.workload.trust_domain,
+        )
+        .await?;
+        let info = server::ConnectionInfo {
+            peer_identity,
+            peer_addr: peer,
+            local_addr: local,
+        };
+        let h2 = self.cfg.h2;
+        server::serve(tls, info, &h2, Arc::new(http1::L7(self)), shutdown).await?;
+        Ok(())
+    }
+}
