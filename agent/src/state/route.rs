@@ -317,7 +317,7 @@ mod tests {
                     waypoint: None,
                 },
             ],
-            policies: vec![],
+            ..Mesh::default()
         })
     }
 
@@ -445,7 +445,7 @@ mod waypoint_tests {
                 svc("web", "10.96.0.1", &["web"], Some(by_service)),
                 svc("wp", "10.96.0.9", &["wp1"], None),
             ],
-            policies: vec![],
+            ..Mesh::default()
         })
     }
 
@@ -532,5 +532,71 @@ mod waypoint_tests {
                 .as_ref()
                 .unwrap()
         ));
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+    use crate::state::{Endpoint, Mesh, ServicePort};
+
+    /// A service waypoint made of two waypoint workloads of capacity 3
+    /// and 1: tunnels spread 3:1 between them.
+    #[test]
+    fn waypoint_workloads_are_chosen_by_capacity() {
+        let wp = |uid: &str, ip: &str, capacity: u32| Workload {
+            capacity,
+            ..Workload::for_test(uid, "ns", Some(ip))
+        };
+        let service = |name: &str, vip: &str, endpoints: &[&str], waypoint| Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            hostname: format!("{name}.ns"),
+            vips: vec![vip.parse().expect("vip")],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    workload_uid: (*e).into(),
+                })
+                .collect(),
+            subject_alt_names: vec![],
+            waypoint,
+        };
+        let snap = Snapshot::new(Mesh {
+            workloads: vec![
+                wp("big", "10.0.9.1", 3),
+                wp("small", "10.0.9.2", 1),
+                Workload::for_test("app", "ns", Some("10.0.0.1")),
+            ],
+            services: vec![
+                service("wp", "10.96.0.9", &["big", "small"], None),
+                service(
+                    "app",
+                    "10.96.0.1",
+                    &["app"],
+                    Some(Waypoint {
+                        target: WaypointTarget::Service {
+                            namespace: "ns".into(),
+                            hostname: "wp.ns".into(),
+                        },
+                        hbone_port: 15008,
+                    }),
+                ),
+            ],
+            ..Mesh::default()
+        });
+        let dst: SocketAddr = "10.96.0.1:80".parse().expect("dst");
+        let small = (0..4000)
+            .filter(|_| match snap.route(dst, 15008) {
+                Route::Hbone { workload, .. } => workload.uid == "small",
+                r => panic!("unexpected {r:?}"),
+            })
+            .count();
+        // 1,000 expected; the standard deviation is about 27.
+        assert!((850..=1150).contains(&small), "{small} of 4000 to capacity 1");
     }
 }

@@ -91,6 +91,9 @@ pub fn canonical(mesh: &Mesh) -> Mesh {
         s.endpoints
             .sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
     }
+    // L7 routes are waypoint configuration; Istio does not send them to
+    // node agents.
+    m.http_routes.clear();
     m.policies.sort_by_key(Policy::key);
     for p in &mut m.policies {
         if let PolicyScope::WorkloadSelector { workload_uids } = &mut p.scope {

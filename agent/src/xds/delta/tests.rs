@@ -43,6 +43,8 @@ workloads:
     addresses: [10.0.9.9]
     node: node-b
     applicationTunnel: PROXY
+    applicationTunnelPort: 15088
+    capacity: 2
     waypoint: {service: test/other.test.svc.cluster.local}
 services:
   - name: server
@@ -291,6 +293,18 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
                 })
             }),
             "application_tunnel.protocol: unknown",
+        ),
+        (
+            "app tunnel port out of range",
+            w,
+            "w",
+            workload_any(|w| {
+                w.application_tunnel = Some(pb::ApplicationTunnel {
+                    protocol: pb::application_tunnel::Protocol::Proxy as i32,
+                    port: 70000,
+                })
+            }),
+            "application_tunnel.port",
         ),
         (
             "waypoint without destination",

@@ -57,6 +57,8 @@ const FULL: &str = r#"
         netns: ~
         protocol: NONE
         applicationTunnel: PROXY
+        applicationTunnelPort: 15088
+        capacity: 3
         healthy: false
         waypoint:
           address: 10.0.0.9
@@ -111,6 +113,20 @@ const FULL: &str = r#"
         selector: []
       - name: ns
         namespace: test
+    httpRoutes:
+      - name: echo-routes
+        namespace: default
+        service: default/echo.default.svc.cluster.local
+        rules:
+          - matches:
+              - path: {prefix: /admin}
+              - method: delete
+                headers: {X-User: mallory}
+            deny: true
+          - matches: [{path: {exact: /v2}}]
+            backends:
+              - {workloads: [node-b/echo], weight: 9}
+              - {workloads: [node-a/client, node-b/echo]}
 "#;
 
 fn expected_full() -> Mesh {
@@ -128,6 +144,7 @@ fn expected_full() -> Mesh {
         application_tunnel: ApplicationTunnel::None,
         waypoint: None,
         healthy: true,
+        capacity: 1,
     };
     let client = Workload {
         service_account: "client".into(),
@@ -143,7 +160,8 @@ fn expected_full() -> Mesh {
     let echo = Workload {
         trust_domain: "example.org".into(),
         protocol: TunnelProtocol::None,
-        application_tunnel: ApplicationTunnel::Proxy { port: None },
+        application_tunnel: ApplicationTunnel::Proxy { port: Some(15088) },
+        capacity: 3,
         healthy: false,
         waypoint: Some(Waypoint {
             target: WaypointTarget::Address(ip("10.0.0.9")),
@@ -261,6 +279,44 @@ fn expected_full() -> Mesh {
                 dry_run: false,
             },
         ],
+        http_routes: vec![HttpRoute {
+            name: "echo-routes".into(),
+            namespace: "default".into(),
+            service_namespace: "default".into(),
+            service_hostname: "echo.default.svc.cluster.local".into(),
+            rules: vec![
+                HttpRule {
+                    matches: vec![
+                        HttpMatch {
+                            path: Some(PathMatch::Prefix("/admin".into())),
+                            ..Default::default()
+                        },
+                        HttpMatch {
+                            method: Some("DELETE".into()),
+                            headers: vec![("x-user".into(), "mallory".into())],
+                            ..Default::default()
+                        },
+                    ],
+                    action: HttpAction::Deny,
+                },
+                HttpRule {
+                    matches: vec![HttpMatch {
+                        path: Some(PathMatch::Exact("/v2".into())),
+                        ..Default::default()
+                    }],
+                    action: HttpAction::Route(vec![
+                        Backend {
+                            workload_uids: vec!["node-b/echo".into()],
+                            weight: 9,
+                        },
+                        Backend {
+                            workload_uids: vec!["node-a/client".into(), "node-b/echo".into()],
+                            weight: 1,
+                        },
+                    ]),
+                },
+            ],
+        }],
     }
 }
 
@@ -918,6 +974,108 @@ fn bad_files_name_file_line_and_field() {
                 ",
             ),
             "mesh.yaml:8:36: policies[0].rules[1].clauses[0].matches[0].destinationPorts[0]: port must be in 1..=65535",
+        ),
+        (
+            "tunnel port without PROXY",
+            with_base(4, "applicationTunnelPort: 15088"),
+            "mesh.yaml:7:28: workloads[0].applicationTunnelPort: `applicationTunnelPort` needs `applicationTunnel: PROXY`",
+        ),
+        (
+            "tunnel port 0",
+            with_base(4, "applicationTunnel: PROXY\napplicationTunnelPort: 0"),
+            "mesh.yaml:8:28: workloads[0].applicationTunnelPort: port must be in 1..=65535",
+        ),
+        (
+            "route for an unknown service",
+            with_base(0, "httpRoutes:\n  - {name: r, namespace: default, service: default/nope}"),
+            "mesh.yaml:8:44: httpRoutes[0].service: no service \"default/nope\"",
+        ),
+        (
+            "rule with deny and backends",
+            with_base(
+                0,
+                "
+                services:
+                  - {name: s, namespace: default, vips: [10.96.0.1], endpoints: [a]}
+                httpRoutes:
+                  - name: r
+                    namespace: default
+                    service: default/s.default.svc.cluster.local
+                    rules:
+                      - deny: true
+                        backends: [{workloads: [a]}]
+                ",
+            ),
+            "mesh.yaml:15:19: httpRoutes[0].rules[0].backends: a rule needs exactly one of `deny: true` and `backends`, not both",
+        ),
+        (
+            "rule with neither",
+            with_base(
+                0,
+                "
+                services:
+                  - {name: s, namespace: default, vips: [10.96.0.1]}
+                httpRoutes:
+                  - name: r
+                    namespace: default
+                    service: default/s.default.svc.cluster.local
+                    rules:
+                      - matches: [{method: GET}]
+                ",
+            ),
+            "httpRoutes[0].rules[0]: a rule needs exactly one of `deny: true` and `backends`, found neither",
+        ),
+        (
+            "backend of an unknown workload",
+            with_base(
+                0,
+                "
+                services:
+                  - {name: s, namespace: default, vips: [10.96.0.1]}
+                httpRoutes:
+                  - name: r
+                    namespace: default
+                    service: default/s.default.svc.cluster.local
+                    rules:
+                      - backends: [{workloads: [ghost]}]
+                ",
+            ),
+            "mesh.yaml:14:33: httpRoutes[0].rules[0].backends[0].workloads: no workload has uid \"ghost\"",
+        ),
+        (
+            "backends all weight 0",
+            with_base(
+                0,
+                "
+                services:
+                  - {name: s, namespace: default, vips: [10.96.0.1]}
+                httpRoutes:
+                  - name: r
+                    namespace: default
+                    service: default/s.default.svc.cluster.local
+                    rules:
+                      - backends: [{workloads: [a], weight: 0}]
+                ",
+            ),
+            "httpRoutes[0].rules[0].backends: at least one backend needs a weight above 0",
+        ),
+        (
+            "unknown path match kind",
+            with_base(
+                0,
+                "
+                services:
+                  - {name: s, namespace: default, vips: [10.96.0.1]}
+                httpRoutes:
+                  - name: r
+                    namespace: default
+                    service: default/s.default.svc.cluster.local
+                    rules:
+                      - matches: [{path: {regex: x}}]
+                        deny: true
+                ",
+            ),
+            "httpRoutes[0].rules[0].matches[0].path",
         ),
     ];
     let mut failures = Vec::new();
