@@ -348,7 +348,12 @@ pub async fn pod_exchange(
     };
     tokio::time::timeout(std::time::Duration::from_secs(5), run)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ))
+        })
 }
 
 /// Waits until `agent` runs a mesh whose policies are exactly `names`

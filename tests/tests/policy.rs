@@ -191,7 +191,10 @@ async fn a_policy_added_while_a_connection_is_open_closes_it() {
     let ended = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the denied connection was left open");
     assert!(rest.is_empty(), "{rest:?}");
-    assert!(!allowed(&m.client, m.server_app(8080)).await, "new connection");
+    assert!(
+        !allowed(&m.client, m.server_app(8080)).await,
+        "new connection"
+    );
     drop((a, b));
 }
 
@@ -259,8 +262,15 @@ async fn foreign_roots_and_claimed_identities_are_refused() {
         .body(())
         .expect("request");
     let (resp, _stream) = send.send_request(claim, false).expect("send");
-    assert_eq!(resp.await.expect("response").status(), StatusCode::UNAUTHORIZED);
-    assert!(echo.peer_ips().is_empty(), "the server app saw {:?}", echo.peer_ips());
+    assert_eq!(
+        resp.await.expect("response").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        echo.peer_ips().is_empty(),
+        "the server app saw {:?}",
+        echo.peer_ips()
+    );
 
     // The real client gets in, so the refusals above were about identity.
     assert!(allowed(&m.client, m.server_app(8080)).await);

@@ -165,11 +165,21 @@ async fn start_waypoint(world: &World, pod: &Pod) -> Waypoint {
     let state = Arc::new(State::default());
     let mut source = LocalSource::new(world.mesh_path(), state.clone(), Duration::from_millis(100));
     source.load_initial().expect("mesh loads");
-    let certs = CertManager::new(world.ca.clone(), world.ca.trust_bundle(), Default::default());
+    let certs = CertManager::new(
+        world.ca.clone(),
+        world.ca.trust_bundle(),
+        Default::default(),
+    );
     let pool = Pool::new(certs.clone(), PoolConfig::default());
-    Waypoint::start(state, certs, pool, pod.sockets(), WaypointConfig::new("waypoint"))
-        .await
-        .expect("waypoint starts")
+    Waypoint::start(
+        state,
+        certs,
+        pool,
+        pod.sockets(),
+        WaypointConfig::new("waypoint"),
+    )
+    .await
+    .expect("waypoint starts")
 }
 
 #[tokio::test]
@@ -238,12 +248,20 @@ async fn requests_go_through_the_waypoint_and_its_routes() {
     let wp_id = Identity::new("cluster.local", "test", "waypoint");
     for r in &inbound {
         assert_eq!(r.src_identity.as_ref(), Some(&wp_id), "{r:?}");
-        assert_eq!(r.src, std::net::IpAddr::V4(client.ip), "original client kept");
+        assert_eq!(
+            r.src,
+            std::net::IpAddr::V4(client.ip),
+            "original client kept"
+        );
     }
 
     // Going around the waypoint: a genuine client certificate straight to
     // v1's HBONE port gets 401; plaintext from outside the mesh is closed.
-    let certs = CertManager::new(world.ca.clone(), world.ca.trust_bundle(), Default::default());
+    let certs = CertManager::new(
+        world.ca.clone(),
+        world.ca.trust_bundle(),
+        Default::default(),
+    );
     let cert = certs.fetch(&client_id).await.expect("cert");
     let tcp = client
         .sockets()

@@ -37,7 +37,13 @@ pub async fn accept_tls(
     cfg: Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
     trust_domain: &str,
-) -> Result<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Identity), HandshakeError> {
+) -> Result<
+    (
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        Identity,
+    ),
+    HandshakeError,
+> {
     let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
     let tls = tokio::time::timeout(timeout, handshake)
         .await

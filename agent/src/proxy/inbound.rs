@@ -13,9 +13,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
 use super::record::{ConnectionRecord, Direction};
-use super::{
-    authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext,
-};
+use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
 use crate::identity::WorkloadCert;

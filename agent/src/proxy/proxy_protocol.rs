@@ -80,7 +80,10 @@ pub async fn read<R: AsyncRead + Unpin>(stream: &mut R) -> Result<ProxyHeader, P
         let tlv = tlv?;
         if tlv.kind == TLV_PEER_IDENTITY {
             let text = String::from_utf8_lossy(&tlv.value).into_owned();
-            identity = Some(text.parse().map_err(|_| ProxyProtocolError::Identity(text))?);
+            identity = Some(
+                text.parse()
+                    .map_err(|_| ProxyProtocolError::Identity(text))?,
+            );
         }
     }
     Ok(ProxyHeader { src, dst, identity })

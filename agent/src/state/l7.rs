@@ -77,7 +77,10 @@ impl HttpMatch {
             Some(PathMatch::Exact(p)) => path == p,
             Some(PathMatch::Prefix(p)) => path.starts_with(p.as_str()),
         };
-        let method_ok = self.method.as_ref().is_none_or(|m| req.method.as_str() == m);
+        let method_ok = self
+            .method
+            .as_ref()
+            .is_none_or(|m| req.method.as_str() == m);
         let headers_ok = self.headers.iter().all(|(name, value)| {
             req.headers
                 .get_all(name.as_str())
@@ -107,7 +110,14 @@ impl Snapshot {
                 .map(|(i, r)| (route, i, r))
         });
         let chosen = match rule {
-            Some((route, i, HttpRule { action: HttpAction::Deny, .. })) => {
+            Some((
+                route,
+                i,
+                HttpRule {
+                    action: HttpAction::Deny,
+                    ..
+                },
+            )) => {
                 return L7Decision::Deny {
                     rule: format!("{}/{} rule {i}", route.namespace, route.name),
                 }
@@ -246,7 +256,9 @@ mod tests {
                 action: to(&[("v1", 1)]),
             },
         ]);
-        let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+        // (method, path, headers, expected decision)
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("GET", "/admin/x", &[], "deny ns/r rule 0"),
             ("GET", "/adminx", &[], "deny ns/r rule 0"),
             ("DELETE", "/thing", &[], "deny ns/r rule 1"),
@@ -281,8 +293,7 @@ mod tests {
     fn without_routes_any_endpoint_serves() {
         let snap = mesh(vec![]);
         let r = req("GET", "/", &[]);
-        let seen: std::collections::HashSet<String> =
-            (0..200).map(|_| decide(&snap, &r)).collect();
+        let seen: std::collections::HashSet<String> = (0..200).map(|_| decide(&snap, &r)).collect();
         assert_eq!(seen.len(), 2, "{seen:?}");
     }
 

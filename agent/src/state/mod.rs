@@ -9,8 +9,8 @@ pub mod l7;
 pub mod model;
 mod route;
 
-pub use model::*;
 pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
+pub use model::*;
 pub use route::{Destination, Route};
 
 use std::collections::HashMap;

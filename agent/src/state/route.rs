@@ -597,6 +597,9 @@ mod weight_tests {
             })
             .count();
         // 1,000 expected; the standard deviation is about 27.
-        assert!((850..=1150).contains(&small), "{small} of 4000 to capacity 1");
+        assert!(
+            (850..=1150).contains(&small),
+            "{small} of 4000 to capacity 1"
+        );
     }
 }

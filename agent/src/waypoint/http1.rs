@@ -143,7 +143,10 @@ impl Shared {
             }
             (L7Decision::Forward(w), Some(port)) => {
                 record.backend = Some(w.uid.clone());
-                match self.forward(&w, port, t, Request::from_parts(parts, body)).await {
+                match self
+                    .forward(&w, port, t, Request::from_parts(parts, body))
+                    .await
+                {
                     Ok(r) => r.map(BodyExt::boxed),
                     Err(e) => {
                         record.reason = Some(e.to_string());
@@ -201,7 +204,8 @@ impl Shared {
                     dst: gateway,
                     src_ip: None,
                 };
-                let request = hbone::connect_request(target, t.src, &hbone::baggage(&self.workload))?;
+                let request =
+                    hbone::connect_request(target, t.src, &hbone::baggage(&self.workload))?;
                 let stream = self
                     .pool
                     .connect(&key, &identities, request, &self.sockets)

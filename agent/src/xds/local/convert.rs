@@ -190,7 +190,10 @@ impl Converter<'_> {
                 return Err(self.err(port_field, p.span(), Problem::TunnelPortWithoutProxy))
             }
             (AppTunnel::Proxy, port) => ApplicationTunnel::Proxy {
-                port: port.as_ref().map(|p| self.port(&port_field, p)).transpose()?,
+                port: port
+                    .as_ref()
+                    .map(|p| self.port(&port_field, p))
+                    .transpose()?,
             },
         };
         self.workloads.insert(
