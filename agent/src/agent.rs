@@ -20,9 +20,7 @@ use crate::capture::{Backend, CaptureError, CaptureSpec, Enrollment};
 use crate::config::{Config, Mode};
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
-use crate::identity::{
-    CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle,
-};
+use crate::identity::{CaError, CertManager, CertificateSigner, LocalCa, TrustBundle};
 use crate::proxy::record::ConnectionRecord;
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
 use crate::socket::Sockets;
@@ -97,14 +95,7 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let backend = Backend::load(cfg.capture).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let certs = CertManager::new(
-            signer,
-            trust,
-            CertManagerConfig {
-                ttl: cfg.ca.cert_ttl,
-                ..Default::default()
-            },
-        );
+        let certs = CertManager::new(signer, trust, cfg.certificates());
         let state = Arc::new(State::default());
         let mut tasks = Vec::new();
         let stopped = |mut rx: watch::Receiver<bool>| async move {

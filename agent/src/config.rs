@@ -417,6 +417,14 @@ impl Config {
             max_concurrent_streams: self.pool.max_streams.min(u32::MAX as usize) as u32,
         }
     }
+
+    /// How workload certificates are requested and renewed.
+    pub fn certificates(&self) -> crate::identity::CertManagerConfig {
+        crate::identity::CertManagerConfig {
+            ttl: self.ca.cert_ttl,
+            ..Default::default()
+        }
+    }
 }
 
 /// `line:column: field: message` from a marked-yaml error.

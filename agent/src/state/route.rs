@@ -533,12 +533,6 @@ mod waypoint_tests {
                 .unwrap()
         ));
     }
-}
-
-#[cfg(test)]
-mod weight_tests {
-    use super::*;
-    use crate::state::{Endpoint, Mesh, ServicePort};
 
     /// A service waypoint made of two waypoint workloads of capacity 3
     /// and 1: tunnels spread 3:1 between them.
@@ -548,23 +542,12 @@ mod weight_tests {
             capacity,
             ..Workload::for_test(uid, "ns", Some(ip))
         };
-        let service = |name: &str, vip: &str, endpoints: &[&str], waypoint| Service {
-            name: name.into(),
-            namespace: "ns".into(),
-            hostname: format!("{name}.ns"),
-            vips: vec![vip.parse().expect("vip")],
-            ports: vec![ServicePort {
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints: endpoints
-                .iter()
-                .map(|e| Endpoint {
-                    workload_uid: (*e).into(),
-                })
-                .collect(),
-            subject_alt_names: vec![],
-            waypoint,
+        let by_service = Waypoint {
+            target: WaypointTarget::Service {
+                namespace: "ns".into(),
+                hostname: "wp.ns".into(),
+            },
+            hbone_port: 15008,
         };
         let snap = Snapshot::new(Mesh {
             workloads: vec![
@@ -573,19 +556,8 @@ mod weight_tests {
                 Workload::for_test("app", "ns", Some("10.0.0.1")),
             ],
             services: vec![
-                service("wp", "10.96.0.9", &["big", "small"], None),
-                service(
-                    "app",
-                    "10.96.0.1",
-                    &["app"],
-                    Some(Waypoint {
-                        target: WaypointTarget::Service {
-                            namespace: "ns".into(),
-                            hostname: "wp.ns".into(),
-                        },
-                        hbone_port: 15008,
-                    }),
-                ),
+                svc("wp", "10.96.0.9", &["big", "small"], None),
+                svc("app", "10.96.0.1", &["app"], Some(by_service)),
             ],
             ..Mesh::default()
         });

@@ -18,7 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::{Config, Mode};
 use crate::hbone::{server, tls, H2Settings, Pool, PoolConfig};
-use crate::identity::{CaError, CertManager, CertManagerConfig, Identity};
+use crate::identity::{CaError, CertManager, Identity};
 use crate::socket::{ListenOpts, Sockets};
 use crate::state::{State, Workload};
 
@@ -198,14 +198,7 @@ impl Waypoint {
     /// the current network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Waypoint, WaypointError> {
         let (signer, trust) = crate::agent::signer_for(cfg)?;
-        let certs = CertManager::new(
-            signer,
-            trust,
-            CertManagerConfig {
-                ttl: cfg.ca.cert_ttl,
-                ..Default::default()
-            },
-        );
+        let certs = CertManager::new(signer, trust, cfg.certificates());
         let state = Arc::new(State::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut sources = Vec::new();
