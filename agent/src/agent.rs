@@ -23,7 +23,7 @@ use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
 use crate::identity::{
     CaError, CertManager, CertManagerConfig, CertificateSigner, LocalCa, TrustBundle,
 };
-use crate::proxy::record::ConnectionRecord;
+use crate::proxy::record::{ConnectionRecord, Reporter};
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
 use crate::socket::Sockets;
 use crate::state::{State, TunnelProtocol, Workload};
@@ -172,7 +172,7 @@ impl Agent {
             shutdown: shutdown_rx,
             active: Arc::default(),
             tracker: Arc::default(),
-            records: tokio::sync::broadcast::channel(1024).0,
+            reporter: Reporter::new(state.clone(), 1024),
         };
         let reconciler = Arc::new(Reconciler {
             ctx: ctx.clone(),
@@ -191,7 +191,8 @@ impl Agent {
                 state: state.clone(),
                 certs: certs.clone(),
                 pool: pool.clone(),
-                records: ctx.records.subscribe(),
+                opened: ctx.reporter.subscribe_opened(),
+                records: ctx.reporter.subscribe_closed(),
                 served: Arc::new(move || {
                     lock(&proxies)
                         .values()
@@ -269,7 +270,7 @@ impl Agent {
 
     /// A stream of records of finished connections (see [`ConnectionRecord`]).
     pub fn connections(&self) -> tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>> {
-        self.ctx.records.subscribe()
+        self.ctx.reporter.subscribe_closed()
     }
 
     /// The admin, metrics and readiness endpoints.

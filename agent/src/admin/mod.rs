@@ -92,7 +92,9 @@ pub struct Sources {
     pub state: Arc<State>,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
-    /// Connection records, for the TCP metrics.
+    /// Connections as they open, for the TCP metrics.
+    pub opened: broadcast::Receiver<Arc<ConnectionRecord>>,
+    /// Connections as they close, for the TCP metrics.
     pub records: broadcast::Receiver<Arc<ConnectionRecord>>,
     pub served: ServedFn,
     pub readiness: Readiness,
@@ -137,6 +139,7 @@ impl AdminServer {
             state,
             certs,
             pool,
+            mut opened,
             mut records,
             served,
             readiness,
@@ -162,8 +165,15 @@ impl AdminServer {
         let s = shared.clone();
         server.tasks.push(tokio::spawn(async move {
             loop {
-                match records.recv().await {
-                    Ok(r) => s.metrics.record(&r, &s.state.snapshot()),
+                // Opens first: a connection's open is sent before its close.
+                let (r, open) = tokio::select! {
+                    biased;
+                    r = opened.recv() => (r, true),
+                    r = records.recv() => (r, false),
+                };
+                match r {
+                    Ok(r) if open => s.metrics.opened(&r),
+                    Ok(r) => s.metrics.closed(&r),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "metrics fell behind the connection records");
                         s.metrics.lost(n);
