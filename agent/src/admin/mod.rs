@@ -32,6 +32,11 @@ use crate::identity::CertManager;
 use crate::proxy::record::ConnectionRecord;
 use crate::state::{State, Workload};
 
+/// The readiness probe's path (on the readiness port).
+pub const READINESS_PATH: &str = "/healthz/ready";
+/// Prometheus' scrape path (on the metrics port).
+pub const METRICS_PATH: &str = "/metrics";
+
 /// Which endpoint a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -281,13 +286,13 @@ impl Shared {
         let method = req.method();
         let query = req.uri().query();
         match (endpoint, path) {
-            (Endpoint::Readiness, "/healthz/ready") => {
+            (Endpoint::Readiness, READINESS_PATH) => {
                 only(method, &Method::GET, || match self.conditions().check() {
                     Ok(()) => text(StatusCode::OK, "ready"),
                     Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
                 })
             }
-            (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => {
+            (Endpoint::Metrics, METRICS_PATH | "/stats/prometheus") => {
                 only(method, &Method::GET, || match self.metrics_text() {
                     Ok(body) => respond(
                         StatusCode::OK,
