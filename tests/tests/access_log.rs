@@ -40,12 +40,12 @@ const KEYS: [&str; 16] = [
 
 /// Installs the agent's subscriber for this test's thread (the test runs
 /// on a current-thread runtime, so the agents' tasks log through it).
-fn capture(format: LogFormat) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+fn capture(format: LogFormat) -> (CapturedLogs, LogHandle, tracing::subscriber::DefaultGuard) {
     let logs = CapturedLogs::default();
     let writer = logs.clone();
-    let (subscriber, _handle) =
+    let (subscriber, handle) =
         LogHandle::build("info", format, false, move || writer.clone()).expect("subscriber");
-    (logs, tracing::subscriber::set_default(subscriber))
+    (logs, handle, tracing::subscriber::set_default(subscriber))
 }
 
 /// An application that reads the whole request, then answers `RESPONSE`
@@ -99,7 +99,7 @@ policies:
 
 #[tokio::test]
 async fn json_access_lines_one_per_connection_with_reasons() {
-    let (logs, _guard) = capture(LogFormat::Json);
+    let (logs, _handle, _guard) = capture(LogFormat::Json);
     let w = World::new(81);
     let a = w.agent("node-a").await;
     let b = w.agent("node-b").await;
@@ -184,7 +184,6 @@ async fn json_access_lines_one_per_connection_with_reasons() {
     let _ = timeout(LIMIT, c.read_to_end(&mut rest)).await;
 
     let lines = access_lines(&logs, 5, is_access).await;
-    eprintln!("{}", logs.text());
     assert_eq!(lines.len(), 5, "{lines:#?}");
     let refused: Vec<Value> = lines[2..]
         .iter()
@@ -217,11 +216,11 @@ async fn json_access_lines_one_per_connection_with_reasons() {
 }
 
 #[tokio::test]
-async fn text_access_lines_carry_the_same_fields() {
-    let (logs, _guard) = capture(LogFormat::Text);
+async fn text_access_lines_carry_the_same_fields_and_follow_the_filter() {
+    let (logs, handle, _guard) = capture(LogFormat::Text);
     let w = World::new(82);
     let a = w.agent("node-a").await;
-    let _b = w.agent("node-b").await;
+    let b = w.agent("node-b").await;
     let _app = tokio::spawn(app(TcpListener::bind(w.server_app())
         .await
         .expect("bind app")));
@@ -232,7 +231,6 @@ async fn text_access_lines_carry_the_same_fields() {
         .expect("exchange");
     assert_eq!(back.len(), RESPONSE);
     let lines = access_lines(&logs, 2, |l| l.contains(" access: ")).await;
-    eprintln!("{}", logs.text());
     assert_eq!(lines.len(), 2, "{lines:#?}");
     for dir in ["outbound", "inbound"] {
         let line = lines
@@ -252,4 +250,36 @@ async fn text_access_lines_carry_the_same_fields() {
             assert!(line.contains(&want), "{want} not in {line}");
         }
     }
+
+    // The run-time filter (what `/logging` changes) silences them...
+    handle.set("info,access=off").expect("filter");
+    let (mut done_a, mut done_b) = (a.connections(), b.connections());
+    let mut c = a.connect_as("client", w.server_app()).await.expect("conn");
+    let back = timeout(LIMIT, send_and_read_back(&mut c, &payload(10, 4)))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(back.len(), RESPONSE);
+    // Both agents are done with it before the filter changes back.
+    for done in [&mut done_a, &mut done_b] {
+        let r = timeout(LIMIT, done.recv())
+            .await
+            .expect("in time")
+            .expect("record");
+        assert_eq!(r.sent, 10);
+    }
+    // ...and brings them back: the next connection is the third line.
+    handle.set("info").expect("filter");
+    let mut c = a.connect_as("client", w.server_app()).await.expect("conn");
+    let back = timeout(LIMIT, send_and_read_back(&mut c, &payload(20, 5)))
+        .await
+        .expect("in time")
+        .expect("exchange");
+    assert_eq!(back.len(), RESPONSE);
+    let lines = access_lines(&logs, 4, |l| l.contains(" access: ")).await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(
+        lines[2..].iter().all(|l| l.contains("bytes_sent=20 ")),
+        "none from the silenced connection: {lines:#?}"
+    );
 }
