@@ -329,7 +329,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if !self.done {
-            self.record.error = Some("closed by the agent before it finished".into());
+            self.record.error = Some("cut before it finished (agent stopping)".into());
             self.close();
         }
     }
