@@ -118,7 +118,7 @@ impl Handler for Inbound {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
         let span = tracing::info_span!("connect", %src, src_id = %req.peer_identity, dst = %req.target, dst_id = %self.workload.identity());
         // Forwarded carries no port: the client's port is not known here.
-        let conn = self
+        let record = self
             .ctx
             .reporter
             .start(Direction::Inbound, src, None, req.target)
@@ -131,7 +131,7 @@ impl Handler for Inbound {
             let waypoint = self.workload.application_tunnel == ApplicationTunnel::Proxy;
             if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
                 warn!("target is not an address of this workload; 400");
-                conn.finish(Err("400: target is not an address of this workload"));
+                record.finish(Err("400: target is not an address of this workload"));
                 return responder.refuse(StatusCode::BAD_REQUEST);
             }
             // Behind a waypoint, only the waypoint may come in.
@@ -143,42 +143,39 @@ impl Handler for Inbound {
             if !required.is_empty() && !required.contains(&req.peer_identity) {
                 warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                     "direct connection to a workload behind a waypoint; 401");
-                conn.deny("401: direct connection to a workload behind a waypoint");
+                record.deny("401: direct connection to a workload behind a waypoint");
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
-            let authz_conn = authz::Connection {
+            let conn = authz::Connection {
                 src_ip: src,
                 src_identity: Some(&req.peer_identity),
                 dst: req.target,
             };
-            if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &authz_conn) {
-                conn.deny(format!("401: {why}"));
+            if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
+                record.deny(format!("401: {why}"));
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
-            let registration = self
-                .ctx
-                .tracker
-                .register(self.workload.clone(), &authz_conn);
+            let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
             let upstream = match connect_app(&self.ctx, &self.sockets, req.target, src).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "target unreachable; 503");
-                    conn.finish(Err(format!("503: target unreachable: {e}")));
+                    record.finish(Err(format!("503: target unreachable: {e}")));
                     return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
                 }
             };
             let tunnel = match responder.accept() {
                 Ok(t) => t,
-                Err(e) => return conn.finish(Err(format!("client went away: {e}"))),
+                Err(e) => return record.finish(Err(format!("client went away: {e}"))),
             };
-            let mut conn = conn;
-            conn.opened();
+            let mut record = record;
+            record.opened();
             tokio::select! {
                 // from_stream: bytes the client sent; to_stream: the app's answer.
                 r = hbone::copy_bidirectional(tunnel, upstream) => {
-                    conn.finish(r.map(|t| (t.from_stream, t.to_stream)))
+                    record.finish(r.map(|t| (t.from_stream, t.to_stream)))
                 }
-                _ = registration.revoked() => conn.deny("closed: policy changed"),
+                _ = registration.revoked() => record.deny("closed: policy changed"),
             }
         }
         .instrument(span)

@@ -37,7 +37,7 @@ impl Accept for InboundPassthrough {
             Ok(d) => d,
             Err(e) => return warn!(%peer, error = %e, "no original destination; closing"),
         };
-        let conn = self
+        let record = self
             .ctx
             .reporter
             .start(
@@ -50,7 +50,7 @@ impl Accept for InboundPassthrough {
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || !self.workload.addresses.contains(&dst.ip()) {
             warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
-            return conn.finish(Err("not addressed to this workload"));
+            return record.finish(Err("not addressed to this workload"));
         }
         if !self
             .ctx
@@ -60,32 +60,29 @@ impl Accept for InboundPassthrough {
             .is_empty()
         {
             warn!(%peer, %dst, "plaintext connection to a workload behind a waypoint; closing");
-            return conn.deny("plaintext connection to a workload behind a waypoint");
+            return record.deny("plaintext connection to a workload behind a waypoint");
         }
-        let authz_conn = authz::Connection {
+        let conn = authz::Connection {
             src_ip: peer.ip(),
             src_identity: None,
             dst,
         };
-        if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &authz_conn) {
-            return conn.deny(why);
+        if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
+            return record.deny(why);
         }
-        let registration = self
-            .ctx
-            .tracker
-            .register(self.workload.clone(), &authz_conn);
+        let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
         let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(%peer, %dst, error = %e, "target unreachable");
-                return conn.finish(Err(format!("target unreachable: {e}")));
+                return record.finish(Err(format!("target unreachable: {e}")));
             }
         };
-        let mut conn = conn;
-        conn.opened();
+        let mut record = record;
+        record.opened();
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => conn.finish(r),
-            _ = registration.revoked() => conn.deny("closed: policy changed"),
+            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => record.finish(r),
+            _ = registration.revoked() => record.deny("closed: policy changed"),
         }
     }
 }
