@@ -21,7 +21,7 @@ use crate::config::{Config, Mode};
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
 use crate::identity::{CaError, CertManager, CertificateSigner, LocalCa, TrustBundle};
-use crate::proxy::record::ConnectionRecord;
+use crate::proxy::record::{ConnectionRecord, Reporter};
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
 use crate::socket::Sockets;
 use crate::state::{State, TunnelProtocol, Workload};
@@ -129,7 +129,7 @@ impl Agent {
             shutdown: shutdown_rx,
             active: Arc::default(),
             tracker: Arc::default(),
-            records: tokio::sync::broadcast::channel(1024).0,
+            reporter: Reporter::new(state.clone(), 1024),
         };
         let reconciler = Arc::new(Reconciler {
             ctx: ctx.clone(),
@@ -148,7 +148,8 @@ impl Agent {
                 state: state.clone(),
                 certs: certs.clone(),
                 pool: pool.clone(),
-                records: ctx.records.subscribe(),
+                opened: ctx.reporter.subscribe_opened(),
+                records: ctx.reporter.subscribe_closed(),
                 served: Arc::new(move || {
                     lock(&proxies)
                         .values()
@@ -226,7 +227,7 @@ impl Agent {
 
     /// A stream of records of finished connections (see [`ConnectionRecord`]).
     pub fn connections(&self) -> tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>> {
-        self.ctx.records.subscribe()
+        self.ctx.reporter.subscribe_closed()
     }
 
     /// The admin, metrics and readiness endpoints.

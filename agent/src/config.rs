@@ -10,6 +10,21 @@ use serde::Deserialize;
 
 use crate::hbone::H2Settings;
 
+/// Default for `node`, as the Kubernetes downward API sets it.
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// Defaults for the agent's own pod in Istio mode, as Istio's charts set them.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+pub const ENV_INSTANCE_IP: &str = "INSTANCE_IP";
+/// The environment variables defaults are read from; each flag also has
+/// its own `AMBIENT_*` variable (see [`Overrides`]).
+pub const DEFAULT_ENV: [&str; 4] = [
+    ENV_NODE_NAME,
+    ENV_POD_NAME,
+    ENV_POD_NAMESPACE,
+    ENV_INSTANCE_IP,
+];
+
 /// Everything the agent can be told. Every field has a default, so an empty
 /// file (or none) is a valid configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -132,9 +147,9 @@ impl Default for ControlPlaneConfig {
             token_path: "/var/run/secrets/tokens/istio-token".into(),
             cluster_id: "Kubernetes".into(),
             cni_socket: "/var/run/ztunnel/ztunnel.sock".into(),
-            pod_name: env_or("POD_NAME", "ambient-agent"),
-            pod_namespace: env_or("POD_NAMESPACE", "istio-system"),
-            pod_ip: env_or("INSTANCE_IP", ""),
+            pod_name: env_or(ENV_POD_NAME, "ambient-agent"),
+            pod_namespace: env_or(ENV_POD_NAMESPACE, "istio-system"),
+            pod_ip: env_or(ENV_INSTANCE_IP, ""),
         }
     }
 }
@@ -452,7 +467,7 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 fn default_node_name() -> String {
-    std::env::var("NODE_NAME")
+    std::env::var(ENV_NODE_NAME)
         .ok()
         .filter(|n| !n.is_empty())
         .or_else(|| {

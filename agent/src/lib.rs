@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod hbone;

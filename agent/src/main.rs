@@ -2,61 +2,11 @@
 //! runs the agent or the demo; errors become messages and an exit code here.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
 use ambient_agent::admin::LogHandle;
-use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::{Config, LogFormat, Overrides};
-
-/// Node-level ambient mesh agent: mutual-TLS HBONE tunnels between
-/// workloads, identity and L4 policy, without sidecars.
-#[derive(Parser, Debug)]
-#[command(name = "ambient-agent", version, about, long_about = None)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the agent: serve the local workloads of this node.
-    ///
-    /// With no configuration at all the agent runs on its embedded default:
-    /// local mode, an empty mesh and a freshly generated CA.
-    Run(Overrides),
-    /// Build a small mesh on this machine (2 node and 3 pod network
-    /// namespaces, needs root), send traffic between pods through the
-    /// agents, print who talked to whom and what the wire saw, clean up.
-    Demo {
-        /// Bytes each demo client sends.
-        #[arg(long, default_value_t = 1 << 20)]
-        bytes: usize,
-        /// Capture backend the agents use.
-        #[arg(long, value_enum, default_value_t = CaptureMode::Nft)]
-        capture: CaptureMode,
-        /// Run without namespaces or root: two agents on 127.x addresses,
-        /// capture stood in for.
-        #[arg(long)]
-        loopback: bool,
-    },
-    /// Run the reference waypoint: terminate HBONE as mesh workload
-    /// `--workload`, apply the mesh's HTTP routes (403 deny, weighted
-    /// subsets) to HTTP/1.1 requests, and forward each over HBONE.
-    Waypoint {
-        /// The waypoint's workload uid in the mesh.
-        #[arg(long)]
-        workload: String,
-        #[command(flatten)]
-        overrides: Overrides,
-    },
-    /// The demo's client application, run by the demo inside a pod.
-    #[command(hide = true)]
-    PodClient {
-        addr: std::net::SocketAddr,
-        len: usize,
-        seed: u8,
-    },
-}
+use ambient_agent::cli::{Cli, Command};
+use ambient_agent::config::{Config, LogFormat};
 
 /// Installs the logger; the handle changes its filter at run time.
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogHandle> {

@@ -2,9 +2,8 @@
 //! metrics after tunneled traffic, the config dump, readiness, run-time log
 //! level changes and `/quitquitquit`.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::admin::{Endpoint, LogHandle};
@@ -238,35 +237,12 @@ async fn readiness_waits_for_certificates_and_config_dump_shows_the_node() {
     assert_eq!((status, body.as_str()), (503, "shutting down\n"));
 }
 
-/// Log lines written by the test's subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn logging_level_changes_at_run_time() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::{fmt, reload, EnvFilter};
 
-    let captured = Captured::default();
+    let captured = CapturedLogs::default();
     let writer = captured.clone();
     let (filter, handle) = reload::Layer::new(EnvFilter::new("warn"));
     let subscriber = tracing_subscriber::registry().with(filter).with(
@@ -307,4 +283,54 @@ async fn logging_level_changes_at_run_time() {
         request(admin, "GET", "/logging").await,
         (200, "level: warn,admin_test=debug\n".into())
     );
+}
+
+#[tokio::test]
+async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
+    let w = World::new(75);
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    let b = w
+        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
+        .await;
+    let _echo = Echo::start(w.server_app()).await;
+    let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+    let mut buf = [0u8; 4];
+    c.write_all(b"ping").await.unwrap();
+    timeout(LIMIT, c.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let rest = "source_workload=\"client\",source_workload_namespace=\"test\",\
+        source_principal=\"spiffe://cluster.local/ns/test/sa/client\",\
+        destination_workload=\"server\",destination_workload_namespace=\"test\",\
+        destination_principal=\"spiffe://cluster.local/ns/test/sa/server\",\
+        connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
+    for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
+        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        let opened = format!("istio_tcp_connections_opened_total{labels} 1");
+        let body = scrape_until(agent, std::slice::from_ref(&opened)).await;
+        assert!(
+            !body.contains("istio_tcp_connections_closed_total{"),
+            "still open, nothing closed: {body}"
+        );
+    }
+
+    drop(c);
+    for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
+        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        scrape_until(
+            agent,
+            &[
+                format!("istio_tcp_connections_opened_total{labels} 1"),
+                format!("istio_tcp_connections_closed_total{labels} 1"),
+                format!("istio_tcp_received_bytes_total{labels} 4"),
+                format!("istio_tcp_sent_bytes_total{labels} 4"),
+            ],
+        )
+        .await;
+    }
 }

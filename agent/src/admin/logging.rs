@@ -1,15 +1,26 @@
-//! Run-time log level changes (`POST /logging?level=<filter>`): the binary
-//! installs its subscriber through [`LogHandle::init`] (an `EnvFilter`
-//! behind a `reload` layer) and hands the handle to the admin server.
+//! The process's logger and run-time level changes
+//! (`POST /logging?level=<filter>`): the binary installs its subscriber
+//! through [`LogHandle::init`] (an `EnvFilter` behind a `reload` layer) and
+//! hands the handle to the admin server.
+//!
+//! In JSON, access-log lines (target [`ACCESS_TARGET`]) are written flat —
+//! their fields at the top level, no span context — so each is one
+//! self-contained object with stable keys; other lines keep their spans.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing_subscriber::filter::ParseError;
-use tracing_subscriber::layer::SubscriberExt as _;
+use tracing::Subscriber;
+use tracing_subscriber::filter::{filter_fn, ParseError};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
+use crate::proxy::record::ACCESS_TARGET;
+
+/// A subscriber built by [`LogHandle::build`].
+pub type BoxedSubscriber = Box<dyn Subscriber + Send + Sync>;
 
 /// The reload handle of a filter sitting directly on the registry.
 pub type FilterHandle = reload::Handle<EnvFilter, Registry>;
@@ -47,17 +58,57 @@ impl LogHandle {
     }
 
     /// Installs the process's subscriber (`level` filter, text or JSON
-    /// lines on stdout) and returns the handle that changes its filter.
+    /// lines on stdout, colours only on a terminal) and returns the handle
+    /// that changes its filter.
     pub fn init(level: &str, format: LogFormat) -> Result<LogHandle, LogError> {
-        let filter = parse(level)?;
-        let (layer, handle) = reload::Layer::new(filter);
-        let registry = tracing_subscriber::registry().with(layer);
-        match format {
-            LogFormat::Text => registry.with(fmt::layer()).try_init(),
-            LogFormat::Json => registry.with(fmt::layer().json()).try_init(),
-        }
-        .map_err(|e| LogError::Install(e.to_string()))?;
-        Ok(LogHandle::new(handle, level))
+        use std::io::IsTerminal as _;
+        let ansi = std::io::stdout().is_terminal();
+        let (subscriber, handle) = LogHandle::build(level, format, ansi, std::io::stdout)?;
+        subscriber
+            .try_init()
+            .map_err(|e| LogError::Install(e.to_string()))?;
+        Ok(handle)
+    }
+
+    /// The subscriber [`LogHandle::init`] installs, writing to `writer`, and
+    /// the handle that changes its filter; for a caller (a test) that
+    /// installs it itself.
+    pub fn build<W>(
+        level: &str,
+        format: LogFormat,
+        ansi: bool,
+        writer: W,
+    ) -> Result<(BoxedSubscriber, LogHandle), LogError>
+    where
+        W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
+    {
+        let (filter, handle) = reload::Layer::new(parse(level)?);
+        let registry = tracing_subscriber::registry().with(filter);
+        let is_access = |m: &tracing::Metadata<'_>| m.target() == ACCESS_TARGET;
+        let subscriber: BoxedSubscriber = match format {
+            LogFormat::Text => {
+                Box::new(registry.with(fmt::layer().with_ansi(ansi).with_writer(writer)))
+            }
+            LogFormat::Json => Box::new(
+                registry
+                    .with(
+                        fmt::layer()
+                            .json()
+                            .flatten_event(true)
+                            .with_current_span(false)
+                            .with_span_list(false)
+                            .with_writer(writer.clone())
+                            .with_filter(filter_fn(is_access)),
+                    )
+                    .with(
+                        fmt::layer()
+                            .json()
+                            .with_writer(writer)
+                            .with_filter(filter_fn(move |m| !is_access(m))),
+                    ),
+            ),
+        };
+        Ok((subscriber, LogHandle::new(handle, level)))
     }
 
     /// Replaces the filter, e.g. `debug` or `info,ambient_agent::proxy=trace`.

@@ -5,8 +5,11 @@
 //! Byte counters follow Istio's meaning: `istio_tcp_received_bytes_total`
 //! counts request bytes (client towards server, the record's `sent`) and
 //! `istio_tcp_sent_bytes_total` response bytes (the record's `received`).
-//! Proxies report a connection when it ends, so `opened` is counted when its
-//! record arrives, together with `closed`.
+//! `opened` is counted when a proxy reports the connection established and
+//! `closed` when it ends, with the same labels except `response_flags`
+//! (`-` at open, the outcome at close). A connection that ended before it
+//! was established (refused, unreachable) counts as opened and closed at
+//! once, so the two totals agree once every connection is done.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,7 +23,6 @@ use prometheus_client::registry::Registry;
 use crate::hbone::pool::PoolStats;
 use crate::identity::{Identity, WorkloadCert};
 use crate::proxy::record::{ConnectionRecord, Direction};
-use crate::state::Snapshot;
 
 /// The labels of Istio's TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,10 +158,18 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one finished connection; names come from `snap`.
-    pub fn record(&self, r: &ConnectionRecord, snap: &Snapshot) {
-        let labels = labels(r, snap);
-        self.opened.get_or_create(&labels).inc();
+    /// Counts a connection whose upstream was just established.
+    pub fn opened(&self, r: &ConnectionRecord) {
+        self.opened.get_or_create(&labels(r)).inc();
+    }
+
+    /// Counts one finished connection, and its opening if that was never
+    /// reported.
+    pub fn closed(&self, r: &ConnectionRecord) {
+        let labels = labels(r);
+        if !r.opened {
+            self.opened.get_or_create(&labels).inc();
+        }
         self.closed.get_or_create(&labels).inc();
         self.received.get_or_create(&labels).inc_by(r.sent);
         self.sent.get_or_create(&labels).inc_by(r.received);
@@ -207,69 +217,30 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The labels for a record: the reporter is the side that proxied it, and
-/// workloads are found by address, else by identity (namespace only).
-pub fn labels(r: &ConnectionRecord, snap: &Snapshot) -> TcpLabels {
+/// The labels for a record: the reporter is the side that proxied it;
+/// names are the record's, `unknown` where it has none.
+pub fn labels(r: &ConnectionRecord) -> TcpLabels {
     let reporter = match r.direction {
         Direction::Outbound => "source",
         Direction::Inbound | Direction::InboundPlaintext => "destination",
     };
-    let (source_workload, source_workload_namespace) = names(snap, r.src, r.src_identity.as_ref());
-    let (destination_workload, destination_workload_namespace) =
-        names(snap, r.dst.ip(), r.dst_identity.as_ref());
+    let known = |s: &Option<String>| s.clone().unwrap_or_else(|| UNKNOWN.into());
     let principal = |id: Option<&Identity>| id.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
     TcpLabels {
         reporter: reporter.into(),
-        source_workload,
-        source_workload_namespace,
+        source_workload: known(&r.src_workload.name),
+        source_workload_namespace: known(&r.src_workload.namespace),
         source_principal: principal(r.src_identity.as_ref()),
-        destination_workload,
-        destination_workload_namespace,
+        destination_workload: known(&r.dst_workload.name),
+        destination_workload_namespace: known(&r.dst_workload.namespace),
         destination_principal: principal(r.dst_identity.as_ref()),
+        // Istio's metrics say `unknown`, not `none`, for plaintext.
         connection_security_policy: if r.encrypted { "mutual_tls" } else { UNKNOWN }.into(),
-        response_flags: response_flags(r.error.as_deref()).into(),
+        response_flags: r.response_flags().into(),
     }
 }
 
 const UNKNOWN: &str = "unknown";
-
-/// The workload at `ip`; else the one workload with identity `id`; else
-/// unknown, in the identity's namespace if there is one.
-fn names(snap: &Snapshot, ip: std::net::IpAddr, id: Option<&Identity>) -> (String, String) {
-    if let Some(w) = snap.workload_by_ip(ip) {
-        return (w.name.clone(), w.namespace.clone());
-    }
-    let Some(id) = id else {
-        return (UNKNOWN.into(), UNKNOWN.into());
-    };
-    let mut same = snap
-        .mesh()
-        .workloads
-        .iter()
-        .filter(|w| w.namespace == id.namespace && &w.identity() == id);
-    match (same.next(), same.next()) {
-        (Some(w), None) => (w.name.clone(), w.namespace.clone()),
-        _ => (UNKNOWN.into(), id.namespace.clone()),
-    }
-}
-
-/// Envoy-style response flags from a record's error: `-` for none, `DENY`
-/// for a policy refusal, `NR` when there was no route, `UF` when the
-/// upstream could not be reached, `UC` when it failed mid-connection.
-pub fn response_flags(error: Option<&str>) -> &'static str {
-    let Some(e) = error else {
-        return "-";
-    };
-    if e.contains("401") || e.contains("403") {
-        "DENY"
-    } else if e.starts_with("destination unreachable") {
-        "NR"
-    } else if e.starts_with("copying") {
-        "UC"
-    } else {
-        "UF"
-    }
-}
 
 /// Seconds since the epoch of `t` (0 before it).
 pub fn epoch_seconds(t: SystemTime) -> u64 {
@@ -279,38 +250,58 @@ pub fn epoch_seconds(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Mesh;
+    use crate::proxy::record::WorkloadName;
     use std::time::Duration;
 
-    #[test]
-    fn names_are_exact_and_labels_follow_the_record() {
-        let mut mesh = Mesh::default();
-        mesh.workloads.push(crate::state::Workload {
-            name: "client".into(),
-            service_account: "client".into(),
-            protocol: Default::default(),
-            ..crate::state::Workload::for_test("c", "test", Some("10.0.0.1"))
-        });
-        let snap = Snapshot::new(mesh);
-        let m = Metrics::new();
-        let r = ConnectionRecord {
+    fn record(error: Option<&str>, opened: bool) -> ConnectionRecord {
+        ConnectionRecord {
             direction: Direction::Outbound,
             src: "10.0.0.1".parse().expect("ip"),
+            src_port: Some(4000),
             dst: "10.0.0.2:80".parse().expect("addr"),
             src_identity: Some(Identity::new("td", "test", "client")),
             dst_identity: Some(Identity::new("td", "other", "server")),
+            service: None,
+            src_workload: WorkloadName {
+                name: Some("client".into()),
+                namespace: Some("test".into()),
+            },
+            dst_workload: WorkloadName {
+                name: None,
+                namespace: Some("other".into()),
+            },
             sent: 5,
             received: 7,
             encrypted: true,
             duration: Duration::from_millis(1),
-            error: None,
-        };
-        m.record(&r, &snap);
+            error: error.map(str::to_string),
+            denied: false,
+            opened,
+        }
+    }
+
+    const LABELS: &str = "reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"test\",\
+        source_principal=\"spiffe://td/ns/test/sa/client\",destination_workload=\"unknown\",\
+        destination_workload_namespace=\"other\",destination_principal=\"spiffe://td/ns/other/sa/server\",\
+        connection_security_policy=\"mutual_tls\"";
+
+    #[test]
+    fn opened_counts_at_open_and_closed_at_close() {
+        let m = Metrics::new();
+        let r = record(None, true);
+        m.opened(&r);
         let text = m.encode(&AgentGauges::default()).expect("encode");
-        let want = "reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"test\",\
-            source_principal=\"spiffe://td/ns/test/sa/client\",destination_workload=\"unknown\",\
-            destination_workload_namespace=\"other\",destination_principal=\"spiffe://td/ns/other/sa/server\",\
-            connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
+        let opened =
+            format!("istio_tcp_connections_opened_total{{{LABELS},response_flags=\"-\"}} 1");
+        assert!(text.contains(&opened), "{opened}\nnot in\n{text}");
+        assert!(
+            !text.contains("istio_tcp_connections_closed_total{"),
+            "{text}"
+        );
+
+        m.closed(&r);
+        let text = m.encode(&AgentGauges::default()).expect("encode");
+        let want = format!("{LABELS},response_flags=\"-\"");
         for line in [
             format!("istio_tcp_connections_opened_total{{{want}}} 1"),
             format!("istio_tcp_connections_closed_total{{{want}}} 1"),
@@ -322,17 +313,16 @@ mod tests {
     }
 
     #[test]
-    fn response_flags_from_errors() {
-        assert_eq!(response_flags(None), "-");
-        assert_eq!(
-            response_flags(Some("peer answered CONNECT with 401 Unauthorized")),
-            "DENY"
-        );
-        assert_eq!(response_flags(Some("destination unreachable: x")), "NR");
-        assert_eq!(
-            response_flags(Some("connecting to 1.2.3.4:5: refused")),
-            "UF"
-        );
-        assert_eq!(response_flags(Some("copying: reset")), "UC");
+    fn a_connection_that_never_opened_counts_both_at_close() {
+        let m = Metrics::new();
+        m.closed(&record(Some("destination unreachable: gone"), false));
+        let text = m.encode(&AgentGauges::default()).expect("encode");
+        let want = format!("{LABELS},response_flags=\"NR\"");
+        for line in [
+            format!("istio_tcp_connections_opened_total{{{want}}} 1"),
+            format!("istio_tcp_connections_closed_total{{{want}}} 1"),
+        ] {
+            assert!(text.contains(&line), "{line}\nnot in\n{text}");
+        }
     }
 }

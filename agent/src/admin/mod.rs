@@ -32,6 +32,11 @@ use crate::identity::CertManager;
 use crate::proxy::record::ConnectionRecord;
 use crate::state::{State, Workload};
 
+/// The readiness probe's path (on the readiness port).
+pub const READINESS_PATH: &str = "/healthz/ready";
+/// Prometheus' scrape path (on the metrics port).
+pub const METRICS_PATH: &str = "/metrics";
+
 /// Which endpoint a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -92,7 +97,9 @@ pub struct Sources {
     pub state: Arc<State>,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
-    /// Connection records, for the TCP metrics.
+    /// Connections as they open, for the TCP metrics.
+    pub opened: broadcast::Receiver<Arc<ConnectionRecord>>,
+    /// Connections as they close, for the TCP metrics.
     pub records: broadcast::Receiver<Arc<ConnectionRecord>>,
     pub served: ServedFn,
     pub readiness: Readiness,
@@ -137,6 +144,7 @@ impl AdminServer {
             state,
             certs,
             pool,
+            mut opened,
             mut records,
             served,
             readiness,
@@ -162,8 +170,15 @@ impl AdminServer {
         let s = shared.clone();
         server.tasks.push(tokio::spawn(async move {
             loop {
-                match records.recv().await {
-                    Ok(r) => s.metrics.record(&r, &s.state.snapshot()),
+                // Opens first: a connection's open is sent before its close.
+                let (r, open) = tokio::select! {
+                    biased;
+                    r = opened.recv() => (r, true),
+                    r = records.recv() => (r, false),
+                };
+                match r {
+                    Ok(r) if open => s.metrics.opened(&r),
+                    Ok(r) => s.metrics.closed(&r),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "metrics fell behind the connection records");
                         s.metrics.lost(n);
@@ -271,13 +286,13 @@ impl Shared {
         let method = req.method();
         let query = req.uri().query();
         match (endpoint, path) {
-            (Endpoint::Readiness, "/healthz/ready") => {
+            (Endpoint::Readiness, READINESS_PATH) => {
                 only(method, &Method::GET, || match self.conditions().check() {
                     Ok(()) => text(StatusCode::OK, "ready"),
                     Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
                 })
             }
-            (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => {
+            (Endpoint::Metrics, METRICS_PATH | "/stats/prometheus") => {
                 only(method, &Method::GET, || match self.metrics_text() {
                     Ok(body) => respond(
                         StatusCode::OK,

@@ -4,15 +4,14 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use http::StatusCode;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
-use super::record::{ConnectionRecord, Direction};
+use super::record::Direction;
 use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
@@ -146,12 +145,21 @@ impl Handler for Inbound {
     async fn handle(&self, req: ConnectRequest, responder: Responder) {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
         let span = tracing::info_span!("connect", %src, src_id = %req.peer_identity, dst = %req.target, dst_id = %self.workload.identity());
+        // Forwarded carries no port: the client's port is not known here.
+        let record = self
+            .ctx
+            .reporter
+            .start(Direction::Inbound, src, None, req.target)
+            .src_identity(Some(req.peer_identity.clone()))
+            .dst_identity(Some(self.workload.identity()))
+            .encrypted(true);
         async move {
             // The tunnel may only reach the workload it was sent to, unless
             // that workload is a waypoint: it serves other targets.
             let waypoint = self.workload.application_tunnel.is_proxy();
             if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
                 warn!("target is not an address of this workload; 400");
+                record.finish(Err("400: target is not an address of this workload"));
                 return responder.refuse(StatusCode::BAD_REQUEST);
             }
             // Behind a waypoint, only the waypoint may come in.
@@ -163,6 +171,7 @@ impl Handler for Inbound {
             if !required.is_empty() && !required.contains(&req.peer_identity) {
                 warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                     "direct connection to a workload behind a waypoint; 401");
+                record.deny("401: direct connection to a workload behind a waypoint");
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
             let conn = authz::Connection {
@@ -170,52 +179,32 @@ impl Handler for Inbound {
                 src_identity: Some(&req.peer_identity),
                 dst: req.target,
             };
-            if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
+            if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
+                record.deny(format!("401: {why}"));
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
             let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
-            let start = Instant::now();
             let upstream = match self.connect_upstream(&req, src).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "target unreachable; 503");
+                    record.finish(Err(format!("503: target unreachable: {e}")));
                     return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
                 }
             };
             let tunnel = match responder.accept() {
                 Ok(t) => t,
-                Err(e) => return warn!(error = %e, "client went away"),
+                Err(e) => return record.finish(Err(format!("client went away: {e}"))),
             };
-            let result = tokio::select! {
-                r = hbone::copy_bidirectional(tunnel, upstream) => r,
-                _ = registration.revoked() => Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "closed: policy changed",
-                )),
-            };
-            let duration = start.elapsed();
-            let elapsed_ms = duration.as_millis() as u64;
-            // from_stream: bytes the client sent; to_stream: the app's answer.
-            let (sent, received, error) = match result {
-                Ok(t) => (t.from_stream, t.to_stream, None),
-                Err(e) => (0, 0, Some(e.to_string())),
-            };
-            match &error {
-                None => info!(sent, received, elapsed_ms, "connection complete"),
-                Some(e) => warn!(error = %e, elapsed_ms, "connection failed"),
+            let mut record = record;
+            record.opened();
+            tokio::select! {
+                // from_stream: bytes the client sent; to_stream: the app's answer.
+                r = hbone::copy_bidirectional(tunnel, upstream) => {
+                    record.finish(r.map(|t| (t.from_stream, t.to_stream)))
+                }
+                _ = registration.revoked() => record.deny("closed: policy changed"),
             }
-            self.ctx.report(ConnectionRecord {
-                direction: Direction::Inbound,
-                src,
-                dst: req.target,
-                src_identity: Some(req.peer_identity.clone()),
-                dst_identity: Some(self.workload.identity()),
-                sent,
-                received,
-                encrypted: true,
-                duration,
-                error,
-            });
         }
         .instrument(span)
         .await

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::record::{ConnectionRecord, Direction};
+use super::record::Direction;
 use super::{
     addressed_to_listener, authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext,
 };
@@ -37,9 +37,20 @@ impl Accept for InboundPassthrough {
             Ok(d) => d,
             Err(e) => return warn!(%peer, error = %e, "no original destination; closing"),
         };
+        let record = self
+            .ctx
+            .reporter
+            .start(
+                Direction::InboundPlaintext,
+                peer.ip(),
+                Some(peer.port()),
+                dst,
+            )
+            .dst_identity(Some(self.workload.identity()));
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || !self.workload.addresses.contains(&dst.ip()) {
-            return warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
+            warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
+            return record.finish(Err("not addressed to this workload"));
         }
         if !self
             .ctx
@@ -48,48 +59,30 @@ impl Accept for InboundPassthrough {
             .waypoint_identities(&self.workload)
             .is_empty()
         {
-            return warn!(%peer, %dst, "plaintext connection to a workload behind a waypoint; closing");
+            warn!(%peer, %dst, "plaintext connection to a workload behind a waypoint; closing");
+            return record.deny("plaintext connection to a workload behind a waypoint");
         }
         let conn = authz::Connection {
             src_ip: peer.ip(),
             src_identity: None,
             dst,
         };
-        if !authorize(&self.ctx, &self.workload, &conn).is_allowed() {
-            return;
+        if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
+            return record.deny(why);
         }
         let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
         let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
             Ok(s) => s,
-            Err(e) => return warn!(%peer, %dst, error = %e, "target unreachable"),
+            Err(e) => {
+                warn!(%peer, %dst, error = %e, "target unreachable");
+                return record.finish(Err(format!("target unreachable: {e}")));
+            }
         };
-        let start = std::time::Instant::now();
-        let result = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => r,
-            _ = registration.revoked() => Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                "closed: policy changed",
-            )),
-        };
-        let (sent, received, error) = match result {
-            Ok((up, down)) => (up, down, None),
-            Err(e) => (0, 0, Some(e.to_string())),
-        };
-        match &error {
-            None => info!(src = %peer, %dst, sent, received, "plaintext connection complete"),
-            Some(e) => warn!(src = %peer, %dst, error = %e, "plaintext connection failed"),
+        let mut record = record;
+        record.opened();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => record.finish(r),
+            _ = registration.revoked() => record.deny("closed: policy changed"),
         }
-        self.ctx.report(ConnectionRecord {
-            direction: Direction::InboundPlaintext,
-            src: peer.ip(),
-            dst,
-            src_identity: None,
-            dst_identity: Some(self.workload.identity()),
-            sent,
-            received,
-            encrypted: false,
-            duration: start.elapsed(),
-            error,
-        });
     }
 }

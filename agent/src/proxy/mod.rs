@@ -55,14 +55,8 @@ pub struct ProxyContext {
     pub active: Arc<Active>,
     /// Open inbound connections, re-authorized when policy changes.
     pub tracker: Arc<tracker::Tracker>,
-    /// Where finished connections are reported.
-    pub records: tokio::sync::broadcast::Sender<std::sync::Arc<record::ConnectionRecord>>,
-}
-
-impl ProxyContext {
-    pub(crate) fn report(&self, r: record::ConnectionRecord) {
-        let _ = self.records.send(Arc::new(r));
-    }
+    /// Where connections are reported as they open and close.
+    pub reporter: record::Reporter,
 }
 
 /// Bound addresses of a workload's listeners.

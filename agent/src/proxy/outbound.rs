@@ -3,12 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
-use tracing::{info, warn, Instrument};
+use tracing::{warn, Instrument};
 
-use super::record::{ConnectionRecord, Direction};
+use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
 use crate::hbone::{self, PoolKey};
 use crate::socket::{ConnectOpts, Sockets};
@@ -56,36 +55,29 @@ impl Outbound {
         );
         let src_identity = self.source.identity();
         let span = tracing::info_span!("outbound", src = %peer, %dst, src_id = %src_identity);
+        let (target, dst_identity, encrypted, service) = match &route {
+            Route::Hbone {
+                target,
+                identities,
+                service,
+                ..
+            } => (*target, identities.first().cloned(), true, service.as_ref()),
+            Route::Passthrough {
+                target, service, ..
+            } => (*target, None, false, service.as_ref()),
+            Route::Unreachable(_) => (dst, None, false, None),
+        };
+        let mut conn = self
+            .ctx
+            .reporter
+            .start(Direction::Outbound, peer.ip(), Some(peer.port()), target)
+            .src_identity(Some(src_identity))
+            .dst_identity(dst_identity)
+            .service(service.map(|s| s.hostname.clone()))
+            .encrypted(encrypted);
         async move {
-            let start = Instant::now();
-            let result = self.forward(stream, peer, &route).await;
-            let duration = start.elapsed();
-            let (target, dst_identity, encrypted) = match &route {
-                Route::Hbone { target, identities, .. } => (*target, identities.first().cloned(), true),
-                Route::Passthrough { target, .. } => (*target, None, false),
-                Route::Unreachable(_) => (dst, None, false),
-            };
-            let (sent, received, error) = match result {
-                Ok((s, r)) => (s, r, None),
-                Err(e) => (0, 0, Some(e.to_string())),
-            };
-            let elapsed_ms = duration.as_millis() as u64;
-            match &error {
-                None => info!(%target, dst_id = ?dst_identity.as_ref().map(|i| i.to_string()), encrypted, sent, received, elapsed_ms, "connection complete"),
-                Some(e) => warn!(%target, error = %e, elapsed_ms, "connection failed"),
-            }
-            self.ctx.report(ConnectionRecord {
-                direction: Direction::Outbound,
-                src: peer.ip(),
-                dst: target,
-                src_identity: Some(src_identity),
-                dst_identity,
-                sent,
-                received,
-                encrypted,
-                duration,
-                error,
-            });
+            let result = self.forward(stream, peer, &route, &mut conn).await;
+            conn.finish(result);
         }
         .instrument(span)
         .await
@@ -96,6 +88,7 @@ impl Outbound {
         stream: TcpStream,
         peer: SocketAddr,
         route: &Route,
+        conn: &mut Connection,
     ) -> Result<(u64, u64), OutboundError> {
         match route {
             Route::Unreachable(why) => Err(OutboundError::Unreachable(why.clone())),
@@ -109,6 +102,7 @@ impl Outbound {
                     .connect(*target, opts)
                     .await
                     .map_err(|e| OutboundError::Connect(*target, e))?;
+                conn.opened();
                 let mut stream = stream;
                 tokio::io::copy_bidirectional(&mut stream, &mut upstream)
                     .await
@@ -134,6 +128,7 @@ impl Outbound {
                     .pool
                     .connect(&key, identities, request, &self.sockets)
                     .await?;
+                conn.opened();
                 let t = hbone::copy_bidirectional(tunnel, stream)
                     .await
                     .map_err(OutboundError::Io)?;

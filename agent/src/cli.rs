@@ -1,0 +1,98 @@
+//! The `ambient-agent` command line, in the library so that whatever runs
+//! the binary (the DaemonSet manifest, tests) can be checked against the
+//! flags it really accepts.
+
+use clap::{Parser, Subcommand};
+
+use crate::capture::CaptureMode;
+use crate::config::Overrides;
+
+/// Node-level ambient mesh agent: mutual-TLS HBONE tunnels between
+/// workloads, identity and L4 policy, without sidecars.
+#[derive(Parser, Debug)]
+#[command(name = "ambient-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: serve the local workloads of this node.
+    ///
+    /// With no configuration at all the agent runs on its embedded default:
+    /// local mode, an empty mesh and a freshly generated CA.
+    Run(Overrides),
+    /// Build a small mesh on this machine (2 node and 3 pod network
+    /// namespaces, needs root), send traffic between pods through the
+    /// agents, print who talked to whom and what the wire saw, clean up.
+    Demo {
+        /// Bytes each demo client sends.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: usize,
+        /// Capture backend the agents use.
+        #[arg(long, value_enum, default_value_t = CaptureMode::Nft)]
+        capture: CaptureMode,
+        /// Run without namespaces or root: two agents on 127.x addresses,
+        /// capture stood in for.
+        #[arg(long)]
+        loopback: bool,
+    },
+    /// Run the reference waypoint: terminate HBONE as mesh workload
+    /// `--workload`, apply the mesh's HTTP routes (403 deny, weighted
+    /// subsets) to HTTP/1.1 requests, and forward each over HBONE.
+    Waypoint {
+        /// The waypoint's workload uid in the mesh.
+        #[arg(long)]
+        workload: String,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// The demo's client application, run by the demo inside a pod.
+    #[command(hide = true)]
+    PodClient {
+        addr: std::net::SocketAddr,
+        len: usize,
+        seed: u8,
+    },
+}
+
+/// Every environment variable `ambient-agent run` reads: its flags' own
+/// and those configuration defaults come from.
+pub fn run_env_vars() -> Vec<String> {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let mut vars: Vec<String> = cli
+        .find_subcommand("run")
+        .into_iter()
+        .flat_map(|run| run.get_arguments())
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect();
+    vars.extend(crate::config::DEFAULT_ENV.iter().map(|v| v.to_string()));
+    vars
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flags_parse_and_unknown_ones_are_refused() {
+        let cli = Cli::try_parse_from(["ambient-agent", "run", "--config", "/etc/a.yaml"])
+            .expect("parses");
+        let Command::Run(o) = cli.command else {
+            panic!("not run: {cli:?}");
+        };
+        assert_eq!(o.config, Some("/etc/a.yaml".into()));
+        assert!(Cli::try_parse_from(["ambient-agent", "run", "--confg", "x"]).is_err());
+    }
+
+    #[test]
+    fn env_vars_include_flags_and_defaults() {
+        let vars = run_env_vars();
+        for v in ["AMBIENT_NODE", "AMBIENT_CONFIG", "NODE_NAME", "INSTANCE_IP"] {
+            assert!(vars.iter().any(|x| x == v), "{v} not in {vars:?}");
+        }
+    }
+}
