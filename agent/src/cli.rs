@@ -23,9 +23,10 @@ pub enum Command {
     /// With no configuration at all the agent runs on its embedded default:
     /// local mode, an empty mesh and a freshly generated CA.
     Run(Overrides),
-    /// Build a small mesh on this machine (2 node and 3 pod network
+    /// Build a small mesh on this machine (2 node and 6 pod network
     /// namespaces, needs root), send traffic between pods through the
-    /// agents, print who talked to whom and what the wire saw, clean up.
+    /// agents and HTTP through a waypoint, print who talked to whom and
+    /// what the wire saw, clean up.
     Demo {
         /// Bytes each demo client sends.
         #[arg(long, default_value_t = 1 << 20)]
@@ -47,6 +48,14 @@ pub enum Command {
         workload: String,
         #[command(flatten)]
         overrides: Overrides,
+    },
+    /// The demo's HTTP client, run by the demo inside a pod.
+    #[command(hide = true)]
+    PodHttp {
+        addr: std::net::SocketAddr,
+        count: usize,
+        path: String,
+        header: Option<String>,
     },
     /// The demo's client application, run by the demo inside a pod.
     #[command(hide = true)]

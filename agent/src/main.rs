@@ -59,6 +59,12 @@ async fn main() -> anyhow::Result<()> {
                 ambient_agent::demo::run_netns(bytes, capture).await
             }
         }
+        Command::PodHttp {
+            addr,
+            count,
+            path,
+            header,
+        } => ambient_agent::demo::client::http_main(addr, count, path, header).await,
         Command::PodClient { addr, len, seed } => {
             ambient_agent::demo::client::main(addr, len, seed)
         }

@@ -38,6 +38,35 @@ fn check_namespace_demo(text: &str) {
         "{text}"
     );
     assert!(text.contains("echoed back intact"), "{text}");
+    // HTTP through the waypoint: L7 deny, header routing, a weighted split.
+    assert!(
+        text.contains("GET /admin/users (1): 1 x \"403 RBAC: access denied\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("GET / with x-version: v2 (10): 10 x \"200 v2\""),
+        "{text}"
+    );
+    let split = text
+        .lines()
+        .find(|l| l.contains("GET / (100):"))
+        .unwrap_or_else(|| panic!("no weighted split in\n{text}"));
+    assert!(
+        split.contains("x \"200 v1\"") && split.contains("x \"200 v2\""),
+        "{split}"
+    );
+    assert!(
+        text.contains(
+            "the waypoint handled 111 requests from spiffe://cluster.local/ns/demo/sa/client"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "accepted the reviews connections from spiffe://cluster.local/ns/demo/sa/waypoint"
+        ),
+        "{text}"
+    );
 }
 
 #[test]

@@ -56,12 +56,7 @@ impl Exchange {
 
 /// The client process: waits for `go`, then exchanges with `addr`.
 pub fn main(addr: SocketAddr, len: usize, seed: u8) -> anyhow::Result<()> {
-    let mut go = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut go)
-        .context("waiting for go")?;
-    anyhow::ensure!(go.trim() == "go", "expected go, got {go:?}");
+    wait_for_go()?;
     let data = payload(len, seed);
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connecting to {addr}"))?;
@@ -103,13 +98,32 @@ impl Pod {
         len: usize,
         seed: u8,
     ) -> anyhow::Result<Exchange> {
+        let mut args: Vec<String> = Vec::new();
+        if subcommand {
+            args.push("pod-client".into());
+        }
+        args.extend([dst.to_string(), len.to_string(), seed.to_string()]);
+        let text = self.run_process(exe, &args).await?;
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k))
+                .map(str::to_string)
+                .with_context(|| format!("no {k} in the client's report {text:?}"))
+        };
+        Ok(Exchange {
+            sent: field("sent=")?,
+            received: field("received=")?,
+            bytes: field("bytes=")?.parse().context("bytes=")?,
+        })
+    }
+
+    /// Runs `exe args...` as a process of this pod (its namespace, then its
+    /// cgroup, before it is told `go`) and returns its standard output.
+    pub async fn run_process(&self, exe: &str, args: &[String]) -> anyhow::Result<String> {
         let ns = std::fs::File::open(self.netns_path()).context("opening the pod's netns")?;
         let fd = ns.as_raw_fd();
         let mut cmd = tokio::process::Command::new(exe);
-        if subcommand {
-            cmd.arg("pod-client");
-        }
-        cmd.args([dst.to_string(), len.to_string(), seed.to_string()])
+        cmd.args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -139,17 +153,54 @@ impl Pod {
             "the client failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let field = |k: &str| {
-            text.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(k))
-                .map(str::to_string)
-                .with_context(|| format!("no {k} in the client's report {text:?}"))
-        };
-        Ok(Exchange {
-            sent: field("sent=")?,
-            received: field("received=")?,
-            bytes: field("bytes=")?.parse().context("bytes=")?,
-        })
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Waits for the parent's `go` (it first moves us into the pod's cgroup).
+fn wait_for_go() -> anyhow::Result<()> {
+    let mut go = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut go)
+        .context("waiting for go")?;
+    anyhow::ensure!(go.trim() == "go", "expected go, got {go:?}");
+    Ok(())
+}
+
+/// The HTTP client process (`ambient-agent pod-http ADDR COUNT PATH
+/// [NAME:VALUE]`): `COUNT` GETs of `PATH` on one connection to `ADDR`,
+/// printing `STATUS BODY` for each.
+pub async fn http_main(
+    addr: SocketAddr,
+    count: usize,
+    path: String,
+    header: Option<String>,
+) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    tokio::task::spawn_blocking(wait_for_go).await??;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let header = header
+        .as_deref()
+        .map(|h| h.split_once(':').context("a header is NAME:VALUE"))
+        .transpose()?;
+    for _ in 0..count {
+        let mut req = http::Request::get(path.as_str()).header("host", addr.to_string());
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        send.ready().await?;
+        let resp = send
+            .send_request(req.body(Empty::<bytes::Bytes>::new())?)
+            .await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        println!("{status} {}", String::from_utf8_lossy(&body).trim());
+    }
+    Ok(())
 }

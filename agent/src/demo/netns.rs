@@ -1,4 +1,4 @@
-//! The demo on a real kernel: two node namespaces, three pods, real capture
+//! The demo on a real kernel: two node namespaces, six pods, real capture
 //! (nft or eBPF), two agents, and the link between the nodes watched.
 
 use std::fmt::Write as _;
@@ -12,22 +12,30 @@ use super::topology::{Pod, Topology};
 use crate::agent::Agent;
 use crate::capture::CaptureMode;
 use crate::config::Config;
-use crate::identity::LocalCa;
-use crate::proxy::record::{ConnectionRecord, Direction};
+use crate::hbone::{Pool, PoolConfig};
+use crate::identity::{CertManager, LocalCa};
+use crate::proxy::record::Direction;
+use crate::state::State;
+use crate::waypoint::{Waypoint, WaypointConfig};
+use crate::xds::local::LocalSource;
 
 pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let topo = Topology::new("demo").context("building the demo topology")?;
     let client = topo.add_pod("client", 0)?;
     let server = topo.add_pod("server", 1)?;
     let outside = topo.add_pod("outside", 1)?;
+    let v1 = topo.add_pod("reviews-v1", 1)?;
+    let v2 = topo.add_pod("reviews-v2", 1)?;
+    let wp = topo.add_pod("waypoint", 1)?;
 
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let mesh = dir.path().join("mesh.yaml");
     let entry = |p: &Pod, node: &str| p.workload_yaml("demo", node, &p.name);
     let yaml = format!(
-        "workloads:\n{}{}",
+        "workloads:\n{}{}{}",
         entry(&client, "node-a"),
-        entry(&server, "node-b")
+        entry(&server, "node-b"),
+        reviews_yaml(&v1, &v2, &wp)
     );
     std::fs::write(&mesh, &yaml).context("writing the demo mesh")?;
 
@@ -44,10 +52,16 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     };
     let a = Agent::start_with_signer(cfg("node-a"), ca.clone(), ca.trust_bundle()).await?;
     let b = Agent::start_with_signer(cfg("node-b"), ca.clone(), ca.trust_bundle()).await?;
-    let _apps = [echo(&server, 8080).await?, echo(&outside, 9090).await?];
+    let _apps = [
+        echo(&server, 8080).await?,
+        echo(&outside, 9090).await?,
+        http(&v1, "v1").await?,
+        http(&v2, "v2").await?,
+    ];
+    let waypoint = start_waypoint(&mesh, &ca, &wp).await?;
 
     let mode = format!("{capture:?}").to_lowercase();
-    println!("ambient-agent demo: 2 nodes, 3 pods, {mode} capture, local CA\n");
+    println!("ambient-agent demo: 2 nodes, 6 pods, {mode} capture, local CA\n");
     println!(
         "  node-a ({})  pod client  {}  spiffe://cluster.local/ns/demo/sa/client",
         topo.nodes[0], client.ip
@@ -57,11 +71,20 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
         topo.nodes[1], server.ip
     );
     println!(
-        "  node-b                   pod outside {}  (not in the mesh)\n",
+        "  node-b                   pod outside {}  (not in the mesh)",
         outside.ip
+    );
+    println!(
+        "  node-b                   pods reviews-v1 {}, reviews-v2 {}: service reviews {REVIEWS_VIP}, through",
+        v1.ip, v2.ip
+    );
+    println!(
+        "                           the waypoint pod {} (L7: /admin denied, x-version: v2 -> v2, else 80/20)\n",
+        wp.ip
     );
 
     let mut report = String::new();
+    let mut at_b = b.connections();
     for (what, dst) in [
         ("client -> server (in the mesh)", server.addr(8080)),
         ("client -> outside (not in the mesh)", outside.addr(9090)),
@@ -114,15 +137,144 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
             if clear { "YES" } else { "no (encrypted)" }
         )?;
     }
+    let exe = std::env::current_exe().context("locating ambient-agent")?;
+    let exe = exe.to_string_lossy();
+    let mut requests = waypoint.requests();
+    writeln!(
+        report,
+        "  client -> service reviews {REVIEWS_VIP} (HTTP through the waypoint)"
+    )?;
+    for (what, count, path, header) in [
+        ("GET /admin/users", 1, "/admin/users", None),
+        ("GET / with x-version: v2", 10, "/", Some("x-version:v2")),
+        ("GET /", 100, "/", None),
+    ] {
+        let mut args = vec![
+            "pod-http".to_string(),
+            REVIEWS_VIP.to_string(),
+            count.to_string(),
+            path.to_string(),
+        ];
+        args.extend(header.map(str::to_string));
+        let out = client
+            .run_process(&exe, &args)
+            .await
+            .with_context(|| what.to_string())?;
+        let mut tally = std::collections::BTreeMap::<&str, usize>::new();
+        for line in out.lines() {
+            *tally.entry(line).or_default() += 1;
+        }
+        let tally: Vec<String> = tally
+            .iter()
+            .map(|(k, n)| format!("{n} x \"{k}\""))
+            .collect();
+        writeln!(report, "    {what} ({count}): {}", tally.join(", "))?;
+    }
+    let seen = records_now(&mut requests);
+    let ids: std::collections::BTreeSet<String> =
+        seen.iter().map(|r| r.src_identity.to_string()).collect();
+    writeln!(
+        report,
+        "    the waypoint handled {} requests from {}",
+        seen.len(),
+        ids.into_iter().collect::<Vec<_>>().join(", ")
+    )?;
+    let by_waypoint: std::collections::BTreeSet<String> = records_now(&mut at_b)
+        .into_iter()
+        .filter(|r| {
+            r.direction == Direction::Inbound
+                && [v1.ip, v2.ip]
+                    .iter()
+                    .any(|ip| r.dst.ip() == std::net::IpAddr::V4(*ip))
+        })
+        .filter_map(|r| r.src_identity.map(|i| i.to_string()))
+        .collect();
+    writeln!(
+        report,
+        "    node-b's agent accepted the reviews connections from {}\n",
+        by_waypoint.into_iter().collect::<Vec<_>>().join(", ")
+    )?;
     print!("{report}");
+    drop(waypoint);
     drop((a, b));
     println!("agents stopped; capture removed; namespaces deleted on exit");
     Ok(())
 }
 
-fn records_now(
-    rx: &mut tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>>,
-) -> Vec<ConnectionRecord> {
+/// The reviews service's address.
+const REVIEWS_VIP: &str = "10.96.0.1:80";
+
+/// Two reviews workloads behind a waypoint, the waypoint (in a pod no agent
+/// serves: it terminates HBONE itself), the service and its L7 routes.
+fn reviews_yaml(v1: &Pod, v2: &Pod, wp: &Pod) -> String {
+    let behind = format!("    waypoint: {{address: {}}}\n", wp.ip);
+    let vip = REVIEWS_VIP.trim_end_matches(":80");
+    format!(
+        r#"{v1_entry}{behind}{v2_entry}{behind}  - uid: waypoint
+    name: waypoint
+    namespace: demo
+    serviceAccount: waypoint
+    addresses: [{wp}]
+    node: waypoints
+services:
+  - name: reviews
+    namespace: demo
+    vips: [{vip}]
+    ports: [{{port: 80, targetPort: 8080}}]
+    endpoints: [{v1}, {v2}]
+    waypoint: {{address: {wp}}}
+httpRoutes:
+  - name: reviews
+    namespace: demo
+    service: demo/reviews.demo.svc.cluster.local
+    rules:
+      - matches: [{{path: {{prefix: /admin}}}}]
+        deny: true
+      - matches: [{{headers: {{x-version: v2}}}}]
+        backends: [{{workloads: [{v2}]}}]
+      - backends: [{{workloads: [{v1}], weight: 80}}, {{workloads: [{v2}], weight: 20}}]
+"#,
+        v1_entry = v1.workload_yaml("demo", "node-b", "reviews"),
+        v2_entry = v2.workload_yaml("demo", "node-b", "reviews"),
+        v1 = v1.name,
+        v2 = v2.name,
+        wp = wp.ip,
+    )
+}
+
+/// The reference waypoint, inside `pod`, following the mesh file.
+async fn start_waypoint(
+    mesh: &std::path::Path,
+    ca: &Arc<LocalCa>,
+    pod: &Pod,
+) -> anyhow::Result<Waypoint> {
+    let state = Arc::new(State::default());
+    LocalSource::new(mesh.to_path_buf(), state.clone(), Duration::from_secs(1))
+        .load_initial()
+        .context("loading the demo mesh for the waypoint")?;
+    let certs = CertManager::new(ca.clone(), ca.trust_bundle(), Default::default());
+    let pool = Pool::new(certs.clone(), PoolConfig::default());
+    Waypoint::start(
+        state,
+        certs,
+        pool,
+        pod.sockets(),
+        WaypointConfig::new("waypoint"),
+    )
+    .await
+    .context("starting the waypoint")
+}
+
+/// An HTTP application inside `pod` on 8080 answering `name`.
+async fn http(pod: &Pod, name: &'static str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = pod
+        .sockets()
+        .listen(pod.addr(8080), Default::default())
+        .await?;
+    Ok(super::serve_http(listener, name))
+}
+
+fn records_now<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<Arc<T>>) -> Vec<T> {
     let mut out = Vec::new();
     while let Ok(r) = rx.try_recv() {
         out.push((*r).clone());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Mode};
 use crate::hbone::{server, tls, H2Settings, Pool, PoolConfig};
@@ -173,8 +173,15 @@ impl Waypoint {
                     let shutdown = shutdown_rx.clone();
                     tokio::spawn(
                         async move {
-                            if let Err(e) = shared.serve(stream, peer, shutdown).await {
-                                warn!(%peer, error = %e, "HBONE connection refused or failed");
+                            match shared.serve(stream, peer, shutdown).await {
+                                Ok(()) => {}
+                                // The peer went away (e.g. its agent stopped).
+                                Err(ConnectionError::H2(e)) if e.is_io() => {
+                                    debug!(%peer, error = %e, "HBONE connection closed")
+                                }
+                                Err(e) => {
+                                    warn!(%peer, error = %e, "HBONE connection refused or failed")
+                                }
                             }
                         }
                         .in_current_span(),
