@@ -334,3 +334,46 @@ async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn refused_connections_are_counted_as_failed() {
+    let w = World::new(76);
+    // Nobody may reach the server.
+    w.write_mesh(&format!(
+        "{}policies:\n  - {{name: deny-all, namespace: test, action: DENY, rules: [{{}}]}}\n",
+        w.standard_mesh("server")
+    ));
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    let b = w
+        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
+        .await;
+    let _echo = Echo::start(w.server_app()).await;
+    let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+    let _ = c.write_all(b"ping").await;
+    let mut rest = Vec::new();
+    let _ = timeout(LIMIT, c.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "refused, nothing echoed");
+    // The destination refused it (401) and the source saw the tunnel fail.
+    for (agent, reporter) in [(&b, "destination"), (&a, "source")] {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let (_, body) = request(addr(agent, Endpoint::Metrics), "GET", "/metrics").await;
+            let failed: Vec<&str> = body
+                .lines()
+                .filter(|l| l.starts_with("ambient_tcp_connections_failed_total{"))
+                .collect();
+            if failed.len() == 1 {
+                let line = failed[0];
+                assert!(
+                    line.contains(&format!("reporter=\"{reporter}\"")) && line.ends_with(" 1"),
+                    "{line}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no failed connection in\n{body}");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

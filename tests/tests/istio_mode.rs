@@ -88,7 +88,9 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
                 ..ControlPlaneConfig::default()
             },
             admin_port: 0,
-            metrics_port: 0,
+            // Metrics on an address of each agent's own, to read the xDS state.
+            metrics_address: metrics_ip(node),
+            metrics_port: 25020,
             readiness_port: 0,
             ..Config::default()
         };
@@ -145,6 +147,26 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
     );
     assert!(ca.requests() >= 2, "certificates came from the Istio CA");
 
+    // The xDS state shows in the metrics: connected, synced, no NACK.
+    let metrics = scrape(SocketAddr::new(metrics_ip("node-a"), 25020)).await;
+    for line in [
+        "ambient_xds_connected 1",
+        "ambient_xds_synced 1",
+        "ambient_xds_nacks_total 0",
+        "ambient_xds_connections_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    let acks = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ambient_xds_acks_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("an ACK counter");
+    assert!(acks >= 2, "both types were ACKed: {acks}");
+
     // A pod the CNI deletes is released: capture and listeners go.
     assert_eq!(cnis[1].del_pod("server").await.unwrap(), Ok(()));
     wait_for("server released", || {
@@ -156,4 +178,29 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
         "capture removed from the released pod"
     );
     drop(agents);
+}
+
+fn metrics_ip(node: &str) -> IpAddr {
+    if node == "node-a" {
+        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 91, 1))
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 91, 2))
+    }
+}
+
+/// The body of `GET /metrics` at `addr`.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .expect("HTTP response")
 }

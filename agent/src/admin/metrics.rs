@@ -1,6 +1,7 @@
 //! Prometheus metrics (`GET /metrics`): Istio's standard TCP metrics from
-//! the proxies' [`ConnectionRecord`]s, plus the agent's own gauges (pool,
-//! certificates, enrolled workloads), in the OpenMetrics text format.
+//! the proxies' [`ConnectionRecord`]s, failed connections, plus the agent's
+//! own: xDS connection state, ACKs and NACKs (Istio mode), pool,
+//! certificates, enrolled workloads; in the OpenMetrics text format.
 //!
 //! Byte counters follow Istio's meaning: `istio_tcp_received_bytes_total`
 //! counts request bytes (client towards server, the record's `sent`) and
@@ -23,6 +24,7 @@ use prometheus_client::registry::Registry;
 use crate::hbone::pool::PoolStats;
 use crate::identity::{Identity, WorkloadCert};
 use crate::proxy::record::{ConnectionRecord, Direction};
+use crate::xds::delta::XdsStatus;
 
 /// The labels of Istio's TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +51,8 @@ pub struct AgentGauges {
     pub pool: PoolStats,
     pub certificates: Vec<Arc<WorkloadCert>>,
     pub enrolled: usize,
+    /// The xDS client's status (Istio mode only).
+    pub xds: Option<XdsStatus>,
 }
 
 /// The agent's metrics registry.
@@ -59,7 +63,15 @@ pub struct Metrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
     records_lost: Counter,
+    xds_connected: Gauge,
+    xds_synced: Gauge,
+    xds_resources: Gauge,
+    xds_connections: Counter,
+    xds_failures: Counter,
+    xds_acks: Counter,
+    xds_nacks: Counter,
     pool_opened: Counter,
     pool_open: Gauge,
     pool_streams: Gauge,
@@ -84,7 +96,15 @@ impl Metrics {
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
+            failed: Family::default(),
             records_lost: Counter::default(),
+            xds_connected: Gauge::default(),
+            xds_synced: Gauge::default(),
+            xds_resources: Gauge::default(),
+            xds_connections: Counter::default(),
+            xds_failures: Counter::default(),
+            xds_acks: Counter::default(),
+            xds_nacks: Counter::default(),
             pool_opened: Counter::default(),
             pool_open: Gauge::default(),
             pool_streams: Gauge::default(),
@@ -119,6 +139,52 @@ impl Metrics {
         ];
         for (name, help, family) in counters {
             registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "ambient_tcp_connections_failed",
+            "TCP connections that ended in an error or were refused (Istio's labels; response_flags says why)",
+            m.failed.clone(),
+        );
+        let xds_gauges = [
+            (
+                "ambient_xds_connected",
+                "1 while a stream to the control plane is open",
+                &m.xds_connected,
+            ),
+            (
+                "ambient_xds_synced",
+                "1 once every subscribed type was received and accepted",
+                &m.xds_synced,
+            ),
+            (
+                "ambient_xds_resources",
+                "xDS resources held",
+                &m.xds_resources,
+            ),
+        ];
+        for (name, help, gauge) in xds_gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        let xds_counters = [
+            (
+                "ambient_xds_connections",
+                "xDS streams opened",
+                &m.xds_connections,
+            ),
+            (
+                "ambient_xds_connection_failures",
+                "xDS connection attempts that failed or streams that ended",
+                &m.xds_failures,
+            ),
+            ("ambient_xds_acks", "xDS responses accepted", &m.xds_acks),
+            (
+                "ambient_xds_nacks",
+                "xDS responses rejected (NACK)",
+                &m.xds_nacks,
+            ),
+        ];
+        for (name, help, counter) in xds_counters {
+            registry.register(name, help, counter.clone());
         }
         registry.register(
             "ambient_connection_records_lost",
@@ -171,6 +237,9 @@ impl Metrics {
             self.opened.get_or_create(&labels).inc();
         }
         self.closed.get_or_create(&labels).inc();
+        if r.error.is_some() {
+            self.failed.get_or_create(&labels).inc();
+        }
         self.received.get_or_create(&labels).inc_by(r.sent);
         self.sent.get_or_create(&labels).inc_by(r.received);
     }
@@ -183,10 +252,15 @@ impl Metrics {
     /// Updates the agent gauges and encodes everything.
     pub fn encode(&self, gauges: &AgentGauges) -> Result<String, std::fmt::Error> {
         let _one = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
-        let opened = gauges.pool.connections_opened;
-        let seen = self.pool_opened.get();
-        if opened > seen {
-            self.pool_opened.inc_by(opened - seen);
+        catch_up(&self.pool_opened, gauges.pool.connections_opened);
+        if let Some(x) = &gauges.xds {
+            self.xds_connected.set(i64::from(x.connected));
+            self.xds_synced.set(i64::from(x.synced));
+            self.xds_resources.set(to_i64(x.resources as u64));
+            catch_up(&self.xds_connections, x.connections);
+            catch_up(&self.xds_failures, x.failures);
+            catch_up(&self.xds_acks, x.acks);
+            catch_up(&self.xds_nacks, x.nacks);
         }
         self.pool_open
             .set(to_i64(gauges.pool.connections_open as u64));
@@ -210,6 +284,14 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+/// Moves `counter` up to `total`, a running total kept elsewhere.
+fn catch_up(counter: &Counter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }
 

@@ -277,6 +277,7 @@ impl Shared {
             pool: self.pool.stats(),
             certificates: self.certs.certificates(),
             enrolled: (self.served)().len(),
+            xds: self.readiness.xds_status(),
         };
         self.metrics.encode(&gauges)
     }

@@ -44,6 +44,14 @@ impl Readiness {
         }
     }
 
+    /// The xDS client's status, in Istio mode.
+    pub fn xds_status(&self) -> Option<XdsStatus> {
+        match &self.inner.mesh {
+            MeshReady::Loaded => None,
+            MeshReady::Xds(rx) => Some(rx.borrow().clone()),
+        }
+    }
+
     /// Records that the first reconciliation ran: the listeners of the
     /// workloads known at start are open.
     pub fn listeners_started(&self) {
