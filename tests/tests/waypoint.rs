@@ -12,18 +12,16 @@ use std::time::Duration;
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::config::Config;
-use ambient_agent::hbone::{Pool, PoolConfig};
+use ambient_agent::demo::waypoint::{http_app, reviews_yaml, start_waypoint};
 use ambient_agent::identity::{CertManager, Identity};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
 use ambient_agent::socket::ConnectOpts;
-use ambient_agent::state::State;
-use ambient_agent::waypoint::{RequestRecord, Waypoint, WaypointConfig};
-use ambient_agent::xds::local::LocalSource;
+use ambient_agent::waypoint::RequestRecord;
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -40,30 +38,6 @@ async fn agent(world: &World, node: &str) -> Agent {
         ..world.config(node)
     };
     world.agent_with(cfg).await
-}
-
-/// An HTTP/1.1 server in `pod` on `port` that answers every request with
-/// `name`.
-fn http_app(pod: &Pod, port: u16, name: &'static str) -> tokio::task::JoinHandle<()> {
-    let (sockets, addr) = (pod.sockets(), pod.addr(port));
-    tokio::spawn(async move {
-        let listener = sockets
-            .listen(addr, Default::default())
-            .await
-            .expect("listen in pod");
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from_static(name.as_bytes()),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), service)
-                    .await;
-            });
-        }
-    })
 }
 
 /// One HTTP/1.1 connection from inside `pod` (captured like any app's).
@@ -116,70 +90,13 @@ fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<Arc<T>>) -> Vec<T> 
     out
 }
 
-/// node-a: client, outside (not in the mesh); node-b: reviews v1 and v2
-/// (namespace opted into the waypoint); the waypoint in a pod of its own
-/// that no agent serves: it terminates HBONE itself.
+/// node-a: client; node-b: the reviews service behind the waypoint (see
+/// [`reviews_yaml`]).
 fn mesh_yaml(client: &Pod, v1: &Pod, v2: &Pod, wp: &Pod) -> String {
-    let waypoint = format!("    waypoint: {{address: {}}}\n", wp.ip);
     let mut y = String::from("workloads:\n");
     y += &client.workload_yaml("test", "node-a", "client");
-    y += &v1.workload_yaml("test", "node-b", "reviews");
-    y += &waypoint;
-    y += &v2.workload_yaml("test", "node-b", "reviews");
-    y += &waypoint;
-    y += &format!(
-        "  - uid: waypoint\n    name: waypoint\n    namespace: test\n    serviceAccount: waypoint\n    addresses: [{}]\n    node: waypoint-host\n",
-        wp.ip
-    );
-    y += &format!(
-        r#"services:
-  - name: reviews
-    namespace: test
-    vips: [{vip}]
-    ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [{v1}, {v2}]
-    waypoint: {{address: {wp}}}
-httpRoutes:
-  - name: reviews
-    namespace: test
-    service: test/reviews.test.svc.cluster.local
-    rules:
-      - matches: [{{path: {{prefix: /admin}}}}]
-        deny: true
-      - matches: [{{headers: {{x-version: v2}}}}]
-        backends: [{{workloads: [{v2}]}}]
-      - backends:
-          - {{workloads: [{v1}], weight: 80}}
-          - {{workloads: [{v2}], weight: 20}}
-"#,
-        vip = vip().ip(),
-        v1 = v1.name,
-        v2 = v2.name,
-        wp = wp.ip,
-    );
+    y += &reviews_yaml("test", "node-b", v1, v2, wp, vip().ip());
     y
-}
-
-/// The waypoint, run in `pod`, following the world's mesh file.
-async fn start_waypoint(world: &World, pod: &Pod) -> Waypoint {
-    let state = Arc::new(State::default());
-    let mut source = LocalSource::new(world.mesh_path(), state.clone(), Duration::from_millis(100));
-    source.load_initial().expect("mesh loads");
-    let certs = CertManager::new(
-        world.ca.clone(),
-        world.ca.trust_bundle(),
-        Default::default(),
-    );
-    let pool = Pool::new(certs.clone(), PoolConfig::default());
-    Waypoint::start(
-        state,
-        certs,
-        pool,
-        pod.sockets(),
-        WaypointConfig::new("waypoint"),
-    )
-    .await
-    .expect("waypoint starts")
 }
 
 #[tokio::test]
@@ -195,8 +112,13 @@ async fn requests_go_through_the_waypoint_and_its_routes() {
     world.write_mesh(&mesh_yaml(&client, &v1, &v2, &wp));
     let _a = agent(&world, "node-a").await;
     let b = agent(&world, "node-b").await;
-    let waypoint = start_waypoint(&world, &wp).await;
-    let _apps = [http_app(&v1, 8080, "v1"), http_app(&v2, 8080, "v2")];
+    let waypoint = start_waypoint(&world.mesh_path(), &world.ca, &wp)
+        .await
+        .expect("waypoint starts");
+    let _apps = [
+        http_app(&v1, "v1").await.expect("app"),
+        http_app(&v2, "v2").await.expect("app"),
+    ];
     let mut seen = waypoint.requests();
     let mut at_b = b.connections();
 

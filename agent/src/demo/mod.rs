@@ -11,6 +11,7 @@ pub mod client;
 pub mod loopback;
 mod netns;
 pub mod topology;
+pub mod waypoint;
 
 pub use netns::run as run_netns;
 

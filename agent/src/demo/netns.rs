@@ -9,15 +9,18 @@ use anyhow::Context;
 
 use super::client::MARKER;
 use super::topology::{Pod, Topology};
+use super::waypoint::{http_app, reviews_yaml, start_waypoint};
 use crate::agent::Agent;
 use crate::capture::CaptureMode;
 use crate::config::Config;
-use crate::hbone::{Pool, PoolConfig};
-use crate::identity::{CertManager, LocalCa};
+use crate::identity::LocalCa;
 use crate::proxy::record::Direction;
-use crate::state::State;
-use crate::waypoint::{Waypoint, WaypointConfig};
-use crate::xds::local::LocalSource;
+
+/// The reviews service's address.
+const REVIEWS_VIP: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 1)),
+    80,
+);
 
 pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let topo = Topology::new("demo").context("building the demo topology")?;
@@ -35,7 +38,7 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
         "workloads:\n{}{}{}",
         entry(&client, "node-a"),
         entry(&server, "node-b"),
-        reviews_yaml(&v1, &v2, &wp)
+        reviews_yaml("demo", "node-b", &v1, &v2, &wp, REVIEWS_VIP.ip())
     );
     std::fs::write(&mesh, &yaml).context("writing the demo mesh")?;
 
@@ -55,8 +58,8 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let _apps = [
         echo(&server, 8080).await?,
         echo(&outside, 9090).await?,
-        http(&v1, "v1").await?,
-        http(&v2, "v2").await?,
+        http_app(&v1, "v1").await?,
+        http_app(&v2, "v2").await?,
     ];
     let waypoint = start_waypoint(&mesh, &ca, &wp).await?;
 
@@ -199,79 +202,6 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     drop((a, b));
     println!("agents stopped; capture removed; namespaces deleted on exit");
     Ok(())
-}
-
-/// The reviews service's address.
-const REVIEWS_VIP: &str = "10.96.0.1:80";
-
-/// Two reviews workloads behind a waypoint, the waypoint (in a pod no agent
-/// serves: it terminates HBONE itself), the service and its L7 routes.
-fn reviews_yaml(v1: &Pod, v2: &Pod, wp: &Pod) -> String {
-    let behind = format!("    waypoint: {{address: {}}}\n", wp.ip);
-    let vip = REVIEWS_VIP.trim_end_matches(":80");
-    format!(
-        r#"{v1_entry}{behind}{v2_entry}{behind}  - uid: waypoint
-    name: waypoint
-    namespace: demo
-    serviceAccount: waypoint
-    addresses: [{wp}]
-    node: waypoints
-services:
-  - name: reviews
-    namespace: demo
-    vips: [{vip}]
-    ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [{v1}, {v2}]
-    waypoint: {{address: {wp}}}
-httpRoutes:
-  - name: reviews
-    namespace: demo
-    service: demo/reviews.demo.svc.cluster.local
-    rules:
-      - matches: [{{path: {{prefix: /admin}}}}]
-        deny: true
-      - matches: [{{headers: {{x-version: v2}}}}]
-        backends: [{{workloads: [{v2}]}}]
-      - backends: [{{workloads: [{v1}], weight: 80}}, {{workloads: [{v2}], weight: 20}}]
-"#,
-        v1_entry = v1.workload_yaml("demo", "node-b", "reviews"),
-        v2_entry = v2.workload_yaml("demo", "node-b", "reviews"),
-        v1 = v1.name,
-        v2 = v2.name,
-        wp = wp.ip,
-    )
-}
-
-/// The reference waypoint, inside `pod`, following the mesh file.
-async fn start_waypoint(
-    mesh: &std::path::Path,
-    ca: &Arc<LocalCa>,
-    pod: &Pod,
-) -> anyhow::Result<Waypoint> {
-    let state = Arc::new(State::default());
-    LocalSource::new(mesh.to_path_buf(), state.clone(), Duration::from_secs(1))
-        .load_initial()
-        .context("loading the demo mesh for the waypoint")?;
-    let certs = CertManager::new(ca.clone(), ca.trust_bundle(), Default::default());
-    let pool = Pool::new(certs.clone(), PoolConfig::default());
-    Waypoint::start(
-        state,
-        certs,
-        pool,
-        pod.sockets(),
-        WaypointConfig::new("waypoint"),
-    )
-    .await
-    .context("starting the waypoint")
-}
-
-/// An HTTP application inside `pod` on 8080 answering `name`.
-async fn http(pod: &Pod, name: &'static str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = pod
-        .sockets()
-        .listen(pod.addr(8080), Default::default())
-        .await?;
-    Ok(super::serve_http(listener, name))
 }
 
 fn records_now<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<Arc<T>>) -> Vec<T> {
