@@ -380,6 +380,16 @@ fn bad_files_name_file_line_and_field() {
         let rest: String = yaml(rest).lines().map(|l| format!("{pad}{l}\n")).collect();
         format!("{base}{rest}")
     };
+    // BASE, a service `s` and one route for it with `rules` (YAML list items).
+    let with_route = |rules: &str| {
+        with_base(
+            0,
+            &format!(
+                "services:\n  - {{name: s, namespace: default, vips: [10.96.0.1]}}\nhttpRoutes:\n  - name: r\n    namespace: default\n    service: default/s.default.svc.cluster.local\n    rules:\n{}",
+                yaml(rules).lines().map(|l| format!("      {l}\n")).collect::<String>()
+            ),
+        )
+    };
     let cases: Vec<(&str, String, &str)> = vec![
         // --- from the YAML loader and deserialization ---
         (
@@ -1010,16 +1020,8 @@ fn bad_files_name_file_line_and_field() {
         ),
         (
             "rule with neither",
-            with_base(
-                0,
+            with_route(
                 "
-                services:
-                  - {name: s, namespace: default, vips: [10.96.0.1]}
-                httpRoutes:
-                  - name: r
-                    namespace: default
-                    service: default/s.default.svc.cluster.local
-                    rules:
                       - matches: [{method: GET}]
                 ",
             ),
@@ -1027,16 +1029,8 @@ fn bad_files_name_file_line_and_field() {
         ),
         (
             "backend of an unknown workload",
-            with_base(
-                0,
+            with_route(
                 "
-                services:
-                  - {name: s, namespace: default, vips: [10.96.0.1]}
-                httpRoutes:
-                  - name: r
-                    namespace: default
-                    service: default/s.default.svc.cluster.local
-                    rules:
                       - backends: [{workloads: [ghost]}]
                 ",
             ),
@@ -1044,16 +1038,8 @@ fn bad_files_name_file_line_and_field() {
         ),
         (
             "backends all weight 0",
-            with_base(
-                0,
+            with_route(
                 "
-                services:
-                  - {name: s, namespace: default, vips: [10.96.0.1]}
-                httpRoutes:
-                  - name: r
-                    namespace: default
-                    service: default/s.default.svc.cluster.local
-                    rules:
                       - backends: [{workloads: [a], weight: 0}]
                 ",
             ),
@@ -1061,16 +1047,8 @@ fn bad_files_name_file_line_and_field() {
         ),
         (
             "unknown path match kind",
-            with_base(
-                0,
+            with_route(
                 "
-                services:
-                  - {name: s, namespace: default, vips: [10.96.0.1]}
-                httpRoutes:
-                  - name: r
-                    namespace: default
-                    service: default/s.default.svc.cluster.local
-                    rules:
                       - matches: [{path: {regex: x}}]
                         deny: true
                 ",
