@@ -5,7 +5,9 @@
 //! connection opens. Creation is single-flight per key, so a burst of
 //! connects to one destination opens one TLS connection at a time instead
 //! of a thundering herd. A connection idle for `idle_timeout` is released;
-//! one that stops answering PINGs is dropped.
+//! one that stops answering PINGs is dropped. A connection may also be
+//! retired after a number of streams over its life (`streams_per_connection`),
+//! which forces fresh handshakes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +44,10 @@ pub struct PoolConfig {
     pub h2: H2Settings,
     /// SO_MARK on the agent's own sockets, so capture skips them.
     pub socket_mark: Option<u32>,
+    /// Streams a connection carries over its whole life before it takes no
+    /// more and closes once they end; 0 = no limit (default). 1 gives every
+    /// tunnel its own mTLS handshake (benchmarks, rotation drills).
+    pub streams_per_connection: u64,
 }
 
 impl Default for PoolConfig {
@@ -54,6 +60,7 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(10),
             h2: H2Settings::default(),
             socket_mark: None,
+            streams_per_connection: 0,
         }
     }
 }
@@ -133,22 +140,59 @@ struct Conn {
     state: AtomicUsize,
     max_streams: usize,
     idle_since: Mutex<Instant>,
+    /// Streams still allowed over the connection's life; `u64::MAX` = no limit.
+    budget: AtomicU64,
+    /// Wakes the connection's driver once it is closed and has no stream.
+    retired: Arc<tokio::sync::Notify>,
 }
 
 impl Conn {
-    /// Claims a stream slot unless the connection is full or closed.
+    /// Claims a stream slot unless the connection is full, closed or has
+    /// spent its life budget.
     fn try_reserve(&self) -> bool {
         let max = self.max_streams.min(self.send.current_max_send_streams());
-        self.state
+        let Some(last) = self.take_budget() else {
+            return false;
+        };
+        let reserved = self
+            .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & CLOSED == 0 && v < max).then_some(v + 1)
             })
-            .is_ok()
+            .is_ok();
+        if !reserved {
+            self.refund_budget();
+        } else if last {
+            self.close();
+        }
+        reserved
+    }
+
+    /// Takes one stream from the life budget: `None` when it is spent,
+    /// `Some(true)` when this was the last one.
+    fn take_budget(&self) -> Option<bool> {
+        if self.budget.load(Ordering::Relaxed) == u64::MAX {
+            return Some(false);
+        }
+        self.budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1))
+            .ok()
+            .map(|before| before == 1)
+    }
+
+    fn refund_budget(&self) {
+        if self.budget.load(Ordering::Relaxed) != u64::MAX {
+            self.budget.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn release(&self) {
-        if self.state.fetch_sub(1, Ordering::AcqRel) & !CLOSED == 1 {
+        let before = self.state.fetch_sub(1, Ordering::AcqRel);
+        if before & !CLOSED == 1 {
             *lock(&self.idle_since) = Instant::now();
+            if before & CLOSED != 0 {
+                self.retired.notify_one();
+            }
         }
     }
 
@@ -267,19 +311,30 @@ impl Pool {
             tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected, sockets))
                 .await
                 .map_err(|_| PoolError::Timeout(key.dst))??;
+        let budget = match cfg.streams_per_connection {
+            0 => u64::MAX,
+            n => n,
+        };
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,
             state: AtomicUsize::new(1),
             max_streams: cfg.max_streams.max(1),
             idle_since: Mutex::new(Instant::now()),
+            budget: AtomicU64::new(budget),
+            retired: Arc::default(),
         });
+        // The first stream is taken here, not through `try_reserve`.
+        if conn.take_budget() == Some(true) {
+            conn.close();
+        }
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         lock(&entry.conns).push(conn.clone());
         let span = info_span!("hbone_conn", id = conn.id, dst = %key.dst, peer = %key.dst_identity);
         tokio::spawn(
             drive(
                 connection,
+                conn.retired.clone(),
                 Arc::downgrade(&conn),
                 Arc::downgrade(entry),
                 Arc::downgrade(&self.inner),
@@ -351,6 +406,7 @@ enum Ending {
     Failed,
     Idle,
     Released,
+    Retired,
     KeepAliveFailed,
 }
 
@@ -358,6 +414,7 @@ enum Ending {
 /// removes it from the pool when it ends.
 async fn drive(
     mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    retired: Arc<tokio::sync::Notify>,
     conn: Weak<Conn>,
     entry: Weak<Entry>,
     pool: Weak<Inner>,
@@ -404,6 +461,7 @@ async fn drive(
             }
         },
         why = maintain => why,
+        _ = retired.notified() => Ending::Retired,
     };
     debug!(reason = ?why, "HBONE connection leaves the pool");
     if let Some(c) = conn.upgrade() {
@@ -423,7 +481,7 @@ async fn drive(
     }
     // A released connection has no streams left; let it say goodbye. A dead
     // one is dropped at once, so a black-holed peer cannot hold the task.
-    if matches!(why, Ending::Idle | Ending::Released) {
+    if matches!(why, Ending::Idle | Ending::Released | Ending::Retired) {
         let _ = tokio::time::timeout(cfg.keepalive_timeout, connection).await;
     }
 }
