@@ -227,3 +227,24 @@ async fn connections_retire_after_their_stream_budget() {
         );
     }
 }
+
+#[tokio::test]
+async fn cached_tls_configs_still_check_the_peer_identity() {
+    // One handshake per tunnel, so each connect builds or reuses a config.
+    let cfg = PoolConfig {
+        streams_per_connection: 1,
+        ..Default::default()
+    };
+    let s = setup(93, cfg).await;
+    let wrong = vec![Identity::new("cluster.local", "test", "someone-else")];
+    for _ in 0..2 {
+        let _ok = s.open().await;
+        let err = s
+            .pool
+            .connect(&s.key, &wrong, request(s.w.server_app()), &Sockets::Host)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PoolError::Handshake(..)), "{err}");
+    }
+    assert_eq!(s.pool.stats().connections_opened, 2, "only the good ones");
+}

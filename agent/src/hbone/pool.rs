@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
@@ -25,7 +26,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
-use crate::identity::{CaError, CertManager, Identity};
+use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
 
 /// Pool behaviour; see each field for its default.
@@ -118,9 +119,18 @@ struct Inner {
     certs: Arc<CertManager>,
     cfg: PoolConfig,
     entries: Mutex<HashMap<PoolKey, Arc<Entry>>>,
+    /// TLS client configs by (source, expected peers), with the certificate
+    /// they present: building one parses the roots and keys every time.
+    tls: Mutex<HashMap<TlsKey, (Arc<WorkloadCert>, Arc<ClientConfig>)>>,
     opened: AtomicU64,
     next_id: AtomicU64,
 }
+
+type TlsKey = (Identity, Vec<Identity>);
+
+/// Cached TLS configs kept at most; past it the cache starts over (a bound,
+/// not an eviction policy: a node talks to far fewer identity sets).
+const TLS_CACHE_MAX: usize = 1024;
 
 /// The connections of one key.
 #[derive(Default)]
@@ -234,6 +244,7 @@ impl Pool {
                 certs,
                 cfg,
                 entries: Mutex::default(),
+                tls: Mutex::default(),
                 opened: AtomicU64::new(0),
                 next_id: AtomicU64::new(0),
             }),
@@ -256,7 +267,10 @@ impl Pool {
                 let _creating = entry.creating.lock().await;
                 match entry.pick() {
                     Some(c) => c,
-                    None => self.open(key, expected, &entry, sockets).await?,
+                    // Boxed: the handshake's state is large and needed only
+                    // while connecting; inline, every tunnel's task would
+                    // carry it for its whole life.
+                    None => Box::pin(self.open(key, expected, &entry, sockets)).await?,
                 }
             }
         };
@@ -364,8 +378,7 @@ impl Pool {
             .fetch(&key.src_identity)
             .await
             .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
-        let tls_cfg =
-            tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
+        let tls_cfg = self.client_config(&key.src_identity, cert, expected)?;
         let opts = ConnectOpts {
             bind: key.src_ip.map(|ip| SocketAddr::new(ip, 0)),
             transparent: false,
@@ -375,7 +388,7 @@ impl Pool {
             .connect(key.dst, opts)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
-        let tls = TlsConnector::from(Arc::new(tls_cfg))
+        let tls = TlsConnector::from(tls_cfg)
             .connect(tls::placeholder_server_name(), tcp)
             .await
             .map_err(|e| PoolError::Handshake(key.dst, e))?;
@@ -390,6 +403,35 @@ impl Pool {
             .await?;
         debug!(dst = %key.dst, peer = %key.dst_identity, "HBONE connection established");
         Ok((send, connection))
+    }
+}
+
+impl Pool {
+    /// The TLS config presenting `cert` and expecting `expected`, reused
+    /// until the certificate is renewed.
+    fn client_config(
+        &self,
+        src: &Identity,
+        cert: Arc<WorkloadCert>,
+        expected: &[Identity],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (src.clone(), expected.to_vec());
+        if let Some((c, cfg)) = lock(&self.inner.tls).get(&key) {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(tls::client_config(
+            &cert,
+            self.inner.certs.trust_bundle(),
+            expected.to_vec(),
+        )?);
+        let mut cache = lock(&self.inner.tls);
+        if cache.len() >= TLS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (cert, cfg.clone()));
+        Ok(cfg)
     }
 }
 
