@@ -1,11 +1,17 @@
 //! One tunneled TCP connection as an HTTP/2 stream, and the copy loop that
 //! joins it to a TCP socket with half-close in both directions.
+//!
+//! An idle tunnel holds no copy buffer: the socket is read only once it is
+//! readable, into a buffer taken then, so ten thousand quiet connections
+//! cost the agent a few hundred bytes each, not kilobytes.
 
 use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 /// Read buffers start small so idle connections cost little, and double
 /// while reads keep filling them, up to the largest frame we send.
@@ -53,16 +59,14 @@ pub struct Transferred {
 /// socket becomes END_STREAM; END_STREAM from the peer becomes a write
 /// shutdown on the socket. An error in either direction ends both (the
 /// dropped stream is reset).
-pub async fn copy_bidirectional<S>(stream: H2Stream, socket: S) -> io::Result<Transferred>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+pub async fn copy_bidirectional(stream: H2Stream, socket: TcpStream) -> io::Result<Transferred> {
     let H2Stream {
         mut send,
         mut recv,
         guard: _guard,
     } = stream;
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    // Owned halves: no lock shared between the two directions.
+    let (mut rd, mut wr) = socket.into_split();
     let up = socket_to_stream(&mut rd, &mut send);
     let down = stream_to_socket(&mut recv, &mut wr);
     let (to_stream, from_stream) = tokio::try_join!(up, down)?;
@@ -72,16 +76,25 @@ where
     })
 }
 
-async fn socket_to_stream<R>(rd: &mut R, send: &mut SendStream<Bytes>) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-{
+async fn socket_to_stream(rd: &mut OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = MIN_BUF;
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(size);
-        let n = rd.read_buf(&mut buf).await?;
+        let n = match rd.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Going idle: a small buffer is cheap to take again, so let
+                // it go; a grown one belongs to a busy stream and stays.
+                if size == MIN_BUF {
+                    buf = BytesMut::new();
+                }
+                rd.readable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
             return Ok(total);
