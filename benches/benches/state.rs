@@ -85,7 +85,7 @@ fn authorization(c: &mut Criterion) {
         dst: SocketAddr::new(ip(42), 8080),
     };
     let mut group = c.benchmark_group("authorize_10k_policies");
-    for (name, all) in [("100_apply", false), ("all_apply", true)] {
+    for (name, all) in [("namespace_scoped", false), ("all_apply", true)] {
         let policies: Vec<Policy> = (0..10_000).map(|i| policy(i, all)).collect();
         let applying = policies
             .iter()

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     iters: usize,
     /// Seconds each connection-rate run lasts.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 2.0)]
     rate_secs: f64,
     /// Concurrent client loops in the connection-rate runs.
     #[arg(long, default_value_t = 8)]
@@ -42,6 +42,11 @@ struct Args {
     /// Idle tunneled connections held for the memory figure.
     #[arg(long, default_value_t = 10_000)]
     idle_conns: usize,
+    /// Rounds of the throughput, latency and connection-rate runs, the three
+    /// paths interleaved in each; throughput and rates report the median
+    /// round, latency the quantiles of all samples together.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Workloads in the mesh (the two pods plus placeholders on other nodes).
     #[arg(long, default_value_t = 100)]
     workloads: usize,
@@ -321,6 +326,11 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -510,30 +520,35 @@ fn main() -> anyhow::Result<()> {
     // Throughput, with the agents' and the applications' CPU time.
     let total = args.mib << 20;
     let gib = total as f64 / (1u64 << 30) as f64;
+    let rounds = args.rounds.max(1);
     for streams in [1usize, 4] {
-        let mut gbits = [None; 3];
-        let mut cpu = [None; 3];
-        for p in PATHS {
-            let (dst, bypass) = net.dst(p, SINK_PORT);
-            let (cpu_a, cpu_b, cpu_app) = (a.cpu(), b.cpu(), procstat::self_cpu());
-            let took = apps::run_in_netns(&net.client_ns, move || {
-                apps::throughput(dst, bypass, streams, total)
-            })?;
-            let agents = (a.cpu() - cpu_a) + (b.cpu() - cpu_b);
-            let app = procstat::self_cpu() - cpu_app;
-            gbits[p as usize] = Some(total as f64 * 8.0 / took.as_secs_f64() / 1e9);
-            cpu[p as usize] = Some(match p {
-                // The baseline: what the applications themselves spend.
-                Via::Direct => app.as_secs_f64() / gib,
-                _ => agents.as_secs_f64() / gib,
-            });
-            eprintln!(
-                "{p:?} {streams} stream(s): {:.2} Gbit/s, agents {:.2} s CPU, apps {:.2} s CPU",
-                gbits[p as usize].unwrap_or(0.0),
-                agents.as_secs_f64(),
-                app.as_secs_f64()
-            );
+        let mut runs: [Vec<f64>; 3] = Default::default();
+        let mut cpu_total = [Duration::ZERO; 3];
+        for _ in 0..rounds {
+            for p in PATHS {
+                let (dst, bypass) = net.dst(p, SINK_PORT);
+                let (cpu_a, cpu_b, cpu_app) = (a.cpu(), b.cpu(), procstat::self_cpu());
+                let took = apps::run_in_netns(&net.client_ns, move || {
+                    apps::throughput(dst, bypass, streams, total)
+                })?;
+                let agents = (a.cpu() - cpu_a) + (b.cpu() - cpu_b);
+                let app = procstat::self_cpu() - cpu_app;
+                let rate = total as f64 * 8.0 / took.as_secs_f64() / 1e9;
+                runs[p as usize].push(rate);
+                // The baseline's yardstick: what the applications spend.
+                cpu_total[p as usize] += match p {
+                    Via::Direct => app,
+                    _ => agents,
+                };
+                eprintln!(
+                    "{p:?} {streams} stream(s): {rate:.2} Gbit/s, agents {:.2} s CPU, apps {:.2} s CPU",
+                    agents.as_secs_f64(),
+                    app.as_secs_f64()
+                );
+            }
         }
+        let gbits = runs.map(|r| Some(median(r)));
+        let cpu = cpu_total.map(|c| Some(c.as_secs_f64() / (gib * rounds as f64)));
         rows.push(Row {
             name: format!("throughput, {streams} stream(s), {} MiB", args.mib),
             unit: "Gbit/s",
@@ -551,17 +566,23 @@ fn main() -> anyhow::Result<()> {
     // Latency on a persistent connection.
     let mut added = Vec::new();
     for size in [1usize, 1024] {
-        let mut p50 = [None; 3];
-        let mut p99 = [None; 3];
-        for p in PATHS {
-            let (dst, bypass) = net.dst(p, ECHO_PORT);
-            let iters = args.iters;
-            let samples = apps::run_in_netns(&net.client_ns, move || {
-                apps::latency(dst, bypass, size, iters / 10, iters)
-            })?;
-            p50[p as usize] = Some(us(apps::quantile(&samples, 0.50)));
-            p99[p as usize] = Some(us(apps::quantile(&samples, 0.99)));
+        let mut samples: [Vec<Duration>; 3] = Default::default();
+        for _ in 0..rounds {
+            for p in PATHS {
+                let (dst, bypass) = net.dst(p, ECHO_PORT);
+                let iters = args.iters;
+                samples[p as usize].extend(apps::run_in_netns(&net.client_ns, move || {
+                    apps::latency(dst, bypass, size, iters / 10, iters)
+                })?);
+            }
         }
+        let q = |q: f64| {
+            samples.clone().map(|mut s| {
+                s.sort_unstable();
+                Some(us(apps::quantile(&s, q)))
+            })
+        };
+        let (p50, p99) = (q(0.50), q(0.99));
         if size == 1 {
             let d = |v: [Option<f64>; 3]| v[2].unwrap_or(0.0) - v[0].unwrap_or(0.0);
             added.push((d(p50), d(p99)));
@@ -589,40 +610,56 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
-    // New connections per second, pooled HTTP/2 for HBONE.
+    // New connections per second. First with a fresh mTLS handshake per
+    // tunnel (node-a retires each HTTP/2 connection after one stream), while
+    // the namespaces' port space is clean: tens of thousands of TIME_WAIT
+    // sockets from the pooled runs slow the agents' bound connects (seen:
+    // 70/s instead of 1,000/s when run after them).
     let secs = Duration::from_secs_f64(args.rate_secs);
-    let mut rate = [None; 3];
-    for p in PATHS {
-        let (dst, bypass) = net.dst(p, ECHO_PORT);
-        let workers = args.rate_workers;
-        rate[p as usize] = Some(apps::run_in_netns(&net.client_ns, move || {
-            apps::connection_rate(dst, bypass, workers, secs)
-        })?);
-        // TIME_WAIT and the agents' closing connections settle.
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    rows.push(Row {
-        name: "new connections/s, 1 round trip each (HBONE: pooled HTTP/2)".into(),
-        unit: "conn/s",
-        values: rate,
-        target: ">= 1500".into(),
-    });
-
-    // The same with a fresh mTLS handshake per tunnel: node-a retires each
-    // HTTP/2 connection after one stream.
     drop(a);
     a = setup.agent("node-a", "streamsPerConnection: 1")?;
     probe(&net, Via::Hbone)?;
     let opened_before = a.pool_opened()?;
     let (dst, bypass) = net.dst(Via::Hbone, ECHO_PORT);
     let workers = args.rate_workers;
-    let started = Instant::now();
-    let fresh = apps::run_in_netns(&net.client_ns, move || {
-        apps::connection_rate(dst, bypass, workers, secs)
-    })?;
-    let conns = fresh * started.elapsed().as_secs_f64();
+    let mut fresh_rates = Vec::new();
+    let mut conns = 0.0;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let r = apps::run_in_netns(&net.client_ns, move || {
+            apps::connection_rate(dst, bypass, workers, secs)
+        })?;
+        conns += r * t.elapsed().as_secs_f64();
+        fresh_rates.push(r);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let fresh = median(fresh_rates);
     let handshakes = a.pool_opened()? - opened_before;
     eprintln!("fresh mTLS: {fresh:.0} conn/s; {handshakes} handshakes for ~{conns:.0} connections");
+
+    // Then pooled HTTP/2 (node-a back on the default pool).
+    drop(a);
+    a = setup.agent("node-a", "")?;
+    probe(&net, Via::Hbone)?;
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds {
+        for p in PATHS {
+            let (dst, bypass) = net.dst(p, ECHO_PORT);
+            let workers = args.rate_workers;
+            rates[p as usize].push(apps::run_in_netns(&net.client_ns, move || {
+                apps::connection_rate(dst, bypass, workers, secs)
+            })?);
+            // TIME_WAIT and the agents' closing connections settle.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let rate = rates.map(|r| Some(median(r)));
+    rows.push(Row {
+        name: "new connections/s, 1 round trip each (HBONE: pooled HTTP/2)".into(),
+        unit: "conn/s",
+        values: rate,
+        target: ">= 1500".into(),
+    });
     rows.push(Row {
         name: format!("new connections/s, fresh mTLS handshake each ({handshakes} handshakes)"),
         unit: "conn/s",
@@ -631,11 +668,12 @@ fn main() -> anyhow::Result<()> {
     });
 
     println!(
-        "\nambient-agent harness: {} cores, {} workloads, {} MiB per throughput run, {} round trips per latency run",
+        "\nambient-agent harness: {} cores, {} workloads, {} MiB per throughput run, {} round trips per latency run, {} rounds",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         args.workloads,
         args.mib,
-        args.iters
+        args.iters,
+        rounds
     );
     print_table(&rows);
     for (p50, p99) in added {
