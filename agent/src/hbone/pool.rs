@@ -121,12 +121,14 @@ struct Inner {
     entries: Mutex<HashMap<PoolKey, Arc<Entry>>>,
     /// TLS client configs by (source, expected peers), with the certificate
     /// they present: building one parses the roots and keys every time.
-    tls: Mutex<HashMap<TlsKey, (Arc<WorkloadCert>, Arc<ClientConfig>)>>,
+    tls: Mutex<HashMap<TlsKey, CachedTls>>,
     opened: AtomicU64,
     next_id: AtomicU64,
 }
 
 type TlsKey = (Identity, Vec<Identity>);
+/// A cached client config and the certificate it presents.
+type CachedTls = (Arc<WorkloadCert>, Arc<ClientConfig>);
 
 /// Cached TLS configs kept at most; past it the cache starts over (a bound,
 /// not an eviction policy: a node talks to far fewer identity sets).
