@@ -111,6 +111,7 @@ impl Agent {
                 connect_timeout: cfg.connect_timeout,
                 h2: cfg.h2(),
                 socket_mark: cfg.socket_mark(),
+                streams_per_connection: cfg.pool.streams_per_connection,
                 ..Default::default()
             },
         );

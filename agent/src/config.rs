@@ -184,6 +184,9 @@ pub struct PoolSettings {
     pub connection_window: u32,
     /// Largest HTTP/2 frame. Default: 1 MiB.
     pub max_frame_size: u32,
+    /// Streams a connection carries over its life before it is retired;
+    /// 0 = no limit. 1 forces an mTLS handshake per tunnel. Default: 0.
+    pub streams_per_connection: u64,
 }
 
 /// Logging.
@@ -262,6 +265,7 @@ impl Default for PoolSettings {
             stream_window: h2.stream_window,
             connection_window: h2.connection_window,
             max_frame_size: h2.max_frame_size,
+            streams_per_connection: 0,
         }
     }
 }

@@ -185,3 +185,66 @@ async fn refused_connect_reports_the_status() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn connections_retire_after_their_stream_budget() {
+    let cfg = PoolConfig {
+        streams_per_connection: 2,
+        ..Default::default()
+    };
+    let s = setup(91, cfg).await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(s.open().await);
+    }
+    assert_eq!(s.pool.stats().connections_opened, 3, "2 + 2 + 1 streams");
+    drop(streams);
+    // Spent connections leave once their streams end; the open one stays.
+    timeout(Duration::from_secs(5), async {
+        while s.pool.stats().connections_open != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("retired connections leave the pool");
+    let one = PoolConfig {
+        streams_per_connection: 1,
+        ..Default::default()
+    };
+    let s = setup(92, one).await;
+    for i in 1..=3 {
+        let mut st = s.open().await;
+        st.send
+            .send_data(bytes::Bytes::from_static(b"x"), true)
+            .expect("send");
+        let echoed = st.recv.data().await.expect("echo").expect("data");
+        assert_eq!(&echoed[..], b"x");
+        drop(st);
+        assert_eq!(
+            s.pool.stats().connections_opened,
+            i,
+            "one handshake per tunnel"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cached_tls_configs_still_check_the_peer_identity() {
+    // One handshake per tunnel, so each connect builds or reuses a config.
+    let cfg = PoolConfig {
+        streams_per_connection: 1,
+        ..Default::default()
+    };
+    let s = setup(93, cfg).await;
+    let wrong = vec![Identity::new("cluster.local", "test", "someone-else")];
+    for _ in 0..2 {
+        let _ok = s.open().await;
+        let err = s
+            .pool
+            .connect(&s.key, &wrong, request(s.w.server_app()), &Sockets::Host)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PoolError::Handshake(..)), "{err}");
+    }
+    assert_eq!(s.pool.stats().connections_opened, 2, "only the good ones");
+}

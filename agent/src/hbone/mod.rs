@@ -11,7 +11,7 @@ pub mod stream;
 pub mod tls;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
-pub use stream::{copy_bidirectional, H2Stream, Transferred};
+pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, Transferred};
 
 /// A CONNECT request for `target` on behalf of `client` (sent as
 /// `Forwarded: for=`), with `baggage` describing the source workload and

@@ -5,7 +5,9 @@
 //! connection opens. Creation is single-flight per key, so a burst of
 //! connects to one destination opens one TLS connection at a time instead
 //! of a thundering herd. A connection idle for `idle_timeout` is released;
-//! one that stops answering PINGs is dropped.
+//! one that stops answering PINGs is dropped. A connection may also be
+//! retired after a number of streams over its life (`streams_per_connection`),
+//! which forces fresh handshakes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
@@ -23,7 +26,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
-use crate::identity::{CaError, CertManager, Identity};
+use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
 
 /// Pool behaviour; see each field for its default.
@@ -42,6 +45,10 @@ pub struct PoolConfig {
     pub h2: H2Settings,
     /// SO_MARK on the agent's own sockets, so capture skips them.
     pub socket_mark: Option<u32>,
+    /// Streams a connection carries over its whole life before it takes no
+    /// more and closes once they end; 0 = no limit (default). 1 gives every
+    /// tunnel its own mTLS handshake (benchmarks, rotation drills).
+    pub streams_per_connection: u64,
 }
 
 impl Default for PoolConfig {
@@ -54,6 +61,7 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(10),
             h2: H2Settings::default(),
             socket_mark: None,
+            streams_per_connection: 0,
         }
     }
 }
@@ -111,9 +119,20 @@ struct Inner {
     certs: Arc<CertManager>,
     cfg: PoolConfig,
     entries: Mutex<HashMap<PoolKey, Arc<Entry>>>,
+    /// TLS client configs by (source, expected peers), with the certificate
+    /// they present: building one parses the roots and keys every time.
+    tls: Mutex<HashMap<TlsKey, CachedTls>>,
     opened: AtomicU64,
     next_id: AtomicU64,
 }
+
+type TlsKey = (Identity, Vec<Identity>);
+/// A cached client config and the certificate it presents.
+type CachedTls = (Arc<WorkloadCert>, Arc<ClientConfig>);
+
+/// Cached TLS configs kept at most; past it the cache starts over (a bound,
+/// not an eviction policy: a node talks to far fewer identity sets).
+const TLS_CACHE_MAX: usize = 1024;
 
 /// The connections of one key.
 #[derive(Default)]
@@ -133,22 +152,59 @@ struct Conn {
     state: AtomicUsize,
     max_streams: usize,
     idle_since: Mutex<Instant>,
+    /// Streams still allowed over the connection's life; `u64::MAX` = no limit.
+    budget: AtomicU64,
+    /// Wakes the connection's driver once it is closed and has no stream.
+    retired: Arc<tokio::sync::Notify>,
 }
 
 impl Conn {
-    /// Claims a stream slot unless the connection is full or closed.
+    /// Claims a stream slot unless the connection is full, closed or has
+    /// spent its life budget.
     fn try_reserve(&self) -> bool {
         let max = self.max_streams.min(self.send.current_max_send_streams());
-        self.state
+        let Some(last) = self.take_budget() else {
+            return false;
+        };
+        let reserved = self
+            .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & CLOSED == 0 && v < max).then_some(v + 1)
             })
-            .is_ok()
+            .is_ok();
+        if !reserved {
+            self.refund_budget();
+        } else if last {
+            self.close();
+        }
+        reserved
+    }
+
+    /// Takes one stream from the life budget: `None` when it is spent,
+    /// `Some(true)` when this was the last one.
+    fn take_budget(&self) -> Option<bool> {
+        if self.budget.load(Ordering::Relaxed) == u64::MAX {
+            return Some(false);
+        }
+        self.budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1))
+            .ok()
+            .map(|before| before == 1)
+    }
+
+    fn refund_budget(&self) {
+        if self.budget.load(Ordering::Relaxed) != u64::MAX {
+            self.budget.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn release(&self) {
-        if self.state.fetch_sub(1, Ordering::AcqRel) & !CLOSED == 1 {
+        let before = self.state.fetch_sub(1, Ordering::AcqRel);
+        if before & !CLOSED == 1 {
             *lock(&self.idle_since) = Instant::now();
+            if before & CLOSED != 0 {
+                self.retired.notify_one();
+            }
         }
     }
 
@@ -190,6 +246,7 @@ impl Pool {
                 certs,
                 cfg,
                 entries: Mutex::default(),
+                tls: Mutex::default(),
                 opened: AtomicU64::new(0),
                 next_id: AtomicU64::new(0),
             }),
@@ -212,7 +269,10 @@ impl Pool {
                 let _creating = entry.creating.lock().await;
                 match entry.pick() {
                     Some(c) => c,
-                    None => self.open(key, expected, &entry, sockets).await?,
+                    // Boxed: the handshake's state is large and needed only
+                    // while connecting; inline, every tunnel's task would
+                    // carry it for its whole life.
+                    None => Box::pin(self.open(key, expected, &entry, sockets)).await?,
                 }
             }
         };
@@ -267,19 +327,30 @@ impl Pool {
             tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected, sockets))
                 .await
                 .map_err(|_| PoolError::Timeout(key.dst))??;
+        let budget = match cfg.streams_per_connection {
+            0 => u64::MAX,
+            n => n,
+        };
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,
             state: AtomicUsize::new(1),
             max_streams: cfg.max_streams.max(1),
             idle_since: Mutex::new(Instant::now()),
+            budget: AtomicU64::new(budget),
+            retired: Arc::default(),
         });
+        // The first stream is taken here, not through `try_reserve`.
+        if conn.take_budget() == Some(true) {
+            conn.close();
+        }
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         lock(&entry.conns).push(conn.clone());
         let span = info_span!("hbone_conn", id = conn.id, dst = %key.dst, peer = %key.dst_identity);
         tokio::spawn(
             drive(
                 connection,
+                conn.retired.clone(),
                 Arc::downgrade(&conn),
                 Arc::downgrade(entry),
                 Arc::downgrade(&self.inner),
@@ -309,8 +380,7 @@ impl Pool {
             .fetch(&key.src_identity)
             .await
             .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
-        let tls_cfg =
-            tls::client_config(&cert, self.inner.certs.trust_bundle(), expected.to_vec())?;
+        let tls_cfg = self.client_config(&key.src_identity, cert, expected)?;
         let opts = ConnectOpts {
             bind: key.src_ip.map(|ip| SocketAddr::new(ip, 0)),
             transparent: false,
@@ -320,7 +390,7 @@ impl Pool {
             .connect(key.dst, opts)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
-        let tls = TlsConnector::from(Arc::new(tls_cfg))
+        let tls = TlsConnector::from(tls_cfg)
             .connect(tls::placeholder_server_name(), tcp)
             .await
             .map_err(|e| PoolError::Handshake(key.dst, e))?;
@@ -338,6 +408,35 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The TLS config presenting `cert` and expecting `expected`, reused
+    /// until the certificate is renewed.
+    fn client_config(
+        &self,
+        src: &Identity,
+        cert: Arc<WorkloadCert>,
+        expected: &[Identity],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (src.clone(), expected.to_vec());
+        if let Some((c, cfg)) = lock(&self.inner.tls).get(&key) {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(tls::client_config(
+            &cert,
+            self.inner.certs.trust_bundle(),
+            expected.to_vec(),
+        )?);
+        let mut cache = lock(&self.inner.tls);
+        if cache.len() >= TLS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (cert, cfg.clone()));
+        Ok(cfg)
+    }
+}
+
 impl Entry {
     fn pick(&self) -> Option<Arc<Conn>> {
         lock(&self.conns).iter().find(|c| c.try_reserve()).cloned()
@@ -351,6 +450,7 @@ enum Ending {
     Failed,
     Idle,
     Released,
+    Retired,
     KeepAliveFailed,
 }
 
@@ -358,6 +458,7 @@ enum Ending {
 /// removes it from the pool when it ends.
 async fn drive(
     mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    retired: Arc<tokio::sync::Notify>,
     conn: Weak<Conn>,
     entry: Weak<Entry>,
     pool: Weak<Inner>,
@@ -404,6 +505,7 @@ async fn drive(
             }
         },
         why = maintain => why,
+        _ = retired.notified() => Ending::Retired,
     };
     debug!(reason = ?why, "HBONE connection leaves the pool");
     if let Some(c) = conn.upgrade() {
@@ -423,7 +525,7 @@ async fn drive(
     }
     // A released connection has no streams left; let it say goodbye. A dead
     // one is dropped at once, so a black-holed peer cannot hold the task.
-    if matches!(why, Ending::Idle | Ending::Released) {
+    if matches!(why, Ending::Idle | Ending::Released | Ending::Retired) {
         let _ = tokio::time::timeout(cfg.keepalive_timeout, connection).await;
     }
 }

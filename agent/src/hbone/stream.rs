@@ -1,11 +1,17 @@
 //! One tunneled TCP connection as an HTTP/2 stream, and the copy loop that
 //! joins it to a TCP socket with half-close in both directions.
+//!
+//! An idle tunnel holds no copy buffer: the socket is read only once it is
+//! readable, into a buffer taken then, so ten thousand quiet connections
+//! cost the agent a few hundred bytes each, not kilobytes.
 
 use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 /// Read buffers start small so idle connections cost little, and double
 /// while reads keep filling them, up to the largest frame we send.
@@ -53,16 +59,14 @@ pub struct Transferred {
 /// socket becomes END_STREAM; END_STREAM from the peer becomes a write
 /// shutdown on the socket. An error in either direction ends both (the
 /// dropped stream is reset).
-pub async fn copy_bidirectional<S>(stream: H2Stream, socket: S) -> io::Result<Transferred>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+pub async fn copy_bidirectional(stream: H2Stream, socket: TcpStream) -> io::Result<Transferred> {
     let H2Stream {
         mut send,
         mut recv,
         guard: _guard,
     } = stream;
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    // Owned halves: no lock shared between the two directions.
+    let (mut rd, mut wr) = socket.into_split();
     let up = socket_to_stream(&mut rd, &mut send);
     let down = stream_to_socket(&mut recv, &mut wr);
     let (to_stream, from_stream) = tokio::try_join!(up, down)?;
@@ -72,16 +76,25 @@ where
     })
 }
 
-async fn socket_to_stream<R>(rd: &mut R, send: &mut SendStream<Bytes>) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-{
+async fn socket_to_stream(rd: &mut OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = MIN_BUF;
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(size);
-        let n = rd.read_buf(&mut buf).await?;
+        let n = match rd.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Going idle: a small buffer is cheap to take again, so let
+                // it go; a grown one belongs to a busy stream and stays.
+                if size == MIN_BUF {
+                    buf = BytesMut::new();
+                }
+                rd.readable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
             return Ok(total);
@@ -90,21 +103,61 @@ where
             size *= 2;
         }
         total += n as u64;
-        let mut data = buf.split().freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(h2_to_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_to_io)?;
-        }
+        send_all(send, buf.split().freeze()).await?;
     }
+}
+
+/// Sends `data` as the peer's flow-control window allows.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(h2_to_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false).map_err(h2_to_io)?;
+    }
+    Ok(())
+}
+
+/// [`copy_bidirectional`] for any byte stream (e.g. an in-process pipe to
+/// an HTTP codec), which has no readiness to wait on before taking a
+/// buffer: each read holds one of `MIN_BUF` bytes.
+pub async fn copy_bidirectional_io<S>(stream: H2Stream, io: S) -> io::Result<Transferred>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let H2Stream {
+        mut send,
+        mut recv,
+        guard: _guard,
+    } = stream;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let up = async {
+        let mut total = 0u64;
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(MIN_BUF);
+            let n = rd.read_buf(&mut buf).await?;
+            if n == 0 {
+                send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                return Ok::<_, io::Error>(total);
+            }
+            total += n as u64;
+            send_all(&mut send, buf.split().freeze()).await?;
+        }
+    };
+    let down = stream_to_socket(&mut recv, &mut wr);
+    let (to_stream, from_stream) = tokio::try_join!(up, down)?;
+    Ok(Transferred {
+        to_stream,
+        from_stream,
+    })
 }
 
 async fn stream_to_socket<W>(recv: &mut RecvStream, wr: &mut W) -> io::Result<u64>

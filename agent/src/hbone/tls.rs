@@ -73,6 +73,9 @@ pub fn server_config(cert: &WorkloadCert, trust: &TrustBundle) -> Result<ServerC
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Clients never resume (see `client_config`): tickets would be signed,
+    // sent and stored for nothing on every handshake.
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -96,6 +99,10 @@ pub fn client_config(
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
+    // One config serves every connection to the same identities, and all
+    // share the placeholder server name: a resumed session would skip the
+    // identity check against whichever peer it reached. Always verify.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

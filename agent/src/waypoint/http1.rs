@@ -80,7 +80,7 @@ impl Handler for L7 {
                 Err(e) => return debug!(error = %e, "client went away"),
             };
             let (ours, theirs) = tokio::io::duplex(BRIDGE_BUF);
-            let copy = tokio::spawn(hbone::copy_bidirectional(stream, ours));
+            let copy = tokio::spawn(hbone::copy_bidirectional_io(stream, ours));
             let tunnel = Arc::new(Tunnel {
                 src,
                 src_identity: req.peer_identity.clone(),
@@ -211,7 +211,7 @@ impl Shared {
                     .connect(&key, &identities, request, &self.sockets)
                     .await?;
                 let (ours, theirs) = tokio::io::duplex(BRIDGE_BUF);
-                tokio::spawn(hbone::copy_bidirectional(stream, ours));
+                tokio::spawn(hbone::copy_bidirectional_io(stream, ours));
                 Box::new(theirs)
             }
             Route::Passthrough { target, .. } => {

@@ -1,0 +1,149 @@
+//! Micro-benchmarks of the per-connection decisions at mesh scale: L4
+//! authorization against 10,000 policies, and destination lookup and
+//! routing among 10,000 workloads (with 1,000 services in front of them).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ambient_agent::identity::Identity;
+use ambient_agent::state::authz::{self, Connection};
+use ambient_agent::state::{
+    ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
+    Service, ServicePort, Snapshot, StringMatch, TunnelProtocol, Workload,
+};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+const NAMESPACES: usize = 100;
+
+fn ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8))
+}
+
+fn workload(i: usize) -> Workload {
+    Workload {
+        uid: format!("w{i}"),
+        name: format!("w{i}"),
+        namespace: format!("ns-{}", i % NAMESPACES),
+        service_account: format!("sa-{}", i % 7),
+        trust_domain: "cluster.local".into(),
+        addresses: vec![ip(i)],
+        node: format!("node-{}", i % 50),
+        netns: None,
+        cgroup: None,
+        protocol: TunnelProtocol::Hbone,
+        application_tunnel: ApplicationTunnel::None,
+        waypoint: None,
+        healthy: true,
+        capacity: 1,
+    }
+}
+
+/// Policy `i`: spread over the namespaces, a third selector-scoped, one in
+/// ten a DENY; each rule asks for principals, ports and source ranges, so
+/// evaluation does the work a real policy needs.
+fn policy(i: usize, scope_all: bool) -> Policy {
+    let ns = format!("ns-{}", i % NAMESPACES);
+    let scope = if scope_all {
+        PolicyScope::Global
+    } else if i.is_multiple_of(3) {
+        PolicyScope::WorkloadSelector {
+            workload_uids: vec![format!("w{}", i % 10_000), format!("w{}", (i + 1) % 10_000)],
+        }
+    } else {
+        PolicyScope::Namespace
+    };
+    let m = Match {
+        principals: vec![
+            StringMatch::Exact(format!("cluster.local/ns/{ns}/sa/sa-{}", i % 5)),
+            StringMatch::Prefix(format!("cluster.local/ns/other-{i}/")),
+        ],
+        destination_ports: vec![8080, 9000 + (i % 100) as u16],
+        not_source_ips: vec!["192.168.0.0/16".parse().expect("cidr")],
+        ..Default::default()
+    };
+    Policy {
+        name: format!("p{i}"),
+        namespace: ns,
+        scope,
+        action: if i % 10 == 9 {
+            PolicyAction::Deny
+        } else {
+            PolicyAction::Allow
+        },
+        rules: vec![Rule {
+            clauses: vec![Clause { matches: vec![m] }],
+        }],
+        dry_run: false,
+    }
+}
+
+fn authorization(c: &mut Criterion) {
+    let dst = workload(42);
+    let src = Identity::new("cluster.local", "ns-42", "sa-3");
+    let conn = Connection {
+        src_ip: ip(7),
+        src_identity: Some(&src),
+        dst: SocketAddr::new(ip(42), 8080),
+    };
+    let mut group = c.benchmark_group("authorize_10k_policies");
+    for (name, all) in [("namespace_scoped", false), ("all_apply", true)] {
+        let policies: Vec<Policy> = (0..10_000).map(|i| policy(i, all)).collect();
+        let applying = policies
+            .iter()
+            .filter(|p| authz::applies_to(p, &dst))
+            .count();
+        eprintln!("{name}: {applying} of 10000 policies apply");
+        group.bench_function(name, |b| {
+            b.iter(|| authz::authorize(black_box(&policies), black_box(&dst), black_box(&conn)))
+        });
+    }
+    group.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let workloads: Vec<Workload> = (0..10_000).map(workload).collect();
+    let services: Vec<Service> = (0..1_000)
+        .map(|s| Service {
+            name: format!("svc{s}"),
+            namespace: format!("ns-{}", s % NAMESPACES),
+            hostname: format!("svc{s}.ns-{}.svc.cluster.local", s % NAMESPACES),
+            vips: vec![IpAddr::V4(Ipv4Addr::new(172, 16, (s >> 8) as u8, s as u8))],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: (0..10)
+                .map(|e| Endpoint {
+                    workload_uid: format!("w{}", s * 10 + e),
+                })
+                .collect(),
+            subject_alt_names: vec![],
+            waypoint: None,
+        })
+        .collect();
+    let snap = Snapshot::new(Mesh {
+        workloads,
+        services,
+        ..Mesh::default()
+    });
+    let to_workload = SocketAddr::new(ip(4242), 8080);
+    let to_service = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 16, 1, 200)), 80);
+    let outside = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 443);
+    let mut group = c.benchmark_group("route_10k_workloads");
+    group.bench_function("destination_workload", |b| {
+        b.iter(|| snap.destination(black_box(to_workload)))
+    });
+    group.bench_function("destination_outside_mesh", |b| {
+        b.iter(|| snap.destination(black_box(outside)))
+    });
+    group.bench_function("route_workload", |b| {
+        b.iter(|| snap.route(black_box(to_workload), 15008))
+    });
+    group.bench_function("route_service_10_endpoints", |b| {
+        b.iter(|| snap.route(black_box(to_service), 15008))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, authorization, routing);
+criterion_main!(benches);

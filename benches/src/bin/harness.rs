@@ -1,0 +1,687 @@
+//! The side-by-side harness: builds two nodes and three pods in network
+//! namespaces, runs two agents as their own processes (`ambient-agent run`,
+//! nft capture, local CA), and measures in one run, from the client pod:
+//!
+//! - direct TCP to a pod outside the mesh, the socket marked so capture
+//!   leaves it alone (the baseline);
+//! - the same destination captured: the agent as a plain TCP proxy;
+//! - a mesh pod on the other node: HBONE through both agents.
+//!
+//! Prints one table with each figure and its ratio to direct TCP. Needs
+//! root and a release build of `ambient-agent` next to this binary; see
+//! `benches/README.md`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambient_agent::identity::LocalCa;
+use ambient_benches::apps::{self, ECHO_PORT, SINK_PORT};
+use ambient_benches::procstat;
+use ambient_tests::netns::{in_ns, Pod, Topology};
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Direct TCP vs the agent as a TCP proxy vs HBONE, in one run")]
+struct Args {
+    /// MiB moved by each throughput run.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Timed round trips per latency run.
+    #[arg(long, default_value_t = 20_000)]
+    iters: usize,
+    /// Seconds each connection-rate run lasts.
+    #[arg(long, default_value_t = 2.0)]
+    rate_secs: f64,
+    /// Concurrent client loops in the connection-rate runs.
+    #[arg(long, default_value_t = 8)]
+    rate_workers: usize,
+    /// Idle tunneled connections held for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    idle_conns: usize,
+    /// Rounds of the throughput, latency and connection-rate runs, the three
+    /// paths interleaved in each; throughput and rates report the median
+    /// round, latency the quantiles of all samples together.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Workloads in the mesh (the two pods plus placeholders on other nodes).
+    #[arg(long, default_value_t = 100)]
+    workloads: usize,
+    /// The agents' log filter (per-connection lines are logged at info).
+    #[arg(long, default_value = "warn")]
+    agent_log: String,
+    /// The agent binary. [default: `ambient-agent` next to this binary]
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Internal: serve the echo and sink applications on this address (the
+    /// harness runs itself this way inside each server pod).
+    #[arg(long, hide = true)]
+    serve: Option<IpAddr>,
+}
+
+/// A child process killed when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The three ways the client reaches its peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Direct,
+    Proxy,
+    Hbone,
+}
+
+const PATHS: [Via; 3] = [Via::Direct, Via::Proxy, Via::Hbone];
+
+struct Net {
+    client_ns: PathBuf,
+    /// Outside the mesh (direct and plain proxy).
+    outside: IpAddr,
+    /// In the mesh, on the other node.
+    server: IpAddr,
+}
+
+impl Net {
+    fn dst(&self, p: Via, port: u16) -> (SocketAddr, bool) {
+        match p {
+            Via::Direct => (SocketAddr::new(self.outside, port), true),
+            Via::Proxy => (SocketAddr::new(self.outside, port), false),
+            Via::Hbone => (SocketAddr::new(self.server, port), false),
+        }
+    }
+}
+
+/// An agent process; stopped (SIGTERM, then SIGKILL) when dropped.
+struct AgentProc {
+    name: &'static str,
+    child: Child,
+    readiness: u16,
+    metrics: u16,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss(&self) -> u64 {
+        procstat::rss(self.pid()).unwrap_or(0)
+    }
+
+    fn cpu(&self) -> Duration {
+        procstat::cpu(self.pid()).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "agent {} exited ({status}); log:\n{}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            if http_get(self.readiness, "/healthz/ready")
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent {} not ready; log:\n{}", self.name, tail(&self.log))
+    }
+
+    /// `ambient_pool_connections_opened` from the agent's metrics.
+    fn pool_opened(&self) -> anyhow::Result<u64> {
+        let body = http_get(self.metrics, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with("ambient_pool_connections_opened"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("no ambient_pool_connections_opened metric")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1:`port`; returns the whole answer.
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    agent_bin: PathBuf,
+    log_level: String,
+}
+
+impl Setup {
+    /// Starts the agent of `node` (`a` or `b`), `pool_extra` added under `pool:`.
+    fn agent(&self, node: &'static str, pool_extra: &str) -> anyhow::Result<AgentProc> {
+        let (readiness, metrics) = match node {
+            "node-a" => (15121, 15120),
+            _ => (15221, 15220),
+        };
+        let d = self.dir.path();
+        let cfg = d.join(format!("{node}.yaml"));
+        let yaml = format!(
+            "node: {node}\nmeshFile: {mesh}\nsocketMark: {mark}\ncapture: nft\n\
+             drainTimeout: 1s\nadminPort: 0\n\
+             metricsPort: {metrics}\nmetricsAddress: 127.0.0.1\n\
+             readinessPort: {readiness}\nreadinessAddress: 127.0.0.1\n\
+             ca: {{rootCert: {root}, rootKey: {key}, trustDomain: cluster.local}}\n\
+             log: {{level: {level}}}\npool: {{{pool_extra}}}\n",
+            mesh = d.join("mesh.yaml").display(),
+            mark = apps::BYPASS_MARK,
+            root = d.join("root.pem").display(),
+            key = d.join("root-key.pem").display(),
+            level = self.log_level,
+        );
+        std::fs::write(&cfg, yaml)?;
+        let log = d.join(format!("{node}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&self.agent_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", self.agent_bin.display()))?;
+        let mut agent = AgentProc {
+            name: node,
+            child,
+            readiness,
+            metrics,
+            log,
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+}
+
+/// The mesh: the client and server pods plus placeholders up to `n`
+/// workloads, on nodes no agent serves (state only).
+fn mesh_yaml(client: &Pod, server: &Pod, n: usize) -> String {
+    let mut y = String::from("workloads:\n");
+    y += &client.workload_yaml("bench", "node-a", "client");
+    y += &server.workload_yaml("bench", "node-b", "server");
+    for i in 0..n.saturating_sub(2) {
+        y += &format!(
+            "  - uid: filler-{i}\n    name: filler-{i}\n    namespace: bench\n    serviceAccount: filler\n    addresses: [10.200.{}.{}]\n    node: node-{}\n",
+            i / 250,
+            i % 250 + 1,
+            ["c", "d", "e"][i % 3],
+        );
+    }
+    y
+}
+
+/// Lets each pod reuse TIME_WAIT ports for new connections, with a wide
+/// port range: the connection-rate runs open tens of thousands.
+fn tune_pod(p: &Pod) -> anyhow::Result<()> {
+    for kv in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ] {
+        in_ns(&p.netns, "sysctl", &["-qw", kv]).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// Tries a round trip through `p` until it works (the capture rules and
+/// listeners come up with readiness, the first tunnel needs a handshake).
+fn probe(net: &Net, p: Via) -> anyhow::Result<()> {
+    let (dst, bypass) = net.dst(p, ECHO_PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = apps::run_in_netns(&net.client_ns, move || async move {
+            let mut s = apps::latency(dst, bypass, 1, 0, 1).await?;
+            Ok(s.pop())
+        });
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{p:?} probe"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// One figure for each path (None where it does not apply).
+struct Row {
+    name: String,
+    unit: &'static str,
+    values: [Option<f64>; 3],
+    target: String,
+}
+
+fn fmt_val(v: Option<f64>) -> String {
+    match v {
+        None => "—".into(),
+        Some(v) if v >= 1000.0 => format!("{v:.0}"),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!("| figure | unit | direct TCP | agent TCP proxy | HBONE (2 agents) | proxy / direct | HBONE / direct | target |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = |v: Option<f64>| match (v, r.values[0]) {
+            (Some(v), Some(d)) if d > 0.0 => format!("{:.2}x", v / d),
+            _ => "—".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.unit,
+            fmt_val(r.values[0]),
+            fmt_val(r.values[1]),
+            fmt_val(r.values[2]),
+            ratio(r.values[1]),
+            ratio(r.values[2]),
+            r.target
+        );
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Each process holds at most one socket per idle connection plus a few.
+    procstat::raise_fd_limit(args.idle_conns as u64 + 1024)?;
+    if let Some(ip) = args.serve {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(apps::serve(ip));
+    }
+    ambient_tests::netns::check_root().map_err(anyhow::Error::msg)?;
+    let agent_bin = match &args.agent {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for the harness binary")?
+            .join("ambient-agent"),
+    };
+    if !agent_bin.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p ambient-agent (scripts/bench does)",
+            agent_bin.display()
+        );
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: debug build of the harness; figures are only meaningful in release");
+    }
+
+    let topo = Topology::new("bench")?;
+    let client = topo.add_pod("client", 0)?;
+    let server = topo.add_pod("server", 1)?;
+    let outside = topo.add_pod("outside", 1)?;
+    for p in [&client, &server, &outside] {
+        tune_pod(p)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let ca = LocalCa::generate("cluster.local")?;
+    ca.write_pem(
+        &dir.path().join("root.pem"),
+        &dir.path().join("root-key.pem"),
+    )?;
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        mesh_yaml(&client, &server, args.workloads),
+    )?;
+    // The applications run in their own processes, so this one's open-file
+    // limit covers the client side alone.
+    let exe = std::env::current_exe()?;
+    let mut servers = Vec::new();
+    for p in [&server, &outside] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &p.netns])
+            .arg(&exe)
+            .arg("--idle-conns")
+            .arg(args.idle_conns.to_string())
+            .arg("--serve")
+            .arg(p.ip.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the server applications")?;
+        servers.push(Reaped(child));
+    }
+    let net = Net {
+        client_ns: client.netns_path().into(),
+        outside: IpAddr::V4(outside.ip),
+        server: IpAddr::V4(server.ip),
+    };
+    let setup = Setup {
+        dir,
+        agent_bin,
+        log_level: args.agent_log.clone(),
+    };
+
+    eprintln!("starting agents ({})", setup.agent_bin.display());
+    let mut a = setup.agent("node-a", "")?;
+    let b = setup.agent("node-b", "")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss = [a.rss(), b.rss()];
+    eprintln!(
+        "idle RSS with {} workloads: node-a {} KiB, node-b {} KiB",
+        args.workloads,
+        idle_rss[0] / 1024,
+        idle_rss[1] / 1024
+    );
+    for p in PATHS {
+        probe(&net, p)?;
+    }
+
+    let mut rows = Vec::new();
+    let kib = 1024.0;
+    rows.push(Row {
+        name: format!(
+            "agent RSS idle, {} workloads (node-a / node-b)",
+            args.workloads
+        ),
+        unit: "KiB",
+        values: [
+            None,
+            Some(idle_rss[0] as f64 / kib),
+            Some(idle_rss[1] as f64 / kib),
+        ],
+        target: "<= 16384".into(),
+    });
+
+    // Memory per idle connection, each path on fresh agents: memory the
+    // allocator kept from earlier runs would hide the cost.
+    let mut per_conn = [None, None, None];
+    let mut per_conn_b = None;
+    let mut held = [0; 3];
+    let mut b = b;
+    for p in [Via::Proxy, Via::Hbone] {
+        drop((a, b));
+        a = setup.agent("node-a", "")?;
+        b = setup.agent("node-b", "")?;
+        probe(&net, p)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (dst, bypass) = net.dst(p, ECHO_PORT);
+        let before = [a.rss(), b.rss()];
+        // The plain proxy holds two sockets per connection in one process:
+        // half as many keep it within the same open-file limit.
+        let n = match p {
+            Via::Proxy => args.idle_conns / 2,
+            _ => args.idle_conns,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let holder = apps::in_netns(&net.client_ns, move || async move {
+            match apps::open_idle(dst, bypass, n, 200).await {
+                Ok(conns) => {
+                    let _ = held_tx.send(Ok(()));
+                    // Hold them until measured.
+                    let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+                    drop(conns);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = held_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    Err(e)
+                }
+            }
+        });
+        held_rx
+            .recv()
+            .context("holder thread")?
+            .with_context(|| format!("{p:?}: opening {n} idle connections"))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let after = [a.rss(), b.rss()];
+        let _ = tx.send(());
+        let _ = holder.join();
+        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
+        eprintln!(
+            "{p:?}: {n} idle connections: node-a +{:.0} B/conn, node-b +{:.0} B/conn",
+            per(0),
+            per(1)
+        );
+        held[p as usize] = n;
+        match p {
+            Via::Proxy => per_conn[1] = Some(per(0)),
+            _ => {
+                per_conn[2] = Some(per(0));
+                per_conn_b = Some(per(1));
+            }
+        }
+        // Let the closed connections drain from both agents.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    rows.push(Row {
+        name: format!(
+            "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a)",
+            held[1], held[2]
+        ),
+        unit: "B",
+        values: per_conn,
+        target: "<= 4096".into(),
+    });
+    rows.push(Row {
+        name: "agent memory per idle connection (node-b, HBONE inbound)".into(),
+        unit: "B",
+        values: [None, None, per_conn_b],
+        target: "<= 4096".into(),
+    });
+
+    // Throughput, with the agents' and the applications' CPU time.
+    let total = args.mib << 20;
+    let gib = total as f64 / (1u64 << 30) as f64;
+    let rounds = args.rounds.max(1);
+    for streams in [1usize, 4] {
+        let mut runs: [Vec<f64>; 3] = Default::default();
+        let mut cpu_total = [Duration::ZERO; 3];
+        for _ in 0..rounds {
+            for p in PATHS {
+                let (dst, bypass) = net.dst(p, SINK_PORT);
+                let (cpu_a, cpu_b, cpu_app) = (a.cpu(), b.cpu(), procstat::self_cpu());
+                let took = apps::run_in_netns(&net.client_ns, move || {
+                    apps::throughput(dst, bypass, streams, total)
+                })?;
+                let agents = (a.cpu() - cpu_a) + (b.cpu() - cpu_b);
+                let app = procstat::self_cpu() - cpu_app;
+                let rate = total as f64 * 8.0 / took.as_secs_f64() / 1e9;
+                runs[p as usize].push(rate);
+                // The baseline's yardstick: what the applications spend.
+                cpu_total[p as usize] += match p {
+                    Via::Direct => app,
+                    _ => agents,
+                };
+                eprintln!(
+                    "{p:?} {streams} stream(s): {rate:.2} Gbit/s, agents {:.2} s CPU, apps {:.2} s CPU",
+                    agents.as_secs_f64(),
+                    app.as_secs_f64()
+                );
+            }
+        }
+        let gbits = runs.map(|r| Some(median(r)));
+        let cpu = cpu_total.map(|c| Some(c.as_secs_f64() / (gib * rounds as f64)));
+        rows.push(Row {
+            name: format!("throughput, {streams} stream(s), {} MiB", args.mib),
+            unit: "Gbit/s",
+            values: gbits,
+            target: ">= 0.45x".into(),
+        });
+        rows.push(Row {
+            name: format!("CPU per GiB, {streams} stream(s) (direct: the apps; else the agents)"),
+            unit: "s/GiB",
+            values: cpu,
+            target: String::new(),
+        });
+    }
+
+    // Latency on a persistent connection.
+    let mut added = Vec::new();
+    for size in [1usize, 1024] {
+        let mut samples: [Vec<Duration>; 3] = Default::default();
+        for _ in 0..rounds {
+            for p in PATHS {
+                let (dst, bypass) = net.dst(p, ECHO_PORT);
+                let iters = args.iters;
+                samples[p as usize].extend(apps::run_in_netns(&net.client_ns, move || {
+                    apps::latency(dst, bypass, size, iters / 10, iters)
+                })?);
+            }
+        }
+        let q = |q: f64| {
+            samples.clone().map(|mut s| {
+                s.sort_unstable();
+                Some(us(apps::quantile(&s, q)))
+            })
+        };
+        let (p50, p99) = (q(0.50), q(0.99));
+        if size == 1 {
+            let d = |v: [Option<f64>; 3]| v[2].unwrap_or(0.0) - v[0].unwrap_or(0.0);
+            added.push((d(p50), d(p99)));
+        }
+        let label = if size == 1 { "1 B" } else { "1 KiB" };
+        rows.push(Row {
+            name: format!("round trip p50, {label}"),
+            unit: "us",
+            values: p50,
+            target: if size == 1 {
+                "+<= 30 us".into()
+            } else {
+                String::new()
+            },
+        });
+        rows.push(Row {
+            name: format!("round trip p99, {label}"),
+            unit: "us",
+            values: p99,
+            target: if size == 1 {
+                "+<= 100 us".into()
+            } else {
+                String::new()
+            },
+        });
+    }
+
+    // New connections per second. First with a fresh mTLS handshake per
+    // tunnel (node-a retires each HTTP/2 connection after one stream), while
+    // the namespaces' port space is clean: tens of thousands of TIME_WAIT
+    // sockets from the pooled runs slow the agents' bound connects (seen:
+    // 70/s instead of 1,000/s when run after them).
+    let secs = Duration::from_secs_f64(args.rate_secs);
+    drop(a);
+    a = setup.agent("node-a", "streamsPerConnection: 1")?;
+    probe(&net, Via::Hbone)?;
+    let opened_before = a.pool_opened()?;
+    let (dst, bypass) = net.dst(Via::Hbone, ECHO_PORT);
+    let workers = args.rate_workers;
+    let mut fresh_rates = Vec::new();
+    let mut conns = 0.0;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let r = apps::run_in_netns(&net.client_ns, move || {
+            apps::connection_rate(dst, bypass, workers, secs)
+        })?;
+        conns += r * t.elapsed().as_secs_f64();
+        fresh_rates.push(r);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let fresh = median(fresh_rates);
+    let handshakes = a.pool_opened()? - opened_before;
+    eprintln!("fresh mTLS: {fresh:.0} conn/s; {handshakes} handshakes for ~{conns:.0} connections");
+
+    // Then pooled HTTP/2 (node-a back on the default pool).
+    drop(a);
+    a = setup.agent("node-a", "")?;
+    probe(&net, Via::Hbone)?;
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds {
+        for p in PATHS {
+            let (dst, bypass) = net.dst(p, ECHO_PORT);
+            let workers = args.rate_workers;
+            rates[p as usize].push(apps::run_in_netns(&net.client_ns, move || {
+                apps::connection_rate(dst, bypass, workers, secs)
+            })?);
+            // TIME_WAIT and the agents' closing connections settle.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let rate = rates.map(|r| Some(median(r)));
+    rows.push(Row {
+        name: "new connections/s, 1 round trip each (HBONE: pooled HTTP/2)".into(),
+        unit: "conn/s",
+        values: rate,
+        target: ">= 1500".into(),
+    });
+    rows.push(Row {
+        name: format!("new connections/s, fresh mTLS handshake each ({handshakes} handshakes)"),
+        unit: "conn/s",
+        values: [rate[0], None, Some(fresh)],
+        target: ">= 500".into(),
+    });
+
+    println!(
+        "\nambient-agent harness: {} cores, {} workloads, {} MiB per throughput run, {} round trips per latency run, {} rounds",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.workloads,
+        args.mib,
+        args.iters,
+        rounds
+    );
+    print_table(&rows);
+    for (p50, p99) in added {
+        println!("\nadded round-trip latency through two agents, 1 B: p50 +{p50:.1} us, p99 +{p99:.1} us (targets +30 / +100)");
+    }
+    drop(a);
+    drop(b);
+    drop(servers);
+    drop(topo);
+    Ok(())
+}
