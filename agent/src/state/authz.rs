@@ -60,8 +60,9 @@ pub fn authorize<'p>(
     let mut dry_run_hits = Vec::new();
     let mut allow_applies = false;
     let mut allowed = false;
+    let subject = Subject::of(conn);
     for p in policies.iter().filter(|p| applies_to(p, dst)) {
-        let hit = policy_matches(p, conn);
+        let hit = policy_matches(p, &subject);
         if p.dry_run {
             if hit {
                 dry_run_hits.push(p);
@@ -90,23 +91,38 @@ pub fn authorize<'p>(
     (decision, dry_run_hits)
 }
 
-fn policy_matches(p: &Policy, conn: &Connection<'_>) -> bool {
+/// A connection with what matches compare against worked out once, not
+/// per match.
+struct Subject<'a> {
+    conn: &'a Connection<'a>,
+    /// Istio writes principals without the scheme: td/ns/<ns>/sa/<sa>.
+    principal: Option<String>,
+}
+
+impl<'a> Subject<'a> {
+    fn of(conn: &'a Connection<'a>) -> Self {
+        let principal = conn.src_identity.map(|i| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                i.trust_domain, i.namespace, i.service_account
+            )
+        });
+        Subject { conn, principal }
+    }
+}
+
+fn policy_matches(p: &Policy, subject: &Subject<'_>) -> bool {
     p.rules.iter().any(|rule| {
         rule.clauses.iter().all(|clause| {
-            clause.matches.is_empty() || clause.matches.iter().any(|m| match_holds(m, conn))
+            clause.matches.is_empty() || clause.matches.iter().any(|m| match_holds(m, subject))
         })
     })
 }
 
-fn match_holds(m: &Match, conn: &Connection<'_>) -> bool {
+fn match_holds(m: &Match, subject: &Subject<'_>) -> bool {
+    let conn = subject.conn;
     let id = conn.src_identity;
-    // Istio writes principals without the scheme: td/ns/<ns>/sa/<sa>.
-    let principal = id.map(|i| {
-        format!(
-            "{}/ns/{}/sa/{}",
-            i.trust_domain, i.namespace, i.service_account
-        )
-    });
+    let principal = subject.principal.as_deref();
     let ns = id.map(|i| i.namespace.as_str());
     let sa = id.map(|i| i.service_account.as_str());
     let strings = |values: &[StringMatch], subject: Option<&str>| {
@@ -118,8 +134,8 @@ fn match_holds(m: &Match, conn: &Connection<'_>) -> bool {
         && negative(&m.not_namespaces, |v| strings(v, ns))
         && positive(&m.service_accounts, |v| strings(v, sa))
         && negative(&m.not_service_accounts, |v| strings(v, sa))
-        && positive(&m.principals, |v| strings(v, principal.as_deref()))
-        && negative(&m.not_principals, |v| strings(v, principal.as_deref()))
+        && positive(&m.principals, |v| strings(v, principal))
+        && negative(&m.not_principals, |v| strings(v, principal))
         && positive(&m.source_ips, |v| nets(v, conn.src_ip))
         && negative(&m.not_source_ips, |v| nets(v, conn.src_ip))
         && positive(&m.destination_ips, |v| nets(v, conn.dst.ip()))
