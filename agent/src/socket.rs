@@ -97,6 +97,32 @@ fn set_transparent(s: &Socket, addr: SocketAddr) -> io::Result<()> {
     }
 }
 
+/// Lets `connect` pick the local port of a socket bound to an address
+/// only (IP_BIND_ADDRESS_NO_PORT). `bind(ip, 0)` would pick one unique
+/// for that address alone, searching past every port in use or in
+/// TIME_WAIT on it; `connect` needs it unique only for the 4-tuple, so
+/// many connections from one pod address to different peers do not
+/// exhaust or crawl through the port range.
+fn defer_port_choice(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn tcp_socket(dst: SocketAddr, opts: ConnectOpts) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     s.set_nonblocking(true)?;
@@ -109,8 +135,38 @@ fn tcp_socket(dst: SocketAddr, opts: ConnectOpts) -> io::Result<Socket> {
             if opts.transparent {
                 set_transparent(&s, bind)?;
             }
+            if bind.port() == 0 {
+                defer_port_choice(&s)?;
+            }
             s.bind(&bind.into())?;
         }
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_only_bind_leaves_the_port_to_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let dst = listener.local_addr().expect("addr");
+        let opts = ConnectOpts {
+            bind: Some("127.0.0.1:0".parse().expect("bind")),
+            ..Default::default()
+        };
+        let s = tcp_socket(dst, opts).expect("socket");
+        let bound = s.local_addr().expect("local").as_socket().expect("inet");
+        assert_eq!(bound.port(), 0, "no port taken at bind");
+        let stream = tokio::net::TcpSocket::from_std_stream(s.into())
+            .connect(dst)
+            .await
+            .expect("connect");
+        let local = stream.local_addr().expect("local");
+        assert_eq!(local.ip(), bound.ip());
+        assert_ne!(local.port(), 0, "connect chose the port");
+    }
 }
