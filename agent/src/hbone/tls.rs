@@ -61,6 +61,31 @@ fn root_store(trust: &TrustBundle) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The server config for the current certificate of one identity, kept
+/// until the certificate changes (rotation) instead of rebuilt per
+/// connection.
+#[derive(Debug, Default)]
+pub struct ServerConfigCache(std::sync::Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>);
+
+impl ServerConfigCache {
+    /// The config for `cert`, built now only if `cert` is new.
+    pub fn get(
+        &self,
+        cert: Arc<WorkloadCert>,
+        trust: &TrustBundle,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((c, cfg)) = slot.as_ref() {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(server_config(&cert, trust)?);
+        *slot = Some((cert, cfg.clone()));
+        Ok(cfg)
+    }
+}
+
 /// Server configuration presenting `cert` and requiring a client
 /// certificate that chains to `trust`.
 pub fn server_config(cert: &WorkloadCert, trust: &TrustBundle) -> Result<ServerConfig, TlsError> {

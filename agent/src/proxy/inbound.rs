@@ -3,7 +3,7 @@
 //! joins each to a TCP connection to the application.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::StatusCode;
 use rustls::ServerConfig;
@@ -15,7 +15,6 @@ use super::record::Direction;
 use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
 use crate::hbone::{self, tls};
-use crate::identity::WorkloadCert;
 use crate::socket::Sockets;
 use crate::state::Workload;
 use crate::state::{authz, ApplicationTunnel};
@@ -26,7 +25,7 @@ pub struct Inbound {
     workload: Arc<Workload>,
     sockets: Sockets,
     /// The TLS config for the current certificate, rebuilt on rotation.
-    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>,
+    tls: tls::ServerConfigCache,
 }
 
 impl Accept for Inbound {
@@ -63,21 +62,13 @@ impl Inbound {
             ctx,
             workload,
             sockets,
-            tls: Mutex::new(None),
+            tls: tls::ServerConfigCache::default(),
         }
     }
 
     async fn server_config(&self) -> Result<Arc<ServerConfig>, InboundError> {
         let cert = self.ctx.certs.fetch(&self.workload.identity()).await?;
-        let mut slot = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((c, cfg)) = slot.as_ref() {
-            if Arc::ptr_eq(c, &cert) {
-                return Ok(cfg.clone());
-            }
-        }
-        let cfg = Arc::new(tls::server_config(&cert, self.ctx.certs.trust_bundle())?);
-        *slot = Some((cert, cfg.clone()));
-        Ok(cfg)
+        Ok(self.tls.get(cert, self.ctx.certs.trust_bundle())?)
     }
 
     async fn serve_tls(

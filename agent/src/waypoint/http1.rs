@@ -21,7 +21,7 @@ use crate::hbone::server::{ConnectRequest, Handler, Responder};
 use crate::hbone::{self, PoolKey};
 use crate::identity::Identity;
 use crate::socket::ConnectOpts;
-use crate::state::{authz, Destination, L7Decision, Route, Workload};
+use crate::state::{authz, Destination, L7Decision, Route, Snapshot, Workload};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -144,7 +144,7 @@ impl Shared {
             (L7Decision::Forward(w), Some(port)) => {
                 record.backend = Some(w.uid.clone());
                 match self
-                    .forward(&w, port, t, Request::from_parts(parts, body))
+                    .forward(&snap, &w, port, t, Request::from_parts(parts, body))
                     .await
                 {
                     Ok(r) => r.map(BodyExt::boxed),
@@ -176,6 +176,7 @@ impl Shared {
     /// mesh (as the waypoint, on behalf of the tunnel's client).
     async fn forward(
         &self,
+        snap: &Snapshot,
         w: &Workload,
         port: u16,
         t: &Tunnel,
@@ -186,7 +187,7 @@ impl Shared {
             .first()
             .copied()
             .ok_or_else(|| ForwardError::Unreachable(format!("{} has no address", w.uid)))?;
-        let route = self.state.snapshot().route_from(
+        let route = snap.route_from(
             Some(&self.workload),
             SocketAddr::new(ip, port),
             self.cfg.peer_hbone_port,

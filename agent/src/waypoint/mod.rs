@@ -111,6 +111,7 @@ pub(crate) struct Shared {
     pub sockets: Sockets,
     pub cfg: WaypointConfig,
     pub records: broadcast::Sender<Arc<RequestRecord>>,
+    tls: tls::ServerConfigCache,
 }
 
 impl Waypoint {
@@ -154,6 +155,7 @@ impl Waypoint {
             sockets,
             cfg,
             records: records.clone(),
+            tls: tls::ServerConfigCache::default(),
         });
         let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
         info!(parent: &span, "waypoint listening");
@@ -264,7 +266,7 @@ impl Shared {
     ) -> Result<(), ConnectionError> {
         let local = stream.local_addr().unwrap_or(peer);
         let cert = self.certs.fetch(&self.workload.identity()).await?;
-        let cfg = Arc::new(tls::server_config(&cert, self.certs.trust_bundle())?);
+        let cfg = self.tls.get(cert, self.certs.trust_bundle())?;
         let (tls, peer_identity) = server::accept_tls(
             stream,
             cfg,
