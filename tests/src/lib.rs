@@ -84,6 +84,21 @@ workloads:
         )
     }
 
+    /// The standard mesh plus a DENY of the client's principal.
+    pub fn deny_client_mesh(&self) -> String {
+        self.standard_mesh("server")
+            + r#"
+policies:
+  - name: deny-client
+    namespace: test
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#
+    }
+
     pub fn client_ip(&self) -> std::net::IpAddr {
         format!("127.{}.1.1", self.net).parse().expect("ip")
     }

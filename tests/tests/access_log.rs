@@ -83,20 +83,6 @@ async fn access_lines(
     }
 }
 
-fn deny_client_mesh(w: &World) -> String {
-    w.standard_mesh("server")
-        + r#"
-policies:
-  - name: deny-client
-    namespace: test
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/test/sa/client"]
-"#
-}
-
 #[tokio::test]
 async fn json_access_lines_one_per_connection_with_reasons() {
     let (logs, _handle, _guard) = capture(LogFormat::Json);
@@ -169,7 +155,7 @@ async fn json_access_lines_one_per_connection_with_reasons() {
 
     // Refused by the destination's policy: a line on each side with why.
     let mut changes = b.state.subscribe();
-    w.write_mesh(&deny_client_mesh(&w));
+    w.write_mesh(&w.deny_client_mesh());
     timeout(LIMIT, changes.changed())
         .await
         .expect("mesh change in time")

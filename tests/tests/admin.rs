@@ -31,6 +31,18 @@ fn with_endpoints(cfg: Config, ip: std::net::IpAddr) -> Config {
     }
 }
 
+/// The client's and the server's agents, each with its endpoints on its
+/// workload's address.
+async fn agents_with_endpoints(w: &World) -> (Agent, Agent) {
+    let a = w
+        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
+        .await;
+    let b = w
+        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
+        .await;
+    (a, b)
+}
+
 /// Status and body of one HTTP/1.1 request.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let exchange = async {
@@ -82,12 +94,7 @@ async fn tcp_metrics_count_tunneled_connections_and_bytes() {
     const REQUEST: usize = 100_000;
     const RESPONSE: usize = 7_777;
     let w = World::new(71);
-    let a = w
-        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
-        .await;
-    let b = w
-        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
-        .await;
+    let (a, b) = agents_with_endpoints(&w).await;
     let app = TcpListener::bind(w.server_app()).await.unwrap();
     let server = tokio::spawn(async move {
         let (mut s, _) = app.accept().await.unwrap();
@@ -288,12 +295,7 @@ async fn logging_level_changes_at_run_time() {
 #[tokio::test]
 async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
     let w = World::new(75);
-    let a = w
-        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
-        .await;
-    let b = w
-        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
-        .await;
+    let (a, b) = agents_with_endpoints(&w).await;
     let _echo = Echo::start(w.server_app()).await;
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
     let mut buf = [0u8; 4];
@@ -343,12 +345,7 @@ async fn refused_connections_are_counted_as_failed() {
         "{}policies:\n  - {{name: deny-all, namespace: test, action: DENY, rules: [{{}}]}}\n",
         w.standard_mesh("server")
     ));
-    let a = w
-        .agent_with(with_endpoints(w.config("node-a"), w.client_ip()))
-        .await;
-    let b = w
-        .agent_with(with_endpoints(w.config("node-b"), w.server_ip()))
-        .await;
+    let (a, b) = agents_with_endpoints(&w).await;
     let _echo = Echo::start(w.server_app()).await;
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
     let _ = c.write_all(b"ping").await;

@@ -354,19 +354,7 @@ async fn a_policy_added_while_a_connection_is_open_closes_it() {
     assert_eq!(&buf, b"ping", "open and allowed");
 
     let mut changes = b.state.subscribe();
-    w.write_mesh(
-        &(w.standard_mesh("server")
-            + r#"
-policies:
-  - name: deny-client
-    namespace: test
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/test/sa/client"]
-"#),
-    );
+    w.write_mesh(&w.deny_client_mesh());
     timeout(LIMIT, changes.changed()).await.unwrap().unwrap();
     // The open connection is closed by the destination agent...
     let mut rest = Vec::new();
