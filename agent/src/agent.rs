@@ -112,6 +112,7 @@ impl Agent {
                 h2: cfg.h2(),
                 socket_mark: cfg.socket_mark(),
                 streams_per_connection: cfg.pool.streams_per_connection,
+                spread: cfg.pool.spread_connections.max(1),
                 ..Default::default()
             },
         );

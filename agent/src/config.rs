@@ -187,6 +187,10 @@ pub struct PoolSettings {
     /// Streams a connection carries over its life before it is retired;
     /// 0 = no limit. 1 forces an mTLS handshake per tunnel. Default: 0.
     pub streams_per_connection: u64,
+    /// Connections to one peer that concurrent streams are spread over
+    /// (least busy first) before they share one, so busy streams use more
+    /// than one core. Default: 2.
+    pub spread_connections: usize,
 }
 
 /// Logging.
@@ -266,6 +270,7 @@ impl Default for PoolSettings {
             connection_window: h2.connection_window,
             max_frame_size: h2.max_frame_size,
             streams_per_connection: 0,
+            spread_connections: 2,
         }
     }
 }

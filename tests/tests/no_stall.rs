@@ -45,7 +45,14 @@ async fn a_slow_reader_never_blocks_other_streams_on_the_connection() {
     let _server = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
     let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let pool = Pool::new(certs, PoolConfig::default());
+    // One connection for both tunnels: that sharing is what is under test.
+    let pool = Pool::new(
+        certs,
+        PoolConfig {
+            spread: 1,
+            ..Default::default()
+        },
+    );
     let server_id = Identity::new("cluster.local", "test", "server");
     let key = PoolKey {
         src_identity: Identity::new("cluster.local", "test", "client"),

@@ -92,22 +92,79 @@ async fn opens_a_new_connection_past_max_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creation_is_single_flight_per_key() {
-    let s = Arc::new(setup(22, PoolConfig::default()).await);
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.open_with(&s.key).await }));
+    // 50 concurrent streams: at most `spread` connections, never a
+    // handshake per stream.
+    for (net, spread) in [(22, 1), (28, 2)] {
+        let cfg = PoolConfig {
+            spread,
+            ..Default::default()
+        };
+        let s = Arc::new(setup(net, cfg).await);
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move { s.open_with(&s.key).await }));
+        }
+        let mut streams = Vec::new();
+        for t in tasks {
+            streams.push(t.await.unwrap().unwrap());
+        }
+        let stats = s.pool.stats();
+        assert!(stats.connections_opened <= spread as u64, "{stats:?}");
+        assert_eq!(stats.streams_active, 50);
+        // The next stream finds them busy and spreads, if it may.
+        streams.push(s.open().await);
+        assert_eq!(s.pool.stats().connections_opened, spread as u64);
+        // A different key (another source address) gets its own connection.
+        let mut other = s.key.clone();
+        other.src_ip = None;
+        let _o = s.open_with(&other).await.unwrap();
+        assert_eq!(s.pool.stats().connections_opened, spread as u64 + 1);
     }
-    let mut streams = Vec::new();
-    for t in tasks {
-        streams.push(t.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn concurrent_streams_spread_over_connections() {
+    let s = setup(29, PoolConfig::default()).await;
+    // One stream at a time shares one connection.
+    for _ in 0..3 {
+        let mut st = s.open().await;
+        assert_eq!(round_trip(&mut st, b"one").await, b"one");
     }
     assert_eq!(s.pool.stats().connections_opened, 1);
-    // A different key (another source address) gets its own connection.
-    let mut other = s.key.clone();
-    other.src_ip = None;
-    let _o = s.open_with(&other).await.unwrap();
-    assert_eq!(s.pool.stats().connections_opened, 2);
+    // A second concurrent stream gets a second connection; more share the
+    // two, least busy first.
+    let mut streams = Vec::new();
+    for i in 0..6u8 {
+        let mut st = s.open().await;
+        assert_eq!(round_trip(&mut st, &[i]).await, [i]);
+        streams.push(st);
+    }
+    let stats = s.pool.stats();
+    assert_eq!(stats.connections_opened, 2, "{stats:?}");
+    assert_eq!(stats.connections_open, 2);
+    assert_eq!(stats.streams_active, 6);
+}
+
+/// Sends `data` on the tunnel and reads as many bytes back (the echo app).
+async fn round_trip(st: &mut H2Stream, data: &[u8]) -> Vec<u8> {
+    st.send
+        .send_data(bytes::Bytes::copy_from_slice(data), false)
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let chunk = timeout(Duration::from_secs(5), st.recv.data())
+            .await
+            .expect("echo in time")
+            .expect("stream open")
+            .expect("data");
+        st.recv
+            .flow_control()
+            .release_capacity(chunk.len())
+            .unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    got
 }
 
 #[tokio::test]
@@ -137,6 +194,7 @@ async fn keepalive_pings_keep_a_connection_usable() {
     let cfg = PoolConfig {
         keepalive_interval: Duration::from_millis(100),
         keepalive_timeout: Duration::from_millis(500),
+        spread: 1,
         ..Default::default()
     };
     let s = setup(24, cfg).await;

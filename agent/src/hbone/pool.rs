@@ -2,7 +2,10 @@
 //!
 //! Connections are shared by streams with the same [`PoolKey`]. Each carries
 //! at most `max_streams` streams (fewer if the peer says so); past that a new
-//! connection opens. Creation is single-flight per key, so a burst of
+//! connection opens. While more than one stream is active, new streams are
+//! spread over up to `spread` connections (least busy first): one HTTP/2
+//! connection is driven by one task, so a single connection would keep the
+//! streams of a busy destination on one core. Creation is single-flight per key, so a burst of
 //! connects to one destination opens one TLS connection at a time instead
 //! of a thundering herd. A connection idle for `idle_timeout` is released;
 //! one that stops answering PINGs is dropped. A connection may also be
@@ -23,11 +26,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::read_ahead::ReadAhead;
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
 use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
+
+/// An HBONE client connection's transport.
+type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// Pool behaviour; see each field for its default.
 #[derive(Clone, Debug)]
@@ -49,6 +56,9 @@ pub struct PoolConfig {
     /// more and closes once they end; 0 = no limit (default). 1 gives every
     /// tunnel its own mTLS handshake (benchmarks, rotation drills).
     pub streams_per_connection: u64,
+    /// Connections per key that concurrent streams are spread over before
+    /// they share (default 2; 1 = one connection until `max_streams`).
+    pub spread: usize,
 }
 
 impl Default for PoolConfig {
@@ -62,6 +72,7 @@ impl Default for PoolConfig {
             h2: H2Settings::default(),
             socket_mark: None,
             streams_per_connection: 0,
+            spread: 2,
         }
     }
 }
@@ -264,6 +275,31 @@ impl Pool {
     ) -> Result<H2Stream, PoolError> {
         let entry = self.entry(key);
         let conn = match entry.pick() {
+            // Another stream is already active on the least busy connection:
+            // open one more (unless one is being opened) so the streams can
+            // run on different cores. Not with a stream budget, which the
+            // reservation has already drawn on.
+            Some(c)
+                if c.active() > 1
+                    && self.inner.cfg.streams_per_connection == 0
+                    && entry.open_count() < self.inner.cfg.spread =>
+            {
+                match entry.creating.try_lock() {
+                    Ok(_creating) => {
+                        match Box::pin(self.open(key, expected, &entry, sockets)).await {
+                            Ok(fresh) => {
+                                c.release();
+                                fresh
+                            }
+                            Err(e) => {
+                                debug!(dst = %key.dst, error = %e, "extra connection failed; sharing");
+                                c
+                            }
+                        }
+                    }
+                    Err(_) => c,
+                }
+            }
             Some(c) => c,
             None => {
                 let _creating = entry.creating.lock().await;
@@ -366,13 +402,7 @@ impl Pool {
         key: &PoolKey,
         expected: &[Identity],
         sockets: &Sockets,
-    ) -> Result<
-        (
-            SendRequest<Bytes>,
-            h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
-        ),
-        PoolError,
-    > {
+    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<ClientTls, Bytes>), PoolError> {
         let cfg = &self.inner.cfg;
         let cert = self
             .inner
@@ -391,7 +421,7 @@ impl Pool {
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
         let tls = TlsConnector::from(tls_cfg)
-            .connect(tls::placeholder_server_name(), tcp)
+            .connect(tls::placeholder_server_name(), ReadAhead::new(tcp))
             .await
             .map_err(|e| PoolError::Handshake(key.dst, e))?;
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
@@ -438,8 +468,24 @@ impl Pool {
 }
 
 impl Entry {
+    /// Takes a stream slot on the least busy connection with room.
     fn pick(&self) -> Option<Arc<Conn>> {
-        lock(&self.conns).iter().find(|c| c.try_reserve()).cloned()
+        let conns = lock(&self.conns);
+        // Closed connections sort last: their state carries the CLOSED bit.
+        if let Some(c) = conns.iter().min_by_key(|c| c.state.load(Ordering::Acquire)) {
+            if c.try_reserve() {
+                return Some(c.clone());
+            }
+        }
+        conns.iter().find(|c| c.try_reserve()).cloned()
+    }
+
+    /// Connections still taking streams.
+    fn open_count(&self) -> usize {
+        lock(&self.conns)
+            .iter()
+            .filter(|c| c.state.load(Ordering::Acquire) & CLOSED == 0)
+            .count()
     }
 }
 
@@ -457,7 +503,7 @@ enum Ending {
 /// Drives one connection: polls it, PINGs it, releases it when idle, and
 /// removes it from the pool when it ends.
 async fn drive(
-    mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    mut connection: h2::client::Connection<ClientTls, Bytes>,
     retired: Arc<tokio::sync::Notify>,
     conn: Weak<Conn>,
     entry: Weak<Entry>,

@@ -11,6 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn, Instrument};
 
+use super::read_ahead::ReadAhead;
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
@@ -39,12 +40,12 @@ pub async fn accept_tls(
     trust_domain: &str,
 ) -> Result<
     (
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        tokio_rustls::server::TlsStream<ReadAhead<tokio::net::TcpStream>>,
         Identity,
     ),
     HandshakeError,
 > {
-    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(ReadAhead::new(stream));
     let tls = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| HandshakeError::Timeout)?
