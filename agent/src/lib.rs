@@ -8,6 +8,7 @@ pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod copy;
 pub mod demo;
 pub mod hbone;
 pub mod identity;

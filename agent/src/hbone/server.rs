@@ -109,10 +109,10 @@ fn response(status: StatusCode) -> Response<()> {
 /// Decides what to do with each valid CONNECT request.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
-        &self,
+        self: Arc<Self>,
         req: ConnectRequest,
         responder: Responder,
-    ) -> impl std::future::Future<Output = ()> + Send;
+    ) -> impl std::future::Future<Output = ()> + Send + 'static;
 }
 
 /// Facts about the HBONE connection every request on it shares.
@@ -158,23 +158,20 @@ where
         };
         let Some(next) = next else { return Ok(()) };
         let (req, respond) = next?;
-        let info = info.clone();
         let handler = handler.clone();
         let span = tracing::debug_span!("hbone_stream", peer = %info.peer_identity, authority = ?req.uri().authority().map(|a| a.as_str()));
-        tokio::spawn(
-            async move {
-                let (req, responder) = match validate(req, respond, &info) {
-                    Ok(ok) => ok,
-                    Err((responder, status, why)) => {
-                        warn!(%status, reason = why, "refusing HBONE request");
-                        responder.refuse(status);
-                        return;
-                    }
-                };
-                handler.handle(req, responder).await;
+        match validate(req, respond, &info) {
+            // Spawned as is, with no wrapping future: a wrapper would hold
+            // the request a second time for the life of the stream.
+            Ok((req, responder)) => {
+                tokio::spawn(handler.handle(req, responder).instrument(span));
             }
-            .instrument(span),
-        );
+            Err((responder, status, why)) => {
+                let _span = span.enter();
+                warn!(%status, reason = why, "refusing HBONE request");
+                responder.refuse(status);
+            }
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! One tunneled TCP connection as an HTTP/2 stream, and the copy loop that
 //! joins it to a TCP socket with half-close in both directions.
 //!
-//! An idle tunnel holds no copy buffer: the socket is read only once it is
-//! readable, into a buffer taken then, so ten thousand quiet connections
-//! cost the agent a few hundred bytes each, not kilobytes.
+//! An idle tunnel holds no copy buffer (socket reads go through
+//! [`crate::copy::Chunks`]), so ten thousand quiet connections cost the
+//! agent a few hundred bytes each, not kilobytes.
 
 use std::io;
 
@@ -13,10 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
-/// Read buffers start small so idle connections cost little, and double
-/// while reads keep filling them, up to the largest frame we send.
-const MIN_BUF: usize = 8 * 1024;
-const MAX_BUF: usize = 256 * 1024;
+use crate::copy::{Chunks, MIN_BUF};
 
 /// The two halves of an established CONNECT stream. `guard` is held for the
 /// life of the stream (the pool uses it to count streams per connection).
@@ -66,8 +63,8 @@ pub async fn copy_bidirectional(stream: H2Stream, socket: TcpStream) -> io::Resu
         guard: _guard,
     } = stream;
     // Owned halves: no lock shared between the two directions.
-    let (mut rd, mut wr) = socket.into_split();
-    let up = socket_to_stream(&mut rd, &mut send);
+    let (rd, mut wr) = socket.into_split();
+    let up = socket_to_stream(rd, &mut send);
     let down = stream_to_socket(&mut recv, &mut wr);
     let (to_stream, from_stream) = tokio::try_join!(up, down)?;
     Ok(Transferred {
@@ -76,35 +73,15 @@ pub async fn copy_bidirectional(stream: H2Stream, socket: TcpStream) -> io::Resu
     })
 }
 
-async fn socket_to_stream(rd: &mut OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+async fn socket_to_stream(rd: OwnedReadHalf, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    let mut chunks = Chunks::new(rd);
     let mut total = 0u64;
-    let mut size = MIN_BUF;
-    let mut buf = BytesMut::new();
-    loop {
-        buf.reserve(size);
-        let n = match rd.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Going idle: a small buffer is cheap to take again, so let
-                // it go; a grown one belongs to a busy stream and stays.
-                if size == MIN_BUF {
-                    buf = BytesMut::new();
-                }
-                rd.readable().await?;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-            return Ok(total);
-        }
-        if n == size && size < MAX_BUF {
-            size *= 2;
-        }
-        total += n as u64;
-        send_all(send, buf.split().freeze()).await?;
+    while let Some(chunk) = chunks.next().await? {
+        total += chunk.len() as u64;
+        send_all(send, chunk.freeze()).await?;
     }
+    send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+    Ok(total)
 }
 
 /// Sends `data` as the peer's flow-control window allows.

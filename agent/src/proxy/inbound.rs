@@ -11,10 +11,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn, Instrument};
 
-use super::record::Direction;
+use super::record::{Connection, Direction};
+use super::tracker::Registration;
 use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
 use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
-use crate::hbone::{self, tls};
+use crate::hbone::{self, tls, H2Stream};
 use crate::socket::Sockets;
 use crate::state::Workload;
 use crate::state::{authz, ApplicationTunnel};
@@ -133,7 +134,12 @@ impl Inbound {
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, req: ConnectRequest, responder: Responder) {
+    // Not an `async fn`, for the reason given at `Outbound::proxy`.
+    fn handle(
+        self: Arc<Self>,
+        req: ConnectRequest,
+        responder: Responder,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
         let span = tracing::info_span!("connect", %src, src_id = %req.peer_identity, dst = %req.target, dst_id = %self.workload.identity());
         // Forwarded carries no port: the client's port is not known here.
@@ -145,49 +151,14 @@ impl Handler for Inbound {
             .dst_identity(Some(self.workload.identity()))
             .encrypted(true);
         async move {
-            // The tunnel may only reach the workload it was sent to, unless
-            // that workload is a waypoint: it serves other targets.
-            let waypoint = self.workload.application_tunnel.is_proxy();
-            if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
-                warn!("target is not an address of this workload; 400");
-                record.finish(Err("400: target is not an address of this workload"));
-                return responder.refuse(StatusCode::BAD_REQUEST);
-            }
-            // Behind a waypoint, only the waypoint may come in.
-            let required = self
-                .ctx
-                .state
-                .snapshot()
-                .waypoint_identities(&self.workload);
-            if !required.is_empty() && !required.contains(&req.peer_identity) {
-                warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-                    "direct connection to a workload behind a waypoint; 401");
-                record.deny("401: direct connection to a workload behind a waypoint");
-                return responder.refuse(StatusCode::UNAUTHORIZED);
-            }
-            let conn = authz::Connection {
-                src_ip: src,
-                src_identity: Some(&req.peer_identity),
-                dst: req.target,
+            // Admission is boxed: its state (checks, connecting the app) is
+            // needed only until the tunnel is joined; inline, every idle
+            // tunnel's task would carry it for its life.
+            let Some((tunnel, upstream, registration, mut record)) =
+                Box::pin(self.admit(req, src, responder, record)).await
+            else {
+                return;
             };
-            if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
-                record.deny(format!("401: {why}"));
-                return responder.refuse(StatusCode::UNAUTHORIZED);
-            }
-            let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
-            let upstream = match self.connect_upstream(&req, src).await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "target unreachable; 503");
-                    record.finish(Err(format!("503: target unreachable: {e}")));
-                    return responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                }
-            };
-            let tunnel = match responder.accept() {
-                Ok(t) => t,
-                Err(e) => return record.finish(Err(format!("client went away: {e}"))),
-            };
-            let mut record = record;
             record.opened();
             tokio::select! {
                 // from_stream: bytes the client sent; to_stream: the app's answer.
@@ -198,7 +169,70 @@ impl Handler for Inbound {
             }
         }
         .instrument(span)
-        .await
+    }
+}
+
+impl Inbound {
+    /// Checks `req` (tunneled for client `src`) against the workload and
+    /// its policies, connects the application and accepts the stream.
+    /// Refusals are answered and recorded here (`None`).
+    async fn admit(
+        &self,
+        req: ConnectRequest,
+        src: std::net::IpAddr,
+        responder: Responder,
+        record: Connection,
+    ) -> Option<(H2Stream, TcpStream, Registration, Connection)> {
+        // The tunnel may only reach the workload it was sent to, unless
+        // that workload is a waypoint: it serves other targets.
+        let waypoint = self.workload.application_tunnel.is_proxy();
+        if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
+            warn!("target is not an address of this workload; 400");
+            record.finish(Err("400: target is not an address of this workload"));
+            responder.refuse(StatusCode::BAD_REQUEST);
+            return None;
+        }
+        // Behind a waypoint, only the waypoint may come in.
+        let required = self
+            .ctx
+            .state
+            .snapshot()
+            .waypoint_identities(&self.workload);
+        if !required.is_empty() && !required.contains(&req.peer_identity) {
+            warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "direct connection to a workload behind a waypoint; 401");
+            record.deny("401: direct connection to a workload behind a waypoint");
+            responder.refuse(StatusCode::UNAUTHORIZED);
+            return None;
+        }
+        let conn = authz::Connection {
+            src_ip: src,
+            src_identity: Some(&req.peer_identity),
+            dst: req.target,
+        };
+        if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
+            record.deny(format!("401: {why}"));
+            responder.refuse(StatusCode::UNAUTHORIZED);
+            return None;
+        }
+        let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
+        let upstream = match self.connect_upstream(&req, src).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "target unreachable; 503");
+                record.finish(Err(format!("503: target unreachable: {e}")));
+                responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                return None;
+            }
+        };
+        let tunnel = match responder.accept() {
+            Ok(t) => t,
+            Err(e) => {
+                record.finish(Err(format!("client went away: {e}")));
+                return None;
+            }
+        };
+        Some((tunnel, upstream, registration, record))
     }
 }
 

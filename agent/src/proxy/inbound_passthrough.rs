@@ -11,6 +11,7 @@ use super::record::Direction;
 use super::{
     addressed_to_listener, authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext,
 };
+use crate::copy::copy_tcp;
 use crate::socket::Sockets;
 use crate::state::authz;
 use crate::state::Workload;
@@ -32,7 +33,7 @@ impl InboundPassthrough {
 }
 
 impl Accept for InboundPassthrough {
-    async fn serve(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let dst = match original_dst(&stream) {
             Ok(d) => d,
             Err(e) => return warn!(%peer, error = %e, "no original destination; closing"),
@@ -71,7 +72,7 @@ impl Accept for InboundPassthrough {
             return record.deny(why);
         }
         let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
-        let mut upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
+        let upstream = match connect_app(&self.ctx, &self.sockets, dst, peer.ip()).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(%peer, %dst, error = %e, "target unreachable");
@@ -81,7 +82,7 @@ impl Accept for InboundPassthrough {
         let mut record = record;
         record.opened();
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => record.finish(r),
+            r = copy_tcp(stream, upstream) => record.finish(r),
             _ = registration.revoked() => record.deny("closed: policy changed"),
         }
     }

@@ -282,13 +282,17 @@ async fn accept_loop<A: Accept>(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let guard = active.enter();
-                let serve = handler.clone().serve(stream, peer);
+                let handler = handler.clone();
                 let mut terminated = active.terminate.subscribe();
                 tokio::spawn(
                     async move {
-                        // Dropping `serve` closes its sockets.
+                        // The serve future is made here, not captured: a
+                        // captured future is stored twice in the task (as
+                        // capture and as select operand), doubling the
+                        // memory every open connection holds. Dropping it
+                        // closes its sockets.
                         tokio::select! {
-                            _ = serve => {}
+                            _ = handler.serve(stream, peer) => {}
                             _ = terminated.wait_for(|t| *t) => {}
                         }
                         drop(guard);

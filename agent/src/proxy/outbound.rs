@@ -9,6 +9,7 @@ use tracing::{warn, Instrument};
 
 use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
+use crate::copy::copy_tcp;
 use crate::hbone::{self, PoolKey};
 use crate::socket::{ConnectOpts, Sockets};
 use crate::state::{Route, Workload};
@@ -47,7 +48,16 @@ impl Outbound {
     }
 
     /// Carries `stream` (from `peer`, originally for `dst`) to `dst`.
-    pub async fn proxy(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    ///
+    /// Not an `async fn`: the route and record are made before the future,
+    /// which then holds one copy of them; an `async fn` moving its locals
+    /// into an inner future holds two for the connection's whole life.
+    pub fn proxy(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + '_ {
         let route = self.ctx.state.snapshot().route_from(
             Some(&self.source),
             dst,
@@ -76,20 +86,26 @@ impl Outbound {
             .service(service.map(|s| s.hostname.clone()))
             .encrypted(encrypted);
         async move {
-            let result = self.forward(stream, peer, &route, &mut conn).await;
+            // Setup is boxed: its state (connect, TLS and HTTP/2 handshakes)
+            // is large and needed only until the ends are joined; inline,
+            // every idle connection's task would carry it for its life.
+            let result = match Box::pin(self.establish(stream, peer, &route, &mut conn)).await {
+                Ok(ends) => ends.copy().await.map_err(OutboundError::Io),
+                Err(e) => Err(e),
+            };
             conn.finish(result);
         }
         .instrument(span)
-        .await
     }
 
-    async fn forward(
+    /// Connects the upstream end for `stream`.
+    async fn establish(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
         route: &Route,
         conn: &mut Connection,
-    ) -> Result<(u64, u64), OutboundError> {
+    ) -> Result<Ends, OutboundError> {
         match route {
             Route::Unreachable(why) => Err(OutboundError::Unreachable(why.clone())),
             Route::Passthrough { target, .. } => {
@@ -97,16 +113,13 @@ impl Outbound {
                     mark: self.ctx.settings.socket_mark,
                     ..Default::default()
                 };
-                let mut upstream = self
+                let upstream = self
                     .sockets
                     .connect(*target, opts)
                     .await
                     .map_err(|e| OutboundError::Connect(*target, e))?;
                 conn.opened();
-                let mut stream = stream;
-                tokio::io::copy_bidirectional(&mut stream, &mut upstream)
-                    .await
-                    .map_err(OutboundError::Io)
+                Ok(Ends::Plain(stream, upstream))
             }
             Route::Hbone {
                 gateway,
@@ -129,9 +142,25 @@ impl Outbound {
                     .connect(&key, identities, request, &self.sockets)
                     .await?;
                 conn.opened();
-                let t = hbone::copy_bidirectional(tunnel, stream)
-                    .await
-                    .map_err(OutboundError::Io)?;
+                Ok(Ends::Hbone(tunnel, stream))
+            }
+        }
+    }
+}
+
+/// A connection's two established ends, to be joined.
+enum Ends {
+    Plain(TcpStream, TcpStream),
+    Hbone(hbone::H2Stream, TcpStream),
+}
+
+impl Ends {
+    /// Copies until both directions end: (client -> upstream, back).
+    async fn copy(self) -> std::io::Result<(u64, u64)> {
+        match self {
+            Ends::Plain(client, upstream) => copy_tcp(client, upstream).await,
+            Ends::Hbone(tunnel, client) => {
+                let t = hbone::copy_bidirectional(tunnel, client).await?;
                 Ok((t.to_stream, t.from_stream))
             }
         }

@@ -53,7 +53,7 @@ enum ForwardError {
 }
 
 impl Handler for L7 {
-    async fn handle(&self, req: ConnectRequest, responder: Responder) {
+    async fn handle(self: Arc<Self>, req: ConnectRequest, responder: Responder) {
         let shared = self.0.clone();
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
         let span = tracing::info_span!("waypoint_tunnel", %src, src_id = %req.peer_identity, target = %req.target);
