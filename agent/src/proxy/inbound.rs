@@ -150,13 +150,12 @@ impl Handler for Inbound {
             .src_identity(Some(req.peer_identity.clone()))
             .dst_identity(Some(self.workload.identity()))
             .encrypted(true);
+        // Admission is boxed, and made out here so the future below does
+        // not capture the request: as in `Outbound::proxy`, its state is
+        // needed only until the tunnel is joined.
+        let admit = Box::pin(async move { self.admit(req, src, responder, record).await });
         async move {
-            // Admission is boxed: its state (checks, connecting the app) is
-            // needed only until the tunnel is joined; inline, every idle
-            // tunnel's task would carry it for its life.
-            let Some((tunnel, upstream, registration, mut record)) =
-                Box::pin(self.admit(req, src, responder, record)).await
-            else {
+            let Some((tunnel, upstream, registration, mut record)) = admit.await else {
                 return;
             };
             record.opened();

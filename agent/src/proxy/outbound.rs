@@ -85,11 +85,17 @@ impl Outbound {
             .dst_identity(dst_identity)
             .service(service.map(|s| s.hostname.clone()))
             .encrypted(encrypted);
+        // Setup is boxed, and made out here so the future below does not
+        // capture its inputs: its state (the route, connect, TLS and HTTP/2
+        // handshakes) is large and needed only until the ends are joined,
+        // while the future below lives as long as the connection.
+        let establish = Box::pin(async move {
+            let ends = self.establish(stream, peer, &route, &mut conn).await;
+            (conn, ends)
+        });
         async move {
-            // Setup is boxed: its state (connect, TLS and HTTP/2 handshakes)
-            // is large and needed only until the ends are joined; inline,
-            // every idle connection's task would carry it for its life.
-            let result = match Box::pin(self.establish(stream, peer, &route, &mut conn)).await {
+            let (conn, ends) = establish.await;
+            let result = match ends {
                 Ok(ends) => ends.copy().await.map_err(OutboundError::Io),
                 Err(e) => Err(e),
             };
