@@ -35,10 +35,6 @@ impl<S> ReadAhead<S> {
             size: MIN_BUF,
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
