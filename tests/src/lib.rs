@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use ambient_agent::agent::Agent;
 use ambient_agent::config::Config;
-use ambient_agent::identity::LocalCa;
+use ambient_agent::identity::{CertManager, Identity, LocalCa};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,6 +109,28 @@ policies:
 
     pub fn server_app(&self) -> SocketAddr {
         SocketAddr::new(self.server_ip(), 8080)
+    }
+
+    /// A pool acting for the `client` workload towards the `server`'s
+    /// agent: the pool, the key its streams use, and the identity the
+    /// server must prove.
+    pub fn client_pool(
+        &self,
+        cfg: ambient_agent::hbone::PoolConfig,
+    ) -> (
+        ambient_agent::hbone::Pool,
+        ambient_agent::hbone::PoolKey,
+        Identity,
+    ) {
+        let certs = CertManager::new(self.ca.clone(), self.ca.trust_bundle(), Default::default());
+        let server_id = Identity::new("cluster.local", "test", "server");
+        let key = ambient_agent::hbone::PoolKey {
+            src_identity: Identity::new("cluster.local", "test", "client"),
+            dst_identity: server_id.clone(),
+            dst: self.server_hbone(),
+            src_ip: Some(self.client_ip()),
+        };
+        (ambient_agent::hbone::Pool::new(certs, cfg), key, server_id)
     }
 
     pub fn server_hbone(&self) -> SocketAddr {

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_agent::hbone::{H2Settings, H2Stream, Pool, PoolConfig, PoolKey};
-use ambient_agent::identity::{CertManager, Identity};
+use ambient_agent::hbone::{H2Settings, H2Stream, PoolConfig};
 use ambient_agent::socket::Sockets;
 use ambient_tests::*;
 use bytes::Bytes;
@@ -44,22 +43,11 @@ async fn a_slow_reader_never_blocks_other_streams_on_the_connection() {
     let w = World::new(181);
     let _server = w.agent("node-b").await;
     let _echo = Echo::start(w.server_app()).await;
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
     // One connection for both tunnels: that sharing is what is under test.
-    let pool = Pool::new(
-        certs,
-        PoolConfig {
-            spread: 1,
-            ..Default::default()
-        },
-    );
-    let server_id = Identity::new("cluster.local", "test", "server");
-    let key = PoolKey {
-        src_identity: Identity::new("cluster.local", "test", "client"),
-        dst_identity: server_id.clone(),
-        dst: w.server_hbone(),
-        src_ip: Some(w.client_ip()),
-    };
+    let (pool, key, server_id) = w.client_pool(PoolConfig {
+        spread: 1,
+        ..Default::default()
+    });
     let open = || {
         let req = Request::builder()
             .method(Method::CONNECT)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::hbone::{H2Stream, Pool, PoolConfig, PoolError, PoolKey};
-use ambient_agent::identity::{CertManager, Identity};
+use ambient_agent::identity::Identity;
 use ambient_agent::socket::Sockets;
 use ambient_tests::*;
 use http::{Method, Request};
@@ -33,15 +33,7 @@ async fn setup(net: u8, cfg: PoolConfig) -> Setup {
     let w = World::new(net);
     let server = w.agent("node-b").await;
     let echo = Echo::start(w.server_app()).await;
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let pool = Pool::new(certs, cfg);
-    let server_id = Identity::new("cluster.local", "test", "server");
-    let key = PoolKey {
-        src_identity: Identity::new("cluster.local", "test", "client"),
-        dst_identity: server_id.clone(),
-        dst: w.server_hbone(),
-        src_ip: Some(w.client_ip()),
-    };
+    let (pool, key, server_id) = w.client_pool(cfg);
     Setup {
         w,
         _server: server,
