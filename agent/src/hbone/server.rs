@@ -30,6 +30,20 @@ pub enum HandshakeError {
     Timeout,
 }
 
+/// Why serving one accepted HBONE connection ended early (the agent's
+/// inbound and the waypoint alike).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("certificate: {0}")]
+    Certificate(#[from] crate::identity::CaError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
 /// Completes the mTLS handshake of an accepted HBONE connection: TLS with
 /// `cfg` within `timeout`, ALPN h2, and a client identity of `trust_domain`
 /// (one root may sign several trust domains; only ours is the mesh).

@@ -14,7 +14,9 @@ use tracing::{debug, warn, Instrument};
 use super::record::{Connection, Direction};
 use super::tracker::Registration;
 use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
-use crate::hbone::server::{self, ConnectRequest, ConnectionInfo, Handler, Responder};
+use crate::hbone::server::{
+    self, ConnectRequest, ConnectionError, ConnectionInfo, Handler, Responder,
+};
 use crate::hbone::{self, tls, H2Stream};
 use crate::socket::Sockets;
 use crate::state::Workload;
@@ -47,10 +49,12 @@ impl Accept for Inbound {
         {
             match e {
                 // The peer went away after the handshake (e.g. it stopped).
-                InboundError::H2(e) if e.is_io() => {
+                ConnectionError::H2(e) if e.is_io() => {
                     debug!(parent: &span, error = %e, "HBONE connection closed")
                 }
-                InboundError::H2(e) => warn!(parent: &span, error = %e, "HBONE connection failed"),
+                ConnectionError::H2(e) => {
+                    warn!(parent: &span, error = %e, "HBONE connection failed")
+                }
                 e => warn!(parent: &span, error = %e, "HBONE connection refused"),
             }
         }
@@ -67,7 +71,7 @@ impl Inbound {
         }
     }
 
-    async fn server_config(&self) -> Result<Arc<ServerConfig>, InboundError> {
+    async fn server_config(&self) -> Result<Arc<ServerConfig>, ConnectionError> {
         let cert = self.ctx.certs.fetch(&self.workload.identity()).await?;
         Ok(self.tls.get(cert, self.ctx.certs.trust_bundle())?)
     }
@@ -77,7 +81,7 @@ impl Inbound {
         stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
-    ) -> Result<(), InboundError> {
+    ) -> Result<(), ConnectionError> {
         let cfg = self.server_config().await?;
         let timeout = self.ctx.settings.connect_timeout;
         let (tls, peer_identity) =
@@ -233,16 +237,4 @@ impl Inbound {
         };
         Some((tunnel, upstream, registration, record))
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum InboundError {
-    #[error("certificate: {0}")]
-    Certificate(#[from] crate::identity::CaError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Handshake(#[from] server::HandshakeError),
-    #[error("HTTP/2: {0}")]
-    H2(#[from] h2::Error),
 }

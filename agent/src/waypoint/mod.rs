@@ -17,7 +17,8 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Mode};
-use crate::hbone::{server, tls, H2Settings, Pool, PoolConfig};
+use crate::hbone::server::{self, ConnectionError};
+use crate::hbone::{tls, H2Settings, Pool, PoolConfig};
 use crate::identity::{CaError, CertManager, Identity};
 use crate::socket::{ListenOpts, Sockets};
 use crate::state::{State, Workload};
@@ -243,18 +244,6 @@ impl Waypoint {
     pub fn requests(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
         self.records.subscribe()
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ConnectionError {
-    #[error("certificate: {0}")]
-    Certificate(#[from] CaError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Handshake(#[from] server::HandshakeError),
-    #[error("HTTP/2: {0}")]
-    H2(#[from] h2::Error),
 }
 
 impl Shared {
