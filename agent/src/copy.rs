@@ -12,12 +12,30 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// The first read after idling takes this much.
 pub const MIN_BUF: usize = 8 * 1024;
 /// Reads that fill their buffer double it, up to this.
 pub const MAX_BUF: usize = 256 * 1024;
+
+/// One read from `src` into `buf`'s spare capacity. A read that comes back
+/// short has drained the socket, so its readiness is cleared then: going
+/// idle costs no second `recv` that would only say EAGAIN (one syscall per
+/// message on the latency path; tokio's own `poll_read` does the same).
+pub(crate) fn try_read_drain(src: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let n = src.try_read_buf(buf)?;
+    if n > 0 && n < room {
+        // Clears only the readiness this read consumed: an edge that came
+        // in since is kept (tokio compares the driver's tick).
+        let _ = src.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+    Ok(n)
+}
 
 /// Copies both ways between `a` and `b` until both directions have ended;
 /// EOF on one side's reads becomes a write shutdown on the other's. An
@@ -114,23 +132,24 @@ impl Half {
                 socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write)?;
                 return Poll::Ready(Ok(()));
             }
-            ready!(src.poll_read_ready(cx))?;
+            if src.poll_read_ready(cx)?.is_pending() {
+                // Going idle: a small buffer is cheap to take again; a grown
+                // one belongs to a busy connection and stays.
+                if self.size == MIN_BUF {
+                    self.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
             self.buf.reserve(self.size);
-            match src.try_read_buf(&mut self.buf) {
+            match try_read_drain(src, &mut self.buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
-                    if n == self.size && self.size < MAX_BUF {
+                    if n >= self.size && self.size < MAX_BUF {
                         self.size *= 2;
                     }
                 }
-                // Going idle: a small buffer is cheap to take again; a grown
-                // one belongs to a busy connection and stays. The next
-                // readiness poll registers for the wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.size == MIN_BUF {
-                        self.buf = BytesMut::new();
-                    }
-                }
+                // A stale readiness; the next poll registers for the wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

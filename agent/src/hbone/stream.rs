@@ -14,7 +14,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::copy::{MAX_BUF, MIN_BUF};
+use crate::copy::{try_read_drain, MAX_BUF, MIN_BUF};
 
 /// The two halves of an established CONNECT stream. `guard` is held for the
 /// life of the stream (the pool uses it to count streams per connection).
@@ -159,28 +159,29 @@ impl Copy {
                     self.send.send_data(chunk, false).map_err(h2_to_io)?;
                 }
             }
-            ready!(self.socket.poll_read_ready(cx))?;
+            if self.socket.poll_read_ready(cx)?.is_pending() {
+                // Going idle: a small buffer is cheap to take again; a grown
+                // one belongs to a busy stream and stays.
+                if up.size == MIN_BUF {
+                    up.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
             up.buf.reserve(up.size);
-            match self.socket.try_read_buf(&mut up.buf) {
+            match try_read_drain(&self.socket, &mut up.buf) {
                 Ok(0) => {
                     self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
-                    if n == up.size && up.size < MAX_BUF {
+                    if n >= up.size && up.size < MAX_BUF {
                         up.size *= 2;
                     }
                     up.total += n as u64;
                     up.pending = up.buf.split().freeze();
                 }
-                // Going idle: a small buffer is cheap to take again; a grown
-                // one belongs to a busy stream and stays. The next readiness
-                // poll registers for the wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if up.size == MIN_BUF {
-                        up.buf = BytesMut::new();
-                    }
-                }
+                // A stale readiness; the next poll registers for the wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

@@ -53,6 +53,9 @@ struct Args {
     /// The agents' log filter (per-connection lines are logged at info).
     #[arg(long, default_value = "warn")]
     agent_log: String,
+    /// Run only these parts (repeat the flag for several); all by default.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
     /// The agent binary. [default: `ambient-agent` next to this binary]
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -60,6 +63,25 @@ struct Args {
     /// harness runs itself this way inside each server pod).
     #[arg(long, hide = true)]
     serve: Option<IpAddr>,
+}
+
+/// The harness's parts, for `--only`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// Memory per idle connection.
+    Memory,
+    /// Throughput and CPU per GiB.
+    Throughput,
+    /// Round-trip latency.
+    Latency,
+    /// New connections per second.
+    Rate,
+}
+
+impl Args {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 /// A child process killed when dropped.
@@ -445,7 +467,12 @@ fn main() -> anyhow::Result<()> {
     let mut per_conn_b = None;
     let mut held = [0; 3];
     let mut b = b;
-    for p in [Via::Proxy, Via::Hbone] {
+    let memory_paths: &[Via] = if args.runs(Part::Memory) {
+        &[Via::Proxy, Via::Hbone]
+    } else {
+        &[]
+    };
+    for &p in memory_paths {
         drop((a, b));
         a = setup.agent("node-a", "")?;
         b = setup.agent("node-b", "")?;
@@ -501,27 +528,34 @@ fn main() -> anyhow::Result<()> {
         // Let the closed connections drain from both agents.
         std::thread::sleep(Duration::from_secs(2));
     }
-    rows.push(Row {
-        name: format!(
-            "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a)",
-            held[1], held[2]
-        ),
-        unit: "B",
-        values: per_conn,
-        target: "<= 4096".into(),
-    });
-    rows.push(Row {
-        name: "agent memory per idle connection (node-b, HBONE inbound)".into(),
-        unit: "B",
-        values: [None, None, per_conn_b],
-        target: "<= 4096".into(),
-    });
+    if args.runs(Part::Memory) {
+        rows.push(Row {
+            name: format!(
+                "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a)",
+                held[1], held[2]
+            ),
+            unit: "B",
+            values: per_conn,
+            target: "<= 4096".into(),
+        });
+        rows.push(Row {
+            name: "agent memory per idle connection (node-b, HBONE inbound)".into(),
+            unit: "B",
+            values: [None, None, per_conn_b],
+            target: "<= 4096".into(),
+        });
+    }
 
     // Throughput, with the agents' and the applications' CPU time.
     let total = args.mib << 20;
     let gib = total as f64 / (1u64 << 30) as f64;
     let rounds = args.rounds.max(1);
-    for streams in [1usize, 4] {
+    let stream_counts: &[usize] = if args.runs(Part::Throughput) {
+        &[1, 4]
+    } else {
+        &[]
+    };
+    for &streams in stream_counts {
         let mut runs: [Vec<f64>; 3] = Default::default();
         let mut cpu_total = [Duration::ZERO; 3];
         for _ in 0..rounds {
@@ -565,7 +599,12 @@ fn main() -> anyhow::Result<()> {
 
     // Latency on a persistent connection.
     let mut added = Vec::new();
-    for size in [1usize, 1024] {
+    let sizes: &[usize] = if args.runs(Part::Latency) {
+        &[1, 1024]
+    } else {
+        &[]
+    };
+    for &size in sizes {
         let mut samples: [Vec<Duration>; 3] = Default::default();
         for _ in 0..rounds {
             for p in PATHS {
@@ -616,56 +655,60 @@ fn main() -> anyhow::Result<()> {
     // sockets from the pooled runs slow the agents' bound connects (seen:
     // 70/s instead of 1,000/s when run after them).
     let secs = Duration::from_secs_f64(args.rate_secs);
-    drop(a);
-    a = setup.agent("node-a", "streamsPerConnection: 1")?;
-    probe(&net, Via::Hbone)?;
-    let opened_before = a.pool_opened()?;
-    let (dst, bypass) = net.dst(Via::Hbone, ECHO_PORT);
-    let workers = args.rate_workers;
-    let mut fresh_rates = Vec::new();
-    let mut conns = 0.0;
-    for _ in 0..rounds {
-        let t = Instant::now();
-        let r = apps::run_in_netns(&net.client_ns, move || {
-            apps::connection_rate(dst, bypass, workers, secs)
-        })?;
-        conns += r * t.elapsed().as_secs_f64();
-        fresh_rates.push(r);
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let fresh = median(fresh_rates);
-    let handshakes = a.pool_opened()? - opened_before;
-    eprintln!("fresh mTLS: {fresh:.0} conn/s; {handshakes} handshakes for ~{conns:.0} connections");
-
-    // Then pooled HTTP/2 (node-a back on the default pool).
-    drop(a);
-    a = setup.agent("node-a", "")?;
-    probe(&net, Via::Hbone)?;
-    let mut rates: [Vec<f64>; 3] = Default::default();
-    for _ in 0..rounds {
-        for p in PATHS {
-            let (dst, bypass) = net.dst(p, ECHO_PORT);
-            let workers = args.rate_workers;
-            rates[p as usize].push(apps::run_in_netns(&net.client_ns, move || {
+    if args.runs(Part::Rate) {
+        drop(a);
+        a = setup.agent("node-a", "streamsPerConnection: 1")?;
+        probe(&net, Via::Hbone)?;
+        let opened_before = a.pool_opened()?;
+        let (dst, bypass) = net.dst(Via::Hbone, ECHO_PORT);
+        let workers = args.rate_workers;
+        let mut fresh_rates = Vec::new();
+        let mut conns = 0.0;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let r = apps::run_in_netns(&net.client_ns, move || {
                 apps::connection_rate(dst, bypass, workers, secs)
-            })?);
-            // TIME_WAIT and the agents' closing connections settle.
+            })?;
+            conns += r * t.elapsed().as_secs_f64();
+            fresh_rates.push(r);
             std::thread::sleep(Duration::from_secs(1));
         }
+        let fresh = median(fresh_rates);
+        let handshakes = a.pool_opened()? - opened_before;
+        eprintln!(
+            "fresh mTLS: {fresh:.0} conn/s; {handshakes} handshakes for ~{conns:.0} connections"
+        );
+
+        // Then pooled HTTP/2 (node-a back on the default pool).
+        drop(a);
+        a = setup.agent("node-a", "")?;
+        probe(&net, Via::Hbone)?;
+        let mut rates: [Vec<f64>; 3] = Default::default();
+        for _ in 0..rounds {
+            for p in PATHS {
+                let (dst, bypass) = net.dst(p, ECHO_PORT);
+                let workers = args.rate_workers;
+                rates[p as usize].push(apps::run_in_netns(&net.client_ns, move || {
+                    apps::connection_rate(dst, bypass, workers, secs)
+                })?);
+                // TIME_WAIT and the agents' closing connections settle.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        let rate = rates.map(|r| Some(median(r)));
+        rows.push(Row {
+            name: "new connections/s, 1 round trip each (HBONE: pooled HTTP/2)".into(),
+            unit: "conn/s",
+            values: rate,
+            target: ">= 1500".into(),
+        });
+        rows.push(Row {
+            name: format!("new connections/s, fresh mTLS handshake each ({handshakes} handshakes)"),
+            unit: "conn/s",
+            values: [rate[0], None, Some(fresh)],
+            target: ">= 500".into(),
+        });
     }
-    let rate = rates.map(|r| Some(median(r)));
-    rows.push(Row {
-        name: "new connections/s, 1 round trip each (HBONE: pooled HTTP/2)".into(),
-        unit: "conn/s",
-        values: rate,
-        target: ">= 1500".into(),
-    });
-    rows.push(Row {
-        name: format!("new connections/s, fresh mTLS handshake each ({handshakes} handshakes)"),
-        unit: "conn/s",
-        values: [rate[0], None, Some(fresh)],
-        target: ">= 500".into(),
-    });
 
     println!(
         "\nambient-agent harness: {} cores, {} workloads, {} MiB per throughput run, {} round trips per latency run, {} rounds",
