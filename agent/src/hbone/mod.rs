@@ -4,16 +4,16 @@
 //! - [`server`]: the CONNECT side of an established connection;
 //! - [`pool`]: pooled client connections and stream opening;
 //! - [`stream`]: joining a stream to a TCP socket;
-//! - [`read_ahead`]: large socket reads beneath TLS.
+//! - [`record`]: TLS 1.3 records after the handshake, decrypted in place.
 
 pub mod pool;
-pub mod read_ahead;
+pub mod record;
 pub mod server;
 pub mod stream;
 pub mod tls;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
-pub use read_ahead::ReadAhead;
+pub use record::{HandshakeIo, TlsConn};
 pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, Transferred};
 
 /// A CONNECT request for `target` on behalf of `client` (sent as

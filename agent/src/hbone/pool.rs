@@ -22,11 +22,10 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
 use rustls::ClientConfig;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::read_ahead::ReadAhead;
+use super::record::{HandshakeIo, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
@@ -34,7 +33,7 @@ use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
 
 /// An HBONE client connection's transport.
-type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+type ClientTls = TlsConn;
 
 /// Pool behaviour; see each field for its default.
 #[derive(Clone, Debug)]
@@ -421,12 +420,14 @@ impl Pool {
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
         let tls = TlsConnector::from(tls_cfg)
-            .connect(tls::placeholder_server_name(), ReadAhead::new(tcp))
+            .connect(tls::placeholder_server_name(), HandshakeIo::new(tcp))
             .await
             .map_err(|e| PoolError::Handshake(key.dst, e))?;
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(PoolError::NoH2(key.dst));
         }
+        let tls = TlsConn::client(tls)
+            .map_err(|e| PoolError::Handshake(key.dst, std::io::Error::other(e)))?;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(cfg.h2.stream_window)
             .initial_connection_window_size(cfg.h2.connection_window)

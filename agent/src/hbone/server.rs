@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn, Instrument};
 
-use super::read_ahead::ReadAhead;
+use super::record::{HandOverError, HandshakeIo, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
@@ -28,6 +28,8 @@ pub enum HandshakeError {
     Io(#[source] std::io::Error),
     #[error("TLS handshake timed out")]
     Timeout,
+    #[error("TLS hand-over: {0}")]
+    HandOver(#[from] HandOverError),
 }
 
 /// Why serving one accepted HBONE connection ended early (the agent's
@@ -52,14 +54,8 @@ pub async fn accept_tls(
     cfg: Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
     trust_domain: &str,
-) -> Result<
-    (
-        tokio_rustls::server::TlsStream<ReadAhead<tokio::net::TcpStream>>,
-        Identity,
-    ),
-    HandshakeError,
-> {
-    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(ReadAhead::new(stream));
+) -> Result<(TlsConn, Identity), HandshakeError> {
+    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(HandshakeIo::new(stream));
     let tls = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| HandshakeError::Timeout)?
@@ -72,7 +68,7 @@ pub async fn accept_tls(
     if peer.trust_domain != trust_domain {
         return Err(HandshakeError::ForeignTrustDomain(peer));
     }
-    Ok((tls, peer))
+    Ok((TlsConn::server(tls)?, peer))
 }
 
 /// A validated CONNECT request.

@@ -297,7 +297,11 @@ fn probe(net: &Net, p: Via) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = apps::run_in_netns(&net.client_ns, move || async move {
-            let mut s = apps::latency(dst, bypass, 1, 0, 1).await?;
+            // A tunnel that never answers is an error, not a hang.
+            let rt = apps::latency(dst, bypass, 1, 0, 1);
+            let mut s = tokio::time::timeout(Duration::from_secs(5), rt)
+                .await
+                .context("no answer in 5 s")??;
             Ok(s.pop())
         });
         match r {

@@ -1,0 +1,794 @@
+//! TLS 1.3 records after the handshake, protected here instead of in
+//! rustls's buffered connection.
+//!
+//! rustls performs the handshake (certificates, SPIFFE verification, key
+//! schedule); then [`TlsConn`] takes the traffic keys
+//! (`dangerous_extract_secrets`, the interface rustls offers for kTLS) and
+//! seals and opens records itself with aws-lc-rs. The point is copies: the
+//! buffered rustls connection copies every received byte three times (into
+//! its deframer, into a fresh `Vec` per record, out to the reader); here a
+//! record is decrypted in place in the buffer the socket read it into and
+//! copied once, to the reader. Sent data is copied once, into the outgoing
+//! buffer, and encrypted there.
+//!
+//! For the hand-over to lose nothing, rustls must not hold half a record
+//! when the handshake ends: during the handshake it reads through
+//! [`HandshakeIo`], which hands it only whole records (bytes beyond them
+//! stay with us and become the start of the record stream).
+//!
+//! What this layer does not do: TLS 1.2 (HBONE is TLS 1.3 only), 0-RTT,
+//! and key updates. A peer's KeyUpdate ends the connection with an error
+//! (rustls peers send one only near the AEAD's confidentiality limit, 2^24
+//! records or about 256 GiB); our own side stops before that limit, and the
+//! pool opens a new connection.
+
+use std::io;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use bytes::{Buf, BufMut, BytesMut};
+use rustls::ConnectionTrafficSecrets;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Record header: type, legacy version, length.
+const HEADER: usize = 5;
+const TAG: usize = 16;
+/// Largest plaintext in one record (RFC 8446, 5.1).
+const MAX_PLAIN: usize = 1 << 14;
+/// Largest ciphertext body a peer may send (RFC 8446, 5.2).
+const MAX_CIPHER: usize = MAX_PLAIN + 256;
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+/// Records we seal with one key before refusing to go on (AES-GCM's limit
+/// is 2^24.5; a key update would be needed beyond it).
+const TX_RECORD_LIMIT: u64 = 1 << 24;
+/// First read after idling; reads that fill the buffer double it up to
+/// `MAX_READ`.
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// Sealed bytes buffered before `poll_write` waits for the socket.
+const MAX_PENDING_OUT: usize = 256 * 1024;
+
+/// Why a handshaken rustls connection could not become a [`TlsConn`].
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    #[error("extracting traffic keys: {0}")]
+    Secrets(#[from] rustls::Error),
+    #[error("rustls holds part of a record")]
+    PartialRecord,
+    #[error("unsupported AEAD key")]
+    Key,
+}
+
+/// The transport rustls handshakes over: it reads in large bites but hands
+/// rustls only whole records, so that nothing is left half-read inside
+/// rustls when the handshake completes.
+#[derive(Debug)]
+pub struct HandshakeIo {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Bytes of the current record not yet handed over.
+    handing: usize,
+}
+
+impl HandshakeIo {
+    pub fn new(io: TcpStream) -> Self {
+        HandshakeIo {
+            io,
+            buf: BytesMut::new(),
+            handing: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
+}
+
+impl AsyncRead for HandshakeIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.handing > 0 {
+                let n = this.handing.min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                this.handing -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.buf.len() >= HEADER {
+                let whole = HEADER + record_len(&this.buf);
+                // An oversized record goes to rustls as it comes, to be
+                // rejected there.
+                if this.buf.len() >= whole || whole > HEADER + MAX_CIPHER {
+                    this.handing = whole.min(this.buf.len());
+                    continue;
+                }
+            }
+            this.buf.reserve(MIN_READ);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut this.buf
+            ))?;
+            if n == 0 {
+                // EOF: whatever is left is rustls's to judge.
+                this.handing = this.buf.len();
+                if this.handing == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for HandshakeIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+fn record_len(header: &[u8]) -> usize {
+    usize::from(u16::from_be_bytes([header[3], header[4]]))
+}
+
+/// One direction's key, IV and sequence number.
+struct Direction {
+    key: LessSafeKey,
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+}
+
+impl Direction {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Self, HandOverError> {
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(HandOverError::Key),
+        };
+        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| HandOverError::Key)?;
+        let iv = iv.as_ref().try_into().map_err(|_| HandOverError::Key)?;
+        Ok(Direction {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The per-record nonce (RFC 8446, 5.3): the IV xor the sequence
+    /// number; each nonce is used once, as the sequence only grows.
+    fn next_nonce(&mut self) -> io::Result<Nonce> {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *n ^= s;
+        }
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("TLS sequence number exhausted"))?;
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// An established TLS 1.3 connection over TCP, as `AsyncRead` +
+/// `AsyncWrite` for HTTP/2.
+pub struct TlsConn {
+    io: TcpStream,
+    rx: Direction,
+    tx: Direction,
+    /// Received bytes: decrypted plaintext first (`plain` bytes), then
+    /// records not yet opened.
+    inbuf: BytesMut,
+    plain: usize,
+    /// Content type, padding and tag after the plaintext, skipped once it
+    /// has been read.
+    trailer: usize,
+    read_size: usize,
+    /// close_notify received (or the TCP stream ended between records).
+    read_closed: bool,
+    /// Sealed records not yet written to the socket.
+    outbuf: BytesMut,
+    close_sent: bool,
+}
+
+impl std::fmt::Debug for TlsConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConn")
+            .field("rx_seq", &self.rx.seq)
+            .field("tx_seq", &self.tx.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConn {
+    /// Takes over a client connection whose handshake is complete.
+    pub fn client(
+        tls: tokio_rustls::client::TlsStream<HandshakeIo>,
+    ) -> Result<Self, HandOverError> {
+        let (io, mut conn) = tls.into_inner();
+        let early = drain_plaintext(&mut conn.reader());
+        Self::new(io, early, conn.dangerous_extract_secrets()?)
+    }
+
+    /// Takes over a server connection whose handshake is complete.
+    pub fn server(
+        tls: tokio_rustls::server::TlsStream<HandshakeIo>,
+    ) -> Result<Self, HandOverError> {
+        let (io, mut conn) = tls.into_inner();
+        let early = drain_plaintext(&mut conn.reader());
+        Self::new(io, early, conn.dangerous_extract_secrets()?)
+    }
+
+    fn new(
+        io: HandshakeIo,
+        early: (Vec<u8>, bool),
+        secrets: rustls::ExtractedSecrets,
+    ) -> Result<Self, HandOverError> {
+        if io.handing != 0 {
+            return Err(HandOverError::PartialRecord);
+        }
+        let (plaintext, read_closed) = early;
+        // Plaintext rustls already decrypted goes first, then the records
+        // it never saw.
+        let mut inbuf = BytesMut::with_capacity(plaintext.len() + io.buf.len());
+        inbuf.put_slice(&plaintext);
+        inbuf.put_slice(&io.buf);
+        Ok(TlsConn {
+            io: io.io,
+            rx: Direction::new(secrets.rx)?,
+            tx: Direction::new(secrets.tx)?,
+            inbuf,
+            plain: plaintext.len(),
+            trailer: 0,
+            read_size: MIN_READ,
+            read_closed,
+            outbuf: BytesMut::new(),
+            close_sent: false,
+        })
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
+
+    /// Opens the record at the front of `inbuf` (known to be whole) and
+    /// leaves its application data, if any, as the plaintext: decrypted in
+    /// place, read from where it lies.
+    fn open_record(&mut self) -> io::Result<()> {
+        let len = record_len(&self.inbuf);
+        if self.inbuf[0] != APPLICATION_DATA || !(TAG + 1..=MAX_CIPHER).contains(&len) {
+            return Err(invalid("malformed TLS record"));
+        }
+        let mut header = [0u8; HEADER];
+        header.copy_from_slice(&self.inbuf[..HEADER]);
+        let nonce = self.rx.next_nonce()?;
+        let body = &mut self.inbuf[HEADER..HEADER + len];
+        let opened = self
+            .rx
+            .key
+            .open_in_place(nonce, Aad::from(header), body)
+            .map_err(|_| invalid("TLS record failed authentication"))?;
+        // The real content type is the last non-zero byte (after padding).
+        let Some(end) = opened.iter().rposition(|&b| b != 0) else {
+            return Err(invalid("TLS record without a content type"));
+        };
+        let (kind, first, second) = (opened[end], opened[0], opened.get(1).copied());
+        if kind == APPLICATION_DATA && end > 0 {
+            self.inbuf.advance(HEADER);
+            self.plain = end;
+            self.trailer = len - end;
+            return Ok(());
+        }
+        self.inbuf.advance(HEADER + len);
+        match kind {
+            APPLICATION_DATA => Ok(()),
+            // close_notify: description 0 (a one-byte alert is malformed).
+            ALERT if end == 2 && second == Some(0) => {
+                self.read_closed = true;
+                Ok(())
+            }
+            ALERT => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("peer sent TLS alert {second:?}"),
+            )),
+            // Resumption is off: tickets are dropped unread.
+            HANDSHAKE if first == NEW_SESSION_TICKET => Ok(()),
+            HANDSHAKE if first == KEY_UPDATE => {
+                Err(invalid("peer TLS key update is not supported"))
+            }
+            _ => Err(invalid("unexpected TLS record content")),
+        }
+    }
+
+    /// Seals up to one record's worth of `bufs`, from byte `skip` on,
+    /// onto `outbuf`; returns the bytes taken.
+    fn seal<B: Deref<Target = [u8]>>(&mut self, bufs: &[B], mut skip: usize) -> io::Result<usize> {
+        if self.tx.seq >= TX_RECORD_LIMIT {
+            return Err(io::Error::other(
+                "TLS record limit for this key reached; the connection must be replaced",
+            ));
+        }
+        let total = (bufs.iter().map(|b| b.len()).sum::<usize>() - skip).min(MAX_PLAIN);
+        let body = total + 1 + TAG;
+        let start = self.outbuf.len();
+        self.outbuf.reserve(HEADER + body);
+        self.outbuf.put_u8(APPLICATION_DATA);
+        self.outbuf.put_u16(0x0303);
+        self.outbuf.put_u16(body as u16);
+        let mut left = total;
+        for b in bufs {
+            if left == 0 {
+                break;
+            }
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let n = (b.len() - skip).min(left);
+            self.outbuf.put_slice(&b[skip..skip + n]);
+            skip = 0;
+            left -= n;
+        }
+        self.outbuf.put_u8(APPLICATION_DATA);
+        self.seal_tail(start, body)?;
+        Ok(total)
+    }
+
+    /// Encrypts the record begun at `start` (header and inner plaintext
+    /// written) and appends its tag.
+    fn seal_tail(&mut self, start: usize, body: usize) -> io::Result<()> {
+        let mut header = [0u8; HEADER];
+        header.copy_from_slice(&self.outbuf[start..start + HEADER]);
+        let nonce = self.tx.next_nonce()?;
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(header),
+                &mut self.outbuf[start + HEADER..start + HEADER + body - TAG],
+            )
+            .map_err(|_| io::Error::other("TLS record encryption failed"))?;
+        self.outbuf.put_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Writes sealed records until none are left or the socket is full.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.outbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outbuf.advance(n);
+        }
+        // A small buffer is cheap to take again; a grown one belongs to a
+        // busy connection and stays.
+        if self.outbuf.capacity() <= MIN_READ {
+            self.outbuf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_slices<B: Deref<Target = [u8]>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[B],
+    ) -> Poll<io::Result<usize>> {
+        if self.outbuf.len() >= MAX_PENDING_OUT {
+            ready!(self.poll_drain(cx))?;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        while done < total && self.outbuf.len() < MAX_PENDING_OUT {
+            done += self.seal(bufs, done)?;
+        }
+        Poll::Ready(Ok(done))
+    }
+}
+
+/// Whatever plaintext rustls decrypted before the hand-over, and whether
+/// it saw close_notify.
+fn drain_plaintext(reader: &mut rustls::Reader<'_>) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match io::Read::read(reader, &mut chunk) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.plain > 0 {
+                let n = this.plain.min(out.remaining());
+                out.put_slice(&this.inbuf[..n]);
+                this.inbuf.advance(n);
+                this.plain -= n;
+                if this.plain == 0 {
+                    this.inbuf.advance(std::mem::take(&mut this.trailer));
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let mut want = this.read_size;
+            if this.inbuf.len() >= HEADER {
+                let whole = HEADER + record_len(&this.inbuf);
+                if this.inbuf.len() >= whole {
+                    this.open_record()?;
+                    continue;
+                }
+                if whole > HEADER + MAX_CIPHER {
+                    return Poll::Ready(Err(invalid("oversized TLS record")));
+                }
+                want = want.max(whole - this.inbuf.len());
+            }
+            this.inbuf.reserve(want);
+            let room = this.inbuf.capacity() - this.inbuf.len();
+            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.inbuf)
+            {
+                Poll::Pending => {
+                    // Going idle: a small empty buffer is cheap to take
+                    // again; a grown one belongs to a busy connection.
+                    if this.inbuf.is_empty() && this.read_size == MIN_READ {
+                        this.inbuf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r?,
+            };
+            if n == 0 {
+                if this.inbuf.is_empty() {
+                    // The peer closed without close_notify: HTTP/2 frames
+                    // are self-delimiting, so this is an ordinary EOF.
+                    this.read_closed = true;
+                    continue;
+                }
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            if n >= room && this.read_size < MAX_READ {
+                this.read_size *= 2;
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, &[buf])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_drain(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            // close_notify: a warning-level alert, description 0.
+            let start = this.outbuf.len();
+            let body = 2 + 1 + TAG;
+            this.outbuf.reserve(HEADER + body);
+            this.outbuf.put_u8(APPLICATION_DATA);
+            this.outbuf.put_u16(0x0303);
+            this.outbuf.put_u16(body as u16);
+            this.outbuf.put_slice(&[1, 0, ALERT]);
+            this.seal_tail(start, body)?;
+            this.close_sent = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::sync::Arc;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::{ClientConfig, RootCertStore, ServerConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+    /// Test fixture: a throwaway self-signed certificate, TLS 1.3 only.
+    fn configs(tickets: usize) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+        let provider = crate::hbone::tls::provider();
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.send_tls13_tickets = tickets;
+        // Data written before the handshake ends leaves with the server's
+        // Finished: the client's rustls decrypts it before the hand-over.
+        server.send_half_rtt_data = true;
+        server.enable_secret_extraction = true;
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("localhost").unwrap()
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    async fn client(cfg: Arc<ClientConfig>, tcp: TcpStream, ours: bool) -> Box<dyn Io> {
+        let connector = tokio_rustls::TlsConnector::from(cfg);
+        if ours {
+            let tls = connector
+                .connect(name(), HandshakeIo::new(tcp))
+                .await
+                .unwrap();
+            Box::new(TlsConn::client(tls).unwrap())
+        } else {
+            Box::new(connector.connect(name(), tcp).await.unwrap())
+        }
+    }
+
+    async fn server(cfg: Arc<ServerConfig>, tcp: TcpStream, ours: bool) -> Box<dyn Io> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        if ours {
+            let tls = acceptor.accept(HandshakeIo::new(tcp)).await.unwrap();
+            Box::new(TlsConn::server(tls).unwrap())
+        } else {
+            Box::new(acceptor.accept(tcp).await.unwrap())
+        }
+    }
+
+    /// Interop with rustls's own record layer in both roles, and with
+    /// ourselves: bulk data both ways in uneven writes (records split and
+    /// coalesced), half-close by close_notify each way (a rustls peer
+    /// reports EOF without close_notify as an error, so a clean EOF proves
+    /// ours is valid).
+    #[tokio::test]
+    async fn bulk_both_ways_and_close_notify_interoperate() {
+        for (ours_client, ours_server) in [(true, false), (false, true), (true, true)] {
+            let (scfg, ccfg) = configs(0);
+            let (c, s) = tcp_pair().await;
+            let (mut c, mut s) =
+                tokio::join!(client(ccfg, c, ours_client), server(scfg, s, ours_server));
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let expect = data.clone();
+            let echo = tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let (mut r, mut w) = tokio::io::split(&mut c);
+            let send = async {
+                let mut sizes = [1usize, 100, 16_384, 16_385, 70_000, 5].iter().cycle();
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let n = (*sizes.next().unwrap()).min(rest.len());
+                    w.write_all(&rest[..n]).await.unwrap();
+                    rest = &rest[n..];
+                }
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let recv = r.read_to_end(&mut back);
+            let ((), got) = tokio::join!(send, recv);
+            got.unwrap_or_else(|e| panic!("client {ours_client} server {ours_server}: {e}"));
+            echo.await.unwrap();
+            assert!(
+                back == expect,
+                "client {ours_client} server {ours_server}: bytes differ"
+            );
+        }
+    }
+
+    /// A rustls server that sends application data in the same flight as
+    /// its Finished (so rustls decrypts it before the hand-over) and then
+    /// session tickets: nothing is lost, tickets are skipped, and the
+    /// server's close_notify ends the stream.
+    #[tokio::test]
+    async fn data_decrypted_during_the_handshake_and_tickets_survive_the_hand_over() {
+        let (scfg, ccfg) = configs(2);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            let (tcp, _) = l.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(scfg).unwrap();
+            // Buffered now, sent right after the server's Finished.
+            conn.writer().write_all(b"early").unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+            s.conn.send_close_notify();
+            s.flush().unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut c = client(ccfg, tcp, true).await;
+        let mut buf = [0u8; 5];
+        let early =
+            tokio::time::timeout(std::time::Duration::from_secs(10), c.read_exact(&mut buf));
+        early
+            .await
+            .expect("data sent with Finished was lost")
+            .unwrap();
+        assert_eq!(&buf, b"early");
+        c.write_all(b"howdy").await.unwrap();
+        c.flush().await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"howdy");
+        srv.join().unwrap();
+    }
+
+    async fn conn_pair() -> (TlsConn, TlsConn) {
+        let (scfg, ccfg) = configs(0);
+        let (c, s) = tcp_pair().await;
+        let connector = tokio_rustls::TlsConnector::from(ccfg);
+        let acceptor = tokio_rustls::TlsAcceptor::from(scfg);
+        let (c, s) = tokio::join!(
+            connector.connect(name(), HandshakeIo::new(c)),
+            acceptor.accept(HandshakeIo::new(s))
+        );
+        (
+            TlsConn::client(c.unwrap()).unwrap(),
+            TlsConn::server(s.unwrap()).unwrap(),
+        )
+    }
+
+    /// Sealed by `from`, handed to `to` as if received.
+    fn sealed(from: &mut TlsConn, data: &[u8]) -> BytesMut {
+        from.seal(&[data], 0).unwrap();
+        from.outbuf.split()
+    }
+
+    fn read_now(conn: &mut TlsConn) -> Poll<io::Result<Vec<u8>>> {
+        let mut buf = [0u8; 64];
+        let mut rb = ReadBuf::new(&mut buf);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(conn)
+            .poll_read(&mut cx, &mut rb)
+            .map_ok(|()| rb.filled().to_vec())
+    }
+
+    /// Tampered, replayed, reordered and malformed records are refused.
+    #[tokio::test]
+    async fn bad_records_are_refused() {
+        type Mangle = fn(&mut BytesMut, &mut TlsConn);
+        let cases: [(&str, Mangle); 5] = [
+            ("flipped ciphertext bit", |r, _| r[HEADER + 1] ^= 1),
+            ("flipped header byte", |r, _| r[2] ^= 1),
+            ("wrong outer type", |r, _| r[0] = HANDSHAKE),
+            ("oversized length", |r, _| {
+                r[3] = 0x50;
+            }),
+            // The receiver expects sequence 0; this record is number 1.
+            ("skipped sequence number", |r, c| *r = sealed(c, b"second")),
+        ];
+        for (what, mangle) in cases {
+            let (mut c, mut s) = conn_pair().await;
+            let mut rec = sealed(&mut c, b"hello");
+            mangle(&mut rec, &mut c);
+            s.inbuf.unsplit(rec);
+            match read_now(&mut s) {
+                Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // A replayed record fails too: its nonce has been used.
+        let (mut c, mut s) = conn_pair().await;
+        let rec = sealed(&mut c, b"hello");
+        s.inbuf.unsplit(rec.clone());
+        assert_eq!(
+            read_now(&mut s).map(|r| r.unwrap()),
+            Poll::Ready(b"hello".to_vec())
+        );
+        s.inbuf.unsplit(rec);
+        assert!(
+            matches!(read_now(&mut s), Poll::Ready(Err(_))),
+            "replay accepted"
+        );
+    }
+
+    /// An idle connection gives its small read buffer back.
+    #[tokio::test]
+    async fn idle_connection_holds_no_read_buffer() {
+        let (mut c, mut s) = conn_pair().await;
+        c.write_all(b"ping").await.unwrap();
+        c.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert!(read_now(&mut s).is_pending());
+        assert_eq!(s.inbuf.capacity(), 0);
+        assert_eq!(c.outbuf.capacity(), 0);
+    }
+}
