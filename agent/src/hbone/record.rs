@@ -312,7 +312,15 @@ impl TlsConn {
         let Some(end) = opened.iter().rposition(|&b| b != 0) else {
             return Err(invalid("TLS record without a content type"));
         };
-        let (kind, first, second) = (opened[end], opened[0], opened.get(1).copied());
+        if end > MAX_PLAIN {
+            return Err(invalid("TLS record overflow"));
+        }
+        let kind = opened[end];
+        let second = opened.get(1).copied();
+        let handshake = match kind {
+            HANDSHAKE => check_post_handshake(&opened[..end]),
+            _ => Ok(()),
+        };
         if kind == APPLICATION_DATA && end > 0 {
             self.inbuf.advance(HEADER);
             self.plain = end;
@@ -331,18 +339,19 @@ impl TlsConn {
                 io::ErrorKind::ConnectionAborted,
                 format!("peer sent TLS alert {second:?}"),
             )),
-            // Resumption is off: tickets are dropped unread.
-            HANDSHAKE if first == NEW_SESSION_TICKET => Ok(()),
-            HANDSHAKE if first == KEY_UPDATE => {
-                Err(invalid("peer TLS key update is not supported"))
-            }
+            HANDSHAKE => handshake,
             _ => Err(invalid("unexpected TLS record content")),
         }
     }
 
-    /// Seals up to one record's worth of `bufs`, from byte `skip` on,
-    /// onto `outbuf`; returns the bytes taken.
-    fn seal<B: Deref<Target = [u8]>>(&mut self, bufs: &[B], mut skip: usize) -> io::Result<usize> {
+    /// Seals up to one record's worth of `bufs`, from byte `skip` on, as
+    /// content of type `kind`, onto `outbuf`; returns the bytes taken.
+    fn seal<B: Deref<Target = [u8]>>(
+        &mut self,
+        bufs: &[B],
+        mut skip: usize,
+        kind: u8,
+    ) -> io::Result<usize> {
         if self.tx.seq >= TX_RECORD_LIMIT {
             return Err(io::Error::other(
                 "TLS record limit for this key reached; the connection must be replaced",
@@ -369,14 +378,7 @@ impl TlsConn {
             skip = 0;
             left -= n;
         }
-        self.outbuf.put_u8(APPLICATION_DATA);
-        self.seal_tail(start, body)?;
-        Ok(total)
-    }
-
-    /// Encrypts the record begun at `start` (header and inner plaintext
-    /// written) and appends its tag.
-    fn seal_tail(&mut self, start: usize, body: usize) -> io::Result<()> {
+        self.outbuf.put_u8(kind);
         let mut header = [0u8; HEADER];
         header.copy_from_slice(&self.outbuf[start..start + HEADER]);
         let nonce = self.tx.next_nonce()?;
@@ -386,11 +388,11 @@ impl TlsConn {
             .seal_in_place_separate_tag(
                 nonce,
                 Aad::from(header),
-                &mut self.outbuf[start + HEADER..start + HEADER + body - TAG],
+                &mut self.outbuf[start + HEADER..],
             )
             .map_err(|_| io::Error::other("TLS record encryption failed"))?;
         self.outbuf.put_slice(tag.as_ref());
-        Ok(())
+        Ok(total)
     }
 
     /// Writes sealed records until none are left or the socket is full.
@@ -421,10 +423,31 @@ impl TlsConn {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0;
         while done < total && self.outbuf.len() < MAX_PENDING_OUT {
-            done += self.seal(bufs, done)?;
+            done += self.seal(bufs, done, APPLICATION_DATA)?;
         }
         Poll::Ready(Ok(done))
     }
+}
+
+/// Post-handshake messages in one record: session tickets are dropped
+/// unread (resumption is off); anything else, a key update included, ends
+/// the connection. A message split across records fails here too.
+fn check_post_handshake(mut msgs: &[u8]) -> io::Result<()> {
+    while !msgs.is_empty() {
+        let [kind, a, b, c, ..] = *msgs else {
+            return Err(invalid("truncated TLS handshake message"));
+        };
+        let len = 4 + (usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c));
+        if msgs.len() < len {
+            return Err(invalid("TLS handshake message split across records"));
+        }
+        match kind {
+            NEW_SESSION_TICKET => msgs = &msgs[len..],
+            KEY_UPDATE => return Err(invalid("peer TLS key update is not supported")),
+            _ => return Err(invalid("unexpected TLS handshake message")),
+        }
+    }
+    Ok(())
 }
 
 /// Whatever plaintext rustls decrypted before the hand-over, and whether
@@ -537,14 +560,7 @@ impl AsyncWrite for TlsConn {
         let this = self.get_mut();
         if !this.close_sent {
             // close_notify: a warning-level alert, description 0.
-            let start = this.outbuf.len();
-            let body = 2 + 1 + TAG;
-            this.outbuf.reserve(HEADER + body);
-            this.outbuf.put_u8(APPLICATION_DATA);
-            this.outbuf.put_u16(0x0303);
-            this.outbuf.put_u16(body as u16);
-            this.outbuf.put_slice(&[1, 0, ALERT]);
-            this.seal_tail(start, body)?;
+            this.seal(&[&[1u8, 0][..]], 0, ALERT)?;
             this.close_sent = true;
         }
         ready!(this.poll_drain(cx))?;
@@ -725,10 +741,68 @@ mod tests {
         )
     }
 
-    /// Sealed by `from`, handed to `to` as if received.
+    /// Sealed by `from`, to be handed to the peer as if received.
     fn sealed(from: &mut TlsConn, data: &[u8]) -> BytesMut {
-        from.seal(&[data], 0).unwrap();
+        sealed_as(from, data, APPLICATION_DATA)
+    }
+
+    fn sealed_as(from: &mut TlsConn, data: &[u8], kind: u8) -> BytesMut {
+        from.seal(&[data], 0, kind).unwrap();
         from.outbuf.split()
+    }
+
+    /// What each kind of record does to the reader: tickets and empty
+    /// records are skipped, close_notify is EOF, other alerts and
+    /// handshake messages (a key update among them) are errors.
+    #[tokio::test]
+    async fn record_contents_after_the_handshake() {
+        let eof = Ok(Vec::new());
+        let after = Ok(b"after".to_vec());
+        type Case = (&'static str, u8, &'static [u8], Result<Vec<u8>, io::ErrorKind>);
+        let cases: [Case; 7] = [
+            (
+                "session tickets",
+                HANDSHAKE,
+                &[4, 0, 0, 2, 9, 9, 4, 0, 0, 0],
+                after.clone(),
+            ),
+            ("empty data", APPLICATION_DATA, &[], after.clone()),
+            ("close_notify", ALERT, &[1, 0], eof),
+            (
+                "fatal alert",
+                ALERT,
+                &[2, 40],
+                Err(io::ErrorKind::ConnectionAborted),
+            ),
+            (
+                "key update",
+                HANDSHAKE,
+                &[24, 0, 0, 1, 0],
+                Err(io::ErrorKind::InvalidData),
+            ),
+            (
+                "split message",
+                HANDSHAKE,
+                &[4, 0, 0, 9, 1],
+                Err(io::ErrorKind::InvalidData),
+            ),
+            (
+                "change cipher spec",
+                20,
+                &[1],
+                Err(io::ErrorKind::InvalidData),
+            ),
+        ];
+        for (what, kind, content, want) in cases {
+            let (mut c, mut s) = conn_pair().await;
+            s.inbuf.unsplit(sealed_as(&mut c, content, kind));
+            s.inbuf.unsplit(sealed(&mut c, b"after"));
+            let got = match read_now(&mut s) {
+                Poll::Ready(r) => r.map_err(|e| e.kind()),
+                Poll::Pending => panic!("{what}: pending"),
+            };
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     fn read_now(conn: &mut TlsConn) -> Poll<io::Result<Vec<u8>>> {
