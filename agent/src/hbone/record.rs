@@ -758,7 +758,12 @@ mod tests {
     async fn record_contents_after_the_handshake() {
         let eof = Ok(Vec::new());
         let after = Ok(b"after".to_vec());
-        type Case = (&'static str, u8, &'static [u8], Result<Vec<u8>, io::ErrorKind>);
+        type Case = (
+            &'static str,
+            u8,
+            &'static [u8],
+            Result<Vec<u8>, io::ErrorKind>,
+        );
         let cases: [Case; 7] = [
             (
                 "session tickets",
