@@ -13,7 +13,7 @@ pub mod stream;
 pub mod tls;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
-pub use record::{HandshakeIo, TlsConn};
+pub use record::TlsConn;
 pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, Transferred};
 
 /// A CONNECT request for `target` on behalf of `client` (sent as

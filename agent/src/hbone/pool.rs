@@ -22,10 +22,9 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, StatusCode};
 use rustls::ClientConfig;
-use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::record::{HandshakeIo, TlsConn};
+use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
@@ -419,15 +418,13 @@ impl Pool {
             .connect(key.dst, opts)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
-        let tls = TlsConnector::from(tls_cfg)
-            .connect(tls::placeholder_server_name(), HandshakeIo::new(tcp))
+        let tls = record::connect(tls_cfg, tls::placeholder_server_name(), tcp)
             .await
             .map_err(|e| PoolError::Handshake(key.dst, e))?;
-        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+        if tls.alpn.as_deref() != Some(tls::ALPN_H2) {
             return Err(PoolError::NoH2(key.dst));
         }
-        let tls = TlsConn::client(tls)
-            .map_err(|e| PoolError::Handshake(key.dst, std::io::Error::other(e)))?;
+        let tls = tls.conn;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(cfg.h2.stream_window)
             .initial_connection_window_size(cfg.h2.connection_window)

@@ -1,36 +1,40 @@
 //! TLS 1.3 records after the handshake, protected here instead of in
 //! rustls's buffered connection.
 //!
-//! rustls performs the handshake (certificates, SPIFFE verification, key
-//! schedule); then [`TlsConn`] takes the traffic keys
-//! (`dangerous_extract_secrets`, the interface rustls offers for kTLS) and
-//! seals and opens records itself with aws-lc-rs. The point is copies: the
-//! buffered rustls connection copies every received byte three times (into
-//! its deframer, into a fresh `Vec` per record, out to the reader); here a
-//! record is decrypted in place in the buffer the socket read it into and
-//! copied once, to the reader. Sent data is copied once, into the outgoing
-//! buffer, and encrypted there.
+//! rustls runs the handshake (certificates, SPIFFE verification, the key
+//! schedule) through its unbuffered API ([`connect`], [`accept`]); then
+//! [`TlsConn`] takes the traffic keys and rustls's `KernelConnection` (the
+//! interface rustls offers for kTLS, which derives the keys after a key
+//! update) and seals and opens records itself with aws-lc-rs. The point is
+//! copies: the buffered rustls connection copies every received byte three
+//! times (into its deframer, into a fresh `Vec` per record, out to the
+//! reader); here a record is decrypted in place in the buffer the socket
+//! read it into and copied once, to the reader. Sent data is copied once,
+//! into the outgoing buffer, and encrypted there. Since we own the buffers
+//! during the handshake too, bytes behind the peer's last handshake record
+//! are simply the start of the record stream.
 //!
-//! For the hand-over to lose nothing, rustls must not hold half a record
-//! when the handshake ends: during the handshake it reads through
-//! [`HandshakeIo`], which hands it only whole records (bytes beyond them
-//! stay with us and become the start of the record stream).
-//!
-//! What this layer does not do: TLS 1.2 (HBONE is TLS 1.3 only), 0-RTT,
-//! and key updates. A peer's KeyUpdate ends the connection with an error
-//! (rustls peers send one only near the AEAD's confidentiality limit, 2^24
-//! records or about 256 GiB); our own side stops before that limit, and the
-//! pool opens a new connection.
+//! Key updates (RFC 8446, 4.6.3) work both ways: a peer's KeyUpdate moves
+//! our receive key, and one that asks for an answer gets ours before our
+//! next record; we update our own sending key every [`TX_KEY_LIFETIME`]
+//! records, well inside AES-GCM's confidentiality limit. Session tickets
+//! are dropped (clients never resume). Not done: TLS 1.2 (HBONE is TLS 1.3
+//! only) and 0-RTT.
 
 use std::io;
 use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::{Buf, BufMut, BytesMut};
-use rustls::ConnectionTrafficSecrets;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ClientConfig, ConnectionTrafficSecrets, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Record header: type, legacy version, length.
@@ -45,9 +49,9 @@ const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
-/// Records we seal with one key before refusing to go on (AES-GCM's limit
-/// is 2^24.5; a key update would be needed beyond it).
-const TX_RECORD_LIMIT: u64 = 1 << 24;
+/// Records we seal with one key before updating it (AES-GCM's limit is
+/// 2^24.5 records; rustls updates at 2^23 too).
+pub const TX_KEY_LIFETIME: u64 = 1 << 23;
 /// First read after idling; reads that fill the buffer double it up to
 /// `MAX_READ`.
 const MIN_READ: usize = 16 * 1024;
@@ -55,116 +59,188 @@ const MAX_READ: usize = 256 * 1024;
 /// Sealed bytes buffered before `poll_write` waits for the socket.
 const MAX_PENDING_OUT: usize = 256 * 1024;
 
-/// Why a handshaken rustls connection could not become a [`TlsConn`].
-#[derive(Debug, thiserror::Error)]
-pub enum HandOverError {
-    #[error("extracting traffic keys: {0}")]
-    Secrets(#[from] rustls::Error),
-    #[error("rustls holds part of a record")]
-    PartialRecord,
-    #[error("unsupported AEAD key")]
-    Key,
+/// A completed handshake: the connection, and what the peer proved.
+pub struct Established {
+    pub conn: TlsConn,
+    pub alpn: Option<Vec<u8>>,
+    pub peer_certificates: Vec<CertificateDer<'static>>,
 }
 
-/// The transport rustls handshakes over: it reads in large bites but hands
-/// rustls only whole records, so that nothing is left half-read inside
-/// rustls when the handshake completes.
-#[derive(Debug)]
-pub struct HandshakeIo {
+/// Runs the client side of the handshake on `io`.
+pub async fn connect(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
     io: TcpStream,
-    buf: BytesMut,
-    /// Bytes of the current record not yet handed over.
-    handing: usize,
+) -> io::Result<Established> {
+    let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+    handshake(conn, io).await
 }
 
-impl HandshakeIo {
-    pub fn new(io: TcpStream) -> Self {
-        HandshakeIo {
-            io,
-            buf: BytesMut::new(),
-            handing: 0,
-        }
-    }
+/// Runs the server side of the handshake on `io`.
+pub async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Result<Established> {
+    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    handshake(conn, io).await
+}
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
+/// The two unbuffered connection types, as the handshake needs them.
+trait Unbuffered: Send {
+    type Keys: KeySchedule + 'static;
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error>;
+    fn common(&self) -> &rustls::CommonState;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Keys = rustls::kernel::KernelConnection<ClientConnectionData>;
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
     }
 }
 
-impl AsyncRead for HandshakeIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.handing > 0 {
-                let n = this.handing.min(out.remaining());
-                out.put_slice(&this.buf[..n]);
-                this.buf.advance(n);
-                this.handing -= n;
-                return Poll::Ready(Ok(()));
+impl Unbuffered for UnbufferedServerConnection {
+    type Keys = rustls::kernel::KernelConnection<ServerConnectionData>;
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+/// Drives rustls through the handshake: we read and write, rustls encodes
+/// and decides. Application data the peer sent along with its last flight
+/// is kept, and so are bytes of records rustls has not seen.
+async fn handshake<C: Unbuffered>(mut conn: C, mut io: TcpStream) -> io::Result<Established> {
+    let mut incoming = vec![0u8; MIN_READ];
+    let mut used = 0;
+    let mut outgoing = Vec::new();
+    let mut plaintext = Vec::new();
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..used]);
+        let mut read_more = false;
+        let mut writable = false;
+        match state.map_err(tls_error)? {
+            ConnectionState::EncodeTlsData(mut enc) => loop {
+                let start = outgoing.len();
+                outgoing.resize(outgoing.capacity().max(start + 4096), 0);
+                match enc.encode(&mut outgoing[start..]) {
+                    Ok(n) => {
+                        outgoing.truncate(start + n);
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(e)) => {
+                        outgoing.truncate(start);
+                        outgoing.reserve(e.required_size);
+                    }
+                    Err(e) => return Err(io::Error::other(format!("TLS handshake encode: {e}"))),
+                }
+            },
+            ConnectionState::TransmitTlsData(tx) => {
+                io.write_all(&outgoing).await?;
+                outgoing.clear();
+                tx.done();
             }
-            if this.buf.len() >= HEADER {
-                let whole = HEADER + record_len(&this.buf);
-                // An oversized record goes to rustls as it comes, to be
-                // rejected there.
-                if this.buf.len() >= whole || whole > HEADER + MAX_CIPHER {
-                    this.handing = whole.min(this.buf.len());
-                    continue;
+            ConnectionState::BlockedHandshake => read_more = true,
+            ConnectionState::ReadTraffic(mut rd) => {
+                while let Some(rec) = rd.next_record() {
+                    plaintext.extend_from_slice(rec.map_err(tls_error)?.payload);
                 }
             }
-            this.buf.reserve(MIN_READ);
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.io),
-                cx,
-                &mut this.buf
-            ))?;
+            // A server may be let write before the client's Finished
+            // (half-RTT data); the handshake is over only when rustls says.
+            ConnectionState::WriteTraffic(_) => writable = true,
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::ErrorKind::UnexpectedEof.into())
+            }
+            _ => return Err(io::Error::other("unexpected TLS handshake state")),
+        }
+        incoming.copy_within(discard..used, 0);
+        used -= discard;
+        if writable {
+            if !conn.common().is_handshaking() {
+                break;
+            }
+            read_more = true;
+        }
+        if read_more {
+            if used == incoming.len() {
+                incoming.resize(used * 2, 0);
+            }
+            let n = io.read(&mut incoming[used..]).await?;
             if n == 0 {
-                // EOF: whatever is left is rustls's to judge.
-                this.handing = this.buf.len();
-                if this.handing == 0 {
-                    return Poll::Ready(Ok(()));
-                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "TLS handshake eof",
+                ));
             }
+            used += n;
         }
     }
+    let alpn = conn.common().alpn_protocol().map(<[u8]>::to_vec);
+    let peer_certificates = conn
+        .common()
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let (secrets, keys) = conn.into_kernel().map_err(tls_error)?;
+    let conn = TlsConn::new(io, plaintext, &incoming[..used], secrets, Box::new(keys))?;
+    Ok(Established {
+        conn,
+        alpn,
+        peer_certificates,
+    })
 }
 
-impl AsyncWrite for HandshakeIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// What rustls keeps after the hand-over: the key schedule, to derive the
+/// next keys on a key update (client and server connections alike).
+trait KeySchedule: Send + Sync {
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
+}
+
+impl<D: Send + Sync> KeySchedule for rustls::kernel::KernelConnection<D> {
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        self.update_rx_secret()
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        self.update_tx_secret()
     }
 }
 
 fn record_len(header: &[u8]) -> usize {
     usize::from(u16::from_be_bytes([header[3], header[4]]))
 }
+
+/// A traffic key aws-lc-rs cannot take (not an AEAD TLS 1.3 uses).
+#[derive(Debug, thiserror::Error)]
+#[error("unsupported TLS traffic key")]
+pub struct KeyError;
 
 /// One direction's key, IV and sequence number.
 struct Direction {
@@ -174,17 +250,17 @@ struct Direction {
 }
 
 impl Direction {
-    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Self, HandOverError> {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Self, KeyError> {
         let (alg, key, iv) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 (&aead::CHACHA20_POLY1305, key, iv)
             }
-            _ => return Err(HandOverError::Key),
+            _ => return Err(KeyError),
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| HandOverError::Key)?;
-        let iv = iv.as_ref().try_into().map_err(|_| HandOverError::Key)?;
+        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| KeyError)?;
+        let iv = iv.as_ref().try_into().map_err(|_| KeyError)?;
         Ok(Direction {
             key: LessSafeKey::new(key),
             iv,
@@ -216,6 +292,11 @@ pub struct TlsConn {
     io: TcpStream,
     rx: Direction,
     tx: Direction,
+    keys: Box<dyn KeySchedule>,
+    /// The sending key is updated once its sequence reaches this.
+    tx_key_lifetime: u64,
+    /// The peer asked for our KeyUpdate; it goes before our next record.
+    update_requested: bool,
     /// Received bytes: decrypted plaintext first (`plain` bytes), then
     /// records not yet opened.
     inbuf: BytesMut,
@@ -241,47 +322,31 @@ impl std::fmt::Debug for TlsConn {
 }
 
 impl TlsConn {
-    /// Takes over a client connection whose handshake is complete.
-    pub fn client(
-        tls: tokio_rustls::client::TlsStream<HandshakeIo>,
-    ) -> Result<Self, HandOverError> {
-        let (io, mut conn) = tls.into_inner();
-        let early = drain_plaintext(&mut conn.reader());
-        Self::new(io, early, conn.dangerous_extract_secrets()?)
-    }
-
-    /// Takes over a server connection whose handshake is complete.
-    pub fn server(
-        tls: tokio_rustls::server::TlsStream<HandshakeIo>,
-    ) -> Result<Self, HandOverError> {
-        let (io, mut conn) = tls.into_inner();
-        let early = drain_plaintext(&mut conn.reader());
-        Self::new(io, early, conn.dangerous_extract_secrets()?)
-    }
-
     fn new(
-        io: HandshakeIo,
-        early: (Vec<u8>, bool),
+        io: TcpStream,
+        plaintext: Vec<u8>,
+        unread: &[u8],
         secrets: rustls::ExtractedSecrets,
-    ) -> Result<Self, HandOverError> {
-        if io.handing != 0 {
-            return Err(HandOverError::PartialRecord);
-        }
-        let (plaintext, read_closed) = early;
+        keys: Box<dyn KeySchedule>,
+    ) -> io::Result<Self> {
         // Plaintext rustls already decrypted goes first, then the records
         // it never saw.
-        let mut inbuf = BytesMut::with_capacity(plaintext.len() + io.buf.len());
+        let mut inbuf = BytesMut::with_capacity(plaintext.len() + unread.len());
         inbuf.put_slice(&plaintext);
-        inbuf.put_slice(&io.buf);
+        inbuf.put_slice(unread);
+        let direction = |d| Direction::new(d).map_err(io::Error::other);
         Ok(TlsConn {
-            io: io.io,
-            rx: Direction::new(secrets.rx)?,
-            tx: Direction::new(secrets.tx)?,
+            io,
+            rx: direction(secrets.rx)?,
+            tx: direction(secrets.tx)?,
+            keys,
+            tx_key_lifetime: TX_KEY_LIFETIME,
+            update_requested: false,
             inbuf,
             plain: plaintext.len(),
             trailer: 0,
             read_size: MIN_READ,
-            read_closed,
+            read_closed: false,
             outbuf: BytesMut::new(),
             close_sent: false,
         })
@@ -318,8 +383,8 @@ impl TlsConn {
         let kind = opened[end];
         let second = opened.get(1).copied();
         let handshake = match kind {
-            HANDSHAKE => check_post_handshake(&opened[..end]),
-            _ => Ok(()),
+            HANDSHAKE => post_handshake(&opened[..end]),
+            _ => Ok(PostHandshake::default()),
         };
         if kind == APPLICATION_DATA && end > 0 {
             self.inbuf.advance(HEADER);
@@ -339,7 +404,14 @@ impl TlsConn {
                 io::ErrorKind::ConnectionAborted,
                 format!("peer sent TLS alert {second:?}"),
             )),
-            HANDSHAKE => handshake,
+            HANDSHAKE => {
+                let msgs = handshake?;
+                if msgs.key_update {
+                    self.rx = self.next_keys(|k| k.next_rx())?;
+                }
+                self.update_requested |= msgs.update_requested;
+                Ok(())
+            }
             _ => Err(invalid("unexpected TLS record content")),
         }
     }
@@ -352,10 +424,8 @@ impl TlsConn {
         mut skip: usize,
         kind: u8,
     ) -> io::Result<usize> {
-        if self.tx.seq >= TX_RECORD_LIMIT {
-            return Err(io::Error::other(
-                "TLS record limit for this key reached; the connection must be replaced",
-            ));
+        if kind != HANDSHAKE && (self.update_requested || self.tx.seq >= self.tx_key_lifetime) {
+            self.update_tx_key()?;
         }
         let total = (bufs.iter().map(|b| b.len()).sum::<usize>() - skip).min(MAX_PLAIN);
         let body = total + 1 + TAG;
@@ -395,6 +465,25 @@ impl TlsConn {
         Ok(total)
     }
 
+    /// Sends KeyUpdate (not asking for one back) under the current key and
+    /// moves to the next.
+    fn update_tx_key(&mut self) -> io::Result<()> {
+        self.seal(&[&[KEY_UPDATE, 0, 0, 1, 0][..]], 0, HANDSHAKE)?;
+        self.tx = self.next_keys(|k| k.next_tx())?;
+        self.update_requested = false;
+        Ok(())
+    }
+
+    fn next_keys(
+        &mut self,
+        next: impl FnOnce(
+            &mut dyn KeySchedule,
+        ) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>,
+    ) -> io::Result<Direction> {
+        let secrets = next(&mut *self.keys).map_err(io::Error::other)?;
+        Direction::new(secrets).map_err(io::Error::other)
+    }
+
     /// Writes sealed records until none are left or the socket is full.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outbuf.is_empty() {
@@ -429,10 +518,19 @@ impl TlsConn {
     }
 }
 
-/// Post-handshake messages in one record: session tickets are dropped
-/// unread (resumption is off); anything else, a key update included, ends
-/// the connection. A message split across records fails here too.
-fn check_post_handshake(mut msgs: &[u8]) -> io::Result<()> {
+/// What a record of post-handshake messages asks of us.
+#[derive(Debug, Default, PartialEq)]
+struct PostHandshake {
+    key_update: bool,
+    update_requested: bool,
+}
+
+/// Reads a record of post-handshake messages: session tickets are dropped
+/// unread (resumption is off); a KeyUpdate must end its record (the next
+/// one is under the new key); anything else ends the connection, as does
+/// a message split across records.
+fn post_handshake(mut msgs: &[u8]) -> io::Result<PostHandshake> {
+    let mut out = PostHandshake::default();
     while !msgs.is_empty() {
         let [kind, a, b, c, ..] = *msgs else {
             return Err(invalid("truncated TLS handshake message"));
@@ -441,27 +539,18 @@ fn check_post_handshake(mut msgs: &[u8]) -> io::Result<()> {
         if msgs.len() < len {
             return Err(invalid("TLS handshake message split across records"));
         }
-        match kind {
-            NEW_SESSION_TICKET => msgs = &msgs[len..],
-            KEY_UPDATE => return Err(invalid("peer TLS key update is not supported")),
+        match (kind, &msgs[4..len]) {
+            (NEW_SESSION_TICKET, _) => {}
+            (KEY_UPDATE, &[request @ (0 | 1)]) if len == msgs.len() => {
+                out.key_update = true;
+                out.update_requested = request == 1;
+            }
+            (KEY_UPDATE, _) => return Err(invalid("malformed TLS key update")),
             _ => return Err(invalid("unexpected TLS handshake message")),
         }
+        msgs = &msgs[len..];
     }
-    Ok(())
-}
-
-/// Whatever plaintext rustls decrypted before the hand-over, and whether
-/// it saw close_notify.
-fn drain_plaintext(reader: &mut rustls::Reader<'_>) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match io::Read::read(reader, &mut chunk) {
-            Ok(0) => return (out, true),
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(_) => return (out, false),
-        }
-    }
+    Ok(out)
 }
 
 fn invalid(msg: &'static str) -> io::Error {
@@ -623,24 +712,19 @@ mod tests {
     }
 
     async fn client(cfg: Arc<ClientConfig>, tcp: TcpStream, ours: bool) -> Box<dyn Io> {
-        let connector = tokio_rustls::TlsConnector::from(cfg);
         if ours {
-            let tls = connector
-                .connect(name(), HandshakeIo::new(tcp))
-                .await
-                .unwrap();
-            Box::new(TlsConn::client(tls).unwrap())
+            Box::new(connect(cfg, name(), tcp).await.unwrap().conn)
         } else {
+            let connector = tokio_rustls::TlsConnector::from(cfg);
             Box::new(connector.connect(name(), tcp).await.unwrap())
         }
     }
 
     async fn server(cfg: Arc<ServerConfig>, tcp: TcpStream, ours: bool) -> Box<dyn Io> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         if ours {
-            let tls = acceptor.accept(HandshakeIo::new(tcp)).await.unwrap();
-            Box::new(TlsConn::server(tls).unwrap())
+            Box::new(accept(cfg, tcp).await.unwrap().conn)
         } else {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             Box::new(acceptor.accept(tcp).await.unwrap())
         }
     }
@@ -726,19 +810,60 @@ mod tests {
         srv.join().unwrap();
     }
 
+    /// Key updates interoperate with rustls: its KeyUpdate asking for ours
+    /// moves our receive key and gets an answer; ours (every 3 records
+    /// here) move its receive key. Then both of ours over many rotations.
+    #[tokio::test]
+    async fn key_updates_both_ways() {
+        let (scfg, ccfg) = configs(0);
+        let (c, s) = tcp_pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(scfg);
+        let (c, s) = tokio::join!(connect(ccfg, name(), c), acceptor.accept(s));
+        let (mut c, mut s) = (c.unwrap().conn, s.unwrap());
+        c.tx_key_lifetime = 3;
+        let mut buf = [0u8; 3];
+        for round in 0..5u8 {
+            // rustls: data, then KeyUpdate (update_requested), then data.
+            s.write_all(&[round]).await.unwrap();
+            s.get_mut().1.refresh_traffic_keys().unwrap();
+            s.write_all(&[round, round]).await.unwrap();
+            s.flush().await.unwrap();
+            c.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, [round; 3]);
+            // Ours: each write is a record, so the key changes as we go.
+            for i in 0..4u8 {
+                c.write_all(&[round, i, 7]).await.unwrap();
+                c.flush().await.unwrap();
+                s.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, [round, i, 7]);
+            }
+        }
+        assert!(c.tx.seq < 3, "our key never rotated");
+
+        let (mut c, mut s) = conn_pair().await;
+        c.tx_key_lifetime = 2;
+        s.tx_key_lifetime = 5;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut got_s, mut got_c) = (vec![0u8; data.len()], vec![0u8; data.len()]);
+        let a = async {
+            c.write_all(&data).await.unwrap();
+            c.flush().await.unwrap();
+            c.read_exact(&mut got_c).await.unwrap();
+        };
+        let b = async {
+            s.read_exact(&mut got_s).await.unwrap();
+            s.write_all(&got_s).await.unwrap();
+            s.flush().await.unwrap();
+        };
+        tokio::join!(a, b);
+        assert!(got_c == data, "bytes differ across key updates");
+    }
+
     async fn conn_pair() -> (TlsConn, TlsConn) {
         let (scfg, ccfg) = configs(0);
         let (c, s) = tcp_pair().await;
-        let connector = tokio_rustls::TlsConnector::from(ccfg);
-        let acceptor = tokio_rustls::TlsAcceptor::from(scfg);
-        let (c, s) = tokio::join!(
-            connector.connect(name(), HandshakeIo::new(c)),
-            acceptor.accept(HandshakeIo::new(s))
-        );
-        (
-            TlsConn::client(c.unwrap()).unwrap(),
-            TlsConn::server(s.unwrap()).unwrap(),
-        )
+        let (c, s) = tokio::join!(connect(ccfg, name(), c), accept(scfg, s));
+        (c.unwrap().conn, s.unwrap().conn)
     }
 
     /// Sealed by `from`, to be handed to the peer as if received.
@@ -780,9 +905,9 @@ mod tests {
                 Err(io::ErrorKind::ConnectionAborted),
             ),
             (
-                "key update",
+                "malformed key update",
                 HANDSHAKE,
-                &[24, 0, 0, 1, 0],
+                &[24, 0, 0, 1, 7],
                 Err(io::ErrorKind::InvalidData),
             ),
             (

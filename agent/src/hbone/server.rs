@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn, Instrument};
 
-use super::record::{HandOverError, HandshakeIo, TlsConn};
+use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
@@ -28,8 +28,6 @@ pub enum HandshakeError {
     Io(#[source] std::io::Error),
     #[error("TLS handshake timed out")]
     Timeout,
-    #[error("TLS hand-over: {0}")]
-    HandOver(#[from] HandOverError),
 }
 
 /// Why serving one accepted HBONE connection ended early (the agent's
@@ -55,20 +53,19 @@ pub async fn accept_tls(
     timeout: std::time::Duration,
     trust_domain: &str,
 ) -> Result<(TlsConn, Identity), HandshakeError> {
-    let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(HandshakeIo::new(stream));
+    let handshake = record::accept(cfg, stream);
     let tls = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::Io)?;
-    let (_, conn) = tls.get_ref();
-    if conn.alpn_protocol() != Some(tls::ALPN_H2) {
+    if tls.alpn.as_deref() != Some(tls::ALPN_H2) {
         return Err(TlsError::NoH2.into());
     }
-    let peer = tls::peer_identity(conn.peer_certificates())?;
+    let peer = tls::peer_identity(Some(&tls.peer_certificates))?;
     if peer.trust_domain != trust_domain {
         return Err(HandshakeError::ForeignTrustDomain(peer));
     }
-    Ok((TlsConn::server(tls)?, peer))
+    Ok((tls.conn, peer))
 }
 
 /// A validated CONNECT request.
