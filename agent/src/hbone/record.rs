@@ -94,39 +94,31 @@ trait Unbuffered: Send {
     fn common(&self) -> &rustls::CommonState;
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Keys = rustls::kernel::KernelConnection<ClientConnectionData>;
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
+/// The same four lines for each side: rustls's two types share the
+/// methods but no trait.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty) => {
+        impl Unbuffered for $conn {
+            type Keys = rustls::kernel::KernelConnection<$data>;
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error> {
+                self.dangerous_into_kernel_connection()
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Keys = rustls::kernel::KernelConnection<ServerConnectionData>;
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Self::Keys), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-}
+unbuffered!(UnbufferedClientConnection, ClientConnectionData);
+unbuffered!(UnbufferedServerConnection, ServerConnectionData);
 
 /// Drives rustls through the handshake: we read and write, rustls encodes
 /// and decides. Application data the peer sent along with its last flight

@@ -82,6 +82,15 @@ impl Args {
     fn runs(&self, part: Part) -> bool {
         self.only.is_empty() || self.only.contains(&part)
     }
+
+    /// `cases` when `part` runs, else none.
+    fn cases<T>(&self, part: Part, cases: &'static [T]) -> &'static [T] {
+        if self.runs(part) {
+            cases
+        } else {
+            &[]
+        }
+    }
 }
 
 /// A child process killed when dropped.
@@ -471,11 +480,7 @@ fn main() -> anyhow::Result<()> {
     let mut per_conn_b = None;
     let mut held = [0; 3];
     let mut b = b;
-    let memory_paths: &[Via] = if args.runs(Part::Memory) {
-        &[Via::Proxy, Via::Hbone]
-    } else {
-        &[]
-    };
+    let memory_paths = args.cases(Part::Memory, &[Via::Proxy, Via::Hbone]);
     for &p in memory_paths {
         drop((a, b));
         a = setup.agent("node-a", "")?;
@@ -554,11 +559,7 @@ fn main() -> anyhow::Result<()> {
     let total = args.mib << 20;
     let gib = total as f64 / (1u64 << 30) as f64;
     let rounds = args.rounds.max(1);
-    let stream_counts: &[usize] = if args.runs(Part::Throughput) {
-        &[1, 4]
-    } else {
-        &[]
-    };
+    let stream_counts = args.cases(Part::Throughput, &[1usize, 4]);
     for &streams in stream_counts {
         let mut runs: [Vec<f64>; 3] = Default::default();
         let mut cpu_total = [Duration::ZERO; 3];
@@ -603,11 +604,7 @@ fn main() -> anyhow::Result<()> {
 
     // Latency on a persistent connection.
     let mut added = Vec::new();
-    let sizes: &[usize] = if args.runs(Part::Latency) {
-        &[1, 1024]
-    } else {
-        &[]
-    };
+    let sizes = args.cases(Part::Latency, &[1usize, 1024]);
     for &size in sizes {
         let mut samples: [Vec<Duration>; 3] = Default::default();
         for _ in 0..rounds {
