@@ -56,6 +56,8 @@ pub const TX_KEY_LIFETIME: u64 = 1 << 23;
 /// `MAX_READ`.
 const MIN_READ: usize = 16 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// Most bytes buffered while the handshake is incomplete.
+const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
 /// Sealed bytes buffered before `poll_write` waits for the socket.
 const MAX_PENDING_OUT: usize = 256 * 1024;
 
@@ -177,6 +179,11 @@ async fn handshake<C: Unbuffered>(mut conn: C, mut io: TcpStream) -> io::Result<
         }
         if read_more {
             if used == incoming.len() {
+                // rustls refuses oversized messages itself; this bounds what
+                // a peer can make us buffer before it gets that far.
+                if used >= MAX_HANDSHAKE_BUF {
+                    return Err(invalid("TLS handshake too large"));
+                }
                 incoming.resize(used * 2, 0);
             }
             let n = io.read(&mut incoming[used..]).await?;
@@ -849,6 +856,33 @@ mod tests {
         };
         tokio::join!(a, b);
         assert!(got_c == data, "bytes differ across key updates");
+    }
+
+    /// What a peer that is not a TLS client gets from `accept`: an error,
+    /// promptly, with bounded buffering.
+    #[tokio::test]
+    async fn bad_handshakes_fail() {
+        let mut huge = vec![HANDSHAKE, 3, 1, 0xff, 0xff];
+        huge.resize(600 * 1024, 0);
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("plain HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ("an endless record", huge),
+            ("EOF mid-record", vec![HANDSHAKE, 3, 1, 0, 200, 1]),
+        ];
+        for (what, bytes) in cases {
+            let (scfg, _) = configs(0);
+            let (mut c, s) = tcp_pair().await;
+            let writer = tokio::spawn(async move {
+                let _ = c.write_all(&bytes).await;
+                let _ = c.shutdown().await;
+                // Held open until the server gives up.
+                let mut sink = Vec::new();
+                let _ = c.read_to_end(&mut sink).await;
+            });
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), accept(scfg, s)).await;
+            assert!(matches!(r, Ok(Err(_))), "{what}: not refused");
+            writer.abort();
+        }
     }
 
     async fn conn_pair() -> (TlsConn, TlsConn) {
