@@ -20,21 +20,48 @@ pub const MIN_BUF: usize = 8 * 1024;
 /// Reads that fill their buffer double it, up to this.
 pub const MAX_BUF: usize = 256 * 1024;
 
-/// One read from `src` into `buf`'s spare capacity. A read that comes back
-/// short has drained the socket, so its readiness is cleared then: going
-/// idle costs no second `recv` that would only say EAGAIN (one syscall per
-/// message on the latency path; tokio's own `poll_read` does the same).
-pub(crate) fn try_read_drain(src: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
-    let n = src.try_read_buf(buf)?;
-    if n > 0 && n < room {
-        // Clears only the readiness this read consumed: an edge that came
-        // in since is kept (tokio compares the driver's tick).
-        let _ = src.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
+/// Reads what `src` has into the empty `buf`, once it is readable: `size`
+/// bytes are reserved first and doubled (up to [`MAX_BUF`]) after a read
+/// that fills them; a small buffer is given back when the socket goes
+/// idle, a grown one belongs to a busy connection and stays. `Ok(0)` is
+/// EOF. Shared by both copy state machines (here and `hbone::stream`).
+pub(crate) fn poll_read_sized(
+    src: &TcpStream,
+    buf: &mut BytesMut,
+    size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        if src.poll_read_ready(cx)?.is_pending() {
+            if *size == MIN_BUF {
+                *buf = BytesMut::new();
+            }
+            return Poll::Pending;
+        }
+        buf.reserve(*size);
+        let room = buf.capacity() - buf.len();
+        match src.try_read_buf(buf) {
+            Ok(n) => {
+                // A short read drained the socket: clear its readiness now
+                // rather than learn it from a second `recv` saying EAGAIN
+                // (one syscall per message; tokio's `poll_read` does the
+                // same). Only the readiness this read consumed is cleared:
+                // an edge that came in since is kept (tokio compares ticks).
+                if n > 0 && n < room {
+                    let _ = src.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                }
+                if n >= *size && *size < MAX_BUF {
+                    *size *= 2;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            // A stale readiness; the next poll registers for the wake-up.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
     }
-    Ok(n)
 }
 
 /// Copies both ways between `a` and `b` until both directions have ended;
@@ -132,25 +159,8 @@ impl Half {
                 socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write)?;
                 return Poll::Ready(Ok(()));
             }
-            if src.poll_read_ready(cx)?.is_pending() {
-                // Going idle: a small buffer is cheap to take again; a grown
-                // one belongs to a busy connection and stays.
-                if self.size == MIN_BUF {
-                    self.buf = BytesMut::new();
-                }
-                return Poll::Pending;
-            }
-            self.buf.reserve(self.size);
-            match try_read_drain(src, &mut self.buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => {
-                    if n >= self.size && self.size < MAX_BUF {
-                        self.size *= 2;
-                    }
-                }
-                // A stale readiness; the next poll registers for the wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            if ready!(poll_read_sized(src, &mut self.buf, &mut self.size, cx))? == 0 {
+                self.eof = true;
             }
         }
     }

@@ -31,9 +31,6 @@ use super::H2Settings;
 use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
 
-/// An HBONE client connection's transport.
-type ClientTls = TlsConn;
-
 /// Pool behaviour; see each field for its default.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -400,7 +397,7 @@ impl Pool {
         key: &PoolKey,
         expected: &[Identity],
         sockets: &Sockets,
-    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<ClientTls, Bytes>), PoolError> {
+    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsConn, Bytes>), PoolError> {
         let cfg = &self.inner.cfg;
         let cert = self
             .inner
@@ -501,7 +498,7 @@ enum Ending {
 /// Drives one connection: polls it, PINGs it, releases it when idle, and
 /// removes it from the pool when it ends.
 async fn drive(
-    mut connection: h2::client::Connection<ClientTls, Bytes>,
+    mut connection: h2::client::Connection<TlsConn, Bytes>,
     retired: Arc<tokio::sync::Notify>,
     conn: Weak<Conn>,
     entry: Weak<Entry>,

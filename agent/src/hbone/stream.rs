@@ -1,9 +1,10 @@
 //! One tunneled TCP connection as an HTTP/2 stream, and the copy loop that
 //! joins it to a TCP socket with half-close in both directions.
 //!
-//! An idle tunnel holds no copy buffer (socket reads go through
-//! [`crate::copy::Chunks`]), so ten thousand quiet connections cost the
-//! agent a few hundred bytes each, not kilobytes.
+//! An idle tunnel holds no copy buffer (socket reads are sized by
+//! `copy::poll_read_sized`, which gives a small buffer back when the
+//! socket goes idle), so ten thousand quiet connections cost the agent a
+//! few hundred bytes each, not kilobytes.
 
 use std::io;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::copy::{try_read_drain, MAX_BUF, MIN_BUF};
+use crate::copy::{poll_read_sized, MIN_BUF};
 
 /// The two halves of an established CONNECT stream. `guard` is held for the
 /// life of the stream (the pool uses it to count streams per connection).
@@ -159,31 +160,13 @@ impl Copy {
                     self.send.send_data(chunk, false).map_err(h2_to_io)?;
                 }
             }
-            if self.socket.poll_read_ready(cx)?.is_pending() {
-                // Going idle: a small buffer is cheap to take again; a grown
-                // one belongs to a busy stream and stays.
-                if up.size == MIN_BUF {
-                    up.buf = BytesMut::new();
-                }
-                return Poll::Pending;
+            let n = ready!(poll_read_sized(&self.socket, &mut up.buf, &mut up.size, cx))?;
+            if n == 0 {
+                self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                return Poll::Ready(Ok(()));
             }
-            up.buf.reserve(up.size);
-            match try_read_drain(&self.socket, &mut up.buf) {
-                Ok(0) => {
-                    self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(n) => {
-                    if n >= up.size && up.size < MAX_BUF {
-                        up.size *= 2;
-                    }
-                    up.total += n as u64;
-                    up.pending = up.buf.split().freeze();
-                }
-                // A stale readiness; the next poll registers for the wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            up.total += n as u64;
+            up.pending = up.buf.split().freeze();
         }
     }
 
