@@ -239,7 +239,7 @@ fn record_len(header: &[u8]) -> usize {
 /// A traffic key aws-lc-rs cannot take (not an AEAD TLS 1.3 uses).
 #[derive(Debug, thiserror::Error)]
 #[error("unsupported TLS traffic key")]
-pub struct KeyError;
+struct KeyError;
 
 /// One direction's key, IV and sequence number.
 struct Direction {
@@ -349,10 +349,6 @@ impl TlsConn {
             outbuf: BytesMut::new(),
             close_sent: false,
         })
-    }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
     }
 
     /// Opens the record at the front of `inbuf` (known to be whole) and
