@@ -32,10 +32,43 @@ pub fn cpu(pid: u32) -> io::Result<Duration> {
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| io::Error::other("malformed /proc/pid/stat"))
     };
-    let total = ticks(11)? + ticks(12)?;
+    Ok(from_ticks(ticks(11)? + ticks(12)?))
+}
+
+/// Clock ticks (`USER_HZ`) as time.
+fn from_ticks(ticks: u64) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+/// Busy CPU time of the whole machine, every CPU together: everything in
+/// `/proc/stat`'s `cpu` line but idle and iowait (so softirq work done on
+/// behalf of sockets counts, whichever process it interrupted).
+pub fn machine_busy() -> io::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| io::Error::other("no cpu line in /proc/stat"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| {
+            f.parse()
+                .map_err(|_| io::Error::other("malformed /proc/stat"))
+        })
+        .collect::<io::Result<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already
+    // inside user and nice).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| !matches!(i, 3 | 4))
+        .map(|(_, t)| t)
+        .sum();
+    Ok(from_ticks(busy))
 }
 
 /// CPU time of this process (every thread).

@@ -9,8 +9,9 @@
 //! copies: the buffered rustls connection copies every received byte three
 //! times (into its deframer, into a fresh `Vec` per record, out to the
 //! reader); here a record is decrypted in place in the buffer the socket
-//! read it into and copied once, to the reader. Sent data is copied once,
-//! into the outgoing buffer, and encrypted there. Since we own the buffers
+//! read it into and copied once, to the reader. Sent data is read once, by
+//! the cipher, which writes the record straight into the outgoing buffer
+//! (no copy of the plaintext first). Since we own the buffers
 //! during the handshake too, bytes behind the peer's last handshake record
 //! are simply the start of the record stream.
 //!
@@ -60,6 +61,8 @@ const MAX_READ: usize = 256 * 1024;
 const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
 /// Sealed bytes buffered before `poll_write` waits for the socket.
 const MAX_PENDING_OUT: usize = 256 * 1024;
+/// The largest record we send: header, plaintext, content type, tag.
+const MAX_RECORD: usize = HEADER + MAX_PLAIN + 1 + TAG;
 
 /// A completed handshake: the connection, and what the peer proved.
 pub struct Established {
@@ -307,7 +310,7 @@ pub struct TlsConn {
     /// close_notify received (or the TCP stream ended between records).
     read_closed: bool,
     /// Sealed records not yet written to the socket.
-    outbuf: BytesMut,
+    outbuf: OutBuf,
     close_sent: bool,
 }
 
@@ -346,7 +349,7 @@ impl TlsConn {
             trailer: 0,
             read_size: MIN_READ,
             read_closed: false,
-            outbuf: BytesMut::new(),
+            outbuf: OutBuf::default(),
             close_sent: false,
         })
     }
@@ -416,7 +419,7 @@ impl TlsConn {
     fn seal<B: Deref<Target = [u8]>>(
         &mut self,
         bufs: &[B],
-        mut skip: usize,
+        skip: usize,
         kind: u8,
     ) -> io::Result<usize> {
         if kind != HANDSHAKE && (self.update_requested || self.tx.seq >= self.tx_key_lifetime) {
@@ -424,39 +427,32 @@ impl TlsConn {
         }
         let total = (bufs.iter().map(|b| b.len()).sum::<usize>() - skip).min(MAX_PLAIN);
         let body = total + 1 + TAG;
-        let start = self.outbuf.len();
-        self.outbuf.reserve(HEADER + body);
-        self.outbuf.put_u8(APPLICATION_DATA);
-        self.outbuf.put_u16(0x0303);
-        self.outbuf.put_u16(body as u16);
-        let mut left = total;
-        for b in bufs {
-            if left == 0 {
-                break;
-            }
-            if skip >= b.len() {
-                skip -= b.len();
-                continue;
-            }
-            let n = (b.len() - skip).min(left);
-            self.outbuf.put_slice(&b[skip..skip + n]);
-            skip = 0;
-            left -= n;
-        }
-        self.outbuf.put_u8(kind);
-        let mut header = [0u8; HEADER];
-        header.copy_from_slice(&self.outbuf[start..start + HEADER]);
+        let [len_hi, len_lo] = (body as u16).to_be_bytes();
+        let header = [APPLICATION_DATA, 3, 3, len_hi, len_lo];
         let nonce = self.tx.next_nonce()?;
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(
+        let record = self.outbuf.tail(HEADER + body);
+        let (head, rest) = record.split_at_mut(HEADER);
+        head.copy_from_slice(&header);
+        let (text, type_and_tag) = rest.split_at_mut(total);
+        let key = &self.tx.key;
+        let sealed = match contiguous(bufs, skip, total) {
+            // The usual case (a record inside one of HTTP/2's buffers):
+            // the cipher reads the plaintext where it lies.
+            Some(plain) => key.seal_out_of_place_scatter(
                 nonce,
                 Aad::from(header),
-                &mut self.outbuf[start + HEADER..],
-            )
-            .map_err(|_| io::Error::other("TLS record encryption failed"))?;
-        self.outbuf.put_slice(tag.as_ref());
+                plain,
+                text,
+                &[kind],
+                type_and_tag,
+            ),
+            None => {
+                gather(bufs, skip, text);
+                key.seal_in_place_scatter(nonce, Aad::from(header), text, &[kind], type_and_tag)
+            }
+        };
+        sealed.map_err(|_| io::Error::other("TLS record encryption failed"))?;
+        self.outbuf.commit(HEADER + body);
         Ok(total)
     }
 
@@ -482,17 +478,13 @@ impl TlsConn {
     /// Writes sealed records until none are left or the socket is full.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outbuf.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outbuf))?;
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outbuf.pending()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.outbuf.advance(n);
+            self.outbuf.consume(n);
         }
-        // A small buffer is cheap to take again; a grown one belongs to a
-        // busy connection and stays.
-        if self.outbuf.capacity() <= MIN_READ {
-            self.outbuf = BytesMut::new();
-        }
+        self.outbuf.release_if_small();
         Poll::Ready(Ok(()))
     }
 
@@ -546,6 +538,96 @@ fn post_handshake(mut msgs: &[u8]) -> io::Result<PostHandshake> {
         msgs = &msgs[len..];
     }
     Ok(out)
+}
+
+/// The `len` bytes from `skip` on, if they lie in one of `bufs`.
+fn contiguous<B: Deref<Target = [u8]>>(bufs: &[B], mut skip: usize, len: usize) -> Option<&[u8]> {
+    for b in bufs {
+        if skip < b.len() {
+            return b.get(skip..skip + len);
+        }
+        skip -= b.len();
+    }
+    (len == 0).then_some(&[][..])
+}
+
+/// Copies the bytes from `skip` on, across `bufs`, until `out` is full.
+fn gather<B: Deref<Target = [u8]>>(bufs: &[B], mut skip: usize, mut out: &mut [u8]) {
+    for b in bufs {
+        if out.is_empty() {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let n = (b.len() - skip).min(out.len());
+        let (now, later) = out.split_at_mut(n);
+        now.copy_from_slice(&b[skip..skip + n]);
+        out = later;
+        skip = 0;
+    }
+}
+
+/// Sealed records waiting for the socket. The storage stays initialised
+/// (zeroed when it grows), so the cipher can write records straight into
+/// it; like `BytesMut`, the unsent part moves to the front only when that
+/// copies no more than it frees.
+#[derive(Default)]
+struct OutBuf {
+    store: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl OutBuf {
+    fn pending(&self) -> &[u8] {
+        &self.store[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room for `n` more bytes after the pending ones; `commit` keeps what
+    /// was written.
+    fn tail(&mut self, n: usize) -> &mut [u8] {
+        if self.end + n > self.store.len() {
+            if self.start >= self.len() && self.len() + n <= self.store.len() {
+                self.store.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let grown = (self.store.len() * 2).min(2 * (MAX_PENDING_OUT + MAX_RECORD));
+                self.store.resize(grown.max(self.end + n), 0);
+            }
+        }
+        &mut self.store[self.end..self.end + n]
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.store.len());
+    }
+
+    /// Once drained, a small buffer is cheap to take again and goes; a
+    /// grown one belongs to a busy connection and stays.
+    fn release_if_small(&mut self) {
+        if self.is_empty() && self.store.len() <= MAX_RECORD {
+            self.store = Vec::new();
+        }
+    }
 }
 
 fn invalid(msg: &'static str) -> io::Error {
@@ -895,7 +977,9 @@ mod tests {
 
     fn sealed_as(from: &mut TlsConn, data: &[u8], kind: u8) -> BytesMut {
         from.seal(&[data], 0, kind).unwrap();
-        from.outbuf.split()
+        let out = BytesMut::from(from.outbuf.pending());
+        from.outbuf.consume(out.len());
+        out
     }
 
     /// What each kind of record does to the reader: tickets and empty
@@ -957,6 +1041,93 @@ mod tests {
         }
     }
 
+    /// Records cut from several buffers (HTTP/2 hands over a frame head and
+    /// its payload) come out whole and in order, whether a record lies in
+    /// one buffer (sealed from where it lies) or spans several (gathered).
+    #[tokio::test]
+    async fn records_sealed_from_several_buffers() {
+        let layouts: [&[usize]; 6] = [
+            &[9, 40_000],
+            &[3, 3, 3],
+            &[MAX_PLAIN],
+            &[1, MAX_PLAIN - 1, 1],
+            &[0, 5, 0, 20_000, 0],
+            &[MAX_PLAIN + 7, MAX_PLAIN - 7, 100],
+        ];
+        for layout in layouts {
+            let (mut c, mut s) = conn_pair().await;
+            // Period 251: no record or buffer boundary repeats the bytes.
+            let mut i = 0usize;
+            let bufs: Vec<Vec<u8>> = layout
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| {
+                            i += 1;
+                            (i % 251) as u8
+                        })
+                        .collect()
+                })
+                .collect();
+            let want = bufs.concat();
+            let mut done = 0;
+            while done < want.len() {
+                done += c.seal(&bufs, done, APPLICATION_DATA).unwrap();
+            }
+            s.inbuf.unsplit(BytesMut::from(c.outbuf.pending()));
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                match read_now(&mut s) {
+                    Poll::Ready(Ok(b)) if !b.is_empty() => got.extend(b),
+                    other => panic!("{layout:?}: {other:?} after {} bytes", got.len()),
+                }
+            }
+            assert!(got == want, "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn contiguous_finds_spans_inside_one_buffer() {
+        let bufs: [&[u8]; 3] = [b"abc", b"", b"defg"];
+        let cases: [(usize, usize, Option<&[u8]>); 7] = [
+            (0, 3, Some(b"abc")),
+            (1, 2, Some(b"bc")),
+            (2, 2, None),
+            (3, 4, Some(b"defg")),
+            (4, 2, Some(b"ef")),
+            (5, 3, None),
+            (7, 0, Some(b"")),
+        ];
+        for (skip, len, want) in cases {
+            assert_eq!(contiguous(&bufs, skip, len), want, "{skip}+{len}");
+        }
+    }
+
+    /// The outgoing buffer keeps unsent bytes in order while records are
+    /// added and the socket takes some, and moves them only when cheap.
+    #[test]
+    fn out_buf_keeps_order_across_partial_sends() {
+        let mut out = OutBuf::default();
+        let mut sent = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..200u32 {
+            let n = 1 + (i as usize * 997) % MAX_RECORD;
+            let fill = (i % 251) as u8;
+            out.tail(n).fill(fill);
+            out.commit(n);
+            want.extend(std::iter::repeat_n(fill, n));
+            // The socket takes about two thirds of what is pending.
+            let take = out.len() * 2 / 3;
+            sent.extend_from_slice(&out.pending()[..take]);
+            out.consume(take);
+            assert!(out.store.len() <= 2 * (MAX_PENDING_OUT + MAX_RECORD) + MAX_RECORD);
+        }
+        sent.extend_from_slice(out.pending());
+        out.consume(out.len());
+        assert!(sent == want);
+        assert!(out.is_empty());
+    }
+
     fn read_now(conn: &mut TlsConn) -> Poll<io::Result<Vec<u8>>> {
         let mut buf = [0u8; 64];
         let mut rb = ReadBuf::new(&mut buf);
@@ -1015,6 +1186,6 @@ mod tests {
         s.read_exact(&mut buf).await.unwrap();
         assert!(read_now(&mut s).is_pending());
         assert_eq!(s.inbuf.capacity(), 0);
-        assert_eq!(c.outbuf.capacity(), 0);
+        assert_eq!(c.outbuf.store.capacity(), 0);
     }
 }

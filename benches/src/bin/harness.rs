@@ -560,16 +560,22 @@ fn main() -> anyhow::Result<()> {
     let gib = total as f64 / (1u64 << 30) as f64;
     let rounds = args.rounds.max(1);
     let stream_counts = args.cases(Part::Throughput, &[1usize, 4]);
+    let mut ceilings = Vec::new();
     for &streams in stream_counts {
         let mut runs: [Vec<f64>; 3] = Default::default();
         let mut cpu_total = [Duration::ZERO; 3];
+        let mut machine_total = [Duration::ZERO; 3];
+        let mut wall_total = [Duration::ZERO; 3];
         for _ in 0..rounds {
             for p in PATHS {
                 let (dst, bypass) = net.dst(p, SINK_PORT);
                 let (cpu_a, cpu_b, cpu_app) = (a.cpu(), b.cpu(), procstat::self_cpu());
+                let machine = procstat::machine_busy()?;
                 let took = apps::run_in_netns(&net.client_ns, move || {
                     apps::throughput(dst, bypass, streams, total)
                 })?;
+                machine_total[p as usize] += procstat::machine_busy()?.saturating_sub(machine);
+                wall_total[p as usize] += took;
                 let agents = (a.cpu() - cpu_a) + (b.cpu() - cpu_b);
                 let app = procstat::self_cpu() - cpu_app;
                 let rate = total as f64 * 8.0 / took.as_secs_f64() / 1e9;
@@ -600,6 +606,29 @@ fn main() -> anyhow::Result<()> {
             values: cpu,
             target: String::new(),
         });
+        let machine = machine_total.map(|c| Some(c.as_secs_f64() / (gib * rounds as f64)));
+        rows.push(Row {
+            name: format!(
+                "machine CPU per GiB, {streams} stream(s) (every process and the kernel)"
+            ),
+            unit: "s/GiB",
+            values: machine,
+            target: String::new(),
+        });
+        rows.push(Row {
+            name: format!("cores busy during the {streams}-stream runs"),
+            unit: "cores",
+            values: std::array::from_fn(|i| {
+                Some(machine_total[i].as_secs_f64() / wall_total[i].as_secs_f64().max(1e-9))
+            }),
+            target: String::new(),
+        });
+        // When both paths keep every core busy, throughput goes as the
+        // inverse of the machine's CPU per byte: this is the best ratio the
+        // hops and the crypto allow, whatever the agent does.
+        if let (Some(direct), Some(hbone)) = (machine[0], machine[2]) {
+            ceilings.push((streams, direct / hbone));
+        }
     }
 
     // Latency on a persistent connection.
@@ -720,6 +749,9 @@ fn main() -> anyhow::Result<()> {
         rounds
     );
     print_table(&rows);
+    for (streams, ceiling) in ceilings {
+        println!("\n{streams} stream(s): direct TCP costs the machine {ceiling:.2}x the CPU per GiB HBONE does; with every core busy on both, {ceiling:.2}x is the most throughput HBONE can have relative to direct");
+    }
     for (p50, p99) in added {
         println!("\nadded round-trip latency through two agents, 1 B: p50 +{p50:.1} us, p99 +{p99:.1} us (targets +30 / +100)");
     }
