@@ -65,7 +65,7 @@ pub struct CaptureSpec {
     pub interface: String,
 }
 
-/// Why a workload could not be enrolled./// Why a workload could not be enrolled.
+/// Why a workload could not be enrolled.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error("network namespace: {0}")]
