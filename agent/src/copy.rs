@@ -40,18 +40,8 @@ pub(crate) fn poll_read_sized(
         }
         buf.reserve(*size);
         let room = buf.capacity() - buf.len();
-        match src.try_read_buf(buf) {
+        match read_draining(src, room, || src.try_read_buf(buf)) {
             Ok(n) => {
-                // A short read drained the socket: clear its readiness now
-                // rather than learn it from a second `recv` saying EAGAIN
-                // (one syscall per message; tokio's `poll_read` does the
-                // same). Only the readiness this read consumed is cleared:
-                // an edge that came in since is kept (tokio compares ticks).
-                if n > 0 && n < room {
-                    let _ = src.try_io(Interest::READABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                    });
-                }
                 if n >= *size && *size < MAX_BUF {
                     *size *= 2;
                 }
@@ -61,6 +51,39 @@ pub(crate) fn poll_read_sized(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Poll::Ready(Err(e)),
         }
+    }
+}
+
+/// One `read` of at most `room` bytes from `src`. A short read drained the
+/// socket, so its readiness is cleared then, rather than learnt from a
+/// second `recv` saying EAGAIN (one syscall per message; tokio's own
+/// `poll_read` does the same). What is cleared is the readiness seen
+/// *before* the read: `try_io` takes the I/O driver's tick first and
+/// clears only if no edge came in since, so data that arrives while we
+/// read keeps the socket readable. (Clearing after the read, with a
+/// fresh tick, can wipe such an edge; with edge-triggered epoll the
+/// socket then never wakes us again, and a full receive window means no
+/// further edge comes. That hung a tunnel under load.)
+fn read_draining(
+    src: &TcpStream,
+    room: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, Err(e)) => Err(e),
+        // `try_io` returns `Ok` only from the closure, which sets `got`.
+        (None, Ok(())) => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 
@@ -177,6 +200,57 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// Data that arrives while a short read is under way keeps the socket
+    /// readable: the readiness cleared is the one seen before the read.
+    /// The read below lets more bytes land and waits for the runtime's
+    /// other worker to record their edge before returning short; clearing
+    /// with a tick taken after the read loses that edge and the socket
+    /// never turns readable again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_read_keeps_an_edge_that_came_during_it() {
+        let (client, server) = pair().await;
+        client.try_write(b"first").unwrap();
+        server.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = read_draining(&server, buf.len(), || {
+            let n = server.try_read(&mut buf)?;
+            client.try_write(b"second").unwrap();
+            // The other worker polls epoll and bumps the socket's tick.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(&buf[..n], b"first");
+        tokio::time::timeout(std::time::Duration::from_secs(2), server.readable())
+            .await
+            .expect("the edge of the second write was lost")
+            .unwrap();
+        let n = server.try_read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"second");
+    }
+
+    /// A short read with nothing behind it clears readiness (no EAGAIN
+    /// `recv` needed to learn it); a full read leaves it, as more may wait.
+    #[tokio::test]
+    async fn short_read_clears_readiness_and_full_read_keeps_it() {
+        let (client, server) = pair().await;
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for (sent, room, readable_after) in [(5usize, 64usize, false), (64, 64, true)] {
+            client.try_write(&vec![7u8; sent]).unwrap();
+            server.readable().await.unwrap();
+            let mut buf = vec![0u8; room];
+            let n = read_draining(&server, room, || server.try_read(&mut buf)).unwrap();
+            assert_eq!(n, sent.min(room));
+            let ready = server.poll_read_ready(&mut cx).is_ready();
+            assert_eq!(ready, readable_after, "{sent} bytes into {room}");
+            if ready {
+                // Drain what a full read may have left for the next case.
+                while server.try_read(&mut buf).is_ok() {}
+            }
+        }
     }
 
     /// Both directions arrive intact and in order, half-close crosses the
