@@ -62,7 +62,7 @@ pub async fn accept_tls(
         return Err(TlsError::NoH2.into());
     }
     let peer = tls::peer_identity(Some(&tls.peer_certificates))?;
-    if peer.trust_domain != trust_domain {
+    if peer.trust_domain() != trust_domain {
         return Err(HandshakeError::ForeignTrustDomain(peer));
     }
     Ok((tls.conn, peer))

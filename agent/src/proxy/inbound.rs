@@ -18,6 +18,7 @@ use crate::hbone::server::{
     self, ConnectRequest, ConnectionError, ConnectionInfo, Handler, Responder,
 };
 use crate::hbone::{self, tls, H2Stream};
+use crate::identity::Identity;
 use crate::socket::Sockets;
 use crate::state::Workload;
 use crate::state::{authz, ApplicationTunnel};
@@ -26,6 +27,8 @@ use crate::state::{authz, ApplicationTunnel};
 pub struct Inbound {
     ctx: ProxyContext,
     workload: Arc<Workload>,
+    /// `workload`'s identity, made once: each stream shares it.
+    identity: Identity,
     sockets: Sockets,
     /// The TLS config for the current certificate, rebuilt on rotation.
     tls: tls::ServerConfigCache,
@@ -40,7 +43,13 @@ impl Accept for Inbound {
                 return;
             }
         };
-        let span = tracing::info_span!("inbound", src = %peer, dst = %local);
+        // The client's identity is recorded once the handshake proves it.
+        let span = tracing::info_span!(
+            "inbound",
+            src = %peer,
+            dst = %local,
+            src_id = tracing::field::Empty
+        );
         if let Err(e) = self
             .clone()
             .serve_tls(stream, peer, local)
@@ -65,6 +74,7 @@ impl Inbound {
     pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
         Inbound {
             ctx,
+            identity: workload.identity(),
             workload,
             sockets,
             tls: tls::ServerConfigCache::default(),
@@ -72,7 +82,7 @@ impl Inbound {
     }
 
     async fn server_config(&self) -> Result<Arc<ServerConfig>, ConnectionError> {
-        let cert = self.ctx.certs.fetch(&self.workload.identity()).await?;
+        let cert = self.ctx.certs.fetch(&self.identity).await?;
         Ok(self.tls.get(cert, self.ctx.certs.trust_bundle())?)
     }
 
@@ -86,6 +96,7 @@ impl Inbound {
         let timeout = self.ctx.settings.connect_timeout;
         let (tls, peer_identity) =
             server::accept_tls(stream, cfg, timeout, &self.workload.trust_domain).await?;
+        tracing::Span::current().record("src_id", tracing::field::display(&peer_identity));
         let info = ConnectionInfo {
             peer_identity,
             peer_addr: peer,
@@ -145,14 +156,16 @@ impl Handler for Inbound {
         responder: Responder,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
-        let span = tracing::info_span!("connect", %src, src_id = %req.peer_identity, dst = %req.target, dst_id = %self.workload.identity());
+        // The identities are on the enclosing spans: the peer's on the
+        // HBONE connection's (`inbound`), ours on the `workload` span.
+        let span = tracing::info_span!("connect", %src, dst = %req.target);
         // Forwarded carries no port: the client's port is not known here.
         let record = self
             .ctx
             .reporter
             .start(Direction::Inbound, src, None, req.target)
             .src_identity(Some(req.peer_identity.clone()))
-            .dst_identity(Some(self.workload.identity()))
+            .dst_identity(Some(self.identity.clone()))
             .encrypted(true);
         // Admission is boxed, and made out here so the future below does
         // not capture the request: as in `Outbound::proxy`, its state is

@@ -12,6 +12,7 @@ use super::{
     addressed_to_listener, authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext,
 };
 use crate::copy::copy_tcp;
+use crate::identity::Identity;
 use crate::socket::Sockets;
 use crate::state::authz;
 use crate::state::Workload;
@@ -19,6 +20,8 @@ use crate::state::Workload;
 pub struct InboundPassthrough {
     ctx: ProxyContext,
     workload: Arc<Workload>,
+    /// `workload`'s identity, made once: each connection shares it.
+    identity: Identity,
     sockets: Sockets,
 }
 
@@ -26,6 +29,7 @@ impl InboundPassthrough {
     pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
         InboundPassthrough {
             ctx,
+            identity: workload.identity(),
             workload,
             sockets,
         }
@@ -47,7 +51,7 @@ impl Accept for InboundPassthrough {
                 Some(peer.port()),
                 dst,
             )
-            .dst_identity(Some(self.workload.identity()));
+            .dst_identity(Some(self.identity.clone()));
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || !self.workload.addresses.contains(&dst.ip()) {
             warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");

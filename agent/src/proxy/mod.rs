@@ -126,7 +126,10 @@ impl WorkloadProxy {
             inbound_plaintext: inbound_plain.local_addr()?,
             hbone: hbone.local_addr()?,
         };
-        let span = tracing::info_span!("workload", uid = %workload.uid);
+        // The workload's identity is here, once, rather than on each of
+        // its connections' spans: a span's fields are kept formatted for
+        // its whole life, and idle connections are many.
+        let span = tracing::info_span!("workload", uid = %workload.uid, id = %workload.identity());
         info!(parent: &span, ?addrs, "listening");
         let ob = Arc::new(Outbound::new(
             ctx.clone(),

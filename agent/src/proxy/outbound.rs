@@ -11,6 +11,7 @@ use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
 use crate::copy::copy_tcp;
 use crate::hbone::{self, PoolKey};
+use crate::identity::Identity;
 use crate::socket::{ConnectOpts, Sockets};
 use crate::state::{Route, Workload};
 
@@ -18,6 +19,8 @@ use crate::state::{Route, Workload};
 pub struct Outbound {
     ctx: ProxyContext,
     source: Arc<Workload>,
+    /// `source`'s identity, made once: each connection shares it.
+    source_identity: Identity,
     sockets: Sockets,
 }
 
@@ -42,6 +45,7 @@ impl Outbound {
     pub fn new(ctx: ProxyContext, source: Arc<Workload>, sockets: Sockets) -> Self {
         Outbound {
             ctx,
+            source_identity: source.identity(),
             source,
             sockets,
         }
@@ -63,8 +67,8 @@ impl Outbound {
             dst,
             self.ctx.settings.hbone_port,
         );
-        let src_identity = self.source.identity();
-        let span = tracing::info_span!("outbound", src = %peer, %dst, src_id = %src_identity);
+        // The source's identity is on the enclosing `workload` span.
+        let span = tracing::info_span!("outbound", src = %peer, %dst);
         let (target, dst_identity, encrypted, service) = match &route {
             Route::Hbone {
                 target,
@@ -81,7 +85,7 @@ impl Outbound {
             .ctx
             .reporter
             .start(Direction::Outbound, peer.ip(), Some(peer.port()), target)
-            .src_identity(Some(src_identity))
+            .src_identity(Some(self.source_identity.clone()))
             .dst_identity(dst_identity)
             .service(service.map(|s| s.hostname.clone()))
             .encrypted(encrypted);
@@ -135,7 +139,7 @@ impl Outbound {
             } => {
                 let w = &self.source;
                 let key = PoolKey {
-                    src_identity: self.source.identity(),
+                    src_identity: self.source_identity.clone(),
                     dst_identity: identities[0].clone(),
                     dst: *gateway,
                     src_ip: self.source.addresses.first().copied(),

@@ -64,16 +64,12 @@ impl WorkloadName {
         let Some(id) = id else {
             return WorkloadName::default();
         };
-        let mut same = snap
-            .mesh()
-            .workloads
-            .iter()
-            .filter(|w| w.namespace == id.namespace && &w.identity() == id);
+        let mut same = snap.mesh().workloads.iter().filter(|w| w.has_identity(id));
         match (same.next(), same.next()) {
             (Some(w), None) => named(w),
             _ => WorkloadName {
                 name: None,
-                namespace: Some(id.namespace.clone()),
+                namespace: Some(id.namespace().to_string()),
             },
         }
     }
@@ -285,8 +281,7 @@ impl Connection {
             return;
         }
         self.record.opened = true;
-        self.name_workloads();
-        let _ = self.reporter.opened.send(Arc::new(self.record.clone()));
+        let _ = self.reporter.opened.send(Arc::new(self.named()));
     }
 
     /// Ends the connection: `Ok((sent, received))`, or why it failed.
@@ -308,11 +303,15 @@ impl Connection {
         self.close();
     }
 
-    fn name_workloads(&mut self) {
+    /// A copy of the record with its workloads named from the current
+    /// mesh. Names go only into the copies reported: the record a
+    /// connection keeps for its whole life stays without them.
+    fn named(&self) -> ConnectionRecord {
         let snap = self.reporter.state.snapshot();
-        let r = &mut self.record;
+        let mut r = self.record.clone();
         r.src_workload = WorkloadName::resolve(&snap, r.src, r.src_identity.as_ref());
         r.dst_workload = WorkloadName::resolve(&snap, r.dst.ip(), r.dst_identity.as_ref());
+        r
     }
 
     fn close(&mut self) {
@@ -320,9 +319,9 @@ impl Connection {
             return;
         }
         self.record.duration = self.start.elapsed();
-        self.name_workloads();
-        self.record.log();
-        let _ = self.reporter.closed.send(Arc::new(self.record.clone()));
+        let r = self.named();
+        r.log();
+        let _ = self.reporter.closed.send(Arc::new(r));
     }
 }
 

@@ -96,17 +96,12 @@ pub fn authorize<'p>(
 struct Subject<'a> {
     conn: &'a Connection<'a>,
     /// Istio writes principals without the scheme: td/ns/<ns>/sa/<sa>.
-    principal: Option<String>,
+    principal: Option<&'a str>,
 }
 
 impl<'a> Subject<'a> {
     fn of(conn: &'a Connection<'a>) -> Self {
-        let principal = conn.src_identity.map(|i| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                i.trust_domain, i.namespace, i.service_account
-            )
-        });
+        let principal = conn.src_identity.map(|i| i.principal());
         Subject { conn, principal }
     }
 }
@@ -122,9 +117,9 @@ fn policy_matches(p: &Policy, subject: &Subject<'_>) -> bool {
 fn match_holds(m: &Match, subject: &Subject<'_>) -> bool {
     let conn = subject.conn;
     let id = conn.src_identity;
-    let principal = subject.principal.as_deref();
-    let ns = id.map(|i| i.namespace.as_str());
-    let sa = id.map(|i| i.service_account.as_str());
+    let principal = subject.principal;
+    let ns = id.map(|i| i.namespace());
+    let sa = id.map(|i| i.service_account());
     let strings = |values: &[StringMatch], subject: Option<&str>| {
         subject.is_some_and(|s| values.iter().any(|v| v.matches(s)))
     };

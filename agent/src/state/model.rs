@@ -84,6 +84,13 @@ impl Workload {
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// Whether `id` is this workload's identity (without building ours).
+    pub fn has_identity(&self, id: &Identity) -> bool {
+        self.namespace == id.namespace()
+            && self.service_account == id.service_account()
+            && self.trust_domain == id.trust_domain()
+    }
 }
 
 #[cfg(test)]
@@ -250,4 +257,24 @@ pub struct Mesh {
     /// L7 routes for waypoints (local mode only: istiod sends these to
     /// Envoy waypoints in its own resources, not to node agents).
     pub http_routes: Vec<super::l7::HttpRoute>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn has_identity_compares_every_part() {
+        let w = Workload::for_test("web", "shop", None);
+        let own = w.identity();
+        assert!(w.has_identity(&own));
+        let others = [
+            Identity::new("other", own.namespace(), own.service_account()),
+            Identity::new(own.trust_domain(), "other", own.service_account()),
+            Identity::new(own.trust_domain(), own.namespace(), "other"),
+        ];
+        for id in others {
+            assert!(!w.has_identity(&id), "{id}");
+        }
+    }
 }
