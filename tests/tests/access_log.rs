@@ -199,6 +199,25 @@ async fn json_access_lines_one_per_connection_with_reasons() {
             assert!(v.get(key).is_some(), "no {key} in {v}");
         }
     }
+
+    // A line logged inside a connection names both ends through its
+    // spans: the local workload's identity on `workload`, the peer's on
+    // the HBONE connection's `inbound`, the addresses on `connect`.
+    let denial = logs
+        .text()
+        .lines()
+        .find(|l| l.contains("connection denied by policy"))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .expect("the denial is logged");
+    let spans = denial["spans"].as_array().expect("span list");
+    let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["workload", "inbound", "connect"], "{denial}");
+    assert_eq!(spans[0]["id"], "spiffe://cluster.local/ns/test/sa/server");
+    assert_eq!(
+        spans[1]["src_id"],
+        "spiffe://cluster.local/ns/test/sa/client"
+    );
+    assert_eq!(spans[2]["dst"], w.server_app().to_string(), "{denial}");
 }
 
 #[tokio::test]
