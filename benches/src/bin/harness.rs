@@ -56,6 +56,11 @@ struct Args {
     /// The agents' log filter (per-connection lines are logged at info).
     #[arg(long, default_value = "warn")]
     agent_log: String,
+    /// The agents' log filter while idle connections are held for the
+    /// memory figure: the agent's own default, since at info each
+    /// connection's span is kept, formatted, for the connection's life.
+    #[arg(long, default_value = "info")]
+    memory_agent_log: String,
     /// Run only these parts (repeat the flag for several); all by default.
     #[arg(long, value_enum)]
     only: Vec<Part>,
@@ -228,8 +233,19 @@ struct Setup {
 }
 
 impl Setup {
-    /// Starts the agent of `node` (`a` or `b`), `pool_extra` added under `pool:`.
+    /// Starts the agent of `node` (`a` or `b`), `pool_extra` added under
+    /// `pool:`, logging at the run's level.
     fn agent(&self, node: &'static str, pool_extra: &str) -> anyhow::Result<AgentProc> {
+        self.agent_logging(node, pool_extra, &self.log_level)
+    }
+
+    /// [`Setup::agent`] with the log filter `level`.
+    fn agent_logging(
+        &self,
+        node: &'static str,
+        pool_extra: &str,
+        level: &str,
+    ) -> anyhow::Result<AgentProc> {
         let (readiness, metrics) = match node {
             "node-a" => (15121, 15120),
             _ => (15221, 15220),
@@ -247,7 +263,6 @@ impl Setup {
             mark = apps::BYPASS_MARK,
             root = d.join("root.pem").display(),
             key = d.join("root-key.pem").display(),
-            level = self.log_level,
         );
         std::fs::write(&cfg, yaml)?;
         let log = d.join(format!("{node}.log"));
@@ -486,8 +501,8 @@ fn main() -> anyhow::Result<()> {
     let memory_paths = args.cases(Part::Memory, &[Via::Proxy, Via::Hbone]);
     for &p in memory_paths {
         drop((a, b));
-        a = setup.agent("node-a", "")?;
-        b = setup.agent("node-b", "")?;
+        a = setup.agent_logging("node-a", "", &args.memory_agent_log)?;
+        b = setup.agent_logging("node-b", "", &args.memory_agent_log)?;
         probe(&net, p)?;
         std::thread::sleep(Duration::from_secs(1));
         let (dst, bypass) = net.dst(p, ECHO_PORT);
@@ -543,15 +558,18 @@ fn main() -> anyhow::Result<()> {
     if args.runs(Part::Memory) {
         rows.push(Row {
             name: format!(
-                "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a)",
-                held[1], held[2]
+                "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a, log {})",
+                held[1], held[2], args.memory_agent_log
             ),
             unit: "B",
             values: per_conn,
             target: "<= 4096".into(),
         });
         rows.push(Row {
-            name: "agent memory per idle connection (node-b, HBONE inbound)".into(),
+            name: format!(
+                "agent memory per idle connection (node-b, HBONE inbound, log {})",
+                args.memory_agent_log
+            ),
             unit: "B",
             values: [None, None, per_conn_b],
             target: "<= 4096".into(),
