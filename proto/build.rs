@@ -25,6 +25,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let fds = protox::compile(FILES, [&root]).map_err(|e| format!("protox: {e:?}"))?;
+    // Kept for reflection at run time (what a message carries that these
+    // files do not declare).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
 
     let mut config = tonic_prost_build::Config::new();
     // Every message implements prost::Name with the type URL xDS uses

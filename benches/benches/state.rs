@@ -71,9 +71,14 @@ fn policy(i: usize, scope_all: bool) -> Policy {
             PolicyAction::Allow
         },
         rules: vec![Rule {
-            clauses: vec![Clause { matches: vec![m] }],
+            clauses: vec![Clause {
+                matches: vec![m],
+                ..Default::default()
+            }],
+            ..Default::default()
         }],
         dry_run: false,
+        unsupported: Vec::new(),
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`core`] — `envoy.config.core.v3` (`Node`, `Locality`, `ControlPlane`).
 //! - [`rpc`] — `google.rpc.Status`.
 //! - [`zds`] — `istio.workload.zds` (istio-cni to node proxy messages).
+//! - [`unknown`] — what a message carries that these files do not declare.
 //!
 //! Every message implements [`prost::Name`] with a
 //! `type.googleapis.com/...` type URL, so [`prost_types::Any::from_msg`] and
@@ -27,6 +28,12 @@
 pub use prost;
 pub use prost_types;
 pub use tonic;
+
+pub mod unknown;
+
+/// The compiled descriptors of every .proto file here (a serialized
+/// `google.protobuf.FileDescriptorSet`).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// Generated code, one module per protobuf package (`pb::istio::workload`, ...).
 #[allow(

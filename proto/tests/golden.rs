@@ -321,6 +321,18 @@ fn authorization_fields() {
         }],
         destination_ports: vec![80, 443],
         not_destination_ports: vec![22],
+        service_accounts: vec![security::ServiceAccountMatch {
+            namespace: "n".into(),
+            service_account: "s".into(),
+        }],
+        not_service_accounts: vec![security::ServiceAccountMatch {
+            namespace: "m".into(),
+            service_account: "t".into(),
+        }],
+        extensions: vec![workload::Extension {
+            name: "e".into(),
+            config: None,
+        }],
         ..Default::default()
     };
     let a = security::Authorization {
@@ -331,15 +343,20 @@ fn authorization_fields() {
         rules: vec![security::Rule {
             clauses: vec![security::Clause { matches: vec![m] }],
         }],
+        dry_run: true,
+        extensions: vec![workload::Extension {
+            name: "f".into(),
+            config: None,
+        }],
     };
     let golden = golden! {
         [0x0A, 0x01], b"a",                   // name (1) = "a"
         [0x12, 0x02], b"ns",                  // namespace (2) = "ns"
         [0x18, 0x01],                         // scope (3) = NAMESPACE (1)
         [0x20, 0x01],                         // action (4) = DENY (1)
-        [0x2A, 0x28],                         // rules (5, LEN 40): Rule
-        [0x0A, 0x26],                         //   clauses (1, LEN 38): Clause
-        [0x12, 0x24],                         //     matches (2, LEN 36): Match
+        [0x2A, 0x3D],                         // rules (5, LEN 61): Rule
+        [0x0A, 0x3B],                         //   clauses (1, LEN 59): Clause
+        [0x12, 0x39],                         //     matches (2, LEN 57): Match
         [0x0A, 0x03],                         //       namespaces (1, LEN 3): StringMatch
         [0x0A, 0x01], b"x",                   //         exact (1) = "x"
         [0x1A, 0x07],                         //       principals (3, LEN 7): StringMatch
@@ -351,6 +368,17 @@ fn authorization_fields() {
         [0x10, 0x08],                         //         length (2) = 8
         [0x4A, 0x03, 0x50, 0xBB, 0x03],       //       destination_ports (9, packed) = [80, 443]
         [0x52, 0x01, 0x16],                   //       not_destination_ports (10, packed) = [22]
+        [0x5A, 0x06],                         //       service_accounts (11, LEN 6): ServiceAccountMatch
+        [0x0A, 0x01], b"n",                   //         namespace (1) = "n"
+        [0x12, 0x01], b"s",                   //         serviceAccount (2) = "s"
+        [0x62, 0x06],                         //       not_service_accounts (12, LEN 6)
+        [0x0A, 0x01], b"m",                   //         namespace (1) = "m"
+        [0x12, 0x01], b"t",                   //         serviceAccount (2) = "t"
+        [0x6A, 0x03],                         //       extensions (13, LEN 3): istio.workload.Extension
+        [0x0A, 0x01], b"e",                   //         name (1) = "e"
+        [0x30, 0x01],                         // dry_run (6) = true
+        [0x3A, 0x03],                         // extensions (7, LEN 3): istio.workload.Extension
+        [0x0A, 0x01], b"f",                   //   name (1) = "f"
     };
     check(&a, &golden);
 

@@ -51,6 +51,7 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             },
             "action": format!("{:?}", p.action).to_lowercase(),
             "dryRun": p.dry_run,
+            "unsupported": p.unsupported,
             "rules": p.rules.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "certificates": input.certificates.iter().map(|c| json!({

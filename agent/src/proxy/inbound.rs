@@ -2,7 +2,7 @@
 //! certificate, accepts CONNECT streams addressed to that workload, and
 //! joins each to a TCP connection to the application.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -116,7 +116,7 @@ impl Inbound {
     async fn connect_upstream(
         &self,
         req: &ConnectRequest,
-        src: std::net::IpAddr,
+        src: IpAddr,
     ) -> std::io::Result<TcpStream> {
         let ApplicationTunnel::Proxy { port } = self.workload.application_tunnel else {
             return connect_app(&self.ctx, &self.sockets, req.target, src).await;
@@ -155,7 +155,12 @@ impl Handler for Inbound {
         req: ConnectRequest,
         responder: Responder,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
+        let waypoints = self
+            .ctx
+            .state
+            .snapshot()
+            .waypoint_identities(&self.workload);
+        let src = client_ip(&req, &waypoints);
         // The identities are on the enclosing spans: the peer's on the
         // HBONE connection's (`inbound`), ours on the `workload` span.
         let span = tracing::info_span!("connect", %src, dst = %req.target);
@@ -170,7 +175,8 @@ impl Handler for Inbound {
         // Admission is boxed, and made out here so the future below does
         // not capture the request: as in `Outbound::proxy`, its state is
         // needed only until the tunnel is joined.
-        let admit = Box::pin(async move { self.admit(req, src, responder, record).await });
+        let admit =
+            Box::pin(async move { self.admit(req, src, &waypoints, responder, record).await });
         async move {
             let Some((tunnel, upstream, registration, mut record)) = admit.await else {
                 return;
@@ -195,7 +201,8 @@ impl Inbound {
     async fn admit(
         &self,
         req: ConnectRequest,
-        src: std::net::IpAddr,
+        src: IpAddr,
+        waypoints: &[Identity],
         responder: Responder,
         record: Connection,
     ) -> Option<(H2Stream, TcpStream, Registration, Connection)> {
@@ -209,13 +216,8 @@ impl Inbound {
             return None;
         }
         // Behind a waypoint, only the waypoint may come in.
-        let required = self
-            .ctx
-            .state
-            .snapshot()
-            .waypoint_identities(&self.workload);
-        if !required.is_empty() && !required.contains(&req.peer_identity) {
-            warn!(waypoints = ?required.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+        if !waypoints.is_empty() && !waypoints.contains(&req.peer_identity) {
+            warn!(waypoints = ?waypoints.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                 "direct connection to a workload behind a waypoint; 401");
             record.deny("401: direct connection to a workload behind a waypoint");
             responder.refuse(StatusCode::UNAUTHORIZED);
@@ -249,5 +251,60 @@ impl Inbound {
             }
         };
         Some((tunnel, upstream, registration, record))
+    }
+}
+
+/// The client a CONNECT stands for: the HBONE peer itself, unless the peer
+/// is one of the workload's waypoints, which relays its own client's
+/// address in `Forwarded`. From anyone else the header is a claim, not a
+/// fact: trusting it would let any mesh peer pick its source address (and
+/// so pass a `sourceIps` rule, or have the application see a forged
+/// client). ztunnel never takes the source from `Forwarded` at all.
+fn client_ip(req: &ConnectRequest, waypoints: &[Identity]) -> IpAddr {
+    match req.forwarded_for {
+        Some(ip) if waypoints.contains(&req.peer_identity) => ip,
+        _ => req.peer_addr.ip(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_is_the_peer_unless_a_waypoint_relays_it() {
+        let waypoint = Identity::new("cluster.local", "test", "waypoint");
+        let client = Identity::new("cluster.local", "test", "client");
+        let peer: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let claimed: IpAddr = "10.9.9.9".parse().unwrap();
+        let req = |id: &Identity, fwd: Option<IpAddr>| ConnectRequest {
+            peer_identity: id.clone(),
+            peer_addr: peer,
+            local_addr: "10.2.0.2:15008".parse().unwrap(),
+            target: "10.2.0.2:8080".parse().unwrap(),
+            forwarded_for: fwd,
+            baggage: None,
+        };
+        let wps = std::slice::from_ref(&waypoint);
+        let cases = [
+            ("no header", req(&client, None), wps, peer.ip()),
+            ("peer's claim", req(&client, Some(claimed)), wps, peer.ip()),
+            (
+                "no waypoint at all",
+                req(&waypoint, Some(claimed)),
+                &[][..],
+                peer.ip(),
+            ),
+            (
+                "waypoint relays",
+                req(&waypoint, Some(claimed)),
+                wps,
+                claimed,
+            ),
+            ("waypoint, no header", req(&waypoint, None), wps, peer.ip()),
+        ];
+        for (name, r, waypoints, want) in cases {
+            assert_eq!(client_ip(&r, waypoints), want, "{name}");
+        }
     }
 }

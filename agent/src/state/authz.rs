@@ -6,12 +6,20 @@
 //! ALLOW is needed. A policy matches when any rule does; a rule when all its
 //! clauses do; a clause when any of its matches does; a match when every
 //! field it sets holds (a field holds when any value matches; a `not_`
-//! field when none does). Dry-run policies are evaluated and reported but
-//! never decide.
+//! field when none does). As in ztunnel, a policy with no rules matches
+//! nothing, a rule with no clauses and a clause with no matches match
+//! everything, and a match that sets no field matches nothing. Dry-run
+//! policies are evaluated and reported but never decide.
+//!
+//! What a source could not fully understand (see `unsupported` in the
+//! model) counts against an ALLOW and for a DENY: it may never widen the
+//! one nor drop the other.
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::model::{Match, Policy, PolicyAction, PolicyScope, StringMatch, Workload};
+use super::model::{
+    Match, Policy, PolicyAction, PolicyScope, ServiceAccountMatch, StringMatch, Workload,
+};
 use crate::identity::Identity;
 
 /// What is known about a connection when it is authorized.
@@ -106,29 +114,57 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// Whether `p` matches. What the agent cannot evaluate counts against an
+/// ALLOW and for a DENY, so it can never widen the one nor drop the other.
 fn policy_matches(p: &Policy, subject: &Subject<'_>) -> bool {
+    let deny = p.action == PolicyAction::Deny;
+    if !deny && !p.unsupported.is_empty() {
+        return false;
+    }
+    // No rules: matches nothing (as ztunnel). No clauses: matches all.
     p.rules.iter().any(|rule| {
+        if !rule.unsupported.is_empty() {
+            return deny;
+        }
         rule.clauses.iter().all(|clause| {
-            clause.matches.is_empty() || clause.matches.iter().any(|m| match_holds(m, subject))
+            if !clause.unsupported.is_empty() {
+                return deny;
+            }
+            clause.matches.is_empty()
+                || clause.matches.iter().any(|m| match_holds(m, subject, deny))
         })
     })
 }
 
-fn match_holds(m: &Match, subject: &Subject<'_>) -> bool {
+fn match_holds(m: &Match, subject: &Subject<'_>, deny: bool) -> bool {
+    // Sets nothing: never holds (ztunnel skips such a match).
+    if m.is_empty() {
+        return false;
+    }
+    if !deny && !m.unsupported.is_empty() {
+        return false;
+    }
     let conn = subject.conn;
     let id = conn.src_identity;
     let principal = subject.principal;
     let ns = id.map(|i| i.namespace());
-    let sa = id.map(|i| i.service_account());
     let strings = |values: &[StringMatch], subject: Option<&str>| {
         subject.is_some_and(|s| values.iter().any(|v| v.matches(s)))
+    };
+    // Namespace and name; the trust domain is not compared (as ztunnel).
+    let accounts = |values: &[ServiceAccountMatch]| {
+        id.is_some_and(|i| {
+            values
+                .iter()
+                .any(|v| v.namespace == i.namespace() && v.name == i.service_account())
+        })
     };
     let nets = |values: &[ipnet::IpNet], ip: IpAddr| values.iter().any(|n| n.contains(&ip));
     let port = conn.dst.port();
     positive(&m.namespaces, |v| strings(v, ns))
         && negative(&m.not_namespaces, |v| strings(v, ns))
-        && positive(&m.service_accounts, |v| strings(v, sa))
-        && negative(&m.not_service_accounts, |v| strings(v, sa))
+        && positive(&m.service_accounts, accounts)
+        && negative(&m.not_service_accounts, accounts)
         && positive(&m.principals, |v| strings(v, principal))
         && negative(&m.not_principals, |v| strings(v, principal))
         && positive(&m.source_ips, |v| nets(v, conn.src_ip))
@@ -169,14 +205,26 @@ mod tests {
             scope,
             action,
             rules: vec![Rule {
-                clauses: vec![Clause { matches: vec![m] }],
+                clauses: vec![Clause {
+                    matches: vec![m],
+                    ..Default::default()
+                }],
+                ..Default::default()
             }],
             dry_run: false,
+            unsupported: vec![],
         }
     }
 
     fn exact(s: &str) -> StringMatch {
         StringMatch::Exact(s.into())
+    }
+
+    fn sa(namespace: &str, name: &str) -> ServiceAccountMatch {
+        ServiceAccountMatch {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
     #[test]
@@ -189,7 +237,7 @@ mod tests {
             PolicyScope::Namespace,
             PolicyAction::Allow,
             Match {
-                service_accounts: vec![exact("client")],
+                service_accounts: vec![sa("prod", "client")],
                 ..Default::default()
             },
         );
@@ -345,5 +393,232 @@ mod tests {
             workload_uids: vec!["web".into()],
         };
         assert!(!applies_to(&p(other), &in_test));
+    }
+
+    /// Facts from ztunnel's RBAC (istio/ztunnel src/rbac.rs and its
+    /// `rbac_empty_policy` test): a policy with no rules matches nothing; a
+    /// rule with no clauses and a clause with no matches match everything;
+    /// a match that sets no field matches nothing; service accounts compare
+    /// namespace and name and never match plaintext. And this agent's own
+    /// rule: what it cannot evaluate counts against an ALLOW, for a DENY.
+    #[test]
+    fn empty_parts_service_accounts_and_what_is_not_understood() {
+        let dst = workload("prod", "db");
+        let client: &'static Identity =
+            Box::leak(Box::new(Identity::new("other.td", "prod", "client")));
+        let conn = |id: Option<&'static Identity>, port: u16| Connection {
+            src_ip: "10.1.0.1".parse().unwrap(),
+            src_identity: id,
+            dst: SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+        };
+        let with_rules = |action, rules: Vec<Rule>| Policy {
+            rules,
+            ..policy("p", PolicyScope::Namespace, action, Match::default())
+        };
+        let one = |action, m: Match| policy("p", PolicyScope::Namespace, action, m);
+        let port = |p: u16| Match {
+            destination_ports: vec![p],
+            ..Default::default()
+        };
+        let unsupported = |m: Match| Match {
+            unsupported: vec!["extension x".into()],
+            ..m
+        };
+        let rule_unsupported = Rule {
+            unsupported: vec!["unknown field 9".into()],
+            ..Default::default()
+        };
+        let clause_unsupported = Rule {
+            clauses: vec![Clause {
+                matches: vec![port(80)],
+                unsupported: vec!["unknown field 9".into()],
+            }],
+            ..Default::default()
+        };
+        let policy_unsupported = |action| Policy {
+            unsupported: vec!["extension y".into()],
+            ..one(action, port(80))
+        };
+        use PolicyAction::{Allow, Deny};
+        let cases: Vec<(&str, Policy, Connection<'_>, bool)> = vec![
+            (
+                "ALLOW, no rules: matches nothing",
+                with_rules(Allow, vec![]),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, no rules: matches nothing",
+                with_rules(Deny, vec![]),
+                conn(Some(client), 80),
+                true,
+            ),
+            (
+                "ALLOW, rule without clauses: all",
+                with_rules(Allow, vec![Rule::default()]),
+                conn(None, 80),
+                true,
+            ),
+            (
+                "DENY, rule without clauses: all",
+                with_rules(Deny, vec![Rule::default()]),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, clause without matches: all",
+                with_rules(
+                    Deny,
+                    vec![Rule {
+                        clauses: vec![Clause::default()],
+                        ..Default::default()
+                    }],
+                ),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "ALLOW, empty match: nothing",
+                one(Allow, Match::default()),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, empty match: no effect",
+                one(Deny, Match::default()),
+                conn(Some(client), 80),
+                true,
+            ),
+            (
+                "sa ignores trust domain",
+                one(
+                    Allow,
+                    Match {
+                        service_accounts: vec![sa("prod", "client")],
+                        ..Default::default()
+                    },
+                ),
+                conn(Some(client), 80),
+                true,
+            ),
+            (
+                "sa needs namespace",
+                one(
+                    Allow,
+                    Match {
+                        service_accounts: vec![sa("test", "client")],
+                        ..Default::default()
+                    },
+                ),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "sa never plaintext",
+                one(
+                    Allow,
+                    Match {
+                        service_accounts: vec![sa("prod", "client")],
+                        ..Default::default()
+                    },
+                ),
+                conn(None, 80),
+                false,
+            ),
+            (
+                "not_sa matches plaintext",
+                one(
+                    Deny,
+                    Match {
+                        not_service_accounts: vec![sa("prod", "client")],
+                        ..Default::default()
+                    },
+                ),
+                conn(None, 80),
+                false,
+            ),
+            (
+                "not_sa exempts",
+                one(
+                    Deny,
+                    Match {
+                        not_service_accounts: vec![sa("prod", "client")],
+                        ..Default::default()
+                    },
+                ),
+                conn(Some(client), 80),
+                true,
+            ),
+            (
+                "ALLOW, unsupported match: never",
+                one(Allow, unsupported(port(80))),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported match: on what is known",
+                one(Deny, unsupported(port(80))),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported match: known part decides",
+                one(Deny, unsupported(port(80))),
+                conn(Some(client), 81),
+                true,
+            ),
+            (
+                "DENY, only unsupported: everyone",
+                one(Deny, unsupported(Match::default())),
+                conn(Some(client), 81),
+                false,
+            ),
+            (
+                "ALLOW, unsupported clause: never",
+                with_rules(Allow, vec![clause_unsupported.clone()]),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported clause: holds",
+                with_rules(Deny, vec![clause_unsupported.clone()]),
+                conn(Some(client), 81),
+                false,
+            ),
+            (
+                "ALLOW, unsupported rule: never",
+                with_rules(Allow, vec![rule_unsupported.clone()]),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported rule: holds",
+                with_rules(Deny, vec![rule_unsupported.clone()]),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "ALLOW, unsupported policy: nothing",
+                policy_unsupported(Allow),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported policy: by its rules",
+                policy_unsupported(Deny),
+                conn(Some(client), 80),
+                false,
+            ),
+            (
+                "DENY, unsupported policy: rules decide",
+                policy_unsupported(Deny),
+                conn(Some(client), 81),
+                true,
+            ),
+        ];
+        for (name, p, c, want) in cases {
+            let (d, _) = authorize(std::slice::from_ref(&p), &dst, &c);
+            assert_eq!(d.is_allowed(), want, "{name}: {d:?}");
+        }
     }
 }

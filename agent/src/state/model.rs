@@ -200,14 +200,24 @@ impl StringMatch {
     }
 }
 
+/// A peer's Kubernetes service account, as Istio's `ServiceAccountMatch`:
+/// namespace and name, compared exactly (the trust domain is not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub name: String,
+}
+
 /// One match: every non-empty field must hold; each field is an OR of its
-/// values; a `not_` field holds when none of its values match.
+/// values; a `not_` field holds when none of its values match. A match
+/// that sets nothing never holds (as ztunnel: istiod sends one when it
+/// stripped every L7 condition of a DENY, meaning "no effect here").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
-    pub service_accounts: Vec<StringMatch>,
-    pub not_service_accounts: Vec<StringMatch>,
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
     pub principals: Vec<StringMatch>,
     pub not_principals: Vec<StringMatch>,
     pub source_ips: Vec<IpNet>,
@@ -216,18 +226,62 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// Conditions this agent cannot evaluate (extensions, fields newer
+    /// than its schema), described. An ALLOW's match with any never holds;
+    /// a DENY's is taken to satisfy them (the source already dropped what
+    /// could only narrow the DENY).
+    pub unsupported: Vec<String>,
 }
 
-/// A clause holds when any of its matches holds.
+impl Match {
+    /// Whether the match sets no condition at all, known or not.
+    pub fn is_empty(&self) -> bool {
+        let Match {
+            namespaces,
+            not_namespaces,
+            service_accounts,
+            not_service_accounts,
+            principals,
+            not_principals,
+            source_ips,
+            not_source_ips,
+            destination_ips,
+            not_destination_ips,
+            destination_ports,
+            not_destination_ports,
+            unsupported,
+        } = self;
+        namespaces.is_empty()
+            && not_namespaces.is_empty()
+            && service_accounts.is_empty()
+            && not_service_accounts.is_empty()
+            && principals.is_empty()
+            && not_principals.is_empty()
+            && source_ips.is_empty()
+            && not_source_ips.is_empty()
+            && destination_ips.is_empty()
+            && not_destination_ips.is_empty()
+            && destination_ports.is_empty()
+            && not_destination_ports.is_empty()
+            && unsupported.is_empty()
+    }
+}
+
+/// A clause holds when any of its matches holds (or it has none).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Clause {
     pub matches: Vec<Match>,
+    /// What the clause carries that this agent cannot evaluate: an ALLOW's
+    /// clause with any never holds, a DENY's always does.
+    pub unsupported: Vec<String>,
 }
 
-/// A rule holds when all of its clauses hold.
+/// A rule holds when all of its clauses hold (or it has none).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
     pub clauses: Vec<Clause>,
+    /// As [`Clause::unsupported`], for the whole rule.
+    pub unsupported: Vec<String>,
 }
 
 /// An L4 authorization policy; it applies when any of its rules holds.
@@ -238,7 +292,13 @@ pub struct Policy {
     pub scope: PolicyScope,
     pub action: PolicyAction,
     pub rules: Vec<Rule>,
+    /// Evaluated and reported, never enforced.
     pub dry_run: bool,
+    /// What the policy carries beyond its rules that this agent cannot
+    /// evaluate (extensions, newer fields): an ALLOW with any matches
+    /// nothing (and so still denies what no other ALLOW admits); a DENY is
+    /// enforced by its rules as understood.
+    pub unsupported: Vec<String>,
 }
 
 impl Policy {

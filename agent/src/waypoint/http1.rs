@@ -55,7 +55,9 @@ enum ForwardError {
 impl Handler for L7 {
     async fn handle(self: Arc<Self>, req: ConnectRequest, responder: Responder) {
         let shared = self.0.clone();
-        let src = req.forwarded_for.unwrap_or(req.peer_addr.ip());
+        // The client's agent connects from the client's own address; its
+        // `Forwarded` is a claim this waypoint has no reason to believe.
+        let src = req.peer_addr.ip();
         let span = tracing::info_span!("waypoint_tunnel", %src, src_id = %req.peer_identity, target = %req.target);
         async move {
             let snap = shared.state.snapshot();

@@ -47,8 +47,12 @@ pub use watch::LocalSource;
 
 /// Parses and validates a mesh file's text; `source_name` names it in errors.
 pub fn parse_mesh(source_name: &str, text: &str) -> Result<Mesh, LocalConfigError> {
+    // A file caught mid-write (truncated, not yet filled) reads as blank;
+    // taking that for "no workloads" would release every pod.
     if is_blank_document(text) {
-        return Ok(Mesh::default());
+        return Err(LocalConfigError::Blank {
+            file: source_name.to_string(),
+        });
     }
     // Duplicate keys are almost always a copy-paste mistake; the default
     // (last one wins) would hide half of an entry.
@@ -107,6 +111,10 @@ pub enum LocalConfigError {
         #[source]
         source: io::Error,
     },
+    /// No YAML document at all (empty, or only comments): a file being
+    /// written, never an empty mesh, which must be said (`workloads: []`).
+    #[error("{file}: the mesh file is blank; an empty mesh is written `workloads: []`")]
+    Blank { file: String },
     /// Not well-formed YAML, or not a mapping at the top.
     #[error("{}: {message}", At(file, at))]
     Syntax {
@@ -161,6 +169,8 @@ pub enum Problem {
     DuplicateEndpoint { uid: String },
     #[error("duplicate policy {key} (first at {first})")]
     DuplicatePolicy { key: String, first: String },
+    #[error("service account {0:?} is not `name` or `namespace/name` (no wildcards)")]
+    ServiceAccount(String),
     #[error("no workload has uid {0:?}")]
     UnknownWorkload(String),
     #[error("workload {uid:?} is in namespace {workload_namespace:?}, not the policy's namespace")]
@@ -191,7 +201,7 @@ pub enum Problem {
 }
 
 /// True for a file with no YAML document in it (only comments, blank lines
-/// or document markers), which the loader would reject as "not a mapping".
+/// or document markers).
 fn is_blank_document(text: &str) -> bool {
     text.lines().all(|line| {
         let line = line.trim();

@@ -19,13 +19,16 @@ use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
 use ambient_proto::prost_types::Any;
+use ambient_proto::unknown::{self, Unknown};
 use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use ipnet::IpNet;
+use tracing::warn;
 
 use crate::identity::Identity;
 use crate::state::{
     ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
-    Service, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    Service, ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint,
+    WaypointTarget, Workload,
 };
 use crate::xds::local::Problem;
 
@@ -55,6 +58,8 @@ pub enum Invalid {
     WaypointNoDestination,
     #[error("{0:?} is not of the form <namespace>/<hostname>")]
     ServiceKey(String),
+    #[error("service account {0:?} needs a namespace and a name, neither with '/'")]
+    ServiceAccount(String),
 }
 
 /// Why one resource was refused.
@@ -141,18 +146,21 @@ pub(super) enum Decoded {
 
 /// Decodes and checks one resource named `name` of type `type_url`.
 pub(super) fn decode(type_url: &str, name: &str, any: &Any) -> Result<Decoded, RejectReason> {
+    let decode_error = |e: &dyn std::fmt::Display| RejectReason::Decode(e.to_string());
     if type_url == ADDRESS_TYPE_URL {
-        let msg: pb::Address = any
-            .to_msg()
-            .map_err(|e| RejectReason::Decode(e.to_string()))?;
+        let msg: pb::Address = any.to_msg().map_err(|e| decode_error(&e))?;
         address(name, msg).map(|a| Decoded::Address(Box::new(a)))
     } else {
-        let msg: pb_sec::Authorization = any
-            .to_msg()
-            .map_err(|e| RejectReason::Decode(e.to_string()))?;
-        policy(name, msg).map(Decoded::Policy)
+        let msg: pb_sec::Authorization = any.to_msg().map_err(|e| decode_error(&e))?;
+        // prost drops what our schema does not declare; a policy must not.
+        let unknown =
+            unknown::find(AUTHORIZATION_MESSAGE, &any.value).map_err(|e| decode_error(&e))?;
+        policy(name, msg, &unknown).map(Decoded::Policy)
     }
 }
+
+/// The full name of the message behind [`AUTHORIZATION_TYPE_URL`].
+const AUTHORIZATION_MESSAGE: &str = "istio.security.Authorization";
 
 fn address(name: &str, a: pb::Address) -> Result<AddressResource, RejectReason> {
     match a.r#type {
@@ -379,7 +387,11 @@ fn waypoint(at: &str, g: Option<pb::GatewayAddress>) -> Result<Option<Waypoint>,
     Ok(Some(Waypoint { target, hbone_port }))
 }
 
-fn policy(name: &str, a: pb_sec::Authorization) -> Result<Policy, RejectReason> {
+fn policy(
+    name: &str,
+    a: pb_sec::Authorization,
+    unknown: &[Unknown],
+) -> Result<Policy, RejectReason> {
     let policy_name = required("name", a.name)?;
     let namespace = required("namespace", a.namespace)?;
     let expected = format!("{namespace}/{policy_name}");
@@ -397,6 +409,9 @@ fn policy(name: &str, a: pb_sec::Authorization) -> Result<Policy, RejectReason> 
         pb_sec::Action::Allow => PolicyAction::Allow,
         pb_sec::Action::Deny => PolicyAction::Deny,
     };
+    let mut parts = UnknownParts::sort(unknown);
+    let mut unsupported = parts.take(&[]);
+    unsupported.extend(a.extensions.iter().map(extension));
     let mut rules = Vec::with_capacity(a.rules.len());
     for (r, rule) in a.rules.iter().enumerate() {
         let mut clauses = Vec::with_capacity(rule.clauses.len());
@@ -404,11 +419,18 @@ fn policy(name: &str, a: pb_sec::Authorization) -> Result<Policy, RejectReason> 
             let mut matches = Vec::with_capacity(clause.matches.len());
             for (m, entry) in clause.matches.iter().enumerate() {
                 let at = format!("rules[{r}].clauses[{c}].matches[{m}]");
-                matches.push(match_entry(&at, entry)?);
+                let unknown = parts.in_match(r, c, m);
+                matches.push(match_entry(&at, entry, action, unknown)?);
             }
-            clauses.push(Clause { matches });
+            clauses.push(Clause {
+                matches,
+                unsupported: parts.take(&[(RULES, r), (CLAUSES, c)]),
+            });
         }
-        rules.push(Rule { clauses });
+        rules.push(Rule {
+            clauses,
+            unsupported: parts.take(&[(RULES, r)]),
+        });
     }
     Ok(Policy {
         name: policy_name,
@@ -416,42 +438,195 @@ fn policy(name: &str, a: pb_sec::Authorization) -> Result<Policy, RejectReason> 
         scope,
         action,
         rules,
-        // Not in the Authorization proto this agent speaks.
-        dry_run: false,
+        dry_run: a.dry_run,
+        unsupported,
     })
 }
 
-fn match_entry(at: &str, m: &pb_sec::Match) -> Result<Match, RejectReason> {
-    let strings =
-        |name: &str, values: &[pb_sec::StringMatch]| -> Result<Vec<StringMatch>, RejectReason> {
-            let list = values.iter().enumerate();
-            list.map(|(k, s)| string_match(s).map_err(|e| field(format!("{at}.{name}[{k}]"), e)))
-                .collect()
-        };
-    let nets = |name: &str, values: &[pb_sec::Address]| -> Result<Vec<IpNet>, RejectReason> {
-        let list = values.iter().enumerate();
-        list.map(|(k, a)| cidr(a).map_err(|e| field(format!("{at}.{name}[{k}]"), e)))
-            .collect()
+/// Field numbers on the way from an `Authorization` to its matches' values.
+const RULES: u32 = 5;
+const CLAUSES: u32 = 1;
+const MATCHES: u32 = 2;
+/// `Authorization.extensions` and `Match.extensions`: declared, but what
+/// is inside one is not this agent's to know.
+const POLICY_EXTENSIONS: u32 = 7;
+const MATCH_EXTENSIONS: u32 = 13;
+
+/// What the reflection pass found in a policy that its schema does not
+/// declare, sorted by the part of the policy it belongs to.
+#[derive(Default)]
+struct UnknownParts {
+    /// Path of (field, index) pairs to the policy, rule, clause or match
+    /// holding the unknown part -> its descriptions.
+    at: BTreeMap<Vec<(u32, usize)>, Vec<String>>,
+    /// (rule, clause, match) -> (field, index) of values holding one.
+    values: BTreeMap<(usize, usize, usize), BTreeSet<(u32, usize)>>,
+}
+
+/// The unknown parts of one match.
+#[derive(Default)]
+struct MatchUnknown {
+    /// Described, for the match's `unsupported`.
+    notes: Vec<String>,
+    /// (field, index) of values holding an unknown part.
+    values: BTreeSet<(u32, usize)>,
+}
+
+impl UnknownParts {
+    fn sort(unknown: &[Unknown]) -> Self {
+        let mut parts = UnknownParts::default();
+        for u in unknown {
+            let path: Vec<(u32, usize)> = u
+                .at()
+                .iter()
+                .map(|s| (s.field, s.index.unwrap_or(0)))
+                .collect();
+            let what = match u {
+                Unknown::Field { number, .. } => format!("unknown field {number}"),
+                Unknown::EnumValue { value, .. } => format!("unknown enum value {value}"),
+            };
+            match path.as_slice() {
+                // Scope and action: refused by their own check.
+                [(3 | 4, _)] if matches!(u, Unknown::EnumValue { .. }) => {}
+                // Inside an extension: the extension itself is the news.
+                [(POLICY_EXTENSIONS, _), ..] => {}
+                [(RULES, _), (CLAUSES, _), (MATCHES, _), (MATCH_EXTENSIONS, _), ..] => {}
+                // Inside a value of a match (a StringMatch, an Address...).
+                [(RULES, r), (CLAUSES, c), (MATCHES, m), (field, i), ..] => {
+                    parts
+                        .values
+                        .entry((*r, *c, *m))
+                        .or_default()
+                        .insert((*field, *i));
+                    let note = format!("{what} in value {i} of field {field}");
+                    parts.at.entry(path[..3].to_vec()).or_default().push(note);
+                }
+                []
+                | [(RULES, _)]
+                | [(RULES, _), (CLAUSES, _)]
+                | [(RULES, _), (CLAUSES, _), (MATCHES, _)] => {
+                    parts.at.entry(path).or_default().push(what);
+                }
+                // Anywhere else is a field we know holding a value we do
+                // not: count it against the policy as a whole.
+                _ => parts.at.entry(Vec::new()).or_default().push(what),
+            }
+        }
+        parts
+    }
+
+    /// The descriptions of what is unknown directly at `path`.
+    fn take(&mut self, path: &[(u32, usize)]) -> Vec<String> {
+        self.at.remove(path).unwrap_or_default()
+    }
+
+    fn in_match(&mut self, r: usize, c: usize, m: usize) -> MatchUnknown {
+        MatchUnknown {
+            notes: self.take(&[(RULES, r), (CLAUSES, c), (MATCHES, m)]),
+            values: self.values.remove(&(r, c, m)).unwrap_or_default(),
+        }
+    }
+}
+
+fn extension(e: &ambient_proto::workload::Extension) -> String {
+    format!("extension {:?}", e.name)
+}
+
+/// A match, with what is not understood in it made safe for `action`: an
+/// ALLOW's match keeps it as `unsupported` (never holds); in a DENY's, a
+/// value that cannot be read makes a positive field hold for anyone and
+/// is left out of a `not_` field (so it exempts no one).
+fn match_entry(
+    at: &str,
+    m: &pb_sec::Match,
+    action: PolicyAction,
+    unknown: MatchUnknown,
+) -> Result<Match, RejectReason> {
+    let deny = action == PolicyAction::Deny;
+    let ctx = FieldCtx {
+        at,
+        deny,
+        unknown: &unknown.values,
     };
-    let ports = |name: &str, values: &[u32]| -> Result<Vec<u16>, RejectReason> {
-        let list = values.iter().enumerate();
+    let ports = |name: &str, list: &[u32]| -> Result<Vec<u16>, RejectReason> {
+        let list = list.iter().enumerate();
         list.map(|(k, p)| port(&format!("{at}.{name}[{k}]"), *p))
             .collect()
     };
+    let mut unsupported = unknown.notes;
+    unsupported.extend(m.extensions.iter().map(extension));
     Ok(Match {
-        namespaces: strings("namespaces", &m.namespaces)?,
-        not_namespaces: strings("not_namespaces", &m.not_namespaces)?,
-        // Not in the Authorization proto this agent speaks.
-        service_accounts: Vec::new(),
-        not_service_accounts: Vec::new(),
-        principals: strings("principals", &m.principals)?,
-        not_principals: strings("not_principals", &m.not_principals)?,
-        source_ips: nets("source_ips", &m.source_ips)?,
-        not_source_ips: nets("not_source_ips", &m.not_source_ips)?,
-        destination_ips: nets("destination_ips", &m.destination_ips)?,
-        not_destination_ips: nets("not_destination_ips", &m.not_destination_ips)?,
+        namespaces: ctx.values(1, "namespaces", &m.namespaces, string_match)?,
+        not_namespaces: ctx.values(2, "not_namespaces", &m.not_namespaces, string_match)?,
+        principals: ctx.values(3, "principals", &m.principals, string_match)?,
+        not_principals: ctx.values(4, "not_principals", &m.not_principals, string_match)?,
+        source_ips: ctx.values(5, "source_ips", &m.source_ips, cidr)?,
+        not_source_ips: ctx.values(6, "not_source_ips", &m.not_source_ips, cidr)?,
+        destination_ips: ctx.values(7, "destination_ips", &m.destination_ips, cidr)?,
+        not_destination_ips: ctx.values(8, "not_destination_ips", &m.not_destination_ips, cidr)?,
         destination_ports: ports("destination_ports", &m.destination_ports)?,
         not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+        service_accounts: ctx.values(
+            11,
+            "service_accounts",
+            &m.service_accounts,
+            service_account,
+        )?,
+        not_service_accounts: ctx.values(
+            12,
+            "not_service_accounts",
+            &m.not_service_accounts,
+            service_account,
+        )?,
+        unsupported,
+    })
+}
+
+/// Where a match's fields are read, and which of their values hold
+/// something this agent cannot read.
+struct FieldCtx<'a> {
+    at: &'a str,
+    deny: bool,
+    /// (field number, index) of unreadable values.
+    unknown: &'a BTreeSet<(u32, usize)>,
+}
+
+impl FieldCtx<'_> {
+    /// The readable values of field `number`. In a DENY, a positive field
+    /// (odd numbers 1..=11; `not_` fields are even) with an unreadable
+    /// value is left empty, so it holds for anyone.
+    fn values<T, U>(
+        &self,
+        number: u32,
+        name: &str,
+        list: &[T],
+        convert: impl Fn(&T) -> Result<U, Invalid>,
+    ) -> Result<Vec<U>, RejectReason> {
+        let unreadable = |k: usize| self.unknown.contains(&(number, k));
+        if self.deny && number % 2 == 1 && (0..list.len()).any(unreadable) {
+            return Ok(Vec::new());
+        }
+        list.iter()
+            .enumerate()
+            .filter(|(k, _)| !unreadable(*k))
+            .map(|(k, v)| convert(v).map_err(|e| field(format!("{}.{name}[{k}]", self.at), e)))
+            .collect()
+    }
+}
+
+/// Istio's service account match: both parts required, no '/' in either
+/// (they are segments of a SPIFFE identity).
+fn service_account(s: &pb_sec::ServiceAccountMatch) -> Result<ServiceAccountMatch, Invalid> {
+    let part = |v: &str| !v.is_empty() && !v.contains('/');
+    if !part(&s.namespace) || !part(&s.service_account) {
+        return Err(Invalid::ServiceAccount(format!(
+            "{}/{}",
+            s.namespace, s.service_account
+        )));
+    }
+    Ok(ServiceAccountMatch {
+        namespace: s.namespace.clone(),
+        name: s.service_account.clone(),
     })
 }
 
@@ -484,12 +659,27 @@ struct Entry<T> {
 }
 
 /// Every accepted resource, by type and name: what the client holds.
-/// Cloning is cheap (the values are shared), so a response is applied to
-/// a copy that replaces the original only if the whole response is good.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Resources {
     addresses: BTreeMap<String, Entry<AddressResource>>,
     policies: BTreeMap<String, Entry<Policy>>,
+}
+
+/// What applying one response did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Applied {
+    /// Names added or changed.
+    pub changed: BTreeSet<String>,
+    /// Resources refused. Each keeps its last good version, if it had one:
+    /// a bad push of a resource never takes away what it said before.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Applied {
+    /// What the NACK says, if anything was refused.
+    pub(super) fn into_error(self) -> Option<ResponseError> {
+        (!self.rejected.is_empty()).then_some(ResponseError::Rejected(self.rejected))
+    }
 }
 
 impl Resources {
@@ -511,13 +701,14 @@ impl Resources {
         self.addresses.len() + self.policies.len()
     }
 
-    /// Applies a response's additions and removals. Returns the names it
-    /// added or changed; on error `self` may be partly changed (callers
-    /// apply to a copy).
+    /// Applies a response resource by resource, as ztunnel does: removals,
+    /// then every resource that decodes and fits with the rest; a bad one
+    /// is refused and named, and its last good version keeps serving.
+    /// Only a response of a type not subscribed to is refused whole.
     pub(super) fn apply(
         &mut self,
         resp: &DeltaDiscoveryResponse,
-    ) -> Result<BTreeSet<String>, ResponseError> {
+    ) -> Result<Applied, ResponseError> {
         let type_url = resp.type_url.as_str();
         if type_url != ADDRESS_TYPE_URL && type_url != AUTHORIZATION_TYPE_URL {
             return Err(ResponseError::UnknownType(type_url.to_string()));
@@ -529,42 +720,61 @@ impl Resources {
                 self.policies.remove(name);
             }
         }
-        let mut changed = BTreeSet::new();
-        let mut rejected = Vec::new();
+        let mut applied = Applied::default();
+        // The versions the accepted addresses replaced, to go back to when
+        // one turns out to clash with the rest.
+        let mut replaced: BTreeMap<String, Option<Entry<AddressResource>>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
         for r in &resp.resources {
             let reject = |reason| Rejected {
                 name: r.name.clone(),
                 reason,
             };
-            if !changed.insert(r.name.clone()) {
-                rejected.push(reject(RejectReason::DuplicateName));
+            if !seen.insert(r.name.as_str()) {
+                applied.rejected.push(reject(RejectReason::DuplicateName));
                 continue;
             }
             let Some(any) = &r.resource else {
-                rejected.push(reject(RejectReason::MissingBody));
+                applied.rejected.push(reject(RejectReason::MissingBody));
                 continue;
             };
             match decode(type_url, &r.name, any) {
                 Ok(Decoded::Address(a)) => {
-                    self.addresses.insert(r.name.clone(), entry(&r.version, *a));
+                    let old = self.addresses.insert(r.name.clone(), entry(&r.version, *a));
+                    replaced.insert(r.name.clone(), old);
                 }
                 Ok(Decoded::Policy(p)) => {
                     self.policies.insert(r.name.clone(), entry(&r.version, p));
                 }
-                Err(reason) => rejected.push(reject(reason)),
+                Err(reason) => {
+                    applied.rejected.push(reject(reason));
+                    continue;
+                }
+            }
+            applied.changed.insert(r.name.clone());
+        }
+        // Each round puts back at least one changed address, so this ends
+        // at the latest with the set held before (which was consistent).
+        loop {
+            let clashes = self.clashes(&applied.changed);
+            if clashes.is_empty() {
+                break;
+            }
+            for c in clashes {
+                match replaced.remove(&c.name).flatten() {
+                    Some(old) => self.addresses.insert(c.name.clone(), old),
+                    None => self.addresses.remove(&c.name),
+                };
+                applied.changed.remove(&c.name);
+                applied.rejected.push(c);
             }
         }
-        if rejected.is_empty() {
-            Ok(changed)
-        } else {
-            Err(ResponseError::Rejected(rejected))
-        }
+        Ok(applied)
     }
 
-    /// Joins the resources into a mesh. `changed` names the resources of
-    /// the response being applied: when two resources claim one address,
-    /// the changed one is blamed (the others were accepted together before).
-    pub(super) fn build(&self, changed: &BTreeSet<String>) -> Result<Mesh, ResponseError> {
+    /// Addresses claimed twice, blamed on the resources in `changed` (the
+    /// others were accepted together before).
+    fn clashes(&self, changed: &BTreeSet<String>) -> Vec<Rejected> {
         let mut rejected = Vec::new();
         let mut claims: HashMap<IpAddr, String> = HashMap::new();
         let mut order: Vec<(&String, &AddressResource)> = self
@@ -582,6 +792,12 @@ impl Resources {
             };
             for (i, ip) in ips.iter().enumerate() {
                 if let Some(first) = claims.get(ip) {
+                    if !changed.contains(name) {
+                        // Two resources held before clash: impossible, as
+                        // every accepted set was checked; never loop on it.
+                        warn!(%ip, %name, "two held resources claim one address");
+                        continue;
+                    }
                     let problem = Problem::DuplicateAddress {
                         ip: *ip,
                         first: first.clone(),
@@ -590,15 +806,17 @@ impl Resources {
                         name: name.clone(),
                         reason: field(format!("addresses[{i}]"), problem),
                     });
+                    break;
                 } else {
                     claims.insert(*ip, owner.clone());
                 }
             }
         }
-        if !rejected.is_empty() {
-            return Err(ResponseError::Rejected(rejected));
-        }
+        rejected
+    }
 
+    /// Joins the resources into a mesh.
+    pub(super) fn build(&self) -> Mesh {
         let mut mesh = Mesh::default();
         // Service key -> its endpoints' uids and ports; policy key -> uids.
         let mut backing: HashMap<&str, Vec<(&str, &[ServicePort])>> = HashMap::new();
@@ -630,7 +848,7 @@ impl Resources {
             }
             mesh.policies.push(p);
         }
-        Ok(mesh)
+        mesh
     }
 }
 

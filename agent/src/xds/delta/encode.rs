@@ -12,17 +12,15 @@ use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHOR
 use ipnet::IpNet;
 
 use crate::state::{
-    ApplicationTunnel, Match, Mesh, Policy, PolicyAction, PolicyScope, Service, StringMatch,
-    TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    ApplicationTunnel, Match, Mesh, Policy, PolicyAction, PolicyScope, Service,
+    ServiceAccountMatch, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
 };
 
 /// Why a mesh cannot be served over xDS.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
-    #[error("policy {0}: service account matches have no field in istio.security.Match")]
-    ServiceAccounts(String),
-    #[error("policy {0}: dry run has no field in istio.security.Authorization")]
-    DryRun(String),
+    #[error("policy {0}: what this agent did not understand cannot be served again")]
+    Unsupported(String),
     #[error("{name}: {source}")]
     Encode {
         name: String,
@@ -226,24 +224,29 @@ fn gateway(w: &Waypoint) -> pb::GatewayAddress {
 }
 
 fn authorization(p: &Policy) -> Result<pb_sec::Authorization, EncodeError> {
-    if p.dry_run {
-        return Err(EncodeError::DryRun(p.key()));
+    let unsupported = !p.unsupported.is_empty()
+        || p.rules.iter().any(|r| {
+            !r.unsupported.is_empty()
+                || r.clauses.iter().any(|c| {
+                    !c.unsupported.is_empty() || c.matches.iter().any(|m| !m.unsupported.is_empty())
+                })
+        });
+    if unsupported {
+        return Err(EncodeError::Unsupported(p.key()));
     }
-    let mut rules = Vec::with_capacity(p.rules.len());
-    for r in &p.rules {
-        let mut clauses = Vec::with_capacity(r.clauses.len());
-        for c in &r.clauses {
-            let mut matches = Vec::with_capacity(c.matches.len());
-            for m in &c.matches {
-                if !m.service_accounts.is_empty() || !m.not_service_accounts.is_empty() {
-                    return Err(EncodeError::ServiceAccounts(p.key()));
-                }
-                matches.push(match_entry(m));
-            }
-            clauses.push(pb_sec::Clause { matches });
-        }
-        rules.push(pb_sec::Rule { clauses });
-    }
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| pb_sec::Rule {
+            clauses: r
+                .clauses
+                .iter()
+                .map(|c| pb_sec::Clause {
+                    matches: c.matches.iter().map(match_entry).collect(),
+                })
+                .collect(),
+        })
+        .collect();
     Ok(pb_sec::Authorization {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
@@ -257,6 +260,8 @@ fn authorization(p: &Policy) -> Result<pb_sec::Authorization, EncodeError> {
             PolicyAction::Deny => pb_sec::Action::Deny,
         } as i32,
         rules,
+        dry_run: p.dry_run,
+        extensions: Vec::new(),
     })
 }
 
@@ -271,6 +276,14 @@ fn match_entry(m: &Match) -> pb_sec::Match {
             .collect()
     };
     let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let accounts = |v: &[ServiceAccountMatch]| {
+        v.iter()
+            .map(|a| pb_sec::ServiceAccountMatch {
+                namespace: a.namespace.clone(),
+                service_account: a.name.clone(),
+            })
+            .collect()
+    };
     pb_sec::Match {
         namespaces: strings(&m.namespaces),
         not_namespaces: strings(&m.not_namespaces),
@@ -282,6 +295,9 @@ fn match_entry(m: &Match) -> pb_sec::Match {
         not_destination_ips: nets(&m.not_destination_ips),
         destination_ports: ports(&m.destination_ports),
         not_destination_ports: ports(&m.not_destination_ports),
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        extensions: Vec::new(),
     }
 }
 

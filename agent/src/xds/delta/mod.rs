@@ -3,12 +3,13 @@
 //! One `DeltaAggregatedResources` stream carries two wildcard subscriptions,
 //! `istio.workload.Address` (workloads and services) and
 //! `istio.security.Authorization` (L4 policies), as ztunnel makes them.
-//! Every response is applied whole or not at all: its resources are
-//! decoded and checked (`convert`), joined with everything held into a
-//! [`Mesh`], installed with [`State::replace`], and ACKed; if any resource
-//! is bad, nothing of the response is applied, the last good mesh keeps
-//! serving, and the response is NACKed with `INVALID_ARGUMENT` naming the
-//! resources and what is wrong with them.
+//! Every response is applied resource by resource, as ztunnel does: its
+//! removals, and each resource that decodes and fits with the rest
+//! (`convert`); the result is joined into a [`Mesh`] and installed with
+//! [`State::replace`]. A bad resource is refused on its own: its last
+//! good version (if any) keeps serving, and the response is NACKed with
+//! `INVALID_ARGUMENT` naming only the refused resources and what is wrong
+//! with them. A valid DENY is never held back by a bad neighbour.
 //!
 //! The mesh is installed only once both types have answered, so the agent
 //! never serves workloads without the policies that guard them. After a
@@ -355,64 +356,73 @@ impl XdsClient {
         }
     }
 
-    /// Applies one response and returns its ACK or NACK.
+    /// Applies one response and returns its ACK, or a NACK naming the
+    /// resources it refused (the rest of the response is applied).
     fn handle(&mut self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let type_url = resp.type_url.clone();
         let nonce = resp.nonce.clone();
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
-        match self.apply(&resp) {
-            Ok(installed) => {
-                info!(%type_url, %nonce, added, removed, installed, "ACK");
-                let resources = self.resources.len();
-                let synced = self.unsynced.is_empty();
-                self.status.send_modify(|s| {
-                    s.acks += 1;
-                    s.synced = synced;
-                    s.resources = resources;
-                    s.installs += u64::from(installed);
-                });
-                DeltaDiscoveryRequest {
-                    type_url,
-                    response_nonce: nonce,
-                    ..Default::default()
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                warn!(%type_url, %nonce, added, removed, error = %message, "NACK; keeping the last good mesh");
-                self.status.send_modify(|s| {
-                    s.nacks += 1;
-                    s.last_nack = Some(message.clone());
-                });
-                DeltaDiscoveryRequest {
-                    type_url,
-                    response_nonce: nonce,
-                    error_detail: Some(rpc::Status {
-                        code: INVALID_ARGUMENT,
-                        message,
-                        details: Vec::new(),
-                    }),
-                    ..Default::default()
-                }
-            }
+        let (installed, error) = match self.apply(&resp) {
+            Ok((installed, rejected)) => (installed, rejected),
+            Err(e) => (false, Some(e)),
+        };
+        let resources = self.resources.len();
+        let synced = self.unsynced.is_empty();
+        self.status.send_modify(|s| {
+            s.synced = synced;
+            s.resources = resources;
+            s.installs += u64::from(installed);
+        });
+        let Some(e) = error else {
+            info!(%type_url, %nonce, added, removed, installed, "ACK");
+            self.status.send_modify(|s| s.acks += 1);
+            return DeltaDiscoveryRequest {
+                type_url,
+                response_nonce: nonce,
+                ..Default::default()
+            };
+        };
+        let message = e.to_string();
+        warn!(%type_url, %nonce, added, removed, installed, error = %message,
+            "NACK; the refused resources keep their last good version");
+        self.status.send_modify(|s| {
+            s.nacks += 1;
+            s.last_nack = Some(message.clone());
+        });
+        DeltaDiscoveryRequest {
+            type_url,
+            response_nonce: nonce,
+            error_detail: Some(rpc::Status {
+                code: INVALID_ARGUMENT,
+                message,
+                details: Vec::new(),
+            }),
+            ..Default::default()
         }
     }
 
-    /// Applies `resp` to a copy of the resources and keeps the copy only if
-    /// everything in it is good. Returns whether a new mesh was installed.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<bool, ResponseError> {
-        let mut next = self.resources.clone();
-        let changed = next.apply(resp)?;
-        let mesh = next.build(&changed)?;
-        self.resources = next;
+    /// Applies `resp` resource by resource. Returns whether a new mesh was
+    /// installed and what was refused; an error refuses the whole response.
+    fn apply(
+        &mut self,
+        resp: &DeltaDiscoveryResponse,
+    ) -> Result<(bool, Option<ResponseError>), ResponseError> {
+        let applied = self.resources.apply(resp)?;
+        // A type has answered once its first response is processed, even
+        // if some of it was refused: the server will not send it again.
         if let Some(t) = TYPE_URLS.iter().find(|t| **t == resp.type_url) {
             self.unsynced.remove(t);
         }
-        if !self.unsynced.is_empty() || *self.state.snapshot().mesh() == mesh {
-            return Ok(false);
+        let rejected = applied.into_error();
+        if !self.unsynced.is_empty() {
+            return Ok((false, rejected));
+        }
+        let mesh = self.resources.build();
+        if *self.state.snapshot().mesh() == mesh {
+            return Ok((false, rejected));
         }
         self.state.replace(mesh);
-        Ok(true)
+        Ok((true, rejected))
     }
 }
 

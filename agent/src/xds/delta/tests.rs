@@ -120,12 +120,13 @@ fn responses(enc: &EncodedMesh) -> Vec<DeltaDiscoveryResponse> {
         .collect()
 }
 
-fn apply_all(res: &mut Resources, resps: &[DeltaDiscoveryResponse]) -> Result<Mesh, ResponseError> {
-    let mut changed = BTreeSet::new();
+/// Applies `resps`, each of which must be accepted whole.
+fn apply_all(res: &mut Resources, resps: &[DeltaDiscoveryResponse]) -> Mesh {
     for r in resps {
-        changed.extend(res.apply(r)?);
+        let applied = res.apply(r).expect("a subscribed type");
+        assert_eq!(applied.rejected, [], "nothing refused");
     }
-    res.build(&changed)
+    res.build()
 }
 
 #[test]
@@ -148,7 +149,7 @@ fn mesh_round_trips_through_resources() {
         ["test/deny-all-but", "test/ns", "test/selected"]
     );
     let mut res = Resources::default();
-    let back = apply_all(&mut res, &responses(&enc)).unwrap();
+    let back = apply_all(&mut res, &responses(&enc));
     assert_eq!(back, canonical(&m));
     assert_eq!(res.len(), 9);
     assert_eq!(res.versions(ADDRESS_TYPE_URL).len(), 6);
@@ -646,10 +647,223 @@ fn good_resources_convert_with_istio_defaults() {
     );
 }
 
+/// `tag` (field `number`, length-delimited) and `body`.
+fn len_field(number: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ambient_proto::prost::encoding::encode_key(
+        number,
+        ambient_proto::prost::encoding::WireType::LengthDelimited,
+        &mut out,
+    );
+    ambient_proto::prost::encoding::encode_varint(body.len() as u64, &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Field 20 = 1: a field no version of these messages declares.
+const UNKNOWN_FIELD: [u8; 3] = [0xa0, 0x01, 0x01];
+
+/// An Authorization `ns/p` with `action`, one rule of one clause of one
+/// match `m`, and raw `extra` bytes appended at the match, clause and
+/// policy levels.
+fn raw_policy(action: pb_sec::Action, m: Vec<u8>, clause_extra: &[u8], policy_extra: &[u8]) -> Any {
+    use ambient_proto::prost::Message;
+    let top = pb_sec::Authorization {
+        name: "p".into(),
+        namespace: "ns".into(),
+        action: action as i32,
+        ..Default::default()
+    };
+    let clause = [len_field(2, &m), clause_extra.to_vec()].concat();
+    let rule = len_field(1, &clause);
+    let mut body = top.encode_to_vec();
+    body.extend(len_field(5, &rule));
+    body.extend_from_slice(policy_extra);
+    Any {
+        type_url: AUTHORIZATION_TYPE_URL.into(),
+        value: body,
+    }
+}
+
+fn decode_policy(any: &Any) -> Result<crate::state::Policy, RejectReason> {
+    match decode(AUTHORIZATION_TYPE_URL, "ns/p", any)? {
+        Decoded::Policy(p) => Ok(p),
+        other => panic!("not a policy: {other:?}"),
+    }
+}
+
+// Fields of istio.security as ztunnel's proto/authorization.proto declares
+// them: Authorization.dry_run = 6, extensions = 7 (istio.workload.Extension);
+// Match.service_accounts = 11, not_service_accounts = 12 (ServiceAccountMatch
+// {namespace = 1, serviceAccount = 2}), extensions = 13. istiod splits
+// `serviceAccounts: [ns/name | name]` into namespace and name.
 #[test]
-fn one_bad_resource_rejects_the_whole_response_and_names_it() {
+fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
+    use ambient_proto::prost::Message;
+    use pb_sec::string_match::MatchType;
+    let exact = |v: &str| pb_sec::StringMatch {
+        match_type: Some(MatchType::Exact(v.into())),
+    };
+    let sa = |ns: &str, name: &str| pb_sec::ServiceAccountMatch {
+        namespace: ns.into(),
+        service_account: name.into(),
+    };
+    let p = decode_policy(&policy_any(|p| {
+        p.dry_run = true;
+        let m = &mut p.rules[0].clauses[0].matches[0];
+        m.service_accounts = vec![sa("prod", "client")];
+        m.not_service_accounts = vec![sa("prod", "evil")];
+    }))
+    .unwrap();
+    assert!(p.dry_run);
+    let m = &p.rules[0].clauses[0].matches[0];
+    let model = |ns: &str, name: &str| crate::state::ServiceAccountMatch {
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    assert_eq!(m.service_accounts, [model("prod", "client")]);
+    assert_eq!(m.not_service_accounts, [model("prod", "evil")]);
+    assert!(p.unsupported.is_empty() && m.unsupported.is_empty());
+
+    // Extensions are declared, but what they ask is not ours to know.
+    let p = decode_policy(&policy_any(|p| {
+        p.extensions = vec![pb::Extension {
+            name: "vendor.policy".into(),
+            config: None,
+        }];
+        p.rules[0].clauses[0].matches[0].extensions = vec![pb::Extension {
+            name: "vendor.match".into(),
+            config: None,
+        }];
+    }))
+    .unwrap();
+    assert_eq!(p.unsupported, ["extension \"vendor.policy\""]);
+    assert_eq!(
+        p.rules[0].clauses[0].matches[0].unsupported,
+        ["extension \"vendor.match\""]
+    );
+
+    // Fields newer than our schema, at each level.
+    let port80 = pb_sec::Match {
+        destination_ports: vec![80],
+        ..Default::default()
+    };
+    let m = [port80.encode_to_vec(), UNKNOWN_FIELD.to_vec()].concat();
+    let p = decode_policy(&raw_policy(
+        pb_sec::Action::Allow,
+        m,
+        &UNKNOWN_FIELD,
+        &UNKNOWN_FIELD,
+    ))
+    .unwrap();
+    assert_eq!(p.unsupported, ["unknown field 20"]);
+    assert_eq!(p.rules[0].clauses[0].unsupported, ["unknown field 20"]);
+    let m = &p.rules[0].clauses[0].matches[0];
+    assert_eq!(
+        (m.destination_ports.as_slice(), m.unsupported.as_slice()),
+        (&[80][..], &["unknown field 20".to_string()][..])
+    );
+
+    // A value that cannot be read (a StringMatch kind newer than ours,
+    // field 5): in a DENY it makes a positive field hold for anyone and
+    // exempts no one from a `not_` field; in an ALLOW the match never holds.
+    let newer = len_field(5, b"x");
+    let values = |field: u32| {
+        [
+            len_field(field, &exact("a").encode_to_vec()),
+            len_field(field, &newer),
+        ]
+        .concat()
+    };
+    let deny = decode_policy(&raw_policy(
+        pb_sec::Action::Deny,
+        [values(3), values(4)].concat(),
+        &[],
+        &[],
+    ))
+    .unwrap();
+    let m = &deny.rules[0].clauses[0].matches[0];
+    assert_eq!(m.principals, [], "positive field holds for anyone");
+    assert_eq!(m.not_principals, [StringMatch::Exact("a".into())]);
+    assert_eq!(m.unsupported.len(), 2, "{:?}", m.unsupported);
+    let allow = decode_policy(&raw_policy(pb_sec::Action::Allow, values(3), &[], &[])).unwrap();
+    let m = &allow.rules[0].clauses[0].matches[0];
+    assert_eq!(m.principals, [StringMatch::Exact("a".into())]);
+    assert_eq!(m.unsupported, ["unknown field 5 in value 1 of field 3"]);
+
+    // What the policy then decides, for a client the readable parts name.
+    let dst = crate::state::Workload {
+        namespace: "ns".into(),
+        ..crate::state::Workload::for_test("dst", "ns", Some("10.0.0.2"))
+    };
+    let a = crate::identity::Identity::new("td", "ns", "a");
+    let conn = crate::state::authz::Connection {
+        src_ip: "10.0.0.1".parse().unwrap(),
+        src_identity: Some(&a),
+        dst: "10.0.0.2:80".parse().unwrap(),
+    };
+    let decide = |p: &crate::state::Policy| {
+        crate::state::authz::authorize(std::slice::from_ref(p), &dst, &conn)
+            .0
+            .is_allowed()
+    };
+    assert!(
+        !decide(&allow),
+        "an ALLOW with an unreadable value admits no one"
+    );
+    let deny_principal =
+        decode_policy(&raw_policy(pb_sec::Action::Deny, values(3), &[], &[])).unwrap();
+    assert!(
+        !decide(&deny_principal),
+        "a DENY with an unreadable value still denies"
+    );
+
+    // What is plainly invalid is refused (and keeps its last good version).
+    let bad = [
+        (
+            policy_any(one_match(|m| {
+                m.service_accounts = vec![sa("prod/x", "client")]
+            })),
+            "service_accounts[0]",
+        ),
+        (
+            policy_any(one_match(|m| m.not_service_accounts = vec![sa("prod", "")])),
+            "not_service_accounts[0]",
+        ),
+        (
+            policy_any(|p| p.action = 9),
+            "action: unknown Action value 9",
+        ),
+    ];
+    for (any, want) in bad {
+        let err = decode_policy(&any).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+/// The names an [`Applied`] accepted and refused.
+fn applied(changed: &[&str], rejected: &[&str]) -> (Vec<String>, Vec<String>) {
+    (
+        changed.iter().map(|s| s.to_string()).collect(),
+        rejected.iter().map(|s| s.to_string()).collect(),
+    )
+}
+
+impl PartialEq<(Vec<String>, Vec<String>)> for super::convert::Applied {
+    fn eq(&self, (changed, rejected): &(Vec<String>, Vec<String>)) -> bool {
+        self.changed.iter().eq(changed.iter())
+            && self.rejected.iter().map(|r| &r.name).eq(rejected.iter())
+    }
+}
+
+// ztunnel applies a Delta xDS response resource by resource: the good ones
+// and the removals take effect, each bad one is refused and named in the
+// NACK, and keeps its last good version (istio/ztunnel src/xds/client.rs,
+// `handle_single_resource`; src/state/policy.rs inserts only on success).
+#[test]
+fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
     let mut res = Resources::default();
-    let resp = response(
+    let first = response(
         ADDRESS_TYPE_URL,
         vec![
             resource("w", workload_any(|_| {})),
@@ -657,23 +871,72 @@ fn one_bad_resource_rejects_the_whole_response_and_names_it() {
                 "bad",
                 workload_any(|w| {
                     w.uid = "bad".into();
+                    w.addresses = vec![vec![10, 0, 0, 7]];
+                }),
+            ),
+            resource(
+                "gone",
+                workload_any(|w| {
+                    w.uid = "gone".into();
+                    w.addresses = vec![vec![10, 0, 0, 8]];
+                }),
+            ),
+        ],
+        &[],
+    );
+    assert_eq!(
+        res.apply(&first).unwrap(),
+        applied(&["bad", "gone", "w"], &[])
+    );
+    let resp = response(
+        ADDRESS_TYPE_URL,
+        vec![
+            resource(
+                "new",
+                workload_any(|w| {
+                    w.uid = "new".into();
+                    w.addresses = vec![vec![10, 0, 0, 9]];
+                }),
+            ),
+            resource(
+                "bad",
+                workload_any(|w| {
+                    w.uid = "bad".into();
                     w.addresses = vec![vec![1]];
                 }),
             ),
-            resource("w", workload_any(|_| {})),
+            resource("new", workload_any(|w| w.uid = "new".into())),
             Resource {
                 name: "nobody".into(),
                 ..Default::default()
             },
         ],
-        &[],
+        &["gone"],
     );
-    let err = res.apply(&resp).unwrap_err().to_string();
+    let got = res.apply(&resp).unwrap();
+    assert_eq!(got, applied(&["new"], &["bad", "new", "nobody"]));
     assert_eq!(
-        err,
+        got.into_error().unwrap().to_string(),
         "rejected 3: bad: addresses[0]: an IP address must be 4 or 16 bytes, not 1; \
-         w: sent twice in one response; nobody: resource has no body"
+         new: sent twice in one response; nobody: resource has no body"
     );
+    let mesh = res.build();
+    let by_uid = |uid: &str| mesh.workloads.iter().find(|w| w.uid == uid).cloned();
+    assert_eq!(
+        by_uid("new").unwrap().addresses,
+        ["10.0.0.9".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        by_uid("bad").unwrap().addresses,
+        ["10.0.0.7".parse::<IpAddr>().unwrap()],
+        "the refused resource keeps its last good version"
+    );
+    assert!(
+        by_uid("gone").is_none(),
+        "removals apply beside a bad resource"
+    );
+    assert!(by_uid("w").is_some());
+
     let unknown = response("type.googleapis.com/other", vec![], &[]);
     assert_eq!(
         res.apply(&unknown).unwrap_err(),
@@ -689,8 +952,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("a", workload_any(|w| w.uid = "a".into()))],
         &[],
     );
-    let changed = res.apply(&first).unwrap();
-    res.build(&changed).unwrap();
+    assert_eq!(res.apply(&first).unwrap(), applied(&["a"], &[]));
 
     // "b" (sorted after "a") takes a's address: b is named, a is kept.
     let clash = response(
@@ -698,12 +960,16 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("b", workload_any(|w| w.uid = "b".into()))],
         &[],
     );
-    let mut next = res.clone();
-    let changed = next.apply(&clash).unwrap();
-    let err = next.build(&changed).unwrap_err().to_string();
+    let got = res.apply(&clash).unwrap();
     assert_eq!(
-        err,
+        got.into_error().unwrap().to_string(),
         "rejected 1: b: addresses[0]: address 10.0.0.1 is already used by workload \"a\""
+    );
+    assert_eq!(
+        res.versions(ADDRESS_TYPE_URL)
+            .into_keys()
+            .collect::<Vec<_>>(),
+        ["a"]
     );
     // So is a service VIP on a workload's address, whatever the names' order.
     let vip = response(
@@ -718,13 +984,40 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         )],
         &[],
     );
-    let mut next = res.clone();
-    let changed = next.apply(&vip).unwrap();
-    assert!(next
-        .build(&changed)
-        .unwrap_err()
+    assert!(res
+        .apply(&vip)
+        .unwrap()
+        .into_error()
+        .unwrap()
         .to_string()
         .starts_with("rejected 1: 0/svc: addresses[0]"));
+
+    // A changed resource that clashes goes back to its last good version.
+    let a2 = response(
+        ADDRESS_TYPE_URL,
+        vec![resource(
+            "c",
+            workload_any(|w| {
+                w.uid = "c".into();
+                w.addresses = vec![vec![10, 0, 0, 3]];
+            }),
+        )],
+        &[],
+    );
+    assert_eq!(res.apply(&a2).unwrap(), applied(&["c"], &[]));
+    let onto_a = response(
+        ADDRESS_TYPE_URL,
+        vec![resource("c", workload_any(|w| w.uid = "c".into()))],
+        &[],
+    );
+    assert_eq!(res.apply(&onto_a).unwrap(), applied(&[], &["c"]));
+    let c = res
+        .build()
+        .workloads
+        .into_iter()
+        .find(|w| w.uid == "c")
+        .unwrap();
+    assert_eq!(c.addresses, ["10.0.0.3".parse::<IpAddr>().unwrap()]);
 
     // Removing a and adding b in one response is fine.
     let swap = response(
@@ -732,10 +1025,9 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("b", workload_any(|w| w.uid = "b".into()))],
         &["a", "never-held"],
     );
-    let changed = res.apply(&swap).unwrap();
-    let mesh = res.build(&changed).unwrap();
-    assert_eq!(mesh.workloads.len(), 1);
-    assert_eq!(mesh.workloads[0].uid, "b");
+    assert_eq!(res.apply(&swap).unwrap(), applied(&["b"], &[]));
+    let uids: Vec<_> = res.build().workloads.into_iter().map(|w| w.uid).collect();
+    assert_eq!(uids, ["b", "c"]);
 }
 
 #[test]
@@ -780,7 +1072,7 @@ fn endpoints_target_ports_and_selectors_come_from_the_workload_side() {
             &[],
         ),
     ];
-    let mesh = apply_all(&mut res, &resps).unwrap();
+    let mesh = apply_all(&mut res, &resps);
     let s = &mesh.services[0];
     let uids: Vec<_> = s
         .endpoints
@@ -806,24 +1098,17 @@ fn endpoints_target_ports_and_selectors_come_from_the_workload_side() {
         vec![resource("w2", with_service("w2", 2, 9091))],
         &[],
     );
-    let changed = res.apply(&disagree).unwrap();
-    assert_eq!(
-        res.build(&changed).unwrap().services[0].target_port(80),
-        Some(80)
-    );
+    assert_eq!(res.apply(&disagree).unwrap(), applied(&["w2"], &[]));
+    assert_eq!(res.build().services[0].target_port(80), Some(80));
 }
 
 #[test]
-fn encoding_refuses_what_the_proto_cannot_say() {
+fn encoding_refuses_what_was_not_understood() {
     let mut m = mesh();
-    m.policies[0].dry_run = true;
-    assert!(matches!(encode_mesh(&m), Err(EncodeError::DryRun(k)) if k == "test/deny-all-but"));
-    let mut m = mesh();
-    m.policies[0].rules[0].clauses[0].matches[0].service_accounts = vec![StringMatch::Presence];
-    assert!(matches!(
-        encode_mesh(&m),
-        Err(EncodeError::ServiceAccounts(_))
-    ));
+    m.policies[0].rules[0].clauses[0].matches[0].unsupported = vec!["extension x".into()];
+    assert!(
+        matches!(encode_mesh(&m), Err(EncodeError::Unsupported(k)) if k == "test/deny-all-but")
+    );
 }
 
 fn client() -> (XdsClient, Arc<State>) {
@@ -838,7 +1123,7 @@ fn client() -> (XdsClient, Arc<State>) {
 }
 
 #[test]
-fn client_installs_after_both_types_then_acks_and_nacks() {
+fn client_installs_after_both_types_then_acks_and_nacks_per_resource() {
     let (mut c, state) = client();
     let status = c.status();
     let m = mesh();
@@ -890,12 +1175,20 @@ fn client_installs_after_both_types_then_acks_and_nacks() {
         detail.message
     );
     assert!(
-        !changes.has_changed().unwrap(),
-        "nothing of a bad response is applied"
+        !detail.message.contains("x:"),
+        "only the bad resource is named: {}",
+        detail.message
     );
-    assert!(c.resources.versions(ADDRESS_TYPE_URL).contains_key("c1"));
+    assert!(
+        changes.has_changed().unwrap(),
+        "the good part of a partly bad response is applied"
+    );
+    let held = c.resources.versions(ADDRESS_TYPE_URL);
+    assert!(held.contains_key("x") && !held.contains_key("c1") && !held.contains_key("y"));
+    let snap = state.snapshot();
+    assert!(snap.workload_by_uid("x").is_some() && snap.workload_by_uid("c1").is_none());
     let s = status.borrow().clone();
-    assert_eq!((s.acks, s.nacks, s.installs), (3, 1, 1));
+    assert_eq!((s.acks, s.nacks, s.installs), (3, 1, 2));
     assert_eq!(s.last_nack.as_deref(), Some(detail.message.as_str()));
 }
 

@@ -17,8 +17,8 @@ use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
 use crate::state::{
     ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute, HttpRule,
-    Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service, ServicePort,
-    StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch,
+    ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -421,18 +421,19 @@ impl Converter<'_> {
 
         Ok(Policy {
             name,
-            namespace,
             scope,
             action: match p.action {
                 Action::Allow => PolicyAction::Allow,
                 Action::Deny => PolicyAction::Deny,
             },
-            rules: self.rules(&f("rules"), &p.rules)?,
+            rules: self.rules(&f("rules"), &p.rules, &namespace)?,
+            namespace,
             dry_run: p.dry_run,
+            unsupported: Vec::new(),
         })
     }
 
-    fn rules(&self, field: &str, rules: &[RuleEntry]) -> Result<Vec<Rule>> {
+    fn rules(&self, field: &str, rules: &[RuleEntry], namespace: &str) -> Result<Vec<Rule>> {
         let mut out = Vec::with_capacity(rules.len());
         for (r, rule) in rules.iter().enumerate() {
             let mut clauses = Vec::with_capacity(rule.clauses.len());
@@ -440,16 +441,27 @@ impl Converter<'_> {
                 let mut matches = Vec::with_capacity(clause.matches.len());
                 for (m, entry) in clause.matches.iter().enumerate() {
                     let field = format!("{field}[{r}].clauses[{c}].matches[{m}]");
-                    matches.push(self.match_entry(&field, entry)?);
+                    matches.push(self.match_entry(&field, entry, namespace)?);
                 }
-                clauses.push(Clause { matches });
+                clauses.push(Clause {
+                    matches,
+                    ..Default::default()
+                });
             }
-            out.push(Rule { clauses });
+            out.push(Rule {
+                clauses,
+                ..Default::default()
+            });
         }
         Ok(out)
     }
 
-    fn match_entry(&self, field: &str, m: &MatchEntry) -> Result<Match> {
+    fn match_entry(&self, field: &str, m: &MatchEntry, namespace: &str) -> Result<Match> {
+        let accounts = |name: &str, values: &[Text]| -> Result<Vec<ServiceAccountMatch>> {
+            let list = values.iter().enumerate();
+            list.map(|(k, t)| self.service_account(&format!("{field}.{name}[{k}]"), t, namespace))
+                .collect()
+        };
         let nets = |name: &str, values: &[Text]| -> Result<Vec<IpNet>> {
             let list = values.iter().enumerate();
             list.map(|(k, t)| self.net(&format!("{field}.{name}[{k}]"), t))
@@ -463,8 +475,8 @@ impl Converter<'_> {
         Ok(Match {
             namespaces: string_matches(&m.namespaces),
             not_namespaces: string_matches(&m.not_namespaces),
-            service_accounts: string_matches(&m.service_accounts),
-            not_service_accounts: string_matches(&m.not_service_accounts),
+            service_accounts: accounts("serviceAccounts", &m.service_accounts)?,
+            not_service_accounts: accounts("notServiceAccounts", &m.not_service_accounts)?,
             principals: string_matches(&m.principals),
             not_principals: string_matches(&m.not_principals),
             source_ips: nets("sourceIps", &m.source_ips)?,
@@ -473,6 +485,26 @@ impl Converter<'_> {
             not_destination_ips: nets("notDestinationIps", &m.not_destination_ips)?,
             destination_ports: ports("destinationPorts", &m.destination_ports)?,
             not_destination_ports: ports("notDestinationPorts", &m.not_destination_ports)?,
+            unsupported: Vec::new(),
+        })
+    }
+
+    /// Istio's form: `namespace/name`, or `name` in the policy's namespace;
+    /// no empty part, no wildcard, at most one '/'.
+    fn service_account(
+        &self,
+        field: &str,
+        t: &Text,
+        namespace: &str,
+    ) -> Result<ServiceAccountMatch> {
+        let (ns, name) = t.split_once('/').unwrap_or((namespace, t.as_str()));
+        let part = |s: &str| !s.is_empty() && !s.contains(['/', '*']);
+        if !part(ns) || !part(name) {
+            return Err(self.err(field, t.span(), Problem::ServiceAccount(t.to_string())));
+        }
+        Ok(ServiceAccountMatch {
+            namespace: ns.to_string(),
+            name: name.to_string(),
         })
     }
 }

@@ -150,8 +150,10 @@ pub(super) struct ClauseEntry {
 pub(super) struct MatchEntry {
     pub namespaces: Vec<String>,
     pub not_namespaces: Vec<String>,
-    pub service_accounts: Vec<String>,
-    pub not_service_accounts: Vec<String>,
+    /// `namespace/name`, or `name` in the policy's namespace (Istio's
+    /// `serviceAccounts`; no wildcards).
+    pub service_accounts: Vec<Text>,
+    pub not_service_accounts: Vec<Text>,
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,
     pub source_ips: Vec<Text>,

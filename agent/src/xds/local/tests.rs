@@ -92,7 +92,7 @@ const FULL: &str = r#"
               - matches:
                   - namespaces: ["default", "prod-*", "*-test", "*"]
                     notNamespaces: [kube-system]
-                    serviceAccounts: [client]
+                    serviceAccounts: [client, other/robot]
                     notServiceAccounts: [evil]
                     principals: ["cluster.local/ns/default/sa/client"]
                     notPrincipals: ["*/sa/evil"]
@@ -176,6 +176,10 @@ fn expected_full() -> Mesh {
         "node-b",
     );
     let exact = |s: &str| StringMatch::Exact(s.into());
+    let sa = |ns: &str, name: &str| ServiceAccountMatch {
+        namespace: ns.into(),
+        name: name.into(),
+    };
     let full_match = Match {
         namespaces: vec![
             exact("default"),
@@ -184,8 +188,8 @@ fn expected_full() -> Mesh {
             StringMatch::Presence,
         ],
         not_namespaces: vec![exact("kube-system")],
-        service_accounts: vec![exact("client")],
-        not_service_accounts: vec![exact("evil")],
+        service_accounts: vec![sa("default", "client"), sa("other", "robot")],
+        not_service_accounts: vec![sa("default", "evil")],
         principals: vec![exact("cluster.local/ns/default/sa/client")],
         not_principals: vec![StringMatch::Suffix("/sa/evil".into())],
         source_ips: vec![
@@ -199,6 +203,7 @@ fn expected_full() -> Mesh {
         not_destination_ips: vec![net("10.96.0.11/32")],
         destination_ports: vec![8080],
         not_destination_ports: vec![9090],
+        unsupported: vec![],
     };
     Mesh {
         workloads: vec![client, echo, waypoint],
@@ -254,13 +259,16 @@ fn expected_full() -> Mesh {
                         clauses: vec![
                             Clause {
                                 matches: vec![full_match, Match::default()],
+                                unsupported: vec![],
                             },
                             Clause::default(),
                         ],
+                        unsupported: vec![],
                     },
                     Rule::default(),
                 ],
                 dry_run: false,
+                unsupported: vec![],
             },
             Policy {
                 name: "deny-all".into(),
@@ -269,6 +277,7 @@ fn expected_full() -> Mesh {
                 action: PolicyAction::Deny,
                 rules: vec![],
                 dry_run: true,
+                unsupported: vec![],
             },
             Policy {
                 name: "ns".into(),
@@ -277,6 +286,7 @@ fn expected_full() -> Mesh {
                 action: PolicyAction::Allow,
                 rules: vec![],
                 dry_run: false,
+                unsupported: vec![],
             },
         ],
         http_routes: vec![HttpRoute {
@@ -342,12 +352,17 @@ fn full_file_maps_to_model_with_defaults() {
 }
 
 #[test]
-fn empty_files_and_sections_mean_empty_mesh() {
+fn empty_sections_mean_empty_mesh_and_blank_files_are_refused() {
+    // A truncated file (an editor's or a non-atomic write) is blank for a
+    // while: it must not read as "release every pod".
+    for text in ["", "\n\n", "# nothing yet\n", "---\n# nothing\n...\n"] {
+        let err = parse_mesh("mesh.yaml", text).unwrap_err().to_string();
+        assert_eq!(
+            err, "mesh.yaml: the mesh file is blank; an empty mesh is written `workloads: []`",
+            "{text:?}"
+        );
+    }
     for text in [
-        "",
-        "\n\n",
-        "# nothing yet\n",
-        "---\n# nothing\n...\n",
         "workloads:\nservices:\npolicies:\n",
         "workloads: []\nservices: []\npolicies: []\n",
         "{}\n",
