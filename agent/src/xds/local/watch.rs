@@ -203,6 +203,18 @@ mod tests {
         next_version(&mut versions).await;
         assert_eq!(addresses(&state), [ip("10.0.0.3")]);
 
+        // Truncated in place (a non-atomic write caught half way, an
+        // editor): blank is not "no workloads", so nothing is released.
+        std::fs::write(&path, "").unwrap();
+        assert_no_new_version(&mut versions).await;
+        assert_eq!(addresses(&state), [ip("10.0.0.3")]);
+        // An empty mesh is applied when it is said.
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        next_version(&mut versions).await;
+        assert!(addresses(&state).is_empty());
+        write_atomic(&path, &mesh_text("10.0.0.3"));
+        next_version(&mut versions).await;
+
         // New text, same mesh: no new version to wake watchers with.
         write_atomic(&path, &format!("# reformatted\n{}", mesh_text("10.0.0.3")));
         assert_no_new_version(&mut versions).await;
