@@ -150,8 +150,11 @@ async fn json_access_lines_one_per_connection_with_reasons() {
         .unwrap_or_else(|| panic!("outbound knows the client's port: {out}"));
     assert_eq!(out["dst_service"], "server.test.svc.cluster.local");
     let inb = by("inbound");
-    // The address from `Forwarded`; HBONE does not carry the port.
-    assert_eq!(inb["src"], src.ip().to_string(), "{inb}");
+    // The HBONE connection's peer, which the client's agent binds to the
+    // client workload's address (never `Forwarded`, which any peer could
+    // forge: ztunnel takes the source from the peer too). No port.
+    assert_eq!(inb["src"], w.client_ip().to_string(), "{inb}");
+    assert_ne!(src.port(), 0);
 
     // Refused by the destination's policy: a line on each side with why.
     let mut changes = b.state.subscribe();

@@ -2,110 +2,19 @@
 //! sockets are captured (nft) and the destination's agent decides with the
 //! identity the client proved. Needs root (fails, never skips, without it).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use ambient_agent::agent::Agent;
-use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::identity::{CertManager, Identity, LocalCa};
 use ambient_agent::socket::ConnectOpts;
-use ambient_tests::netns::{Pod, Topology};
+use ambient_tests::pods::*;
 use ambient_tests::*;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MSG: &[u8] = b"hello through the mesh";
-
-struct Mesh {
-    _topo: Topology,
-    world: World,
-    /// ns `test`, sa `client`, node-a.
-    client: Pod,
-    /// ns `other`, sa `intruder`, node-a.
-    intruder: Pod,
-    /// Not in the mesh, node-a.
-    outside: Pod,
-    /// ns `test`, sa `server`, node-b; echoes on 8080 and 9090.
-    server: Pod,
-}
-
-impl Mesh {
-    fn build(tag: &str) -> Mesh {
-        let topo = Topology::new(tag).expect("topology");
-        let client = topo.add_pod("client", 0).expect("pod");
-        let intruder = topo.add_pod("intruder", 0).expect("pod");
-        let outside = topo.add_pod("outside", 0).expect("pod");
-        let server = topo.add_pod("server", 1).expect("pod");
-        let m = Mesh {
-            _topo: topo,
-            world: World::new(0),
-            client,
-            intruder,
-            outside,
-            server,
-        };
-        m.set_policies("");
-        m
-    }
-
-    /// Rewrites the mesh file with `policies` (a YAML list body, or empty).
-    fn set_policies(&self, policies: &str) {
-        let mut yaml = String::from("workloads:\n");
-        yaml += &self.client.workload_yaml("test", "node-a", "client");
-        yaml += &self.intruder.workload_yaml("other", "node-a", "intruder");
-        yaml += &self.server.workload_yaml("test", "node-b", "server");
-        if !policies.is_empty() {
-            yaml += "policies:\n";
-            yaml += policies;
-        }
-        self.world.write_mesh(&yaml);
-    }
-
-    async fn agent(&self, node: &str) -> Agent {
-        let cfg = Config {
-            capture: CaptureMode::Nft,
-            socket_mark: 0x539,
-            ..self.world.config(node)
-        };
-        self.world.agent_with(cfg).await
-    }
-
-    fn server_app(&self, port: u16) -> SocketAddr {
-        self.server.addr(port)
-    }
-}
-
-/// Whether `from` gets its message echoed by `dst`.
-async fn allowed(from: &Pod, dst: SocketAddr) -> bool {
-    match pod_exchange(from, dst, MSG).await {
-        Ok(back) if back == MSG => true,
-        Ok(back) if back.is_empty() => false,
-        Ok(back) => panic!("partial echo {back:?}"),
-        Err(_) => false,
-    }
-}
-
-/// A policy on the server workload.
-fn on_server(name: &str, action: &str, matches: &str) -> String {
-    format!(
-        "  - name: {name}\n    namespace: test\n    scope: WORKLOAD_SELECTOR\n    selector: [server]\n    action: {action}\n    rules:\n      - clauses:\n          - matches:\n              - {matches}\n"
-    )
-}
-
-async fn apply(m: &Mesh, agents: &[&Agent], policies: &[(&str, String)]) {
-    let body: String = policies.iter().map(|(_, p)| p.as_str()).collect();
-    m.set_policies(&body);
-    let names: Vec<&str> = policies.iter().map(|(n, _)| *n).collect();
-    for a in agents {
-        wait_for_policies(a, &names).await;
-    }
-}
-
 #[tokio::test]
 async fn l4_policies_decide_by_identity_address_and_port() {
     init_tracing();
-    let m = Mesh::build("pol");
+    let m = PodMesh::build("pol");
     let a = m.agent("node-a").await;
     let b = m.agent("node-b").await;
     let _echo = PodEcho::start(&m.server, 8080).await;
@@ -161,7 +70,7 @@ async fn l4_policies_decide_by_identity_address_and_port() {
 #[tokio::test]
 async fn a_policy_added_while_a_connection_is_open_closes_it() {
     init_tracing();
-    let m = Mesh::build("polopen");
+    let m = PodMesh::build("polopen");
     let a = m.agent("node-a").await;
     let b = m.agent("node-b").await;
     let _echo = PodEcho::start(&m.server, 8080).await;
@@ -201,7 +110,7 @@ async fn a_policy_added_while_a_connection_is_open_closes_it() {
 #[tokio::test]
 async fn foreign_roots_and_claimed_identities_are_refused() {
     init_tracing();
-    let m = Mesh::build("polid");
+    let m = PodMesh::build("polid");
     // Only the client's identity may reach the server.
     let p = on_server(
         "allow-client",

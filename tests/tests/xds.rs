@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::agent::Agent;
 use ambient_agent::state::{Mesh, Route, State};
-use ambient_agent::xds::delta::{canonical, XdsClient, XdsConfig, XdsStatus};
+use ambient_agent::xds::delta::canonical;
 use ambient_agent::xds::local::parse_mesh;
 use ambient_proto::discovery::Resource;
 use ambient_proto::prost_types::Any;
 use ambient_proto::{workload as pb, ADDRESS_TYPE_URL};
-use ambient_tests::control_plane::xds::TestXds;
+use ambient_tests::control_plane::xds::{eventually, feed, xds_agent, TestXds};
 use ambient_tests::*;
-use tokio::sync::{oneshot, watch};
 
 const HBONE: u16 = 15008;
 
@@ -56,55 +55,6 @@ fn xds_addr(w: &World) -> SocketAddr {
     format!("127.{}.0.1:0", w.net).parse().expect("addr")
 }
 
-fn client_config(xds: &TestXds, node: &str) -> XdsConfig {
-    XdsConfig {
-        address: xds.url(),
-        node_id: format!(
-            "ztunnel~127.0.0.1~ztunnel-{node}.istio-system~istio-system.svc.cluster.local"
-        ),
-        node_metadata: [("NODE_NAME".to_string(), node.to_string())].into(),
-        reconnect_initial: Duration::from_millis(50),
-        reconnect_max: Duration::from_millis(400),
-        ..Default::default()
-    }
-}
-
-/// An xDS client feeding `state` until the handle is dropped.
-struct Feed {
-    status: watch::Receiver<XdsStatus>,
-    _stop: oneshot::Sender<()>,
-}
-
-fn feed(cfg: XdsConfig, state: Arc<State>) -> Feed {
-    let client = XdsClient::new(cfg, state);
-    let status = client.status();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(client.run(async move {
-        let _ = stopped.await;
-    }));
-    Feed {
-        status,
-        _stop: stop,
-    }
-}
-
-/// An agent whose mesh comes only from xDS (no mesh file).
-async fn xds_agent(w: &World, xds: &TestXds, node: &str) -> (Agent, Feed) {
-    let mut cfg = w.config(node);
-    cfg.mesh_file = None;
-    let agent = w.agent_with(cfg).await;
-    let feed = feed(client_config(xds, node), agent.state.clone());
-    (agent, feed)
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Sends a few bytes through `agent` as `client` and expects them back.
 async fn echo_through(agent: &Agent, dst: SocketAddr) {
     let data = payload(1000, 7);
@@ -132,7 +82,7 @@ async fn workloads_services_and_policies_arrive() {
     xds.set_mesh(&m);
 
     let state = Arc::new(State::default());
-    let feed = feed(client_config(&xds, "node-a"), state.clone());
+    let feed = feed(xds.client_config("node-a"), state.clone());
     eventually("the mesh", || *state.snapshot().mesh() == canonical(&m)).await;
 
     let s = feed.status.borrow().clone();
@@ -314,7 +264,7 @@ async fn the_client_reconnects_with_backoff_and_resumes_from_what_it_holds() {
     let token = w.dir.path().join("token");
     std::fs::write(&token, "first-token\n").unwrap();
     let state = Arc::new(State::default());
-    let mut cfg = client_config(&xds, "node-a");
+    let mut cfg = xds.client_config("node-a");
     cfg.token_path = Some(token.clone());
     let mut feed = feed(cfg, state.clone());
     eventually("the mesh", || *state.snapshot().mesh() == canonical(&m)).await;
@@ -390,7 +340,7 @@ async fn tls_to_the_control_plane_checks_its_name_against_the_root() {
     let root_path = w.dir.path().join("root.pem");
     std::fs::write(&root_path, root).unwrap();
 
-    let mut cfg = client_config(&xds, "node-a");
+    let mut cfg = xds.client_config("node-a");
     assert!(cfg.address.starts_with("https://127.56."));
     cfg.root_cert = Some(root_path);
     cfg.server_name = Some("istiod.istio-system.svc".into());

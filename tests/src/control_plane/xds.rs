@@ -16,8 +16,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ambient_agent::state::Mesh;
-use ambient_agent::xds::delta::{encode_mesh, TYPE_URLS};
+use ambient_agent::agent::Agent;
+use ambient_agent::state::{Mesh, State};
+use ambient_agent::xds::delta::{encode_mesh, XdsClient, XdsConfig, XdsStatus, TYPE_URLS};
 use ambient_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -30,7 +31,7 @@ use ambient_proto::tonic::transport::{Server, ServerTlsConfig};
 use ambient_proto::tonic::{self, Request, Response, Status, Streaming};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 type Outbound = mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>;
 
@@ -261,12 +262,32 @@ impl TestXds {
     /// `type_url`, without keeping it (e.g. a malformed one).
     pub fn push_raw(&self, type_url: &str, name: &str, mut resource: Resource) {
         resource.name = name.to_string();
-        if resource.version.is_empty() {
-            resource.version = "raw".into();
+        self.push_response(type_url, vec![resource]);
+    }
+
+    /// Pushes `resources` (named) in one response to every client
+    /// subscribed to `type_url`, without keeping them.
+    pub fn push_response(&self, type_url: &str, mut resources: Vec<Resource>) {
+        for r in &mut resources {
+            if r.version.is_empty() {
+                r.version = "raw".into();
+            }
         }
-        self.shared
-            .lock()
-            .push(type_url, vec![resource], Vec::new());
+        self.shared.lock().push(type_url, resources, Vec::new());
+    }
+
+    /// A client configuration for the agent of `node`, reconnecting fast.
+    pub fn client_config(&self, node: &str) -> XdsConfig {
+        XdsConfig {
+            address: self.url(),
+            node_id: format!(
+                "ztunnel~127.0.0.1~ztunnel-{node}.istio-system~istio-system.svc.cluster.local"
+            ),
+            node_metadata: [("NODE_NAME".to_string(), node.to_string())].into(),
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(400),
+            ..Default::default()
+        }
     }
 
     /// ACKs received so far.
@@ -402,5 +423,46 @@ impl AggregatedDiscoveryService for Ads {
             shared.lock().clients.remove(&id);
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// An xDS client feeding `state` until the handle is dropped.
+pub struct Feed {
+    pub status: watch::Receiver<XdsStatus>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Runs an xDS client with `cfg` into `state`.
+pub fn feed(cfg: XdsConfig, state: Arc<State>) -> Feed {
+    let client = XdsClient::new(cfg, state);
+    let status = client.status();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(client.run(async move {
+        let _ = stopped.await;
+    }));
+    Feed {
+        status,
+        _stop: stop,
+    }
+}
+
+/// An agent of `w` whose mesh comes only from `xds` (no mesh file).
+pub async fn xds_agent(w: &crate::World, xds: &TestXds, node: &str) -> (Agent, Feed) {
+    let mut cfg = w.config(node);
+    cfg.mesh_file = None;
+    let agent = w.agent_with(cfg).await;
+    let feed = feed(xds.client_config(node), agent.state.clone());
+    (agent, feed)
+}
+
+/// Waits up to 5 s for `cond`.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

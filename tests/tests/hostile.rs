@@ -1,0 +1,276 @@
+//! The attacker's view: a hostile mesh peer, a bad control-plane push, an
+//! operator's restart. Each case is a real client over real sockets with
+//! the outcome a zero-trust agent owes. `SECURITY.md` lists every threat
+//! with the test that shows it (some live in other files, named there).
+//!
+//! The namespace cases need root (they fail, never skip, without it).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ambient_agent::identity::{CertManager, Identity};
+use ambient_agent::socket::ConnectOpts;
+use ambient_agent::xds::local::parse_mesh;
+use ambient_proto::discovery::Resource;
+use ambient_proto::prost_types::Any;
+use ambient_proto::AUTHORIZATION_TYPE_URL;
+use ambient_tests::control_plane::xds::{eventually, xds_agent, TestXds};
+use ambient_tests::pods::*;
+use ambient_tests::*;
+use http::{Method, StatusCode};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+/// A CONNECT to `target` with a `Forwarded: for=` claim.
+fn connect_claiming(target: SocketAddr, claimed: IpAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{claimed}\""))
+        .body(())
+        .expect("request")
+}
+
+/// An HBONE client inside `pod` with a genuine certificate for `who`,
+/// speaking straight to `server`'s agent (marked, so capture lets it by).
+async fn hbone_from_pod(
+    m: &PodMesh,
+    pod: &ambient_tests::netns::Pod,
+    who: Identity,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    let trust = m.world.ca.trust_bundle();
+    let cert = CertManager::new(m.world.ca.clone(), trust.clone(), Default::default())
+        .fetch(&who)
+        .await
+        .expect("cert");
+    let opts = ConnectOpts {
+        mark: Some(0x539),
+        ..Default::default()
+    };
+    let tcp = pod
+        .sockets()
+        .connect(m.server.addr(15008), opts)
+        .await
+        .expect("tcp to the server's HBONE port");
+    let server_id = Identity::new("cluster.local", "test", "server");
+    raw_hbone_client_over(tcp, &cert, &trust, server_id)
+        .await
+        .expect("mTLS with a genuine certificate")
+}
+
+/// Sends `req`, and when answered 200 a message; returns the status and
+/// what came back.
+async fn exchange(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> (StatusCode, Vec<u8>) {
+    tokio::time::timeout(LIMIT, async {
+        let (resp, mut body_tx) = send.send_request(req, false).expect("send");
+        let resp = resp.await.expect("response");
+        let status = resp.status();
+        if status != StatusCode::OK {
+            return (status, Vec::new());
+        }
+        body_tx
+            .send_data(bytes::Bytes::from_static(MSG), true)
+            .expect("data");
+        let mut body = resp.into_body();
+        let mut back = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("chunk");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            back.extend_from_slice(&chunk);
+        }
+        (status, back)
+    })
+    .await
+    .expect("no hang")
+}
+
+/// Point 1: any authenticated peer could name its source in `Forwarded`
+/// and pass a `sourceIps` ALLOW, or have the application see a forged
+/// client (even 127.0.0.1). Only a destination's waypoint may relay its
+/// client's address that way; ztunnel never takes the source from
+/// `Forwarded` at all (it reads only `host=` for metrics).
+#[tokio::test]
+async fn forwarded_from_a_peer_that_is_not_a_waypoint_is_ignored() {
+    init_tracing();
+    let m = PodMesh::build("hfwd");
+    let only_client = on_server(
+        "only-client-ip",
+        "ALLOW",
+        &format!("sourceIps: [{}/32]", m.client.ip),
+    );
+    m.set_policies(&only_client);
+    let _a = m.agent("node-a").await;
+    let b = m.agent("node-b").await;
+    wait_for_policies(&b, &["only-client-ip"]).await;
+    let echo = PodEcho::start(&m.server, 8080).await;
+    let intruder = Identity::new("cluster.local", "other", "intruder");
+
+    let mut send = hbone_from_pod(&m, &m.intruder, intruder.clone()).await;
+    let (status, _) = exchange(
+        &mut send,
+        connect_claiming(m.server_app(8080), m.client.ip.into()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a claimed source passed");
+    assert!(allowed(&m.client, m.server_app(8080)).await, "the real one");
+
+    // No policy: the tunnel opens, and the application sees the peer.
+    m.set_policies("");
+    wait_for_policies(&b, &[]).await;
+    for claimed in [IpAddr::from([127, 0, 0, 1]), m.client.ip.into()] {
+        let (status, back) =
+            exchange(&mut send, connect_claiming(m.server_app(8080), claimed)).await;
+        assert_eq!((status, back.as_slice()), (StatusCode::OK, MSG));
+    }
+    let seen = echo.peer_ips();
+    assert!(seen.contains(&IpAddr::V4(m.client.ip)), "{seen:?}");
+    let from_intruder: Vec<_> = seen.iter().filter(|ip| **ip != m.client.ip).collect();
+    assert_eq!(
+        from_intruder,
+        [&IpAddr::V4(m.intruder.ip), &IpAddr::V4(m.intruder.ip)],
+        "the application saw a forged source"
+    );
+}
+
+/// The standard loopback mesh plus `policies` (YAML list items).
+fn mesh_with_policies(w: &World, policies: &str) -> ambient_agent::state::Mesh {
+    let yaml = w.standard_mesh("server") + "policies:\n" + policies;
+    parse_mesh("mesh", &yaml).expect("valid mesh")
+}
+
+/// CONNECTs to the server app through node-b's agent as `who` (a genuine
+/// certificate of the world's root), from the client's address.
+async fn status_as(w: &World, who: Identity) -> StatusCode {
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let cert = certs.fetch(&who).await.expect("cert");
+    let server_id = Identity::new("cluster.local", "test", "server");
+    tokio::time::timeout(LIMIT, async {
+        let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+        tcp.bind(SocketAddr::new(w.client_ip(), 0)).expect("bind");
+        let tcp = tcp.connect(w.server_hbone()).await.expect("tcp");
+        let mut send = raw_hbone_client_over(tcp, &cert, &w.ca.trust_bundle(), server_id)
+            .await
+            .expect("mTLS");
+        status_of(&mut send, Method::CONNECT, &w.server_app().to_string())
+            .await
+            .expect("answer")
+    })
+    .await
+    .expect("no hang")
+}
+
+/// Point 2: istiod sends `Match.service_accounts` (11) and
+/// `Authorization.dry_run` (6); an agent that dropped them turned an ALLOW
+/// of one service account into "everyone" and enforced dry-run DENYs.
+/// Service accounts compare namespace and name (ztunnel's rbac.rs); a
+/// dry-run policy is evaluated and logged, never enforced.
+#[tokio::test]
+async fn service_account_allows_and_dry_run_denies_arrive_over_xds_with_their_meaning() {
+    init_tracing();
+    let w = World::new(91);
+    let policies = r#"
+  - name: allow-client-sa
+    namespace: test
+    scope: WORKLOAD_SELECTOR
+    selector: [server]
+    rules:
+      - clauses:
+          - matches:
+              - serviceAccounts: [test/client]
+  - name: dry-deny-client
+    namespace: test
+    action: DENY
+    dryRun: true
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#;
+    let m = mesh_with_policies(&w, policies);
+    let xds = TestXds::start(format!("127.{}.0.1:0", w.net).parse().unwrap())
+        .await
+        .unwrap();
+    xds.set_mesh(&m);
+    let (b, feed) = xds_agent(&w, &xds, "node-b").await;
+    eventually("node-b synced", || feed.status.borrow().synced).await;
+    eventually("node-b serving", || b.listeners("server").is_some()).await;
+    let _echo = Echo::start(w.server_app()).await;
+    let client = Identity::new("cluster.local", "test", "client");
+    // Same name, another namespace; and another name in the namespace.
+    let other_ns = Identity::new("cluster.local", "prod", "client");
+    let other_sa = Identity::new("cluster.local", "test", "robot");
+    assert_eq!(
+        status_as(&w, client).await,
+        StatusCode::OK,
+        "dry run enforced"
+    );
+    assert_eq!(status_as(&w, other_ns).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_as(&w, other_sa).await, StatusCode::UNAUTHORIZED);
+    assert!(xds.nacks().is_empty(), "{:?}", xds.nacks());
+}
+
+/// Point 3: a response was applied whole or not at all, so a valid DENY
+/// that came beside an undecodable resource was NACKed with it, never
+/// applied, and never sent again. ztunnel applies each resource on its
+/// own and NACKs only the bad ones (src/xds/client.rs,
+/// `handle_single_resource`).
+#[tokio::test]
+async fn a_valid_deny_beside_a_bad_resource_is_applied() {
+    init_tracing();
+    let w = World::new(92);
+    let m = mesh_with_policies(&w, "");
+    let xds = TestXds::start(format!("127.{}.0.1:0", w.net).parse().unwrap())
+        .await
+        .unwrap();
+    xds.set_mesh(&m);
+    let (b, feed) = xds_agent(&w, &xds, "node-b").await;
+    eventually("node-b synced", || feed.status.borrow().synced).await;
+    eventually("node-b serving", || b.listeners("server").is_some()).await;
+    let _echo = Echo::start(w.server_app()).await;
+    let client = Identity::new("cluster.local", "test", "client");
+    assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
+
+    let deny = mesh_with_policies(
+        &w,
+        r#"
+  - name: deny-client
+    namespace: test
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#,
+    );
+    let encoded = ambient_agent::xds::delta::encode_mesh(&deny).expect("encode");
+    let good = Resource {
+        name: "test/deny-client".into(),
+        resource: encoded.authorizations.get("test/deny-client").cloned(),
+        ..Default::default()
+    };
+    let bad = Resource {
+        name: "test/garbage".into(),
+        resource: Some(Any {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            value: vec![0x0a, 0xff],
+        }),
+        ..Default::default()
+    };
+    xds.push_response(AUTHORIZATION_TYPE_URL, vec![bad, good]);
+    eventually("a NACK", || !xds.nacks().is_empty()).await;
+    let nack = xds.nacks().remove(0);
+    assert!(nack.contains("test/garbage"), "{nack}");
+    assert!(!nack.contains("test/deny-client"), "{nack}");
+    eventually("the DENY applied", || {
+        b.state
+            .snapshot()
+            .policies()
+            .iter()
+            .any(|p| p.name == "deny-client")
+    })
+    .await;
+    assert_eq!(status_as(&w, client).await, StatusCode::UNAUTHORIZED);
+}
