@@ -22,7 +22,9 @@ use crate::hbone::{Pool, PoolConfig};
 use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
 use crate::identity::{CaError, CertManager, CertificateSigner, LocalCa, TrustBundle};
 use crate::proxy::record::{ConnectionRecord, Reporter};
-use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, WorkloadProxy};
+use crate::proxy::{
+    ListenerAddrs, Outbound, ProxyContext, ProxySettings, ReservedPorts, WorkloadProxy,
+};
 use crate::socket::Sockets;
 use crate::state::{State, TunnelProtocol, Workload};
 use crate::xds::delta::{XdsClient, XdsConfig};
@@ -127,6 +129,14 @@ impl Agent {
                 socket_mark: cfg.socket_mark(),
                 connect_timeout: cfg.connect_timeout,
                 h2: cfg.h2(),
+                reserved_ports: ReservedPorts::new([
+                    cfg.ports.outbound,
+                    cfg.ports.inbound_plaintext,
+                    cfg.ports.hbone,
+                    cfg.admin_port,
+                    cfg.metrics_port,
+                    cfg.readiness_port,
+                ]),
             }),
             shutdown: shutdown_rx,
             active: Arc::default(),

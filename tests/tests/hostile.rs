@@ -274,3 +274,32 @@ async fn a_valid_deny_beside_a_bad_resource_is_applied() {
     .await;
     assert_eq!(status_as(&w, client).await, StatusCode::UNAUTHORIZED);
 }
+
+/// Point 7: a CONNECT to the workload's address on a port the agent
+/// serves looped back into the agent (200 on 15001: a tunnel into the
+/// outbound proxy) or reached its admin endpoints. ztunnel refuses its own
+/// ports (`illegal_ports`: 15001, 15006, 15008); this agent refuses every
+/// port it owns, with 400, before connecting anywhere.
+#[tokio::test]
+async fn connect_to_the_agents_own_ports_is_refused_with_400() {
+    init_tracing();
+    let w = World::new(93);
+    let _b = w.agent("node-b").await;
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let cert = certs
+        .fetch(&Identity::new("cluster.local", "test", "client"))
+        .await
+        .expect("cert");
+    let server_id = Identity::new("cluster.local", "test", "server");
+    let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
+        .await
+        .expect("mTLS");
+    for port in [15000, 15001, 15006, 15008, 15020, 15021, 15053] {
+        let target = SocketAddr::new(w.server_ip(), port).to_string();
+        let status = tokio::time::timeout(LIMIT, status_of(&mut send, Method::CONNECT, &target))
+            .await
+            .expect("no hang")
+            .expect("answer");
+        assert_eq!(status, StatusCode::BAD_REQUEST, "port {port}");
+    }
+}

@@ -206,6 +206,13 @@ impl Inbound {
         responder: Responder,
         record: Connection,
     ) -> Option<(H2Stream, TcpStream, Registration, Connection)> {
+        // Never into the agent itself (checked before anything connects).
+        if self.ctx.settings.reserved_ports.contains(req.target.port()) {
+            warn!("target port is one the agent serves; 400");
+            record.finish(Err("400: target port is reserved by the agent"));
+            responder.refuse(StatusCode::BAD_REQUEST);
+            return None;
+        }
         // The tunnel may only reach the workload it was sent to, unless
         // that workload is a waypoint: it serves other targets.
         let waypoint = self.workload.application_tunnel.is_proxy();

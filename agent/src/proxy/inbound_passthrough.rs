@@ -53,7 +53,11 @@ impl Accept for InboundPassthrough {
             )
             .dst_identity(Some(self.identity.clone()));
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
-        if own || !self.workload.addresses.contains(&dst.ip()) {
+        if own || self.ctx.settings.reserved_ports.contains(dst.port()) {
+            warn!(%peer, %dst, "plaintext connection to a port the agent serves; closing");
+            return record.finish(Err("target port is reserved by the agent"));
+        }
+        if !self.workload.addresses.contains(&dst.ip()) {
             warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
             return record.finish(Err("not addressed to this workload"));
         }

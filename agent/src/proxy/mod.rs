@@ -40,6 +40,41 @@ pub struct ProxySettings {
     /// Budget for connecting to a destination application.
     pub connect_timeout: Duration,
     pub h2: H2Settings,
+    /// Ports the agent itself serves: a tunnel or plaintext connection to
+    /// one of them is refused, never connected (it would loop back into
+    /// the agent, or reach its admin endpoints from the network).
+    pub reserved_ports: ReservedPorts,
+}
+
+/// The ports a tunnel may not target. Istio keeps 15000-15090 for its
+/// proxies; ztunnel refuses 15001, 15006 and 15008 (its `illegal_ports`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservedPorts(Vec<u16>);
+
+impl ReservedPorts {
+    /// Istio's well-known agent ports: admin 15000, outbound 15001,
+    /// inbound plaintext 15006, HBONE 15008, metrics 15020, readiness
+    /// 15021, DNS 15053.
+    pub const WELL_KNOWN: [u16; 7] = [15000, 15001, 15006, 15008, 15020, 15021, 15053];
+
+    /// The well-known ports and `configured` (0 meaning "none").
+    pub fn new(configured: impl IntoIterator<Item = u16>) -> Self {
+        let mut ports: Vec<u16> = Self::WELL_KNOWN.into_iter().chain(configured).collect();
+        ports.retain(|p| *p != 0);
+        ports.sort_unstable();
+        ports.dedup();
+        ReservedPorts(ports)
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.binary_search(&port).is_ok()
+    }
+}
+
+impl Default for ReservedPorts {
+    fn default() -> Self {
+        Self::new([])
+    }
 }
 
 /// What the proxies share: the mesh, certificates and the HBONE pool.
