@@ -39,6 +39,11 @@ pub enum Command {
         #[arg(long)]
         loopback: bool,
     },
+    /// Remove the agent's capture from every network namespace of this
+    /// host (pods' and named ones). Stopping the agent leaves capture in
+    /// place on purpose, so pods fail closed until an agent serves them
+    /// again; run this to take the agent off a node for good. Needs root.
+    Uninstall,
     /// Run the reference waypoint: terminate HBONE as mesh workload
     /// `--workload`, apply the mesh's HTTP routes (403 deny, weighted
     /// subsets) to HTTP/1.1 requests, and forward each over HBONE.

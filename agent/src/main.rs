@@ -48,6 +48,26 @@ async fn main() -> anyhow::Result<()> {
             drop(waypoint);
             Ok(())
         }
+        Command::Uninstall => {
+            let done = ambient_agent::capture::uninstall();
+            for path in &done.removed {
+                println!("removed capture from {}", path.display());
+            }
+            for (path, why) in &done.failed {
+                eprintln!("could not remove capture from {}: {why}", path.display());
+            }
+            println!(
+                "{} network namespaces checked, capture removed from {}",
+                done.checked,
+                done.removed.len()
+            );
+            anyhow::ensure!(
+                done.failed.is_empty(),
+                "capture left in {} namespaces",
+                done.failed.len()
+            );
+            Ok(())
+        }
         Command::Demo {
             bytes,
             capture,

@@ -63,6 +63,9 @@ impl Sockets {
             .make(move || {
                 let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                 s.set_reuse_address(true)?;
+                // A workload's new listeners open beside its old ones before
+                // those close: no moment with nothing listening behind capture.
+                s.set_reuse_port(true)?;
                 if opts.transparent {
                     set_transparent(&s, addr)?;
                 }

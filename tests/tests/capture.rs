@@ -213,7 +213,10 @@ async fn outside_and_unenrolled_are_not_tunneled(mode: CaptureMode, tag: &str) {
     );
 }
 
-async fn stopping_the_agent_leaves_nothing_behind(mode: CaptureMode, tag: &str) {
+/// Capture comes off a pod when its workload leaves the mesh (here: gone
+/// from the mesh file), and then nothing of it is left. (Stopping the
+/// agent is another matter: see `stop_fails_closed.rs`.)
+async fn leaving_the_mesh_leaves_nothing_behind(mode: CaptureMode, tag: &str) {
     init_tracing();
     let m = build(tag);
     let a = agent(&m, "node-a", mode).await;
@@ -232,7 +235,18 @@ async fn stopping_the_agent_leaves_nothing_behind(mode: CaptureMode, tag: &str) 
         rules.contains("ambient_agent"),
         "capture installed: {rules}"
     );
-    drop(a);
+    let mut yaml = String::from("workloads:\n");
+    yaml += &pod_workload(&m.server, "node-b", "server");
+    m.world.write_mesh(&yaml);
+    for uid in ["client", "neighbour"] {
+        for _ in 0..100 {
+            if a.listeners(uid).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(a.listeners(uid).is_none(), "{uid} still served");
+    }
     for pod in [&m.client, &m.neighbour] {
         let rules = in_ns(&pod.netns, "nft", &["list", "tables"]).expect("nft list");
         assert!(
@@ -279,6 +293,8 @@ async fn stopping_the_agent_leaves_nothing_behind(mode: CaptureMode, tag: &str) 
     // Traffic now flows directly, uncaptured.
     let (sent, got) = echo_through(&m.client, m.outside.addr(9090), 1024, 3).await;
     assert_eq!(sent, got);
+    assert!(records(&mut outbound).is_empty(), "still captured");
+    drop(a);
     let names = m.topo.remaining_namespaces();
     drop(m);
     assert!(!names.is_empty());
@@ -302,8 +318,8 @@ async fn nft_outside_and_unenrolled_are_not_tunneled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nft_stopping_the_agent_leaves_nothing_behind() {
-    stopping_the_agent_leaves_nothing_behind(CaptureMode::Nft, "nft-stop").await;
+async fn nft_leaving_the_mesh_leaves_nothing_behind() {
+    leaving_the_mesh_leaves_nothing_behind(CaptureMode::Nft, "nft-stop").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,6 +333,6 @@ async fn ebpf_outside_and_unenrolled_are_not_tunneled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ebpf_stopping_the_agent_leaves_nothing_behind() {
-    stopping_the_agent_leaves_nothing_behind(CaptureMode::Ebpf, "bpf-stop").await;
+async fn ebpf_leaving_the_mesh_leaves_nothing_behind() {
+    leaving_the_mesh_leaves_nothing_behind(CaptureMode::Ebpf, "bpf-stop").await;
 }

@@ -303,3 +303,56 @@ async fn connect_to_the_agents_own_ports_is_refused_with_400() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "port {port}");
     }
 }
+
+/// The handle nft gave the agent's table in `pod`: a table removed and
+/// made again gets a new one.
+fn capture_table_handle(pod: &ambient_tests::netns::Pod) -> Option<String> {
+    let args = ["-a", "list", "table", "inet", "ambient_agent"];
+    let out = ambient_tests::netns::in_ns(&pod.netns, "nft", &args).ok()?;
+    let first = out.lines().next()?;
+    first.split("# handle").nth(1).map(|h| h.trim().to_string())
+}
+
+/// Point 5's twin: a workload whose details change (here its capacity)
+/// had its capture removed and installed again, a window in which its
+/// traffic left uncaptured. Capture now stays; only the listeners are
+/// replaced (beside the old ones, with SO_REUSEPORT).
+#[tokio::test]
+async fn a_workload_update_never_takes_capture_off_its_pod() {
+    init_tracing();
+    let m = PodMesh::build("hupd");
+    let b = m.agent("node-b").await;
+    let _a = m.agent("node-a").await;
+    let _echo = PodEcho::start(&m.server, 8080).await;
+    let before = capture_table_handle(&m.server).expect("captured");
+    assert!(allowed(&m.client, m.server_app(8080)).await);
+
+    let mut yaml = String::from("workloads:\n");
+    yaml += &m.client.workload_yaml("test", "node-a", "client");
+    yaml += &m.intruder.workload_yaml("other", "node-a", "intruder");
+    yaml += &m.server.workload_yaml("test", "node-b", "server");
+    yaml += "    capacity: 3\n";
+    m.world.write_mesh(&yaml);
+    eventually("the new server workload", || {
+        b.state
+            .snapshot()
+            .workload_by_uid("server")
+            .is_some_and(|w| w.capacity == 3)
+    })
+    .await;
+    eventually("its listeners replaced", || {
+        b.served()
+            .iter()
+            .any(|w| w.uid == "server" && w.capacity == 3)
+    })
+    .await;
+    assert_eq!(
+        capture_table_handle(&m.server),
+        Some(before),
+        "capture was redone"
+    );
+    assert!(
+        allowed(&m.client, m.server_app(8080)).await,
+        "served after the change"
+    );
+}

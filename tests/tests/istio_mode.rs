@@ -40,67 +40,114 @@ fn has_capture(pod: &Pod) -> bool {
     in_ns(&pod.netns, "nft", &["list", "tables"]).is_ok_and(|t| t.contains("ambient_agent"))
 }
 
+/// Two Istio-mode agents (node-a, node-b) with the test xDS server, Istio
+/// CA and one test CNI each.
+struct IstioWorld {
+    xds: TestXds,
+    ca: TestCa,
+    cnis: Vec<TestCni>,
+    agents: Vec<Agent>,
+    _dir: tempfile::TempDir,
+}
+
+impl IstioWorld {
+    /// Serves `mesh_yaml` over xDS and starts the agents, with metrics on
+    /// `metrics_port` (tests running side by side pick their own).
+    async fn start(mesh_yaml: &str, metrics_port: u16) -> IstioWorld {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = parse_mesh("mesh", mesh_yaml).expect("mesh");
+        let xds = TestXds::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        xds.set_mesh(&mesh);
+
+        // The Istio CA; one file holds the mesh root and the CA's serving root.
+        let root = Arc::new(LocalCa::generate("cluster.local").unwrap());
+        let ca = TestCa::start("127.0.0.1:0".parse().unwrap(), root.clone(), TOKEN)
+            .await
+            .unwrap();
+        let roots = dir.path().join("roots.pem");
+        std::fs::write(&roots, format!("{}{}", root.root_pem(), ca.root_pem())).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, TOKEN).unwrap();
+
+        let mut cnis = Vec::new();
+        let mut agents = Vec::new();
+        for node in ["node-a", "node-b"] {
+            let socket = dir.path().join(format!("{node}.sock"));
+            cnis.push(TestCni::start(&socket).await.unwrap());
+            let cfg = Config {
+                node: node.into(),
+                mode: Mode::Istio,
+                socket_mark: 0x539,
+                control_plane: ControlPlaneConfig {
+                    xds_address: xds.url(),
+                    ca_address: Some(ca.url()),
+                    root_cert: roots.clone(),
+                    server_name: Some(ca.server_name().to_string()),
+                    token_path: token.clone(),
+                    cni_socket: socket,
+                    ..ControlPlaneConfig::default()
+                },
+                admin_port: 0,
+                // Metrics on an address of each agent's own, to read the xDS state.
+                metrics_address: metrics_ip(node),
+                metrics_port,
+                readiness_port: 0,
+                ..Config::default()
+            };
+            agents.push(Agent::start(cfg).await.expect("agent starts in Istio mode"));
+        }
+        for cni in &cnis {
+            cni.wait_connected(Duration::from_secs(5)).await.unwrap();
+        }
+        IstioWorld {
+            xds,
+            ca,
+            cnis,
+            agents,
+            _dir: dir,
+        }
+    }
+
+    /// Serves `yaml` over xDS from now on.
+    fn set_mesh(&self, yaml: &str) {
+        self.xds.set_mesh(&parse_mesh("mesh", yaml).expect("mesh"));
+    }
+}
+
+fn netns(p: &Pod) -> std::path::PathBuf {
+    std::path::PathBuf::from(p.netns_path())
+}
+
+/// `pods` as xDS workloads of namespace `test` (service account = name),
+/// on the given nodes.
+fn mesh_of(pods: &[(&Pod, &str)]) -> String {
+    let mut yaml = String::from("workloads:\n");
+    for (p, node) in pods {
+        yaml += &format!(
+            "  - {{uid: {n}, name: {n}, namespace: test, serviceAccount: {n}, addresses: [{ip}], node: {node}}}\n",
+            n = p.name,
+            ip = p.ip
+        );
+    }
+    yaml
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod() {
     init_tracing();
     let topo = Topology::new("istio").expect("topology");
     let client = topo.add_pod("client", 0).expect("pod");
     let server = topo.add_pod("server", 1).expect("pod");
-    let dir = tempfile::tempdir().unwrap();
-
     // The mesh, served over xDS (no netns paths: the CNI provides them).
-    let yaml = format!(
-        "workloads:\n  - {{uid: client, name: client, namespace: test, serviceAccount: client, addresses: [{}], node: node-a}}\n  - {{uid: server, name: server, namespace: test, serviceAccount: server, addresses: [{}], node: node-b}}\n",
-        client.ip, server.ip
-    );
-    let mesh = parse_mesh("mesh", &yaml).expect("mesh");
-    let xds = TestXds::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    xds.set_mesh(&mesh);
+    let world =
+        IstioWorld::start(&mesh_of(&[(&client, "node-a"), (&server, "node-b")]), 25020).await;
+    let IstioWorld {
+        cnis, agents, ca, ..
+    } = &world;
 
-    // The Istio CA; one file holds the mesh root and the CA's serving root.
-    let root = Arc::new(LocalCa::generate("cluster.local").unwrap());
-    let ca = TestCa::start("127.0.0.1:0".parse().unwrap(), root.clone(), TOKEN)
-        .await
-        .unwrap();
-    let roots = dir.path().join("roots.pem");
-    std::fs::write(&roots, format!("{}{}", root.root_pem(), ca.root_pem())).unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, TOKEN).unwrap();
-
-    let mut cnis = Vec::new();
-    let mut agents = Vec::new();
-    for node in ["node-a", "node-b"] {
-        let socket = dir.path().join(format!("{node}.sock"));
-        cnis.push(TestCni::start(&socket).await.unwrap());
-        let cfg = Config {
-            node: node.into(),
-            mode: Mode::Istio,
-            socket_mark: 0x539,
-            control_plane: ControlPlaneConfig {
-                xds_address: xds.url(),
-                ca_address: Some(ca.url()),
-                root_cert: roots.clone(),
-                server_name: Some(ca.server_name().to_string()),
-                token_path: token.clone(),
-                cni_socket: socket,
-                ..ControlPlaneConfig::default()
-            },
-            admin_port: 0,
-            // Metrics on an address of each agent's own, to read the xDS state.
-            metrics_address: metrics_ip(node),
-            metrics_port: 25020,
-            readiness_port: 0,
-            ..Config::default()
-        };
-        agents.push(Agent::start(cfg).await.expect("agent starts in Istio mode"));
-    }
-    for cni in &cnis {
-        cni.wait_connected(Duration::from_secs(5)).await.unwrap();
-    }
     // The CNI hands each pod to its node's agent, with its netns fd.
-    let netns = |p: &Pod| std::path::PathBuf::from(p.netns_path());
     assert_eq!(
         cnis[0]
             .add_pod("client", &netns(&client), info("client"))
@@ -177,7 +224,6 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
         !has_capture(&server),
         "capture removed from the released pod"
     );
-    drop(agents);
 }
 
 fn metrics_ip(node: &str) -> IpAddr {
@@ -203,4 +249,119 @@ async fn scrape(addr: SocketAddr) -> String {
     raw.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .expect("HTTP response")
+}
+
+/// The next record at `agent` of a connection from `src`.
+async fn next_record_from(
+    records: &mut tokio::sync::broadcast::Receiver<
+        Arc<ambient_agent::proxy::record::ConnectionRecord>,
+    >,
+    src: IpAddr,
+) -> Arc<ambient_agent::proxy::record::ConnectionRecord> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = records.recv().await.expect("records");
+            if r.src == src {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a record in time")
+}
+
+/// Point 4 of the fail-closed issue: a pod istio-cni hands over is the
+/// agent's from that moment, whatever istiod says. As ztunnel, its proxies
+/// start from the CNI's `WorkloadInfo` (ztunnel requires it on every Add)
+/// and its certificate is asked for that identity. Until istiod lists the
+/// pod nothing may come in (the policies that select it are unknown);
+/// when istiod drops it, it stays captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops_it() {
+    init_tracing();
+    let topo = Topology::new("istiocni").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let outside = topo.add_pod("outside", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    let only_server = mesh_of(&[(&server, "node-b")]);
+    let world = IstioWorld::start(&only_server, 25021).await;
+    let IstioWorld { cnis, agents, .. } = &world;
+    // Without the pod's identity there is nothing to serve it as (ztunnel
+    // refuses such an Add too): the CNI hears why.
+    let ack = cnis[0].add_pod("outside", &netns(&outside), None).await;
+    let err = ack.unwrap().unwrap_err();
+    assert!(err.contains("without workload info"), "{err}");
+    for (i, p) in [(1, &server), (0, &client)] {
+        let ack = cnis[i].add_pod(&p.name, &netns(p), info(&p.name)).await;
+        assert_eq!(ack.unwrap(), Ok(()));
+    }
+    assert!(has_capture(&client), "captured when handed over");
+    wait_for("client served", || agents[0].listeners("client").is_some()).await;
+    wait_for("server served", || agents[1].listeners("server").is_some()).await;
+
+    // Its outbound is tunneled, as the identity the CNI gave.
+    let _server_echo = PodEcho::start(&server, 8080).await;
+    let mut at_server = agents[1].connections();
+    let to_server = SocketAddr::new(IpAddr::V4(server.ip), 8080);
+    let msg = b"before istiod knows".as_slice();
+    assert_eq!(pod_exchange(&client, to_server, msg).await.unwrap(), msg);
+    let r = next_record_from(&mut at_server, IpAddr::V4(client.ip)).await;
+    assert_eq!(r.direction, Direction::Inbound, "{r:?}");
+    let id = r.src_identity.as_ref().map(|i| i.to_string());
+    assert_eq!(
+        id.as_deref(),
+        Some("spiffe://cluster.local/ns/test/sa/client")
+    );
+
+    // Nothing comes in yet: plaintext from outside the mesh is refused.
+    let client_echo = PodEcho::start(&client, 8080).await;
+    let to_client = SocketAddr::new(IpAddr::V4(client.ip), 8080);
+    let back = pod_exchange(&outside, to_client, msg)
+        .await
+        .unwrap_or_default();
+    assert!(back.is_empty(), "got {back:?}");
+    assert!(client_echo.peer_ips().is_empty());
+
+    // istiod lists it: policies (none) decide, so it comes in.
+    world.set_mesh(&mesh_of(&[(&server, "node-b"), (&client, "node-a")]));
+    let mut in_time = false;
+    for _ in 0..50 {
+        if pod_exchange(&outside, to_client, msg).await.ok().as_deref() == Some(msg) {
+            in_time = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(in_time, "never admitted once istiod listed the pod");
+    assert_eq!(client_echo.peer_ips(), vec![IpAddr::V4(outside.ip)]);
+
+    // istiod drops it again: still the agent's, still captured, tunneled.
+    world.set_mesh(&only_server);
+    wait_for("the mesh without the client", || {
+        agents[0]
+            .state
+            .snapshot()
+            .workload_by_uid("client")
+            .is_none()
+    })
+    .await;
+    assert!(
+        has_capture(&client),
+        "capture removed when istiod dropped the pod"
+    );
+    assert_eq!(pod_exchange(&client, to_server, msg).await.unwrap(), msg);
+    let r = next_record_from(&mut at_server, IpAddr::V4(client.ip)).await;
+    assert_eq!(
+        r.direction,
+        Direction::Inbound,
+        "sent around the mesh: {r:?}"
+    );
+
+    // Only the CNI's delete releases it.
+    assert_eq!(cnis[0].del_pod("client").await.unwrap(), Ok(()));
+    wait_for("client released", || {
+        agents[0].listeners("client").is_none()
+    })
+    .await;
+    assert!(!has_capture(&client));
 }

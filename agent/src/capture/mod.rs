@@ -3,7 +3,13 @@
 //! namespaces to do so.
 //!
 //! An [`Enrollment`] is one workload's namespace with capture installed;
-//! [`Enrollment::release`] (or drop, as a fallback) removes it again.
+//! [`Enrollment::release`] removes it again, and is called only when the
+//! workload leaves the mesh. Dropping an enrollment (the agent stops or
+//! restarts) leaves the nft capture in place: with no listener behind it,
+//! the pod's TCP is refused, never sent around the mesh in plaintext. The
+//! eBPF programs are the agent's own (links die with the process), so
+//! that backend does not yet fail closed while no agent runs.
+//! [`uninstall`] takes every trace of capture off the node.
 
 pub mod netns;
 pub mod nft;
@@ -177,14 +183,59 @@ fn remove(ns: &Netns, ebpf: Option<PodAttachment>, nft: bool) {
     }
 }
 
-impl Drop for Enrollment {
-    fn drop(&mut self) {
-        // Fallback when release() was not awaited (e.g. the agent is torn
-        // down): leaving redirect rules behind would black-hole the pod.
-        remove(
-            &self.netns,
-            self.ebpf.take(),
-            std::mem::take(&mut self.installed),
-        );
+/// What [`uninstall`] found and did.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    /// Network namespaces looked at (named ones and those of processes).
+    pub checked: usize,
+    /// Where the agent's capture was found and removed.
+    pub removed: Vec<PathBuf>,
+    /// Where it was found and could not be removed, and why.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+/// Takes the agent's capture off every network namespace of this host:
+/// the named ones (`/var/run/netns`) and those of running processes, each
+/// once. For operators removing the agent for good: stopping the agent
+/// leaves capture in place on purpose (pods fail closed).
+pub fn uninstall() -> Uninstalled {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Uninstalled::default();
+    let mut seen = std::collections::HashSet::new();
+    let named = std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    for path in named.chain(processes) {
+        // The same namespace under many names: once, by device and inode.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        out.checked += 1;
+        let Ok(ns) = Netns::open(&path) else { continue };
+        match NftCapture::is_installed(&ns) {
+            Ok(true) => match NftCapture::remove(&ns) {
+                Ok(()) => out.removed.push(path),
+                Err(e) => out.failed.push((path, e.to_string())),
+            },
+            Ok(false) => {}
+            Err(e) => out.failed.push((path, e.to_string())),
+        }
     }
+    out
 }

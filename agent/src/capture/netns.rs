@@ -114,6 +114,34 @@ impl Netns {
             .map_err(|_| io::Error::other("netns thread went away"))
     }
 
+    /// The addresses configured inside the namespace, without loopback
+    /// and IPv6 link-local ones: what the pod's peers reach it on.
+    pub async fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        use nix::net::if_::InterfaceFlags;
+        self.run(|| {
+            let mut out = Vec::new();
+            for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+                if ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
+                    continue;
+                }
+                let Some(addr) = ifa.address else { continue };
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    out.push(std::net::IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    let ip = v6.ip();
+                    // fe80::/10
+                    if ip.segments()[0] & 0xffc0 != 0xfe80 {
+                        out.push(std::net::IpAddr::V6(ip));
+                    }
+                }
+            }
+            out.sort_unstable();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
     /// A command that runs inside the namespace (for `nft`, `ip`).
     pub fn command(&self, program: &str) -> Command {
         use std::os::unix::process::CommandExt;

@@ -206,6 +206,14 @@ impl Inbound {
         responder: Responder,
         record: Connection,
     ) -> Option<(H2Stream, TcpStream, Registration, Connection)> {
+        // A pod the CNI handed over before istiod listed it: the policies
+        // that select it are not known yet, so nothing may come in.
+        if !self.ctx.state.snapshot().knows(&self.workload) {
+            warn!("workload not (yet) in the mesh; 503");
+            record.finish(Err("503: workload not (yet) known to the control plane"));
+            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return None;
+        }
         // Never into the agent itself (checked before anything connects).
         if self.ctx.settings.reserved_ports.contains(req.target.port()) {
             warn!("target port is one the agent serves; 400");

@@ -57,6 +57,10 @@ impl Accept for InboundPassthrough {
             warn!(%peer, %dst, "plaintext connection to a port the agent serves; closing");
             return record.finish(Err("target port is reserved by the agent"));
         }
+        if !self.ctx.state.snapshot().knows(&self.workload) {
+            warn!(%peer, %dst, "workload not (yet) in the mesh; closing");
+            return record.finish(Err("workload not (yet) known to the control plane"));
+        }
         if !self.workload.addresses.contains(&dst.ip()) {
             warn!(%peer, %dst, "plaintext connection not addressed to this workload; closing");
             return record.finish(Err("not addressed to this workload"));

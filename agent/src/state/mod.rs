@@ -61,6 +61,12 @@ impl Snapshot {
         self.workload_by_uid.get(uid)
     }
 
+    /// Whether `w` is a workload of this mesh (by uid), rather than one
+    /// served before the control plane described it.
+    pub fn knows(&self, w: &Workload) -> bool {
+        self.workload_by_uid.contains_key(&w.uid)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workload_by_ip.get(&ip)
     }

@@ -1,10 +1,12 @@
 //! The running agent: wires configuration, state, identity and the HBONE
-//! pool together, and keeps one [`WorkloadProxy`] per local mesh workload
-//! in step with the mesh as it changes.
+//! pool together; its [`reconciler`] keeps one proxy per local mesh
+//! workload in step with the mesh and the CNI as they change.
 
-use std::collections::{HashMap, HashSet};
+mod reconciler;
+
+use reconciler::Reconciler;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,20 +15,16 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::admin::{AdminConfig, AdminServer, MeshReady, Readiness, Sources};
-use crate::capture::netns::Netns;
-use crate::capture::nft::NftCapture;
-use crate::capture::zds::{WorkloadInfo, ZdsClient, ZdsEvent};
-use crate::capture::{Backend, CaptureError, CaptureSpec, Enrollment};
+use crate::capture::zds::ZdsClient;
+use crate::capture::{Backend, CaptureError};
 use crate::config::{Config, Mode};
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
 use crate::identity::{CaError, CertManager, CertificateSigner, LocalCa, TrustBundle};
 use crate::proxy::record::{ConnectionRecord, Reporter};
-use crate::proxy::{
-    ListenerAddrs, Outbound, ProxyContext, ProxySettings, ReservedPorts, WorkloadProxy,
-};
+use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, ReservedPorts};
 use crate::socket::Sockets;
-use crate::state::{State, TunnelProtocol, Workload};
+use crate::state::State;
 use crate::xds::delta::{XdsClient, XdsConfig};
 use crate::xds::local::{LocalConfigError, LocalSource};
 
@@ -40,19 +38,6 @@ pub enum AgentError {
     #[error("capture: {0}")]
     Capture(#[from] CaptureError),
 }
-
-/// A local workload being served.
-struct Local {
-    /// The version of the workload the proxy was started for.
-    workload: Arc<Workload>,
-    source: NetnsSource,
-    proxy: WorkloadProxy,
-    /// Its namespace and capture, when it has a namespace of its own.
-    enrollment: Option<Enrollment>,
-}
-
-/// The local workloads being served, by uid.
-type Proxies = Mutex<HashMap<String, Local>>;
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
@@ -74,10 +59,9 @@ impl Drop for Agent {
         for t in &self.tasks {
             t.abort();
         }
-        // Capture comes off every namespace now, not whenever the aborted
-        // tasks happen to be dropped.
-        let locals = std::mem::take(&mut *lock(&self.reconciler.proxies));
-        drop(locals);
+        // Listeners close now, not whenever the aborted tasks happen to be
+        // dropped. Capture stays: the pods still belong to the mesh.
+        self.reconciler.shut_down();
     }
 }
 
@@ -143,16 +127,9 @@ impl Agent {
             tracker: Arc::default(),
             reporter: Reporter::new(state.clone(), 1024),
         };
-        let reconciler = Arc::new(Reconciler {
-            ctx: ctx.clone(),
-            cfg: cfg.clone(),
-            backend,
-            proxies: Arc::default(),
-            cni: Mutex::default(),
-            running: tokio::sync::Mutex::new(()),
-        });
+        let reconciler = Arc::new(Reconciler::new(ctx.clone(), cfg.clone(), backend));
         let readiness = Readiness::new(mesh_ready);
-        let proxies = reconciler.proxies.clone();
+        let served = reconciler.clone();
         let admin = AdminServer::start(
             AdminConfig::from_config(&cfg),
             Sources {
@@ -162,12 +139,7 @@ impl Agent {
                 pool: pool.clone(),
                 opened: ctx.reporter.subscribe_opened(),
                 records: ctx.reporter.subscribe_closed(),
-                served: Arc::new(move || {
-                    lock(&proxies)
-                        .values()
-                        .map(|l| l.workload.clone())
-                        .collect()
-                }),
+                served: Arc::new(move || served.served()),
                 readiness: readiness.clone(),
                 shutdown: shutdown.clone(),
             },
@@ -177,11 +149,11 @@ impl Agent {
         let mut changes = state.subscribe();
         reconciler.run().await;
         readiness.listeners_started();
-        let r = reconciler.clone();
+        let (r, tracker, st) = (reconciler.clone(), ctx.tracker.clone(), state.clone());
         tasks.push(tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 r.run().await;
-                r.ctx.tracker.recheck(&r.ctx.state.snapshot());
+                tracker.recheck(&st.snapshot());
             }
         }));
         if cfg.mode == Mode::Istio {
@@ -212,14 +184,13 @@ impl Agent {
 
     /// Drains, then stops: closes every listener (new connections are
     /// refused), sends GOAWAY to HBONE peers, lets connections in flight
-    /// finish for at most `deadline`, then removes capture and exits.
+    /// finish for at most `deadline`, then exits. Capture stays in the
+    /// pods: until an agent serves them again, their TCP is refused.
     /// Returns how many connections were cut at the deadline.
     pub async fn drain(self, deadline: Duration) -> usize {
         info!(?deadline, "draining");
         let _ = self.shutdown.send(true);
-        for l in lock(&self.reconciler.proxies).values() {
-            l.proxy.stop_accepting();
-        }
+        self.reconciler.stop_accepting();
         let active = self.ctx.active.clone();
         let cut = match tokio::time::timeout(deadline, active.idle()).await {
             Ok(()) => 0,
@@ -256,11 +227,14 @@ impl Agent {
         &self.cfg
     }
 
+    /// The local workloads served now, as their proxies know them.
+    pub fn served(&self) -> Vec<Arc<crate::state::Workload>> {
+        self.reconciler.served()
+    }
+
     /// The listener addresses of local workload `uid`, if it is served.
     pub fn listeners(&self, uid: &str) -> Option<ListenerAddrs> {
-        lock(&self.reconciler.proxies)
-            .get(uid)
-            .map(|l| l.proxy.addrs)
+        self.reconciler.listeners(uid)
     }
 
     /// Hands a new connection to workload `uid`'s outbound proxy as if it
@@ -382,203 +356,4 @@ fn xds_config(cfg: &Config) -> XdsConfig {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Where a served workload's network namespace comes from.
-#[derive(Clone)]
-enum NetnsSource {
-    /// None of its own: listeners in the agent's namespace (loopback use).
-    Host,
-    /// A path from the local mesh file.
-    Path(PathBuf),
-    /// An fd the CNI sent.
-    Cni(Arc<Netns>),
-}
-
-impl PartialEq for NetnsSource {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (NetnsSource::Host, NetnsSource::Host) => true,
-            (NetnsSource::Path(a), NetnsSource::Path(b)) => a == b,
-            (NetnsSource::Cni(a), NetnsSource::Cni(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        }
-    }
-}
-
-/// A pod the CNI handed over.
-struct CniPod {
-    netns: Arc<Netns>,
-    info: Option<WorkloadInfo>,
-}
-
-/// Keeps the served workloads in step with the mesh and the CNI's pods.
-struct Reconciler {
-    ctx: ProxyContext,
-    cfg: Config,
-    backend: Backend,
-    proxies: Arc<Proxies>,
-    cni: Mutex<HashMap<String, CniPod>>,
-    /// One reconciliation at a time (mesh changes and CNI events race).
-    running: tokio::sync::Mutex<()>,
-}
-
-impl Reconciler {
-    /// The workloads this agent should serve, and where their namespaces are.
-    fn wanted(&self) -> HashMap<String, (Arc<Workload>, NetnsSource)> {
-        let snap = self.ctx.state.snapshot();
-        match self.cfg.mode {
-            Mode::Local => snap
-                .local_workloads(&self.cfg.node)
-                .filter(|w| w.protocol == TunnelProtocol::Hbone)
-                .map(|w| {
-                    let source = w.netns.clone().map_or(NetnsSource::Host, NetnsSource::Path);
-                    (w.uid.clone(), (w.clone(), source))
-                })
-                .collect(),
-            // The CNI says which pods are here; the mesh says who they are.
-            Mode::Istio => lock(&self.cni)
-                .iter()
-                .filter_map(|(uid, pod)| {
-                    let w = snap.workload_by_uid(uid).cloned().or_else(|| {
-                        let info = pod.info.as_ref()?;
-                        snap.mesh()
-                            .workloads
-                            .iter()
-                            .find(|w| w.name == info.name && w.namespace == info.namespace)
-                            .map(|w| Arc::new(w.clone()))
-                    })?;
-                    Some((w.uid.clone(), (w, NetnsSource::Cni(pod.netns.clone()))))
-                })
-                .collect(),
-        }
-    }
-
-    /// Starts proxies for new or changed workloads and stops those that left.
-    async fn run(&self) {
-        let _one = self.running.lock().await;
-        let wanted = self.wanted();
-        let identities: HashSet<_> = wanted.values().map(|(w, _)| w.identity()).collect();
-        let (leaving, to_start) = {
-            let mut running = lock(&self.proxies);
-            let gone: Vec<String> = running
-                .iter()
-                .filter(|(uid, l)| {
-                    wanted.get(*uid).map(|(w, s)| (w, s)) != Some((&l.workload, &l.source))
-                })
-                .map(|(uid, _)| uid.clone())
-                .collect();
-            let leaving: Vec<Local> = gone.iter().filter_map(|uid| running.remove(uid)).collect();
-            let to_start: Vec<(Arc<Workload>, NetnsSource)> = wanted
-                .values()
-                .filter(|(w, _)| !running.contains_key(&w.uid))
-                .cloned()
-                .collect();
-            (leaving, to_start)
-        };
-        for l in leaving {
-            info!(uid = %l.workload.uid, "workload left or changed; releasing it");
-            // Another local workload may share the identity.
-            if !identities.contains(&l.workload.identity()) {
-                self.ctx.certs.forget(&l.workload.identity());
-            }
-            // Stop redirecting before the listeners close.
-            if let Some(e) = l.enrollment {
-                e.release().await;
-            }
-        }
-        for (w, source) in to_start {
-            self.ctx.certs.track(w.identity());
-            match self.start_local(w.clone(), source).await {
-                Ok(l) => {
-                    lock(&self.proxies).insert(w.uid.clone(), l);
-                }
-                Err(e) => warn!(uid = %w.uid, error = %e, "cannot serve the workload"),
-            }
-        }
-    }
-
-    /// Opens a workload's listeners and, when it has its own namespace,
-    /// enrolls it: listeners inside the namespace first, then capture.
-    async fn start_local(&self, w: Arc<Workload>, source: NetnsSource) -> Result<Local, String> {
-        let (ctx, cfg) = (&self.ctx, &self.cfg);
-        let mut enrollment = match &source {
-            NetnsSource::Host => {
-                let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), Sockets::Host)
-                    .await
-                    .map_err(|e| format!("opening listeners: {e}"))?;
-                return Ok(Local {
-                    workload: w,
-                    source,
-                    proxy,
-                    enrollment: None,
-                });
-            }
-            NetnsSource::Path(path) => Enrollment::open(path).await.map_err(|e| e.to_string())?,
-            NetnsSource::Cni(ns) => Enrollment::with_netns(ns.clone()),
-        };
-        let proxy = WorkloadProxy::start(ctx.clone(), w.clone(), enrollment.sockets())
-            .await
-            .map_err(|e| format!("opening listeners in the workload's namespace: {e}"))?;
-        let spec = CaptureSpec {
-            rules: NftCapture {
-                socket_mark: cfg.socket_mark,
-                outbound_port: cfg.ports.outbound,
-                inbound_plaintext_port: cfg.ports.inbound_plaintext,
-                hbone_port: cfg.ports.hbone,
-                redirect: true,
-            },
-            addresses: w.addresses.clone(),
-            cgroup: w.cgroup.clone(),
-            interface: cfg.pod_interface.clone(),
-        };
-        enrollment
-            .capture(&self.backend, spec)
-            .await
-            .map_err(|e| e.to_string())?;
-        info!(uid = %w.uid, "workload enrolled");
-        Ok(Local {
-            workload: w,
-            source,
-            proxy,
-            enrollment: Some(enrollment),
-        })
-    }
-
-    /// Applies one message from the CNI; the answer becomes its ack.
-    async fn on_cni(&self, event: ZdsEvent) -> Result<(), String> {
-        match event {
-            ZdsEvent::Add { uid, netns, info } => {
-                let name = PathBuf::from(format!("cni:{uid}"));
-                let ns = tokio::task::spawn_blocking(move || Netns::from_fd(name, netns))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("entering the pod's namespace: {e}"))?;
-                info!(%uid, "pod added by the CNI");
-                lock(&self.cni).insert(
-                    uid,
-                    CniPod {
-                        netns: Arc::new(ns),
-                        info,
-                    },
-                );
-            }
-            ZdsEvent::Keep { uid } => {
-                if !lock(&self.cni).contains_key(&uid) {
-                    return Err(format!("keep for unknown pod {uid}"));
-                }
-            }
-            ZdsEvent::Del { uid } => {
-                info!(%uid, "pod removed by the CNI");
-                lock(&self.cni).remove(&uid);
-            }
-            ZdsEvent::SnapshotSent { current } => {
-                lock(&self.cni).retain(|uid, _| current.contains(uid));
-            }
-        }
-        // A pod whose workload is not in the mesh yet is enrolled when it
-        // arrives; the ack only says the CNI's message was taken.
-        self.run().await;
-        Ok(())
-    }
 }
