@@ -87,15 +87,28 @@ fn read_draining(
     }
 }
 
+/// A copy that stopped on an error, and what had moved by then: those
+/// bytes were delivered, so they count (in records and metrics alike).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CopyError<T: std::fmt::Debug> {
+    #[source]
+    pub error: io::Error,
+    pub moved: T,
+}
+
 /// Copies both ways between `a` and `b` until both directions have ended;
 /// EOF on one side's reads becomes a write shutdown on the other's. An
 /// error in either direction ends both. Resolves to the bytes moved a -> b
-/// and b -> a.
+/// and b -> a, which an error carries too.
 ///
 /// A hand-written state machine, not two joined `async` loops: it lives as
 /// long as the connection, and the loops' suspended futures took about
 /// 750 bytes of every open one.
-pub fn copy_tcp(a: TcpStream, b: TcpStream) -> impl Future<Output = io::Result<(u64, u64)>> + Send {
+pub fn copy_tcp(
+    a: TcpStream,
+    b: TcpStream,
+) -> impl Future<Output = Result<(u64, u64), CopyError<(u64, u64)>>> + Send {
     CopyTcp {
         a,
         b,
@@ -135,20 +148,29 @@ impl Default for Half {
 }
 
 impl Future for CopyTcp {
-    type Output = io::Result<(u64, u64)>;
+    type Output = Result<(u64, u64), CopyError<(u64, u64)>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let mut failed = None;
         for (half, src, dst) in [
             (&mut this.ab, &this.a, &this.b),
             (&mut this.ba, &this.b, &this.a),
         ] {
             if !half.done {
-                if let Poll::Ready(r) = half.poll(src, dst, cx) {
-                    r?;
-                    half.done = true;
+                match half.poll(src, dst, cx) {
+                    Poll::Ready(Ok(())) => half.done = true,
+                    Poll::Ready(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Poll::Pending => {}
                 }
             }
+        }
+        if let Some(error) = failed {
+            let moved = (this.ab.total, this.ba.total);
+            return Poll::Ready(Err(CopyError { error, moved }));
         }
         if this.ab.done && this.ba.done {
             Poll::Ready(Ok((this.ab.total, this.ba.total)))

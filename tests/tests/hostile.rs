@@ -356,3 +356,157 @@ async fn a_workload_update_never_takes_capture_off_its_pod() {
         "served after the change"
     );
 }
+
+/// The value of the metric line starting with `prefix` (name and labels).
+fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn metrics_text(agent: &ambient_agent::agent::Agent) -> String {
+    agent
+        .metrics()
+        .encode(&Default::default())
+        .expect("metrics encode")
+}
+
+/// The next record of `direction` from `rx`.
+async fn next_record(
+    rx: &mut tokio::sync::broadcast::Receiver<
+        std::sync::Arc<ambient_agent::proxy::record::ConnectionRecord>,
+    >,
+    direction: ambient_agent::proxy::record::Direction,
+) -> std::sync::Arc<ambient_agent::proxy::record::ConnectionRecord> {
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let r = rx.recv().await.expect("records");
+            if r.direction == direction {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a record in time")
+}
+
+/// Point 9: accounting that lied. (a) A connection that ended in an error
+/// was recorded with 0 bytes although 1 MiB had moved each way (ztunnel
+/// counts bytes as they are written, whatever ends the copy). (b) Metrics
+/// came from a 1,024-slot broadcast and fell behind under load; they are
+/// now counted where the record is made. (c) A tunnel whose TLS handshake
+/// failed was labelled `mutual_tls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_metrics_tell_what_happened() {
+    use ambient_agent::proxy::record::Direction;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    raise_fd_limit();
+    let w = World::new(94);
+    let a = w.agent("node-a").await;
+    let b = w.agent("node-b").await;
+    const MIB: usize = 1 << 20;
+
+    // (a) 1 MiB each way, then the application resets the connection.
+    let app = tokio::net::TcpListener::bind(w.server_app()).await.unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        let mut buf = vec![0u8; MIB];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(&buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        app
+    });
+    let mut at_a = a.connections();
+    let mut at_b = b.connections();
+    let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+    c.write_all(&payload(MIB, 9)).await.unwrap();
+    let mut back = vec![0u8; MIB];
+    c.read_exact(&mut back).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, c.read_to_end(&mut rest)).await;
+    let app = server.await.unwrap();
+    for (side, r) in [
+        ("inbound", next_record(&mut at_b, Direction::Inbound).await),
+        (
+            "outbound",
+            next_record(&mut at_a, Direction::Outbound).await,
+        ),
+    ] {
+        assert!(r.error.is_some(), "{side}: the reset is the outcome: {r:?}");
+        assert_eq!(
+            (r.sent, r.received),
+            (MIB as u64, MIB as u64),
+            "{side}: {r:?}"
+        );
+        assert_eq!(r.security_policy(), "mutual_tls", "{side}");
+    }
+    let text = metrics_text(&b);
+    assert_eq!(
+        metric_sum(
+            &text,
+            "istio_tcp_received_bytes_total",
+            "reporter=\"destination\""
+        ),
+        MIB as u64,
+        "{text}"
+    );
+
+    // (b) Many connections at once: every one is counted, on both sides.
+    drop(app);
+    let _echo = Echo::start(w.server_app()).await;
+    let n = 2_000;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = a.connect_as("client", w.server_app()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut c = c;
+            let _ = send_and_read_back(&mut c, &[i as u8; 16]).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
+        let mut closed = 0;
+        for _ in 0..100 {
+            let text = metrics_text(agent);
+            let label = format!("reporter=\"{reporter}\"");
+            closed = metric_sum(&text, "istio_tcp_connections_closed_total", &label);
+            if closed == n + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(closed, n + 1, "{reporter}: every connection counted");
+    }
+
+    // (c) The server's agent proves an identity the client does not
+    // expect: the handshake fails, and nothing says `mutual_tls`.
+    drop(b);
+    let impostor = w.dir.path().join("impostor.yaml");
+    std::fs::write(&impostor, w.standard_mesh("impostor")).unwrap();
+    let mut cfg = w.config("node-b");
+    cfg.mesh_file = Some(impostor);
+    let _b = w.agent_with(cfg).await;
+    let mut at_a = a.connections();
+    let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, c.read_to_end(&mut rest)).await;
+    let r = next_record(&mut at_a, Direction::Outbound).await;
+    assert!(r.error.is_some(), "{r:?}");
+    assert_eq!(r.security_policy(), "none", "{r:?}");
+    let text = metrics_text(&a);
+    assert_eq!(
+        metric_sum(
+            &text,
+            "ambient_tcp_connections_failed_total",
+            "connection_security_policy=\"unknown\""
+        ),
+        1,
+        "{text}"
+    );
+}

@@ -1,5 +1,7 @@
-//! Prometheus metrics (`GET /metrics`): Istio's standard TCP metrics from
-//! the proxies' [`ConnectionRecord`]s, failed connections, plus the agent's
+//! Prometheus metrics (`GET /metrics`): Istio's standard TCP metrics,
+//! counted by the proxies' [`Reporter`](crate::proxy::record::Reporter) as
+//! it makes each [`ConnectionRecord`] (so they are exact, never sampled
+//! from a channel that can fall behind), failed connections, plus the agent's
 //! own: xDS connection state, ACKs and NACKs (Istio mode), pool,
 //! certificates, enrolled workloads; in the OpenMetrics text format.
 //!
@@ -64,7 +66,6 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     failed: Family<TcpLabels, Counter>,
-    records_lost: Counter,
     xds_connected: Gauge,
     xds_synced: Gauge,
     xds_resources: Gauge,
@@ -97,7 +98,6 @@ impl Metrics {
             sent: Family::default(),
             received: Family::default(),
             failed: Family::default(),
-            records_lost: Counter::default(),
             xds_connected: Gauge::default(),
             xds_synced: Gauge::default(),
             xds_resources: Gauge::default(),
@@ -187,11 +187,6 @@ impl Metrics {
             registry.register(name, help, counter.clone());
         }
         registry.register(
-            "ambient_connection_records_lost",
-            "Connection records the metrics missed because they fell behind",
-            m.records_lost.clone(),
-        );
-        registry.register(
             "ambient_pool_connections_opened",
             "HBONE client connections opened since start",
             m.pool_opened.clone(),
@@ -242,11 +237,6 @@ impl Metrics {
         }
         self.received.get_or_create(&labels).inc_by(r.sent);
         self.sent.get_or_create(&labels).inc_by(r.received);
-    }
-
-    /// Counts records missed by a lagging subscriber.
-    pub fn lost(&self, n: u64) {
-        self.records_lost.inc_by(n);
     }
 
     /// Updates the agent gauges and encodes everything.

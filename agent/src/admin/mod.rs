@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use ::http::{Method, Response, StatusCode};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -29,7 +29,6 @@ use self::http::{query_param, respond, text, Body, Request};
 use crate::config::Config;
 use crate::hbone::Pool;
 use crate::identity::CertManager;
-use crate::proxy::record::ConnectionRecord;
 use crate::state::{State, Workload};
 
 /// The readiness probe's path (on the readiness port).
@@ -97,10 +96,8 @@ pub struct Sources {
     pub state: Arc<State>,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
-    /// Connections as they open, for the TCP metrics.
-    pub opened: broadcast::Receiver<Arc<ConnectionRecord>>,
-    /// Connections as they close, for the TCP metrics.
-    pub records: broadcast::Receiver<Arc<ConnectionRecord>>,
+    /// The metrics the proxies count into as they make their records.
+    pub metrics: Arc<Metrics>,
     pub served: ServedFn,
     pub readiness: Readiness,
     /// Sending `true` stops the agent (`/quitquitquit`); readiness reports
@@ -116,7 +113,7 @@ struct Shared {
     served: ServedFn,
     readiness: Readiness,
     shutdown: watch::Sender<bool>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     log: Mutex<Option<LogHandle>>,
 }
 
@@ -137,15 +134,14 @@ impl Drop for AdminServer {
 }
 
 impl AdminServer {
-    /// Binds the configured endpoints and starts counting connections.
+    /// Binds the configured endpoints.
     pub async fn start(cfg: AdminConfig, sources: Sources) -> AdminServer {
         let Sources {
             node,
             state,
             certs,
             pool,
-            mut opened,
-            mut records,
+            metrics,
             served,
             readiness,
             shutdown,
@@ -158,7 +154,7 @@ impl AdminServer {
             served,
             readiness,
             shutdown,
-            metrics: Metrics::new(),
+            metrics,
             log: Mutex::new(None),
         });
         let mut server = AdminServer {
@@ -167,26 +163,6 @@ impl AdminServer {
             failures: Vec::new(),
             tasks: Vec::new(),
         };
-        let s = shared.clone();
-        server.tasks.push(tokio::spawn(async move {
-            loop {
-                // Opens first: a connection's open is sent before its close.
-                let (r, open) = tokio::select! {
-                    biased;
-                    r = opened.recv() => (r, true),
-                    r = records.recv() => (r, false),
-                };
-                match r {
-                    Ok(r) if open => s.metrics.opened(&r),
-                    Ok(r) => s.metrics.closed(&r),
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(missed = n, "metrics fell behind the connection records");
-                        s.metrics.lost(n);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        }));
         let endpoints = [
             (Endpoint::Readiness, cfg.readiness),
             (Endpoint::Metrics, cfg.metrics),

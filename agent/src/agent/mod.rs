@@ -137,8 +137,7 @@ impl Agent {
                 state: state.clone(),
                 certs: certs.clone(),
                 pool: pool.clone(),
-                opened: ctx.reporter.subscribe_opened(),
-                records: ctx.reporter.subscribe_closed(),
+                metrics: ctx.reporter.metrics().clone(),
                 served: Arc::new(move || served.served()),
                 readiness: readiness.clone(),
                 shutdown: shutdown.clone(),
@@ -211,6 +210,11 @@ impl Agent {
     /// A stream of records of finished connections (see [`ConnectionRecord`]).
     pub fn connections(&self) -> tokio::sync::broadcast::Receiver<Arc<ConnectionRecord>> {
         self.ctx.reporter.subscribe_closed()
+    }
+
+    /// The metrics the agent's proxies count into.
+    pub fn metrics(&self) -> &Arc<crate::admin::Metrics> {
+        self.ctx.reporter.metrics()
     }
 
     /// The admin, metrics and readiness endpoints.

@@ -15,7 +15,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::copy::{poll_read_sized, MIN_BUF};
+use crate::copy::{poll_read_sized, CopyError, MIN_BUF};
 
 /// The two halves of an established CONNECT stream. `guard` is held for the
 /// life of the stream (the pool uses it to count streams per connection).
@@ -65,7 +65,7 @@ pub struct Transferred {
 pub fn copy_bidirectional(
     stream: H2Stream,
     socket: TcpStream,
-) -> impl std::future::Future<Output = io::Result<Transferred>> + Send {
+) -> impl std::future::Future<Output = Result<Transferred, CopyError<Transferred>>> + Send {
     let H2Stream { send, recv, guard } = stream;
     Copy {
         socket,
@@ -117,29 +117,33 @@ struct Down {
 }
 
 impl std::future::Future for Copy {
-    type Output = io::Result<Transferred>;
+    type Output = Result<Transferred, CopyError<Transferred>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let mut failed = None;
         if !this.up.done {
-            if let Poll::Ready(r) = this.poll_up(cx) {
-                r?;
-                this.up.done = true;
+            match this.poll_up(cx) {
+                Poll::Ready(Ok(())) => this.up.done = true,
+                Poll::Ready(Err(e)) => failed = Some(e),
+                Poll::Pending => {}
             }
         }
-        if !this.down.done {
-            if let Poll::Ready(r) = this.poll_down(cx) {
-                r?;
-                this.down.done = true;
+        if failed.is_none() && !this.down.done {
+            match this.poll_down(cx) {
+                Poll::Ready(Ok(())) => this.down.done = true,
+                Poll::Ready(Err(e)) => failed = Some(e),
+                Poll::Pending => {}
             }
         }
-        if this.up.done && this.down.done {
-            Poll::Ready(Ok(Transferred {
-                to_stream: this.up.total,
-                from_stream: this.down.total,
-            }))
-        } else {
-            Poll::Pending
+        let moved = Transferred {
+            to_stream: this.up.total,
+            from_stream: this.down.total,
+        };
+        match failed {
+            Some(error) => Poll::Ready(Err(CopyError { error, moved })),
+            None if this.up.done && this.down.done => Poll::Ready(Ok(moved)),
+            None => Poll::Pending,
         }
     }
 }
@@ -157,7 +161,10 @@ impl Copy {
                 };
                 let chunk = up.pending.split_to(granted.min(up.pending.len()));
                 if !chunk.is_empty() {
+                    let n = chunk.len() as u64;
                     self.send.send_data(chunk, false).map_err(h2_to_io)?;
+                    // Counted once handed on, as the other direction is.
+                    up.total += n;
                 }
             }
             let n = ready!(poll_read_sized(&self.socket, &mut up.buf, &mut up.size, cx))?;
@@ -165,7 +172,6 @@ impl Copy {
                 self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
                 return Poll::Ready(Ok(()));
             }
-            up.total += n as u64;
             up.pending = up.buf.split().freeze();
         }
     }

@@ -184,9 +184,10 @@ impl Handler for Inbound {
             record.opened();
             tokio::select! {
                 // from_stream: bytes the client sent; to_stream: the app's answer.
-                r = hbone::copy_bidirectional(tunnel, upstream) => {
-                    record.finish(r.map(|t| (t.from_stream, t.to_stream)))
-                }
+                r = hbone::copy_bidirectional(tunnel, upstream) => match r {
+                    Ok(t) => record.copied(t.from_stream, t.to_stream, None::<&str>),
+                    Err(e) => record.copied(e.moved.from_stream, e.moved.to_stream, Some(e.error)),
+                },
                 _ = registration.revoked() => record.deny("closed: policy changed"),
             }
         }

@@ -94,7 +94,10 @@ impl Accept for InboundPassthrough {
         let mut record = record;
         record.opened();
         tokio::select! {
-            r = copy_tcp(stream, upstream) => record.finish(r),
+            r = copy_tcp(stream, upstream) => match r {
+                Ok((sent, received)) => record.copied(sent, received, None::<&str>),
+                Err(e) => record.copied(e.moved.0, e.moved.1, Some(e.error)),
+            },
             _ = registration.revoked() => record.deny("closed: policy changed"),
         }
     }

@@ -9,7 +9,7 @@ use tracing::{warn, Instrument};
 
 use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
-use crate::copy::copy_tcp;
+use crate::copy::{copy_tcp, CopyError};
 use crate::hbone::{self, PoolKey};
 use crate::identity::Identity;
 use crate::socket::{ConnectOpts, Sockets};
@@ -69,26 +69,27 @@ impl Outbound {
         );
         // The source's identity is on the enclosing `workload` span.
         let span = tracing::info_span!("outbound", src = %peer, %dst);
-        let (target, dst_identity, encrypted, service) = match &route {
+        let (target, dst_identity, service) = match &route {
             Route::Hbone {
                 target,
                 identities,
                 service,
                 ..
-            } => (*target, identities.first().cloned(), true, service.as_ref()),
+            } => (*target, identities.first().cloned(), service.as_ref()),
             Route::Passthrough {
                 target, service, ..
-            } => (*target, None, false, service.as_ref()),
-            Route::Unreachable(_) => (dst, None, false, None),
+            } => (*target, None, service.as_ref()),
+            Route::Unreachable(_) => (dst, None, None),
         };
+        // Encrypted only once the mTLS tunnel is up: a failed handshake is
+        // not `mutual_tls`.
         let mut conn = self
             .ctx
             .reporter
             .start(Direction::Outbound, peer.ip(), Some(peer.port()), target)
             .src_identity(Some(self.source_identity.clone()))
             .dst_identity(dst_identity)
-            .service(service.map(|s| s.hostname.clone()))
-            .encrypted(encrypted);
+            .service(service.map(|s| s.hostname.clone()));
         // Setup is boxed, and made out here so the future below does not
         // capture its inputs: its state (the route, connect, TLS and HTTP/2
         // handshakes) is large and needed only until the ends are joined,
@@ -98,12 +99,13 @@ impl Outbound {
             (conn, ends)
         });
         async move {
-            let (conn, ends) = establish.await;
-            let result = match ends {
-                Ok(ends) => ends.copy().await.map_err(OutboundError::Io),
-                Err(e) => Err(e),
-            };
-            conn.finish(result);
+            match establish.await {
+                (conn, Ok(ends)) => match ends.copy().await {
+                    Ok((sent, received)) => conn.copied(sent, received, None::<&str>),
+                    Err(e) => conn.copied(e.moved.0, e.moved.1, Some(e.error)),
+                },
+                (conn, Err(e)) => conn.finish(Err(e)),
+            }
         }
         .instrument(span)
     }
@@ -150,7 +152,14 @@ impl Outbound {
                     .ctx
                     .pool
                     .connect(&key, identities, request, &self.sockets)
-                    .await?;
+                    .await
+                    .inspect_err(|e| {
+                        // The peer answered (a refusal) over mutual TLS.
+                        if matches!(e, hbone::PoolError::Status(_)) {
+                            conn.encrypted_now();
+                        }
+                    })?;
+                conn.encrypted_now();
                 conn.opened();
                 Ok(Ends::Hbone(tunnel, stream))
             }
@@ -165,14 +174,19 @@ enum Ends {
 }
 
 impl Ends {
-    /// Copies until both directions end: (client -> upstream, back).
-    async fn copy(self) -> std::io::Result<(u64, u64)> {
+    /// Copies until both directions end: (client -> upstream, back),
+    /// which an error carries too.
+    async fn copy(self) -> Result<(u64, u64), CopyError<(u64, u64)>> {
+        let both = |t: hbone::Transferred| (t.to_stream, t.from_stream);
         match self {
             Ends::Plain(client, upstream) => copy_tcp(client, upstream).await,
-            Ends::Hbone(tunnel, client) => {
-                let t = hbone::copy_bidirectional(tunnel, client).await?;
-                Ok((t.to_stream, t.from_stream))
-            }
+            Ends::Hbone(tunnel, client) => hbone::copy_bidirectional(tunnel, client)
+                .await
+                .map(both)
+                .map_err(|e| CopyError {
+                    error: e.error,
+                    moved: both(e.moved),
+                }),
         }
     }
 }
@@ -187,6 +201,4 @@ enum OutboundError {
     Request(String),
     #[error(transparent)]
     Hbone(#[from] hbone::PoolError),
-    #[error("copying: {0}")]
-    Io(#[source] std::io::Error),
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use crate::admin::Metrics;
 use crate::identity::Identity;
 use crate::state::{Snapshot, State};
 
@@ -179,23 +180,31 @@ impl ConnectionRecord {
     }
 }
 
-/// Where connection events go. Cheap to clone.
+/// Where connection events go: the metrics, counted as each record is
+/// made, and subscribers (tests, tools). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Reporter {
     state: Arc<State>,
+    metrics: Arc<Metrics>,
     opened: broadcast::Sender<Arc<ConnectionRecord>>,
     closed: broadcast::Sender<Arc<ConnectionRecord>>,
 }
 
 impl Reporter {
     /// Names workloads from `state`; each channel buffers `capacity` events
-    /// for a slow subscriber.
+    /// for a slow subscriber (which may miss some; the metrics never do).
     pub fn new(state: Arc<State>, capacity: usize) -> Self {
         Reporter {
             state,
+            metrics: Arc::new(Metrics::new()),
             opened: broadcast::channel(capacity).0,
             closed: broadcast::channel(capacity).0,
         }
+    }
+
+    /// The metrics records are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Connections as they open (bytes, duration and error still empty).
@@ -275,13 +284,21 @@ impl Connection {
         self
     }
 
+    /// Records that the connection now crosses the network in mutual TLS
+    /// (the tunnel's handshake succeeded).
+    pub fn encrypted_now(&mut self) {
+        self.record.encrypted = true;
+    }
+
     /// Reports that the upstream is established.
     pub fn opened(&mut self) {
         if self.record.opened {
             return;
         }
         self.record.opened = true;
-        let _ = self.reporter.opened.send(Arc::new(self.named()));
+        let r = self.named();
+        self.reporter.metrics.opened(&r);
+        let _ = self.reporter.opened.send(Arc::new(r));
     }
 
     /// Ends the connection: `Ok((sent, received))`, or why it failed.
@@ -293,6 +310,15 @@ impl Connection {
             }
             Err(e) => self.record.error = Some(e.to_string()),
         }
+        self.close();
+    }
+
+    /// Ends a connection whose bytes were being copied: what moved counts
+    /// whether or not the copy ended in an error.
+    pub fn copied(mut self, sent: u64, received: u64, error: Option<impl fmt::Display>) {
+        self.record.sent = sent;
+        self.record.received = received;
+        self.record.error = error.map(|e| format!("copying: {e}"));
         self.close();
     }
 
@@ -321,6 +347,7 @@ impl Connection {
         self.record.duration = self.start.elapsed();
         let r = self.named();
         r.log();
+        self.reporter.metrics.closed(&r);
         let _ = self.reporter.closed.send(Arc::new(r));
     }
 }
