@@ -416,7 +416,7 @@ async fn records_and_metrics_tell_what_happened() {
         s.read_exact(&mut buf).await.unwrap();
         s.write_all(&buf).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        s.set_linger(Some(Duration::ZERO)).unwrap();
+        s.set_zero_linger().unwrap();
         drop(s);
         app
     });
