@@ -60,6 +60,8 @@ pub struct Config {
     /// Budget for connecting to an application or a peer agent. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Inbound mTLS handshakes, per HBONE listener (one per local workload).
+    pub handshakes: HandshakeSettings,
     pub log: LogConfig,
     /// On SIGTERM, how long connections in flight may take to finish before
     /// they are cut. Default: 25s (under Kubernetes' 30s grace period).
@@ -193,6 +195,43 @@ pub struct PoolSettings {
     pub spread_connections: usize,
 }
 
+/// Bounds on the inbound mTLS handshakes of each HBONE listener. Excess
+/// connections are closed and counted (`ambient_hbone_handshakes_failed_total`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HandshakeSettings {
+    /// From accepting a connection to a finished handshake, waiting for the
+    /// client's first bytes included. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Handshakes in progress at once (from a client's first bytes).
+    /// Default: 1024.
+    pub max_concurrent: usize,
+    /// Of those, from one client address. Default: 64.
+    pub max_per_client: usize,
+}
+
+impl Default for HandshakeSettings {
+    fn default() -> Self {
+        let l = crate::hbone::server::HandshakeLimits::default();
+        HandshakeSettings {
+            timeout: l.timeout,
+            max_concurrent: l.max_concurrent,
+            max_per_client: l.max_per_client,
+        }
+    }
+}
+
+impl HandshakeSettings {
+    pub fn limits(&self) -> crate::hbone::server::HandshakeLimits {
+        crate::hbone::server::HandshakeLimits {
+            timeout: self.timeout,
+            max_concurrent: self.max_concurrent.max(1),
+            max_per_client: self.max_per_client.max(1),
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -226,6 +265,7 @@ impl Default for Config {
             capture: Default::default(),
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
+            handshakes: HandshakeSettings::default(),
             log: LogConfig::default(),
             drain_timeout: Duration::from_secs(25),
             admin_port: 15000,

@@ -47,6 +47,17 @@ struct IdentityLabel {
     identity: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabel {
+    policy: String,
+    action: &'static str,
+}
+
 /// What the agent's gauges show at scrape time.
 #[derive(Clone, Debug, Default)]
 pub struct AgentGauges {
@@ -66,6 +77,8 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     failed: Family<TcpLabels, Counter>,
+    handshakes_failed: Family<ReasonLabel, Counter>,
+    dry_run_matches: Family<PolicyLabel, Counter>,
     xds_connected: Gauge,
     xds_synced: Gauge,
     xds_resources: Gauge,
@@ -98,6 +111,8 @@ impl Metrics {
             sent: Family::default(),
             received: Family::default(),
             failed: Family::default(),
+            handshakes_failed: Family::default(),
+            dry_run_matches: Family::default(),
             xds_connected: Gauge::default(),
             xds_synced: Gauge::default(),
             xds_resources: Gauge::default(),
@@ -144,6 +159,16 @@ impl Metrics {
             "ambient_tcp_connections_failed",
             "TCP connections that ended in an error or were refused (Istio's labels; response_flags says why)",
             m.failed.clone(),
+        );
+        registry.register(
+            "ambient_hbone_handshakes_failed",
+            "Inbound HBONE connections refused before or during the mTLS handshake, by reason (too_many, timeout, tls, identity, foreign_trust_domain)",
+            m.handshakes_failed.clone(),
+        );
+        registry.register(
+            "ambient_dry_run_policy_matches",
+            "Connections a dry-run policy matched (evaluated, never enforced), by policy and its action",
+            m.dry_run_matches.clone(),
         );
         let xds_gauges = [
             (
@@ -237,6 +262,21 @@ impl Metrics {
         }
         self.received.get_or_create(&labels).inc_by(r.sent);
         self.sent.get_or_create(&labels).inc_by(r.received);
+    }
+
+    /// Counts an inbound handshake that did not complete, by reason.
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshakes_failed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a connection dry-run policy `policy` (`namespace/name`) matched.
+    pub fn dry_run_matched(&self, policy: String, deny: bool) {
+        let action = if deny { "deny" } else { "allow" };
+        self.dry_run_matches
+            .get_or_create(&PolicyLabel { policy, action })
+            .inc();
     }
 
     /// Updates the agent gauges and encodes everything.

@@ -112,6 +112,7 @@ impl Agent {
                 inbound_plaintext_port: cfg.ports.inbound_plaintext,
                 socket_mark: cfg.socket_mark(),
                 connect_timeout: cfg.connect_timeout,
+                handshakes: cfg.handshakes.limits(),
                 h2: cfg.h2(),
                 reserved_ports: ReservedPorts::new([
                     cfg.ports.outbound,

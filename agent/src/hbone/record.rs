@@ -57,6 +57,9 @@ pub const TX_KEY_LIFETIME: u64 = 1 << 23;
 /// `MAX_READ`.
 const MIN_READ: usize = 16 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// The handshake's first read (a ClientHello, or a server's flight, fits
+/// in one or two); it doubles as needed up to `MAX_HANDSHAKE_BUF`.
+const FIRST_HANDSHAKE_READ: usize = 4 * 1024;
 /// Most bytes buffered while the handshake is incomplete.
 const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
 /// Sealed bytes buffered before `poll_write` waits for the socket.
@@ -129,7 +132,9 @@ unbuffered!(UnbufferedServerConnection, ServerConnectionData);
 /// and decides. Application data the peer sent along with its last flight
 /// is kept, and so are bytes of records rustls has not seen.
 async fn handshake<C: Unbuffered>(mut conn: C, mut io: TcpStream) -> io::Result<Established> {
-    let mut incoming = vec![0u8; MIN_READ];
+    // Taken at the first read, not before: a peer that connects and says
+    // nothing costs no buffer.
+    let mut incoming = Vec::new();
     let mut used = 0;
     let mut outgoing = Vec::new();
     let mut plaintext = Vec::new();
@@ -187,7 +192,10 @@ async fn handshake<C: Unbuffered>(mut conn: C, mut io: TcpStream) -> io::Result<
                 if used >= MAX_HANDSHAKE_BUF {
                     return Err(invalid("TLS handshake too large"));
                 }
-                incoming.resize(used * 2, 0);
+                if incoming.is_empty() {
+                    io.readable().await?;
+                }
+                incoming.resize((used * 2).max(FIRST_HANDSHAKE_READ), 0);
             }
             let n = io.read(&mut incoming[used..]).await?;
             if n == 0 {

@@ -2,8 +2,10 @@
 //! established mTLS connection, validates each request, and hands it to a
 //! [`Handler`] that either refuses it or accepts it exactly once.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -28,6 +30,106 @@ pub enum HandshakeError {
     Io(#[source] std::io::Error),
     #[error("TLS handshake timed out")]
     Timeout,
+    #[error("too many TLS handshakes in progress (from this client, or in all)")]
+    TooMany,
+}
+
+impl HandshakeError {
+    /// A short name for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::ForeignTrustDomain(_) => "foreign_trust_domain",
+            HandshakeError::Tls(_) => "identity",
+            HandshakeError::Io(_) => "tls",
+            HandshakeError::Timeout => "timeout",
+            HandshakeError::TooMany => "too_many",
+        }
+    }
+}
+
+/// Bounds on the mTLS handshakes one HBONE listener runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// From accepting the connection to a finished handshake, waiting for
+    /// the client's first bytes included.
+    pub timeout: Duration,
+    /// Handshakes in progress at once (a connection is in progress from
+    /// its first bytes; a silent one costs its socket only).
+    pub max_concurrent: usize,
+    /// Of those, from one client address: one noisy peer cannot take the
+    /// listener from the others.
+    pub max_per_client: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Duration::from_secs(10),
+            max_concurrent: 1024,
+            max_per_client: 64,
+        }
+    }
+}
+
+/// The handshakes in progress on one listener, counted against its
+/// [`HandshakeLimits`].
+#[derive(Debug, Default)]
+pub struct HandshakeGate {
+    limits: HandshakeLimits,
+    in_progress: Mutex<GateCounts>,
+}
+
+#[derive(Debug, Default)]
+struct GateCounts {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+/// One handshake's place; dropping it frees the place.
+struct GatePermit<'a> {
+    gate: &'a HandshakeGate,
+    client: IpAddr,
+}
+
+impl HandshakeGate {
+    pub fn new(limits: HandshakeLimits) -> Self {
+        HandshakeGate {
+            limits,
+            in_progress: Mutex::default(),
+        }
+    }
+
+    pub fn limits(&self) -> HandshakeLimits {
+        self.limits
+    }
+
+    fn enter(&self, client: IpAddr) -> Option<GatePermit<'_>> {
+        let mut c = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = c.by_client.get(&client).copied().unwrap_or(0);
+        if c.total >= self.limits.max_concurrent || mine >= self.limits.max_per_client {
+            return None;
+        }
+        c.total += 1;
+        c.by_client.insert(client, mine + 1);
+        Some(GatePermit { gate: self, client })
+    }
+}
+
+impl Drop for GatePermit<'_> {
+    fn drop(&mut self) {
+        let mut c = self
+            .gate
+            .in_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_client.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// Why serving one accepted HBONE connection ended early (the agent's
@@ -44,20 +146,29 @@ pub enum ConnectionError {
     H2(#[from] h2::Error),
 }
 
-/// Completes the mTLS handshake of an accepted HBONE connection: TLS with
-/// `cfg` within `timeout`, ALPN h2, and a client identity of `trust_domain`
-/// (one root may sign several trust domains; only ours is the mesh).
+/// Completes the mTLS handshake of an accepted HBONE connection from
+/// `client`: TLS with `cfg` within the gate's timeout, ALPN h2, and a
+/// client identity of `trust_domain` (one root may sign several trust
+/// domains; only ours is the mesh). Nothing is allocated for the
+/// handshake until the client sends its first bytes; from then on it
+/// holds a place at `gate`, or is refused when there is none.
 pub async fn accept_tls(
     stream: tokio::net::TcpStream,
+    client: IpAddr,
     cfg: Arc<rustls::ServerConfig>,
-    timeout: std::time::Duration,
+    gate: &HandshakeGate,
     trust_domain: &str,
 ) -> Result<(TlsConn, Identity), HandshakeError> {
-    let handshake = record::accept(cfg, stream);
-    let tls = tokio::time::timeout(timeout, handshake)
+    let handshake = async {
+        stream.readable().await.map_err(HandshakeError::Io)?;
+        let _place = gate.enter(client).ok_or(HandshakeError::TooMany)?;
+        record::accept(cfg, stream)
+            .await
+            .map_err(HandshakeError::Io)
+    };
+    let tls = tokio::time::timeout(gate.limits.timeout, handshake)
         .await
-        .map_err(|_| HandshakeError::Timeout)?
-        .map_err(HandshakeError::Io)?;
+        .map_err(|_| HandshakeError::Timeout)??;
     if tls.alpn.as_deref() != Some(tls::ALPN_H2) {
         return Err(TlsError::NoH2.into());
     }

@@ -32,6 +32,8 @@ pub struct Inbound {
     sockets: Sockets,
     /// The TLS config for the current certificate, rebuilt on rotation.
     tls: tls::ServerConfigCache,
+    /// The handshakes in progress on this workload's HBONE listener.
+    handshakes: server::HandshakeGate,
 }
 
 impl Accept for Inbound {
@@ -73,6 +75,7 @@ impl Accept for Inbound {
 impl Inbound {
     pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
         Inbound {
+            handshakes: server::HandshakeGate::new(ctx.settings.handshakes),
             ctx,
             identity: workload.identity(),
             workload,
@@ -93,9 +96,11 @@ impl Inbound {
         local: SocketAddr,
     ) -> Result<(), ConnectionError> {
         let cfg = self.server_config().await?;
-        let timeout = self.ctx.settings.connect_timeout;
-        let (tls, peer_identity) =
-            server::accept_tls(stream, cfg, timeout, &self.workload.trust_domain).await?;
+        let td = &self.workload.trust_domain;
+        let accepted = server::accept_tls(stream, peer.ip(), cfg, &self.handshakes, td).await;
+        let (tls, peer_identity) = accepted.inspect_err(|e| {
+            self.ctx.reporter.metrics().handshake_failed(e.reason());
+        })?;
         tracing::Span::current().record("src_id", tracing::field::display(&peer_identity));
         let info = ConnectionInfo {
             peer_identity,

@@ -39,6 +39,8 @@ pub struct ProxySettings {
     pub socket_mark: Option<u32>,
     /// Budget for connecting to a destination application.
     pub connect_timeout: Duration,
+    /// Bounds on each HBONE listener's inbound handshakes.
+    pub handshakes: crate::hbone::server::HandshakeLimits,
     pub h2: H2Settings,
     /// Ports the agent itself serves: a tunnel or plaintext connection to
     /// one of them is refused, never connected (it would loop back into
@@ -203,7 +205,10 @@ fn authorize(
     let snap = ctx.state.snapshot();
     let (decision, dry_run) = authz::authorize(snap.policies(), workload, conn);
     for p in dry_run {
-        info!(policy = %p.key(), src = %conn.src_ip, "dry-run policy matched (not enforced)");
+        let deny = p.action == crate::state::PolicyAction::Deny;
+        info!(policy = %p.key(), action = ?p.action, src = %conn.src_ip,
+            "dry-run policy matched (not enforced)");
+        ctx.reporter.metrics().dry_run_matched(p.key(), deny);
     }
     if let authz::Decision::Deny(why) = &decision {
         warn!(src = %conn.src_ip, dst = %conn.dst, src_id = ?conn.src_identity.map(|i| i.to_string()), reason = %why, "connection denied by policy");

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Mode};
-use crate::hbone::server::{self, ConnectionError};
+use crate::hbone::server::{self, ConnectionError, HandshakeGate, HandshakeLimits};
 use crate::hbone::{tls, H2Settings, Pool, PoolConfig};
 use crate::identity::{CaError, CertManager, Identity};
 use crate::socket::{ListenOpts, Sockets};
@@ -33,6 +33,8 @@ pub struct WaypointConfig {
     /// HBONE port of the agents it forwards to.
     pub peer_hbone_port: u16,
     pub connect_timeout: Duration,
+    /// Bounds on inbound mTLS handshakes.
+    pub handshakes: HandshakeLimits,
     pub h2: H2Settings,
 }
 
@@ -43,6 +45,7 @@ impl WaypointConfig {
             hbone_port: crate::hbone::HBONE_PORT,
             peer_hbone_port: crate::hbone::HBONE_PORT,
             connect_timeout: Duration::from_secs(10),
+            handshakes: HandshakeLimits::default(),
             h2: H2Settings::default(),
         }
     }
@@ -113,6 +116,7 @@ pub(crate) struct Shared {
     pub cfg: WaypointConfig,
     pub records: broadcast::Sender<Arc<RequestRecord>>,
     tls: tls::ServerConfigCache,
+    handshakes: HandshakeGate,
 }
 
 impl Waypoint {
@@ -154,6 +158,7 @@ impl Waypoint {
             pool,
             workload,
             sockets,
+            handshakes: HandshakeGate::new(cfg.handshakes),
             cfg,
             records: records.clone(),
             tls: tls::ServerConfigCache::default(),
@@ -230,6 +235,7 @@ impl Waypoint {
             hbone_port: cfg.ports.hbone,
             peer_hbone_port: cfg.ports.hbone,
             connect_timeout: cfg.connect_timeout,
+            handshakes: cfg.handshakes.limits(),
             h2: cfg.h2(),
             ..WaypointConfig::new(uid)
         };
@@ -258,8 +264,9 @@ impl Shared {
         let cfg = self.tls.get(cert, self.certs.trust_bundle())?;
         let (tls, peer_identity) = server::accept_tls(
             stream,
+            peer.ip(),
             cfg,
-            self.cfg.connect_timeout,
+            &self.handshakes,
             &self.workload.trust_domain,
         )
         .await?;
