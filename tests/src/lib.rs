@@ -6,6 +6,7 @@
 //! parallel never share an address.
 
 pub mod control_plane;
+pub mod h2raw;
 pub mod pods;
 
 /// The namespace topology lives with the demo, which builds the same world.

@@ -527,14 +527,19 @@ async fn tcp_from(src: IpAddr, dst: SocketAddr) -> tokio::net::TcpStream {
     s.connect(dst).await.expect("connect")
 }
 
-/// Whether the agent closed `s` within `limit` (EOF or reset).
+/// Whether the agent closed `s` within `limit` (EOF or reset), whatever
+/// it answered first.
 async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(limit, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Point 8: each pending handshake took 16 KiB before the client said a
@@ -777,4 +782,275 @@ async fn tls_clients_outside_hbone_are_refused() {
         answer.first() != Some(&0x16),
         "a handshake answer: {answer:?}"
     );
+}
+
+/// A raw HTTP/2 client of `w`'s server agent, as the mesh client.
+async fn raw_h2(w: &World, settings: &[(u16, u32)]) -> ambient_tests::h2raw::RawH2 {
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let cert = certs
+        .fetch(&Identity::new("cluster.local", "test", "client"))
+        .await
+        .expect("cert");
+    let server_id = Identity::new("cluster.local", "test", "server");
+    let src: IpAddr = format!("127.{}.1.8", w.net).parse().unwrap();
+    ambient_tests::h2raw::RawH2::connect(
+        src,
+        w.server_hbone(),
+        &cert,
+        &w.ca.trust_bundle(),
+        server_id,
+        settings,
+    )
+    .await
+    .expect("raw HTTP/2 over mTLS")
+}
+
+/// Reads frames until EOF, a GOAWAY, or `limit`; returns them and whether
+/// the connection ended (EOF or GOAWAY).
+async fn read_frames(
+    c: &mut ambient_tests::h2raw::RawH2,
+    limit: Duration,
+) -> (Vec<ambient_tests::h2raw::Frame>, bool) {
+    use ambient_tests::h2raw::GOAWAY;
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, c.read()).await {
+            Ok(Ok(Some(f))) => {
+                let goaway = f.kind == GOAWAY;
+                frames.push(f);
+                if goaway {
+                    return (frames, true);
+                }
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => return (frames, true),
+            Err(_) => return (frames, false),
+        }
+    }
+}
+
+/// HTTP/2 abuse on one connection, each answered the way the protocol
+/// allows, and none of it keeps a legitimate client out: rapid reset
+/// (CVE-2023-44487), a CONTINUATION flood (CVE-2024-27316), a SETTINGS
+/// flood, more streams than the server advertised. h2 (the server's
+/// HTTP/2) bounds the first two and refuses extra streams; what the agent
+/// adds is that a reset CONNECT does not go on to open its upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_abuse_is_bounded_and_others_keep_working() {
+    use ambient_tests::h2raw::*;
+    init_tracing();
+    raise_fd_limit();
+    let w = World::new(97);
+    let _b = w.agent("node-b").await;
+    let echo = Echo::start(w.server_app()).await;
+    let client = Identity::new("cluster.local", "test", "client");
+    let app = w.server_app().to_string();
+
+    // Rapid reset: 10,000 CONNECTs, each cancelled as soon as sent.
+    let mut c = raw_h2(&w, &[]).await;
+    let mut burst = Vec::new();
+    for i in 0..10_000u32 {
+        let id = 2 * i + 1;
+        burst.extend(frame(HEADERS, END_HEADERS, id, &connect_headers(&app)));
+        burst.extend(frame(RST_STREAM, 0, id, &error_code(CANCEL)));
+    }
+    let _ = c.send_raw(&burst).await;
+    let (_, ended) = read_frames(&mut c, LIMIT).await;
+    assert!(ended, "rapid reset: the connection was kept");
+    let opened = echo.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        opened < 1_000,
+        "rapid reset opened {opened} upstream connections"
+    );
+    assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
+
+    // CONTINUATION flood: a header block that never ends.
+    let mut c = raw_h2(&w, &[]).await;
+    let _ = c.send(HEADERS, 0, 1, &connect_headers(&app)).await;
+    let junk = vec![0x40u8; 16 * 1024];
+    let mut flood = Vec::new();
+    for _ in 0..256 {
+        flood.extend(frame(CONTINUATION, 0, 1, &junk));
+    }
+    let _ = c.send_raw(&flood).await;
+    let (_, ended) = read_frames(&mut c, LIMIT).await;
+    assert!(ended, "CONTINUATION flood: the connection was kept");
+    assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
+
+    // SETTINGS flood, never reading the ACKs: the server may push back or
+    // close; either way others are served meanwhile.
+    let mut c = raw_h2(&w, &[]).await;
+    let flood: Vec<u8> = (0..50_000)
+        .flat_map(|_| frame(SETTINGS, 0, 0, &[]))
+        .collect();
+    let writing = tokio::spawn(async move {
+        let _ = tokio::time::timeout(LIMIT, c.send_raw(&flood)).await;
+        c
+    });
+    assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
+    drop(writing.await.unwrap());
+
+    // More streams than advertised (100): the extra ones are refused.
+    let mut c = raw_h2(&w, &[]).await;
+    let mut many = Vec::new();
+    for i in 0..150u32 {
+        many.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            2 * i + 1,
+            &connect_headers(&app),
+        ));
+    }
+    c.send_raw(&many).await.unwrap();
+    let mut ok = 0;
+    let mut refused = 0;
+    let mut ended = false;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while ok + refused < 150 && !ended {
+        match tokio::time::timeout_at(deadline, c.read()).await {
+            Ok(Ok(Some(f))) if f.kind == HEADERS => ok += 1,
+            Ok(Ok(Some(f))) if f.kind == RST_STREAM => refused += 1,
+            Ok(Ok(Some(f))) if f.kind == GOAWAY => ended = true,
+            Ok(Ok(Some(_))) => {}
+            _ => ended = true,
+        }
+    }
+    assert!(ok <= 100, "{ok} streams opened over the limit of 100");
+    assert!(
+        refused >= 50 || ended,
+        "extra streams: {refused} refused, ended: {ended}"
+    );
+    assert_eq!(status_as(&w, client).await, StatusCode::OK);
+}
+
+/// A tunnel whose client never opens its receive window (initial window
+/// 0, no WINDOW_UPDATE) must push back on the application, not make the
+/// agent buffer what the application writes: its writes stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_window_reader_pushes_back_on_the_application() {
+    use ambient_tests::h2raw::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let w = World::new(98);
+    let _b = w.agent("node-b").await;
+    let written = Arc::new(AtomicU64::new(0));
+    let app = tokio::net::TcpListener::bind(w.server_app()).await.unwrap();
+    let count = written.clone();
+    let writer = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {
+            count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+    });
+    let mut c = raw_h2(&w, &[(INITIAL_WINDOW_SIZE, 0)]).await;
+    let headers = connect_headers(&w.server_app().to_string());
+    c.send(HEADERS, END_HEADERS, 1, &headers).await.unwrap();
+    // Answer what must be answered (SETTINGS ACK), never open the window.
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(f)) = c.read().await {
+            if f.kind == SETTINGS && f.flags & 1 == 0 {
+                let _ = c.send(SETTINGS, 1, 0, &[]).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_two = written.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_three = written.load(Ordering::SeqCst);
+    assert!(at_two > 0, "the application never wrote");
+    assert!(
+        at_three - at_two < 1 << 20,
+        "still writing: {at_two} then {at_three} bytes"
+    );
+    assert!(
+        at_three < 64 << 20,
+        "{at_three} bytes taken from the application"
+    );
+    reader.abort();
+    writer.abort();
+}
+
+/// A slowloris burst (connections that begin a handshake and stall, and
+/// silent ones) while a legitimate client opens tunnels: it is served
+/// throughout. Its latency is printed (`--nocapture`), not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_burst_does_not_keep_a_legitimate_client_out() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    raise_fd_limit();
+    let w = World::new(99);
+    let _b = w.agent("node-b").await;
+    let _echo = Echo::start(w.server_app()).await;
+    let hbone = w.server_hbone();
+    let mut held = Vec::new();
+    // 8 attackers x 150: each reaches its per-client cap (64) of stalled
+    // handshakes; the rest say nothing.
+    for a in 0..8u8 {
+        let src: IpAddr = format!("127.{}.5.{}", w.net, a + 1).parse().unwrap();
+        for i in 0..150 {
+            let mut s = tcp_from(src, hbone).await;
+            if i % 2 == 0 {
+                let _ = s.write_all(&[0x16, 0x03]).await;
+            }
+            held.push(s);
+        }
+    }
+    let client = Identity::new("cluster.local", "test", "client");
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let start = std::time::Instant::now();
+        assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
+        took.push(start.elapsed());
+    }
+    took.sort();
+    eprintln!(
+        "legitimate tunnels during a burst of {} connections: p50 {:?}, max {:?}",
+        held.len(),
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+}
+
+/// Garbage on every listener the agent has: each connection is closed,
+/// the agent keeps serving.
+#[tokio::test]
+async fn garbage_on_every_listener_is_closed_and_the_agent_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let w = World::new(100);
+    let ip = w.server_ip();
+    let mut cfg = w.config("node-b");
+    cfg.admin_address = ip;
+    cfg.metrics_address = ip;
+    cfg.readiness_address = ip;
+    cfg.admin_port = 15000;
+    cfg.metrics_port = 15020;
+    cfg.readiness_port = 15021;
+    let _b = w.agent_with(cfg).await;
+    let _echo = Echo::start(w.server_app()).await;
+    let garbage = payload(64 * 1024, 3);
+    for port in [15001, 15006, 15008, 15000, 15020, 15021] {
+        let mut s = tcp_from(w.client_ip(), SocketAddr::new(ip, port)).await;
+        let _ = s.write_all(&garbage).await;
+        assert!(
+            closed_within(&mut s, LIMIT).await,
+            "port {port} kept a garbage connection"
+        );
+    }
+    // A request line that never ends, on the HTTP endpoints: answered
+    // and dropped once it outgrows any real request's head.
+    let mut endless = b"GET /".to_vec();
+    endless.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    for port in [15000, 15020, 15021] {
+        let mut s = tcp_from(w.client_ip(), SocketAddr::new(ip, port)).await;
+        let _ = s.write_all(&endless).await;
+        assert!(
+            closed_within(&mut s, LIMIT).await,
+            "port {port} kept an endless request"
+        );
+    }
+    let client = Identity::new("cluster.local", "test", "client");
+    assert_eq!(status_as(&w, client).await, StatusCode::OK);
 }

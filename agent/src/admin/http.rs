@@ -12,12 +12,17 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 pub type Body = Full<Bytes>;
+
+/// Time a client has to send a request's head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest request head read (hyper's smallest allowed buffer).
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
 pub type Request = http::Request<Incoming>;
 
 /// Serves `listener` with `handler` until the task is dropped or aborted;
@@ -39,7 +44,13 @@ where
                             let response = handler(req);
                             async move { Ok::<_, Infallible>(response.await) }
                         });
+                        // Requests here are a line and a few headers: a
+                        // peer sending more, or taking its time, is
+                        // answered (431, 408) and dropped.
                         if let Err(e) = http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .max_buf_size(MAX_REQUEST_HEAD)
                             .serve_connection(TokioIo::new(stream), service)
                             .await
                         {
