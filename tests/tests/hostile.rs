@@ -833,8 +833,9 @@ async fn read_frames(
 /// allows, and none of it keeps a legitimate client out: rapid reset
 /// (CVE-2023-44487), a CONTINUATION flood (CVE-2024-27316), a SETTINGS
 /// flood, more streams than the server advertised. h2 (the server's
-/// HTTP/2) bounds the first two and refuses extra streams; what the agent
-/// adds is that a reset CONNECT does not go on to open its upstream.
+/// HTTP/2) bounds the first two (GOAWAY) and refuses extra streams, and
+/// never hands over a stream reset before it was accepted; one reset
+/// later stops its upstream connect (next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_abuse_is_bounded_and_others_keep_working() {
     use ambient_tests::h2raw::*;
@@ -1053,4 +1054,45 @@ async fn garbage_on_every_listener_is_closed_and_the_agent_keeps_serving() {
     }
     let client = Identity::new("cluster.local", "test", "client");
     assert_eq!(status_as(&w, client).await, StatusCode::OK);
+}
+
+/// A CONNECT its client resets while the agent is still connecting the
+/// application is dropped then, not carried on to the connect timeout
+/// (rapid reset's cost is the upstream each stream opens).
+#[tokio::test]
+async fn a_connect_reset_by_its_client_stops_connecting_upstream() {
+    use ambient_agent::proxy::record::Direction;
+    use ambient_tests::h2raw::*;
+    init_tracing();
+    let w = World::new(101);
+    let mut cfg = w.config("node-b");
+    cfg.connect_timeout = Duration::from_secs(30);
+    let b = w.agent_with(cfg).await;
+    // An application whose accept queue is full: connecting to it hangs.
+    let app = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    app.bind(&w.server_app().into()).unwrap();
+    app.listen(1).unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&w.server_app().into());
+        fill.push(s);
+    }
+    let mut at_b = b.connections();
+    let mut c = raw_h2(&w, &[]).await;
+    c.send(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &connect_headers(&w.server_app().to_string()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(RST_STREAM, 0, 1, &error_code(CANCEL)).await.unwrap();
+    let r = next_record(&mut at_b, Direction::Inbound).await;
+    // Not "target unreachable: connect timed out", 30 s later.
+    assert_eq!(r.error.as_deref(), Some("client reset the stream"), "{r:?}");
+    drop((app, fill));
 }

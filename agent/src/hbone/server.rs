@@ -209,6 +209,14 @@ impl Responder {
         let _ = self.respond.send_response(response(status), true);
     }
 
+    /// Resolves when the client resets the stream before it is answered
+    /// (it gave up: nothing more should be done for it).
+    pub async fn reset(&mut self) -> h2::Reason {
+        std::future::poll_fn(|cx| self.respond.poll_reset(cx))
+            .await
+            .unwrap_or(h2::Reason::CANCEL)
+    }
+
     /// Answers 200 and returns the tunnel.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
         let send = self

@@ -255,7 +255,18 @@ impl Inbound {
             return None;
         }
         let registration = self.ctx.tracker.register(self.workload.clone(), &conn);
-        let upstream = match self.connect_upstream(&req, src).await {
+        let mut responder = responder;
+        // A client that resets its CONNECT meanwhile (rapid reset) gets no
+        // upstream opened on its behalf.
+        let connected = tokio::select! {
+            r = self.connect_upstream(&req, src) => r,
+            reason = responder.reset() => {
+                debug!(?reason, "client reset the stream before it was answered");
+                record.finish(Err("client reset the stream"));
+                return None;
+            }
+        };
+        let upstream = match connected {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "target unreachable; 503");
