@@ -88,17 +88,7 @@ workloads:
 
     /// The standard mesh plus a DENY of the client's principal.
     pub fn deny_client_mesh(&self) -> String {
-        self.standard_mesh("server")
-            + r#"
-policies:
-  - name: deny-client
-    namespace: test
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/test/sa/client"]
-"#
+        self.standard_mesh("server") + "policies:\n" + DENY_CLIENT
     }
 
     pub fn client_ip(&self) -> std::net::IpAddr {
@@ -169,6 +159,34 @@ policies:
             .await
             .expect("agent starts")
     }
+}
+
+/// A mesh-file policy (a `policies:` list item): DENY of the standard
+/// client's principal, `test/deny-client`.
+pub const DENY_CLIENT: &str = r#"  - name: deny-client
+    namespace: test
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/test/sa/client"]
+"#;
+
+/// The next record from `rx` that `wanted` picks, within 5 s.
+pub async fn next_record_where(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ambient_agent::proxy::record::ConnectionRecord>>,
+    wanted: impl Fn(&ambient_agent::proxy::record::ConnectionRecord) -> bool,
+) -> Arc<ambient_agent::proxy::record::ConnectionRecord> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let r = rx.recv().await.expect("records");
+            if wanted(&r) {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a record in time")
 }
 
 /// Logs to the test output when `RUST_LOG` is set.

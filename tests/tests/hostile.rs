@@ -242,18 +242,7 @@ async fn a_valid_deny_beside_a_bad_resource_is_applied() {
     let client = Identity::new("cluster.local", "test", "client");
     assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
 
-    let deny = mesh_with_policies(
-        &w,
-        r#"
-  - name: deny-client
-    namespace: test
-    action: DENY
-    rules:
-      - clauses:
-          - matches:
-              - principals: ["cluster.local/ns/test/sa/client"]
-"#,
-    );
+    let deny = mesh_with_policies(&w, DENY_CLIENT);
     let encoded = ambient_agent::xds::delta::encode_mesh(&deny).expect("encode");
     let good = Resource {
         name: "test/deny-client".into(),
@@ -383,21 +372,10 @@ fn metrics_text(agent: &ambient_agent::agent::Agent) -> String {
 
 /// The next record of `direction` from `rx`.
 async fn next_record(
-    rx: &mut tokio::sync::broadcast::Receiver<
-        std::sync::Arc<ambient_agent::proxy::record::ConnectionRecord>,
-    >,
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ambient_agent::proxy::record::ConnectionRecord>>,
     direction: ambient_agent::proxy::record::Direction,
-) -> std::sync::Arc<ambient_agent::proxy::record::ConnectionRecord> {
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            let r = rx.recv().await.expect("records");
-            if r.direction == direction {
-                return r;
-            }
-        }
-    })
-    .await
-    .expect("a record in time")
+) -> Arc<ambient_agent::proxy::record::ConnectionRecord> {
+    next_record_where(rx, |r| r.direction == direction).await
 }
 
 /// Point 9: accounting that lied. (a) A connection that ended in an error

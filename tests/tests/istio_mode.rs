@@ -251,25 +251,6 @@ async fn scrape(addr: SocketAddr) -> String {
         .expect("HTTP response")
 }
 
-/// The next record at `agent` of a connection from `src`.
-async fn next_record_from(
-    records: &mut tokio::sync::broadcast::Receiver<
-        Arc<ambient_agent::proxy::record::ConnectionRecord>,
-    >,
-    src: IpAddr,
-) -> Arc<ambient_agent::proxy::record::ConnectionRecord> {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let r = records.recv().await.expect("records");
-            if r.src == src {
-                return r;
-            }
-        }
-    })
-    .await
-    .expect("a record in time")
-}
-
 /// Point 4 of the fail-closed issue: a pod istio-cni hands over is the
 /// agent's from that moment, whatever istiod says. As ztunnel, its proxies
 /// start from the CNI's `WorkloadInfo` (ztunnel requires it on every Add)
@@ -305,7 +286,7 @@ async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops
     let to_server = SocketAddr::new(IpAddr::V4(server.ip), 8080);
     let msg = b"before istiod knows".as_slice();
     assert_eq!(pod_exchange(&client, to_server, msg).await.unwrap(), msg);
-    let r = next_record_from(&mut at_server, IpAddr::V4(client.ip)).await;
+    let r = next_record_where(&mut at_server, |r| r.src == IpAddr::V4(client.ip)).await;
     assert_eq!(r.direction, Direction::Inbound, "{r:?}");
     let id = r.src_identity.as_ref().map(|i| i.to_string());
     assert_eq!(
@@ -350,7 +331,7 @@ async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops
         "capture removed when istiod dropped the pod"
     );
     assert_eq!(pod_exchange(&client, to_server, msg).await.unwrap(), msg);
-    let r = next_record_from(&mut at_server, IpAddr::V4(client.ip)).await;
+    let r = next_record_where(&mut at_server, |r| r.src == IpAddr::V4(client.ip)).await;
     assert_eq!(
         r.direction,
         Direction::Inbound,

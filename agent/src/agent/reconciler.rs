@@ -246,12 +246,11 @@ impl Reconciler {
                 continue;
             };
             self.ctx.certs.track(want.workload.identity());
-            if let Some(old) = &old {
-                dropped_ids.push(old.workload.identity());
-            }
+            let before = old.as_ref().map(|o| o.workload.identity());
             let uid = want.workload.uid.clone();
             match self.serve(want, old).await {
                 Ok(s) => {
+                    dropped_ids.extend(before);
                     lock(&self.served).insert(key, s);
                 }
                 Err((e, old)) => {

@@ -856,6 +856,18 @@ impl PartialEq<(Vec<String>, Vec<String>)> for super::convert::Applied {
     }
 }
 
+/// Workload `uid` at `address` (raw bytes, valid or not), as a resource.
+fn workload_at(uid: &str, address: Vec<u8>) -> Resource {
+    let uid_ = uid.to_string();
+    resource(
+        uid,
+        workload_any(move |w| {
+            w.uid = uid_;
+            w.addresses = vec![address];
+        }),
+    )
+}
+
 // ztunnel applies a Delta xDS response resource by resource: the good ones
 // and the removals take effect, each bad one is refused and named in the
 // NACK, and keeps its last good version (istio/ztunnel src/xds/client.rs,
@@ -867,20 +879,8 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
         ADDRESS_TYPE_URL,
         vec![
             resource("w", workload_any(|_| {})),
-            resource(
-                "bad",
-                workload_any(|w| {
-                    w.uid = "bad".into();
-                    w.addresses = vec![vec![10, 0, 0, 7]];
-                }),
-            ),
-            resource(
-                "gone",
-                workload_any(|w| {
-                    w.uid = "gone".into();
-                    w.addresses = vec![vec![10, 0, 0, 8]];
-                }),
-            ),
+            workload_at("bad", vec![10, 0, 0, 7]),
+            workload_at("gone", vec![10, 0, 0, 8]),
         ],
         &[],
     );
@@ -891,20 +891,8 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
     let resp = response(
         ADDRESS_TYPE_URL,
         vec![
-            resource(
-                "new",
-                workload_any(|w| {
-                    w.uid = "new".into();
-                    w.addresses = vec![vec![10, 0, 0, 9]];
-                }),
-            ),
-            resource(
-                "bad",
-                workload_any(|w| {
-                    w.uid = "bad".into();
-                    w.addresses = vec![vec![1]];
-                }),
-            ),
+            workload_at("new", vec![10, 0, 0, 9]),
+            workload_at("bad", vec![1]),
             resource("new", workload_any(|w| w.uid = "new".into())),
             Resource {
                 name: "nobody".into(),
@@ -995,13 +983,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
     // A changed resource that clashes goes back to its last good version.
     let a2 = response(
         ADDRESS_TYPE_URL,
-        vec![resource(
-            "c",
-            workload_any(|w| {
-                w.uid = "c".into();
-                w.addresses = vec![vec![10, 0, 0, 3]];
-            }),
-        )],
+        vec![workload_at("c", vec![10, 0, 0, 3])],
         &[],
     );
     assert_eq!(res.apply(&a2).unwrap(), applied(&["c"], &[]));
