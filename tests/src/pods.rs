@@ -59,9 +59,14 @@ impl PodMesh {
         self.world.write_mesh(&yaml);
     }
 
+    /// The agent of `node`, capturing with nft.
     pub async fn agent(&self, node: &str) -> Agent {
+        self.agent_capturing(node, CaptureMode::Nft).await
+    }
+
+    pub async fn agent_capturing(&self, node: &str, capture: CaptureMode) -> Agent {
         let cfg = Config {
-            capture: CaptureMode::Nft,
+            capture,
             socket_mark: 0x539,
             ..self.world.config(node)
         };

@@ -5,11 +5,12 @@
 //! An [`Enrollment`] is one workload's namespace with capture installed;
 //! [`Enrollment::release`] removes it again, and is called only when the
 //! workload leaves the mesh. Dropping an enrollment (the agent stops or
-//! restarts) leaves the nft capture in place: with no listener behind it,
+//! restarts) leaves the nft table in place: with no listener behind it,
 //! the pod's TCP is refused, never sent around the mesh in plaintext. The
-//! eBPF programs are the agent's own (links die with the process), so
-//! that backend does not yet fail closed while no agent runs.
-//! [`uninstall`] takes every trace of capture off the node.
+//! eBPF programs are the agent's own (their links close with it); the nft
+//! table installed beside them holds a fail-safe that refuses what they no
+//! longer redirect. [`uninstall`] takes every trace of capture off the
+//! node.
 
 pub mod netns;
 pub mod nft;

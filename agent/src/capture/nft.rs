@@ -1,7 +1,8 @@
 //! The nft capture backend: rules inside a workload's network namespace
 //! that send its TCP to the agent's listeners, as Istio's CNI does in-pod.
-//! With `redirect` off only the return path is installed (the eBPF backend
-//! redirects by itself but shares the return path).
+//! With `redirect` off the return path is installed with a fail-safe (the
+//! eBPF backend redirects by itself but shares the return path): new TCP
+//! the programs did not hand to the agent is refused.
 //!
 //! - outbound TCP (not the agent's own, marked sockets; not loopback) is
 //!   REDIRECTed to the outbound port; the proxy reads `SO_ORIGINAL_DST`;
@@ -82,6 +83,30 @@ table inet {TABLE} {{
     }}
 "#
         );
+        if !redirect {
+            // The eBPF programs redirect; these rules catch what they do
+            // not (no agent running, a process outside the pod's cgroup,
+            // a dual-stack socket): a new connection that leaves the pod
+            // unmarked, or that arrives without being handed to the
+            // agent's (marked) listener, is refused, never let through.
+            r += &format!(
+                r#"    chain failsafe_out {{
+        type filter hook output priority filter; policy accept;
+        oifname "lo" return
+        meta l4proto != tcp return
+        meta mark & {mask:#x} == {agent:#x} return
+        ct state new reject with tcp reset
+    }}
+    chain failsafe_in {{
+        type filter hook prerouting priority filter; policy accept;
+        iifname "lo" return
+        meta l4proto != tcp return
+        tcp dport {hbone_port} return
+        ct state new fib daddr type local socket mark != {agent:#x} drop
+    }}
+"#
+            );
+        }
         if redirect {
             r += &format!(
                 r#"    chain prerouting_nat {{
@@ -245,7 +270,7 @@ mod tests {
     }
 
     #[test]
-    fn return_path_only_has_no_redirects() {
+    fn return_path_only_has_no_redirects_and_a_fail_safe() {
         let r = NftCapture {
             socket_mark: 0x539,
             outbound_port: 15001,
@@ -256,5 +281,7 @@ mod tests {
         .ruleset();
         assert!(!r.contains("redirect"));
         assert!(r.contains("meta mark set ct mark"));
+        assert!(r.contains("ct state new reject with tcp reset"));
+        assert!(r.contains("socket mark != 0x539 drop"));
     }
 }
