@@ -573,6 +573,9 @@ async fn handshakes_are_bounded_in_time_and_number_per_client() {
             "stalled kept open"
         );
     }
+    // A TCP probe (connect, close) is no failed handshake.
+    drop(tcp_from(noisy, hbone).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let text = metrics_text(&b);
     let failed = |reason: &str| {
         metric_sum(
@@ -583,6 +586,7 @@ async fn handshakes_are_bounded_in_time_and_number_per_client() {
     };
     assert_eq!(failed("too_many"), 1, "{text}");
     assert_eq!(failed("timeout"), 5, "{text}");
+    assert_eq!(failed("closed"), 0, "{text}");
 }
 
 /// Test-only: trusts any server (these cases test the server's checks).

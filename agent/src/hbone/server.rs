@@ -32,6 +32,9 @@ pub enum HandshakeError {
     Timeout,
     #[error("too many TLS handshakes in progress (from this client, or in all)")]
     TooMany,
+    /// The client closed before sending anything (a TCP probe, a scan).
+    #[error("closed before the handshake")]
+    Closed,
 }
 
 impl HandshakeError {
@@ -43,6 +46,7 @@ impl HandshakeError {
             HandshakeError::Io(_) => "tls",
             HandshakeError::Timeout => "timeout",
             HandshakeError::TooMany => "too_many",
+            HandshakeError::Closed => "closed",
         }
     }
 }
@@ -160,7 +164,10 @@ pub async fn accept_tls(
     trust_domain: &str,
 ) -> Result<(TlsConn, Identity), HandshakeError> {
     let handshake = async {
-        stream.readable().await.map_err(HandshakeError::Io)?;
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.map_err(HandshakeError::Io)? == 0 {
+            return Err(HandshakeError::Closed);
+        }
         let _place = gate.enter(client).ok_or(HandshakeError::TooMany)?;
         record::accept(cfg, stream)
             .await

@@ -66,6 +66,10 @@ impl Accept for Inbound {
                 ConnectionError::H2(e) => {
                     warn!(parent: &span, error = %e, "HBONE connection failed")
                 }
+                // A TCP probe or a scan: nothing was attempted.
+                ConnectionError::Handshake(server::HandshakeError::Closed) => {
+                    debug!(parent: &span, "closed before the handshake")
+                }
                 e => warn!(parent: &span, error = %e, "HBONE connection refused"),
             }
         }
@@ -99,7 +103,9 @@ impl Inbound {
         let td = &self.workload.trust_domain;
         let accepted = server::accept_tls(stream, peer.ip(), cfg, &self.handshakes, td).await;
         let (tls, peer_identity) = accepted.inspect_err(|e| {
-            self.ctx.reporter.metrics().handshake_failed(e.reason());
+            if !matches!(e, server::HandshakeError::Closed) {
+                self.ctx.reporter.metrics().handshake_failed(e.reason());
+            }
         })?;
         tracing::Span::current().record("src_id", tracing::field::display(&peer_identity));
         let info = ConnectionInfo {
