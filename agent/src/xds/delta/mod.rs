@@ -19,6 +19,7 @@
 
 mod convert;
 mod encode;
+mod resources;
 #[cfg(test)]
 mod tests;
 
@@ -161,7 +162,7 @@ pub enum XdsError {
 pub struct XdsClient {
     cfg: XdsConfig,
     state: Arc<State>,
-    resources: convert::Resources,
+    resources: resources::Resources,
     /// Types not yet received and accepted once; nothing is installed
     /// until this is empty.
     unsynced: BTreeSet<&'static str>,
@@ -173,7 +174,7 @@ impl XdsClient {
         XdsClient {
             cfg,
             state,
-            resources: convert::Resources::default(),
+            resources: resources::Resources::default(),
             unsynced: TYPE_URLS.into_iter().collect(),
             status: watch::channel(XdsStatus::default()).0,
         }
