@@ -30,15 +30,7 @@ async fn service_account_allows_and_dry_run_denies_arrive_over_xds_with_their_me
           - matches:
               - principals: ["cluster.local/ns/test/sa/client"]
 "#;
-    let m = mesh_with_policies(&w, policies);
-    let xds = TestXds::start(format!("127.{}.0.1:0", w.net).parse().unwrap())
-        .await
-        .unwrap();
-    xds.set_mesh(&m);
-    let (b, feed) = xds_agent(&w, &xds, "node-b").await;
-    eventually("node-b synced", || feed.status.borrow().synced).await;
-    eventually("node-b serving", || b.listeners("server").is_some()).await;
-    let _echo = Echo::start(w.server_app()).await;
+    let (xds, b, _feed, _echo) = xds_served_node_b(&w, &mesh_with_policies(&w, policies)).await;
     let client = Identity::new("cluster.local", "test", "client");
     // Same name, another namespace; and another name in the namespace.
     let other_ns = Identity::new("cluster.local", "prod", "client");
@@ -70,15 +62,7 @@ async fn service_account_allows_and_dry_run_denies_arrive_over_xds_with_their_me
 async fn a_valid_deny_beside_a_bad_resource_is_applied() {
     init_tracing();
     let w = World::new(92);
-    let m = mesh_with_policies(&w, "");
-    let xds = TestXds::start(format!("127.{}.0.1:0", w.net).parse().unwrap())
-        .await
-        .unwrap();
-    xds.set_mesh(&m);
-    let (b, feed) = xds_agent(&w, &xds, "node-b").await;
-    eventually("node-b synced", || feed.status.borrow().synced).await;
-    eventually("node-b serving", || b.listeners("server").is_some()).await;
-    let _echo = Echo::start(w.server_app()).await;
+    let (xds, b, _feed, _echo) = xds_served_node_b(&w, &mesh_with_policies(&w, "")).await;
     let client = Identity::new("cluster.local", "test", "client");
     assert_eq!(status_as(&w, client.clone()).await, StatusCode::OK);
 

@@ -15,7 +15,7 @@ use ambient_agent::xds::local::parse_mesh;
 use ambient_proto::discovery::Resource;
 use ambient_proto::prost_types::Any;
 use ambient_proto::AUTHORIZATION_TYPE_URL;
-use ambient_tests::control_plane::xds::{eventually, xds_agent, TestXds};
+use ambient_tests::control_plane::xds::{eventually, xds_agent, Feed, TestXds};
 use ambient_tests::pods::*;
 use ambient_tests::*;
 use http::{Method, StatusCode};
@@ -35,8 +35,7 @@ fn mesh_with_policies(w: &World, policies: &str) -> ambient_agent::state::Mesh {
 /// CONNECTs to the server app through node-b's agent as `who` (a genuine
 /// certificate of the world's root), from the client's address.
 async fn status_as(w: &World, who: Identity) -> StatusCode {
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let cert = certs.fetch(&who).await.expect("cert");
+    let cert = cert_of(w, &who).await;
     let server_id = Identity::new("cluster.local", "test", "server");
     tokio::time::timeout(LIMIT, async {
         let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -98,13 +97,37 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// A genuine certificate for `who`, from `w`'s root.
+async fn cert_of(w: &World, who: &Identity) -> Arc<ambient_agent::identity::WorkloadCert> {
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    certs.fetch(who).await.expect("cert")
+}
+
+/// A genuine certificate of the standard client.
+async fn client_cert(w: &World) -> Arc<ambient_agent::identity::WorkloadCert> {
+    cert_of(w, &Identity::new("cluster.local", "test", "client")).await
+}
+
+/// The test xDS server serving `mesh`, and node-b's agent fed by it,
+/// synced and serving the server workload (whose app echoes).
+async fn xds_served_node_b(
+    w: &World,
+    mesh: &ambient_agent::state::Mesh,
+) -> (TestXds, ambient_agent::agent::Agent, Feed, Echo) {
+    let xds = TestXds::start(format!("127.{}.0.1:0", w.net).parse().unwrap())
+        .await
+        .unwrap();
+    xds.set_mesh(mesh);
+    let (b, feed) = xds_agent(w, &xds, "node-b").await;
+    eventually("node-b synced", || feed.status.borrow().synced).await;
+    eventually("node-b serving", || b.listeners("server").is_some()).await;
+    let echo = Echo::start(w.server_app()).await;
+    (xds, b, feed, echo)
+}
+
 /// A raw HTTP/2 client of `w`'s server agent, as the mesh client.
 async fn raw_h2(w: &World, settings: &[(u16, u32)]) -> ambient_tests::h2raw::RawH2 {
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let cert = certs
-        .fetch(&Identity::new("cluster.local", "test", "client"))
-        .await
-        .expect("cert");
+    let cert = client_cert(w).await;
     let server_id = Identity::new("cluster.local", "test", "server");
     let src: IpAddr = format!("127.{}.1.8", w.net).parse().unwrap();
     ambient_tests::h2raw::RawH2::connect(

@@ -127,11 +127,7 @@ async fn connect_to_the_agents_own_ports_is_refused_with_400() {
     init_tracing();
     let w = World::new(93);
     let _b = w.agent("node-b").await;
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let cert = certs
-        .fetch(&Identity::new("cluster.local", "test", "client"))
-        .await
-        .expect("cert");
+    let cert = client_cert(&w).await;
     let server_id = Identity::new("cluster.local", "test", "server");
     let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
         .await
