@@ -346,3 +346,129 @@ async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops
     .await;
     assert!(!has_capture(&client));
 }
+
+/// The handle nft gave the agent's table in `pod` (a table made again
+/// gets a new one).
+fn table_handle(pod: &Pod) -> Option<String> {
+    let args = ["-a", "list", "table", "inet", "ambient_agent"];
+    let out = in_ns(&pod.netns, "nft", &args).ok()?;
+    out.lines()
+        .next()?
+        .split("# handle")
+        .nth(1)
+        .map(|h| h.trim().to_string())
+}
+
+/// Writes `msg` on `conn` and expects it echoed.
+async fn echoes(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if conn.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == msg
+}
+
+/// The CNI's pod lifecycle as ztunnel handles it (istio/ztunnel
+/// src/inpod/statemanager.rs): a pod is its network namespace (the fd's
+/// device and inode), so an Add re-sent for the same one is a no-op that
+/// cuts nothing; a pod that cannot be started is answered with an error
+/// and retried (ztunnel every 5 s, this agent every second); after a
+/// reconnect, a pod the snapshot keeps (`keep`) is untouched and one it
+/// leaves out is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cni_pod_lifecycle_as_ztunnel_handles_it() {
+    init_tracing();
+    let topo = Topology::new("istiolife").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let other = topo.add_pod("other", 0).expect("pod");
+    let blocked = topo.add_pod("blocked", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    let mesh = mesh_of(&[
+        (&client, "node-a"),
+        (&other, "node-a"),
+        (&blocked, "node-a"),
+        (&server, "node-b"),
+    ]);
+    let world = IstioWorld::start(&mesh, 25022).await;
+    let IstioWorld { cnis, agents, .. } = &world;
+    for (i, p) in [(1, &server), (0, &client), (0, &other)] {
+        let ack = cnis[i].add_pod(&p.name, &netns(p), info(&p.name)).await;
+        assert_eq!(ack.unwrap(), Ok(()), "{}", p.name);
+    }
+    let _echo = PodEcho::start(&server, 8080).await;
+    let mut conn = client
+        .sockets()
+        .connect(
+            SocketAddr::new(IpAddr::V4(server.ip), 8080),
+            Default::default(),
+        )
+        .await
+        .expect("connect");
+    assert!(echoes(&mut conn, b"before").await);
+    let handle = table_handle(&client).expect("captured");
+
+    // (a) The same namespace again, by a new fd: nothing changes.
+    let ack = cnis[0]
+        .add_pod("client", &netns(&client), info("client"))
+        .await;
+    assert_eq!(ack.unwrap(), Ok(()));
+    assert_eq!(
+        table_handle(&client).as_ref(),
+        Some(&handle),
+        "capture redone"
+    );
+    assert!(
+        echoes(&mut conn, b"after a re-sent add").await,
+        "connection cut"
+    );
+
+    // (b) A pod whose HBONE port is taken cannot start: the CNI hears it,
+    // the agent is not ready, and it is served once the port is free.
+    let ambient_agent::socket::Sockets::Netns(ns) = blocked.sockets() else {
+        panic!("a pod has its own namespace");
+    };
+    // A plain listener (no SO_REUSEPORT): the agent cannot share the port.
+    let taken = ns
+        .run_blocking(|| std::net::TcpListener::bind("0.0.0.0:15008"))
+        .expect("port taken in the pod");
+    let ack = cnis[0]
+        .add_pod("blocked", &netns(&blocked), info("blocked"))
+        .await;
+    let err = ack.unwrap().unwrap_err();
+    assert!(err.contains("cannot be served yet"), "{err}");
+    assert!(agents[0].listeners("blocked").is_none());
+    drop(taken);
+    wait_for("the blocked pod served on retry", || {
+        agents[0].listeners("blocked").is_some()
+    })
+    .await;
+
+    // (c) The CNI reconnects having lost the client's netns (it sends
+    // `keep`) and the other pod was deleted while no agent listened.
+    cnis[0].forget_netns("client");
+    assert!(cnis[0].drop_pod("other"));
+    cnis[0].disconnect_agent().await;
+    cnis[0]
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .unwrap();
+    wait_for("the other pod released", || {
+        agents[0].listeners("other").is_none()
+    })
+    .await;
+    assert!(!has_capture(&other));
+    assert_eq!(
+        table_handle(&client).as_ref(),
+        Some(&handle),
+        "kept pod touched"
+    );
+    assert!(agents[0].listeners("client").is_some());
+    assert!(
+        echoes(&mut conn, b"after a reconnect").await,
+        "connection cut"
+    );
+}

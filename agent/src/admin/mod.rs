@@ -86,8 +86,16 @@ pub enum AdminError {
     },
 }
 
-/// The local workloads being served, asked at request time.
-pub type ServedFn = Arc<dyn Fn() -> Vec<Arc<Workload>> + Send + Sync>;
+/// The agent's local workloads, asked at request time.
+pub trait LocalWorkloads: Send + Sync {
+    /// The workloads served now.
+    fn served(&self) -> Vec<Arc<Workload>>;
+    /// Workloads that should be served and are not (yet), with why.
+    fn pending(&self) -> Vec<(String, String)>;
+    /// Whether the list of pods is complete: in Istio mode, once the
+    /// CNI's snapshot arrived on the current connection; else always.
+    fn pods_known(&self) -> bool;
+}
 
 /// What the endpoints read from the agent.
 pub struct Sources {
@@ -98,7 +106,7 @@ pub struct Sources {
     pub pool: Pool,
     /// The metrics the proxies count into as they make their records.
     pub metrics: Arc<Metrics>,
-    pub served: ServedFn,
+    pub workloads: Arc<dyn LocalWorkloads>,
     pub readiness: Readiness,
     /// Sending `true` stops the agent (`/quitquitquit`); readiness reports
     /// 503 from then on.
@@ -110,7 +118,7 @@ struct Shared {
     state: Arc<State>,
     certs: Arc<CertManager>,
     pool: Pool,
-    served: ServedFn,
+    workloads: Arc<dyn LocalWorkloads>,
     readiness: Readiness,
     shutdown: watch::Sender<bool>,
     metrics: Arc<Metrics>,
@@ -142,7 +150,7 @@ impl AdminServer {
             certs,
             pool,
             metrics,
-            served,
+            workloads,
             readiness,
             shutdown,
         } = sources;
@@ -151,7 +159,7 @@ impl AdminServer {
             state,
             certs,
             pool,
-            served,
+            workloads,
             readiness,
             shutdown,
             metrics,
@@ -238,10 +246,9 @@ async fn bind(endpoint: Endpoint, addr: SocketAddr) -> Result<TcpListener, Admin
 
 impl Shared {
     fn conditions(&self) -> Conditions {
-        let served = (self.served)();
         let shutting_down = *self.shutdown.borrow();
         self.readiness.conditions(
-            &served,
+            self.workloads.as_ref(),
             &self.certs.certificates(),
             shutting_down,
             SystemTime::now(),
@@ -252,7 +259,7 @@ impl Shared {
         let gauges = metrics::AgentGauges {
             pool: self.pool.stats(),
             certificates: self.certs.certificates(),
-            enrolled: (self.served)().len(),
+            enrolled: self.workloads.served().len(),
             xds: self.readiness.xds_status(),
         };
         self.metrics.encode(&gauges)
@@ -297,7 +304,7 @@ impl Shared {
     fn config_dump(&self) -> Response<Body> {
         let snapshot = self.state.snapshot();
         let certificates = self.certs.certificates();
-        let served = (self.served)();
+        let served = self.workloads.served();
         let doc = config_dump::dump(&config_dump::DumpInput {
             node: &self.node,
             snapshot: &snapshot,

@@ -1,7 +1,10 @@
 //! Readiness (`GET /healthz/ready`): the agent is ready once the mesh is
-//! loaded, its listeners are up, and every local workload it serves holds a
-//! valid certificate. The decision is a pure function of [`Conditions`] so
-//! it can be checked without sockets.
+//! loaded, its listeners are up, it knows its pods (Istio mode: the CNI's
+//! snapshot arrived), every pod it should serve is served, and every one
+//! holds a valid certificate — as ztunnel, which is ready only with xDS
+//! synced, the snapshot received and no pod pending. A new agent taking
+//! over a node is ready only once it really serves it. The decision is a
+//! pure function of [`Conditions`] so it can be checked without sockets.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::identity::{Identity, WorkloadCert};
-use crate::state::Workload;
+
 use crate::xds::delta::XdsStatus;
 
 /// Where the mesh comes from, and so when it counts as loaded.
@@ -58,15 +61,16 @@ impl Readiness {
         self.inner.listeners.store(true, Ordering::Release);
     }
 
-    /// The conditions now, given the workloads being served and the
-    /// certificates held.
+    /// The conditions now, given the local workloads and the certificates
+    /// held.
     pub fn conditions(
         &self,
-        served: &[Arc<Workload>],
+        workloads: &dyn super::LocalWorkloads,
         certs: &[Arc<WorkloadCert>],
         shutting_down: bool,
         now: SystemTime,
     ) -> Conditions {
+        let served = workloads.served();
         let mesh_loaded = match &self.inner.mesh {
             MeshReady::Loaded => true,
             MeshReady::Xds(status) => status.borrow().synced,
@@ -85,6 +89,12 @@ impl Readiness {
         Conditions {
             mesh_loaded,
             listeners_up: self.inner.listeners.load(Ordering::Acquire),
+            pods_known: workloads.pods_known(),
+            not_served: workloads
+                .pending()
+                .into_iter()
+                .map(|(uid, _)| uid)
+                .collect(),
             without_certificate,
             shutting_down,
         }
@@ -98,6 +108,10 @@ pub struct Conditions {
     pub mesh_loaded: bool,
     /// The reconciler has run once.
     pub listeners_up: bool,
+    /// Istio mode: the CNI's snapshot arrived (always true otherwise).
+    pub pods_known: bool,
+    /// Workloads that should be served and are not (yet).
+    pub not_served: Vec<String>,
     /// Identities of served workloads with no valid certificate yet.
     pub without_certificate: Vec<Identity>,
     /// The agent was told to stop.
@@ -116,6 +130,12 @@ impl Conditions {
         if !self.listeners_up {
             return Err("listeners not started yet".into());
         }
+        if !self.pods_known {
+            return Err("pods not known yet (no snapshot from the CNI)".into());
+        }
+        if !self.not_served.is_empty() {
+            return Err(format!("not serving {} yet", self.not_served.join(", ")));
+        }
         if !self.without_certificate.is_empty() {
             let ids: Vec<String> = self
                 .without_certificate
@@ -131,12 +151,34 @@ impl Conditions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Workload;
 
     fn ready() -> Conditions {
         Conditions {
             mesh_loaded: true,
             listeners_up: true,
+            pods_known: true,
             ..Default::default()
+        }
+    }
+
+    /// Local workloads for tests.
+    #[derive(Default)]
+    struct Fixed {
+        served: Vec<Arc<Workload>>,
+        pending: Vec<(String, String)>,
+        unknown: bool,
+    }
+
+    impl crate::admin::LocalWorkloads for Fixed {
+        fn served(&self) -> Vec<Arc<Workload>> {
+            self.served.clone()
+        }
+        fn pending(&self) -> Vec<(String, String)> {
+            self.pending.clone()
+        }
+        fn pods_known(&self) -> bool {
+            !self.unknown
         }
     }
 
@@ -161,6 +203,16 @@ mod tests {
             .check()
             .unwrap_err()
             .contains("spiffe://td/ns/ns/sa/sa"));
+        let no_snapshot = Conditions {
+            pods_known: false,
+            ..ready()
+        };
+        assert!(no_snapshot.check().unwrap_err().contains("snapshot"));
+        let pending = Conditions {
+            not_served: vec!["pod-a".into()],
+            ..ready()
+        };
+        assert_eq!(pending.check(), Err("not serving pod-a yet".into()));
         let stopping = Conditions {
             shutting_down: true,
             ..ready()
@@ -180,18 +232,32 @@ mod tests {
         let (tx, rx) = watch::channel(XdsStatus::default());
         let r = Readiness::new(MeshReady::Xds(rx));
         let now = SystemTime::now();
-        let c = r.conditions(&[], &[], false, now);
+        let none = Fixed::default();
+        let c = r.conditions(&none, &[], false, now);
         assert!(!c.mesh_loaded && !c.listeners_up);
         assert!(c.check().is_err());
 
         tx.send_modify(|s| s.synced = true);
         r.listeners_started();
-        assert_eq!(r.conditions(&[], &[], false, now).check(), Ok(()));
+        assert_eq!(r.conditions(&none, &[], false, now).check(), Ok(()));
+        let waiting = Fixed {
+            pending: vec![("pod-a".into(), "address in use".into())],
+            ..Default::default()
+        };
+        assert!(r.conditions(&waiting, &[], false, now).check().is_err());
+        let unknown = Fixed {
+            unknown: true,
+            ..Default::default()
+        };
+        assert!(r.conditions(&unknown, &[], false, now).check().is_err());
 
         let ca = Arc::new(crate::identity::LocalCa::generate("td").expect("CA"));
         let trust = ca.trust_bundle();
         let certs = crate::identity::CertManager::new(ca, trust, Default::default());
-        let served = [workload("a")];
+        let served = Fixed {
+            served: vec![workload("a")],
+            ..Default::default()
+        };
         let c = r.conditions(&served, &certs.certificates(), false, now);
         assert_eq!(c.without_certificate, vec![Identity::new("td", "ns", "a")]);
         assert!(c.check().is_err());

@@ -28,6 +28,9 @@ use crate::state::State;
 use crate::xds::delta::{XdsClient, XdsConfig};
 use crate::xds::local::{LocalConfigError, LocalSource};
 
+/// How often workloads that could not be started are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -128,9 +131,16 @@ impl Agent {
             tracker: Arc::default(),
             reporter: Reporter::new(state.clone(), 1024),
         };
-        let reconciler = Arc::new(Reconciler::new(ctx.clone(), cfg.clone(), backend));
+        let zds =
+            (cfg.mode == Mode::Istio).then(|| ZdsClient::new(cfg.control_plane.cni_socket.clone()));
+        let cni_synced = zds.as_ref().map(ZdsClient::synced);
+        let reconciler = Arc::new(Reconciler::new(
+            ctx.clone(),
+            cfg.clone(),
+            backend,
+            cni_synced,
+        ));
         let readiness = Readiness::new(mesh_ready);
-        let served = reconciler.clone();
         let admin = AdminServer::start(
             AdminConfig::from_config(&cfg),
             Sources {
@@ -139,7 +149,7 @@ impl Agent {
                 certs: certs.clone(),
                 pool: pool.clone(),
                 metrics: ctx.reporter.metrics().clone(),
-                served: Arc::new(move || served.served()),
+                workloads: reconciler.clone(),
                 readiness: readiness.clone(),
                 shutdown: shutdown.clone(),
             },
@@ -156,8 +166,9 @@ impl Agent {
                 tracker.recheck(&st.snapshot());
             }
         }));
-        if cfg.mode == Mode::Istio {
-            let zds = ZdsClient::new(cfg.control_plane.cni_socket.clone());
+        let r = reconciler.clone();
+        tasks.push(tokio::spawn(async move { r.retry(RETRY_INTERVAL).await }));
+        if let Some(zds) = zds {
             let r = reconciler.clone();
             let handler = move |event| {
                 let r = r.clone();

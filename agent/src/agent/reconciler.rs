@@ -17,10 +17,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::lock;
-use crate::capture::netns::Netns;
+use crate::admin::LocalWorkloads;
+use crate::capture::netns::{Netns, NetnsId};
 use crate::capture::nft::NftCapture;
 use crate::capture::zds::{WorkloadInfo, ZdsEvent};
 use crate::capture::{Backend, CaptureSpec, Enrollment};
@@ -46,7 +47,8 @@ impl PartialEq for NetnsSource {
         match (self, other) {
             (NetnsSource::Host, NetnsSource::Host) => true,
             (NetnsSource::Path(a), NetnsSource::Path(b)) => a == b,
-            (NetnsSource::Cni(a), NetnsSource::Cni(b)) => Arc::ptr_eq(a, b),
+            // One namespace, whichever fd the CNI sent it with.
+            (NetnsSource::Cni(a), NetnsSource::Cni(b)) => a.id() == b.id(),
             _ => false,
         }
     }
@@ -94,18 +96,31 @@ pub(super) struct Reconciler {
     /// Istio mode (istiod names the same pod otherwise).
     served: Mutex<HashMap<String, Served>>,
     cni: Mutex<HashMap<String, CniPod>>,
+    /// Pods (by key) that should be served and could not be, and why;
+    /// retried by [`Reconciler::retry`].
+    failed: Mutex<HashMap<String, String>>,
+    /// Istio mode: whether the CNI's snapshot arrived on its current
+    /// connection (the pods are then known); `None` in local mode.
+    cni_synced: Option<tokio::sync::watch::Receiver<bool>>,
     /// One reconciliation at a time (mesh changes and CNI events race).
     running: tokio::sync::Mutex<()>,
 }
 
 impl Reconciler {
-    pub(super) fn new(ctx: ProxyContext, cfg: Config, backend: Backend) -> Self {
+    pub(super) fn new(
+        ctx: ProxyContext,
+        cfg: Config,
+        backend: Backend,
+        cni_synced: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         Reconciler {
+            cni_synced,
             ctx,
             cfg,
             backend,
             served: Mutex::default(),
             cni: Mutex::default(),
+            failed: Mutex::default(),
             running: tokio::sync::Mutex::new(()),
         }
     }
@@ -121,6 +136,17 @@ impl Reconciler {
     pub(super) fn served(&self) -> Vec<Arc<Workload>> {
         let served = lock(&self.served);
         served.values().map(|s| s.workload.clone()).collect()
+    }
+
+    /// Retries what could not be started, every `interval` while anything
+    /// is left (a pod whose namespace was not ready, a port not yet free).
+    pub(super) async fn retry(&self, interval: std::time::Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if !lock(&self.failed).is_empty() {
+                self.run().await;
+            }
+        }
     }
 
     /// Closes every listener; capture stays.
@@ -233,6 +259,7 @@ impl Reconciler {
         };
         let kept: HashSet<Identity> = wanted.values().map(|w| w.workload.identity()).collect();
         let mut dropped_ids = Vec::new();
+        lock(&self.failed).retain(|k, _| wanted.contains_key(k));
         for (key, workload, enrollment) in leaving {
             info!(uid = %workload.uid, "workload left the mesh; releasing it");
             dropped_ids.push(workload.identity());
@@ -251,10 +278,12 @@ impl Reconciler {
             match self.serve(want, old).await {
                 Ok(s) => {
                     dropped_ids.extend(before);
+                    lock(&self.failed).remove(&key);
                     lock(&self.served).insert(key, s);
                 }
                 Err((e, old)) => {
-                    warn!(%uid, error = %e, "cannot serve the workload");
+                    warn!(%uid, error = %e, "cannot serve the workload; will retry");
+                    lock(&self.failed).insert(key.clone(), e);
                     // Keep what served before: it is retried on the next
                     // change, and its capture can still be released.
                     if let Some(old) = old {
@@ -380,6 +409,16 @@ impl Reconciler {
                 // As ztunnel: the pod's identity comes with it, so it can be
                 // served before istiod lists it.
                 let info = info.ok_or_else(|| format!("pod {uid} came without workload info"))?;
+                // A pod is its namespace: an Add re-sent for the same one
+                // (the CNI reconnected) changes nothing.
+                let id = NetnsId::of(&netns).map_err(|e| format!("the pod's namespace: {e}"))?;
+                let same = lock(&self.cni)
+                    .get(&uid)
+                    .is_some_and(|p| p.netns.id() == id);
+                if same {
+                    debug!(%uid, "pod added again with the same namespace; nothing to do");
+                    return self.outcome(&uid);
+                }
                 let name = PathBuf::from(format!("cni:{uid}"));
                 let ns = tokio::task::spawn_blocking(move || Netns::from_fd(name, netns))
                     .await
@@ -391,17 +430,22 @@ impl Reconciler {
                     .map_err(|e| format!("reading the pod's addresses: {e}"))?;
                 info!(%uid, ?addresses, "pod added by the CNI");
                 lock(&self.cni).insert(
-                    uid,
+                    uid.clone(),
                     CniPod {
                         netns: Arc::new(ns),
                         info,
                         addresses,
                     },
                 );
+                self.run().await;
+                return self.outcome(&uid);
             }
+            // Before the snapshot only: the pod is not to be released. For
+            // a pod this agent does not hold there is nothing to keep (as
+            // ztunnel, which acks it).
             ZdsEvent::Keep { uid } => {
                 if !lock(&self.cni).contains_key(&uid) {
-                    return Err(format!("keep for unknown pod {uid}"));
+                    debug!(%uid, "keep for a pod not served here");
                 }
             }
             ZdsEvent::Del { uid } => {
@@ -414,6 +458,34 @@ impl Reconciler {
         }
         self.run().await;
         Ok(())
+    }
+
+    /// The CNI's answer for pod `uid` after a reconciliation: an error
+    /// while it could not be started (it is retried meanwhile).
+    fn outcome(&self, uid: &str) -> Result<(), String> {
+        match lock(&self.failed).get(uid) {
+            Some(why) => Err(format!("pod {uid} cannot be served yet: {why}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LocalWorkloads for Reconciler {
+    fn served(&self) -> Vec<Arc<Workload>> {
+        Reconciler::served(self)
+    }
+
+    fn pending(&self) -> Vec<(String, String)> {
+        let mut out: Vec<_> = lock(&self.failed)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn pods_known(&self) -> bool {
+        self.cni_synced.as_ref().is_none_or(|s| *s.borrow())
     }
 }
 

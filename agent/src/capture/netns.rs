@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -13,10 +13,31 @@ use std::sync::Mutex;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Which network namespace an fd refers to: the device and inode of the
+/// namespace file, the same for every fd or path that names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NetnsId {
+    /// The namespace `fd` refers to.
+    pub fn of(fd: &impl AsFd) -> io::Result<NetnsId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = File::from(fd.as_fd().try_clone_to_owned()?).metadata()?;
+        Ok(NetnsId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 /// A handle on a network namespace with a thread inside it.
 pub struct Netns {
     path: PathBuf,
     fd: OwnedFd,
+    id: NetnsId,
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 
@@ -39,6 +60,7 @@ impl Netns {
     /// Like [`Netns::open`], from a namespace fd received from elsewhere
     /// (the CNI hands them over a unix socket).
     pub fn from_fd(path: PathBuf, fd: OwnedFd) -> io::Result<Netns> {
+        let id = NetnsId::of(&fd)?;
         let thread_fd = fd.try_clone()?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -69,8 +91,14 @@ impl Netns {
         Ok(Netns {
             path,
             fd,
+            id,
             jobs: Mutex::new(jobs),
         })
+    }
+
+    /// Which namespace this is (two handles on one namespace compare equal).
+    pub fn id(&self) -> NetnsId {
+        self.id
     }
 
     pub fn path(&self) -> &Path {

@@ -31,6 +31,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_proto::prost::Message;
@@ -38,6 +39,7 @@ use ambient_proto::zds::workload_request::Payload;
 use ambient_proto::zds::{self as pb};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// Where istio-cni listens for the node proxy unless configured otherwise.
@@ -160,6 +162,8 @@ pub struct ZdsClient {
     path: PathBuf,
     initial_backoff: Duration,
     max_backoff: Duration,
+    /// True once the current connection's snapshot has been handled.
+    synced: Arc<watch::Sender<bool>>,
 }
 
 impl ZdsClient {
@@ -169,7 +173,15 @@ impl ZdsClient {
             path: socket_path,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(15),
+            synced: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Whether the pods are known: true from the handling of the current
+    /// connection's `snapshot_sent` until that connection is lost (as
+    /// ztunnel, which is not ready again until the next snapshot).
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     /// Overrides the reconnect backoff (doubling from `initial` up to `max`).
@@ -206,7 +218,15 @@ impl ZdsClient {
                 Ok(conn) => {
                     info!(path = %self.path.display(), "connected to the CNI");
                     let mut session = Session::default();
-                    let outcome = serve(&conn, &mut session, &mut handler, shutdown.as_mut()).await;
+                    let outcome = serve(
+                        &conn,
+                        &mut session,
+                        &mut handler,
+                        &self.synced,
+                        shutdown.as_mut(),
+                    )
+                    .await;
+                    self.synced.send_replace(false);
                     // A connection that got as far as a full snapshot was
                     // healthy: reconnect quickly.
                     if session.synced {
@@ -240,6 +260,7 @@ async fn serve<F, Fut>(
     conn: &SeqPacket,
     session: &mut Session,
     handler: &mut F,
+    synced: &watch::Sender<bool>,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), ZdsError>
 where
@@ -287,6 +308,9 @@ where
         }
         if let Err(reason) = &answer {
             warn!(kind, uid, reason, "ZDS request failed");
+        }
+        if kind == "snapshot_sent" {
+            synced.send_replace(true);
         }
         conn.send(&ack(answer)).await?;
     }

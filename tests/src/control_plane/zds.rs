@@ -163,6 +163,12 @@ impl TestCni {
         }
     }
 
+    /// Forgets pod `uid` without telling the agent, as for a pod deleted
+    /// while no agent was connected: the next snapshot leaves it out.
+    pub fn drop_pod(&self, uid: &str) -> bool {
+        self.shared.lock().pods.remove(uid).is_some()
+    }
+
     /// Drops the netns held for `uid` (as when istio-cni restarts and
     /// cannot find it again), so the next snapshot sends `keep` for it.
     /// False if the pod is unknown.
