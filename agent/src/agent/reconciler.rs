@@ -353,7 +353,11 @@ impl Reconciler {
     }
 
     /// Opens a workload's listeners and, when it has its own namespace,
-    /// enrolls it: listeners inside the namespace first, then capture.
+    /// enrolls it: capture first (with the return path the listeners'
+    /// transparent connections need, so nothing they answer leaves the
+    /// pod unrouted), then the listeners. Between the two, the pod's TCP
+    /// is refused, never uncaptured; a pod an earlier agent captured keeps
+    /// its capture throughout.
     async fn start(&self, w: Arc<Workload>, source: NetnsSource) -> Result<Served, String> {
         let mut enrollment = match &source {
             NetnsSource::Host => {
@@ -370,13 +374,13 @@ impl Reconciler {
             NetnsSource::Path(path) => Enrollment::open(path).await.map_err(|e| e.to_string())?,
             NetnsSource::Cni(ns) => Enrollment::with_netns(ns.clone()),
         };
-        let proxy = WorkloadProxy::start(self.ctx.clone(), w.clone(), enrollment.sockets())
-            .await
-            .map_err(|e| format!("opening listeners in the workload's namespace: {e}"))?;
         enrollment
             .capture(&self.backend, self.spec(&w))
             .await
             .map_err(|e| e.to_string())?;
+        let proxy = WorkloadProxy::start(self.ctx.clone(), w.clone(), enrollment.sockets())
+            .await
+            .map_err(|e| format!("opening listeners in the workload's namespace: {e}"))?;
         info!(uid = %w.uid, "workload enrolled");
         Ok(Served {
             workload: w,

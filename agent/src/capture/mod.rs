@@ -138,6 +138,17 @@ impl Enrollment {
             .await
             .map_err(|e| CaptureError::Task(e.to_string()))??;
         self.installed = true;
+        // When an agent hands a pod over to its successor, connections
+        // waiting in the old agent's accept queue move to the new one's
+        // listener (same SO_REUSEPORT group) instead of being reset.
+        let migrate = self
+            .netns
+            .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+            .await;
+        if let Err(e) = migrate {
+            warn!(netns = %self.netns.path().display(), error = %e,
+                "cannot enable tcp_migrate_req (kernel < 5.14?); an agent handover may reset queued connections");
+        }
         if let Backend::Ebpf(capture) = backend {
             let capture = capture.clone();
             let netns = self.netns.path().to_path_buf();

@@ -136,9 +136,10 @@ table inet {TABLE} {{
     pub fn install(&self, ns: &Netns) -> Result<(), NftError> {
         run(ns.command("nft").args(["-f", "-"]), Some(&self.ruleset()))?;
         for family in ["-4", "-6"] {
-            // Replace semantics: drop an earlier rule before adding ours.
-            let _ = run(ns.command("ip").args(rule_args(family, "del")), None);
-            run(ns.command("ip").args(rule_args(family, "add")), None)?;
+            // The route first (replace is atomic), then the rule pointing at
+            // it. A rule already there (an earlier agent's) stays: deleting
+            // and adding it again would leave the return path missing for
+            // a moment while the pod is served.
             let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
             let table = ROUTE_TABLE.to_string();
             run(
@@ -147,6 +148,10 @@ table inet {TABLE} {{
                 ]),
                 None,
             )?;
+            match run(ns.command("ip").args(rule_args(family, "add")), None) {
+                Err(NftError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+                other => other?,
+            }
         }
         Ok(())
     }

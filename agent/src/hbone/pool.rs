@@ -136,6 +136,26 @@ type TlsKey = (Identity, Vec<Identity>);
 /// A cached client config and the certificate it presents.
 type CachedTls = (Arc<WorkloadCert>, Arc<ClientConfig>);
 
+/// Tries of one stream whose peer refused it unprocessed.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Whether the peer refused the stream before doing anything with it: it
+/// is going away (GOAWAY: streams above its last id were never processed)
+/// or refused it outright (RFC 9113, 8.7).
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// `r` again (a CONNECT request has no body).
+fn copy_request(r: &Request<()>) -> Request<()> {
+    let mut c = Request::new(());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.headers_mut() = r.headers().clone();
+    *c.version_mut() = r.version();
+    c
+}
+
 /// Cached TLS configs kept at most; past it the cache starts over (a bound,
 /// not an eviction policy: a node talks to far fewer identity sets).
 const TLS_CACHE_MAX: usize = 1024;
@@ -261,7 +281,32 @@ impl Pool {
 
     /// Opens a CONNECT stream for `request` on a connection of `key`, whose
     /// peer must prove one of `expected`. Succeeds only on a 200 answer.
+    ///
+    /// A stream the peer refused unprocessed (it sent GOAWAY: its agent is
+    /// draining, e.g. handing its node to a successor; or REFUSED_STREAM)
+    /// is opened again, on another connection: the peer never saw it.
     pub async fn connect(
+        &self,
+        key: &PoolKey,
+        expected: &[Identity],
+        mut request: Request<()>,
+        sockets: &Sockets,
+    ) -> Result<H2Stream, PoolError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let again = (attempts < MAX_ATTEMPTS).then(|| copy_request(&request));
+            match self.connect_once(key, expected, request, sockets).await {
+                Err(PoolError::H2(e)) if again.is_some() && unprocessed(&e) => {
+                    debug!(dst = %key.dst, error = %e, "stream refused unprocessed; opening it again");
+                    request = again.unwrap_or_default();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect_once(
         &self,
         key: &PoolKey,
         expected: &[Identity],
@@ -308,15 +353,11 @@ impl Pool {
             }
         };
         let slot = Slot(conn);
-        let mut send = slot
-            .0
-            .send
-            .clone()
-            .ready()
-            .await
-            .inspect_err(|_| slot.0.close())?;
-        let (response, send_stream) = send.send_request(request, false)?;
-        let response = response.await?;
+        // A connection that fails a stream (a GOAWAY, a reset) takes no more.
+        let closing = |_: &h2::Error| slot.0.close();
+        let mut send = slot.0.send.clone().ready().await.inspect_err(closing)?;
+        let (response, send_stream) = send.send_request(request, false).inspect_err(closing)?;
+        let response = response.await.inspect_err(closing)?;
         if response.status() != StatusCode::OK {
             return Err(PoolError::Status(response.status()));
         }
