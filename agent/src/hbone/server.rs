@@ -274,7 +274,7 @@ where
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, Bytes>(Lingering(Some(io)))
         .await?;
     let mut draining = *shutdown.borrow();
     if draining {
@@ -305,6 +305,76 @@ where
                 responder.refuse(status);
             }
         }
+    }
+}
+
+/// How long a closed server connection waits for its client to close.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// The transport of a server connection, closed gently. When h2 is done
+/// with it (say after a graceful GOAWAY), what was written goes out and
+/// what the client still sends is read and dropped until it closes too
+/// (or [`LINGER`] passes). Closing a socket with unread input makes the
+/// kernel reset the connection and throw away the answers still queued —
+/// the end of a tunnel's data, and the client's transfer with it.
+struct Lingering<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(Option<IO>);
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<IO> {
+    fn io(&mut self) -> std::io::Result<&mut IO> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<IO> {
+    fn drop(&mut self) {
+        let (Some(mut io), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tokio::time::timeout(LINGER, async {
+                let _ = io.shutdown().await;
+                let mut scratch = [0u8; 4096];
+                while matches!(io.read(&mut scratch).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Lingering<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.io()?).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingering<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(self.io()?).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.io()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.io()?).poll_shutdown(cx)
     }
 }
 
