@@ -12,6 +12,8 @@ const FILES: &[&str] = &[
     "istio/v1/auth/ca.proto",
     "istio/workload/zds/zds.proto",
     "google/rpc/status.proto",
+    "envoy/type/v3/semantic_version.proto",
+    "xds/core/v3/context_params.proto",
     "envoy/config/core/v3/base.proto",
     "envoy/service/discovery/v3/discovery.proto",
     "envoy/service/discovery/v3/ads.proto",

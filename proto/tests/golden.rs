@@ -80,6 +80,7 @@ fn workload_fields() {
                 workload::NetworkAddress {
                     network: String::new(),
                     address: vec![10, 0, 0, 9],
+                    ..Default::default()
                 },
             )),
             hbone_mtls_port: 15008,
@@ -99,6 +100,7 @@ fn workload_fields() {
                 ports: vec![workload::Port {
                     service_port: 80,
                     target_port: 8080,
+                    ..Default::default()
                 }],
             },
         )]),
@@ -185,10 +187,12 @@ fn service_fields() {
         addresses: vec![workload::NetworkAddress {
             network: "net".into(),
             address: vec![10, 96, 0, 1],
+            ..Default::default()
         }],
         ports: vec![workload::Port {
             service_port: 80,
             target_port: 8080,
+            ..Default::default()
         }],
         subject_alt_names: vec!["spiffe://td/ns/ns/sa/s".into()],
         waypoint: Some(workload::GatewayAddress {
@@ -207,11 +211,11 @@ fn service_fields() {
             ],
             mode: workload::load_balancing::Mode::Failover as i32,
             health_policy: workload::load_balancing::HealthPolicy::AllowAll as i32,
-            dns_connect_strategy: 0,
         }),
         ip_families: workload::IpFamilies::Dual as i32,
         extensions: vec![],
         canonical: true,
+        ..Default::default()
     };
     let golden = golden! {
         [0x0A, 0x01], b"s",                   // name (1) = "s"
@@ -255,6 +259,7 @@ fn gateway_address_decodes_out_of_order() {
             workload::NetworkAddress {
                 network: String::new(),
                 address: vec![10, 0, 0, 9],
+                ..Default::default()
             }
         ))
     );
@@ -409,15 +414,10 @@ fn certificate_request_and_response() {
 
     let resp = ca::IstioCertificateResponse {
         cert_chain: vec!["L".into(), "R".into()],
-        root_cert: Some(ca::Roots {
-            ca_cert: vec!["R".into()],
-        }),
     };
     let golden = golden! {
         [0x0A, 0x01], b"L",                   // cert_chain (1)[0] = "L" (leaf)
         [0x0A, 0x01], b"R",                   // cert_chain (1)[1] = "R" (root)
-        [0x12, 0x03],                         // root_cert (2, LEN 3): Roots
-        [0x0A, 0x01], b"R",                   //   ca_cert (1) = ["R"]
     };
     check(&resp, &golden);
 }
@@ -435,6 +435,7 @@ fn delta_discovery_request() {
             user_agent_version_type: Some(core::node::UserAgentVersionType::UserAgentVersion(
                 "1".into(),
             )),
+            ..Default::default()
         }),
         type_url: ADDRESS_TYPE_URL.into(),
         resource_names_subscribe: vec!["*".into()],
@@ -452,6 +453,7 @@ fn delta_discovery_request() {
                 value: vec![1],
             }],
         }),
+        ..Default::default()
     };
     let golden = golden! {
         [0x0A, 0x1B],                         // node (1, LEN 27): Node
@@ -516,6 +518,7 @@ fn delta_discovery_response() {
                 nanos: 0,
             }),
             cache_control: None,
+            ..Default::default()
         }],
         type_url: ADDRESS_TYPE_URL.into(),
         nonce: "n1".into(),
@@ -523,6 +526,7 @@ fn delta_discovery_response() {
         control_plane: Some(core::ControlPlane {
             identifier: "istiod".into(),
         }),
+        ..Default::default()
     };
     let golden = golden! {
         [0x0A, 0x01], b"v",                   // system_version_info (1) = "v"
@@ -636,6 +640,46 @@ fn zds_workload_response_ack() {
     );
 }
 
+/// Fields istiod added later: `NetworkAddress.length` (3, proto3
+/// `optional`: a prefix length of 0 is still sent), `Port.app_protocol`
+/// (3), `Service.ingress_use_waypoint` (12), `weighted_waypoints` (13),
+/// `visibility` (14); `WeightedWaypoint.weight` (2).
+#[test]
+fn newer_workload_api_fields() {
+    let s = workload::Service {
+        addresses: vec![workload::NetworkAddress {
+            address: vec![10, 0, 0, 0],
+            length: Some(0),
+            ..Default::default()
+        }],
+        ports: vec![workload::Port {
+            service_port: 80,
+            app_protocol: workload::AppProtocol::Grpc as i32,
+            ..Default::default()
+        }],
+        ingress_use_waypoint: true,
+        weighted_waypoints: vec![workload::WeightedWaypoint {
+            destination: None,
+            weight: 3,
+        }],
+        visibility: workload::service::Visibility::Namespace as i32,
+        ..Default::default()
+    };
+    let golden = golden! {
+        [0x22, 0x08],                         // addresses (4, LEN 8): NetworkAddress
+        [0x12, 0x04, 10, 0, 0, 0],            //   address (2) = 10.0.0.0
+        [0x18, 0x00],                         //   length (3, optional) = 0, present
+        [0x2A, 0x04],                         // ports (5, LEN 4): Port
+        [0x08, 0x50],                         //   service_port (1) = 80
+        [0x18, 0x03],                         //   app_protocol (3) = GRPC (3)
+        [0x60, 0x01],                         // ingress_use_waypoint (12) = true
+        [0x6A, 0x02],                         // weighted_waypoints (13, LEN 2)
+        [0x10, 0x03],                         //   weight (2) = 3
+        [0x70, 0x01],                         // visibility (14) = NAMESPACE (1)
+    };
+    check(&s, &golden);
+}
+
 #[test]
 fn enum_values() {
     assert_eq!(workload::TunnelProtocol::Hbone as i32, 1);
@@ -643,10 +687,9 @@ fn enum_values() {
     assert_eq!(workload::IpFamilies::Ipv6Only as i32, 2);
     assert_eq!(workload::load_balancing::Scope::Network as i32, 6);
     assert_eq!(workload::load_balancing::Mode::Passthrough as i32, 3);
-    assert_eq!(
-        workload::load_balancing::DnsConnectStrategy::FirstHealthyRace as i32,
-        1
-    );
+    assert_eq!(workload::TunnelProtocol::LegacyIstioMtls as i32, 2);
+    assert_eq!(workload::AppProtocol::Grpc as i32, 3);
+    assert_eq!(workload::service::Visibility::Namespace as i32, 1);
     assert_eq!(security::Scope::WorkloadSelector as i32, 2);
     assert_eq!(security::Action::Deny as i32, 1);
     assert_eq!(zds::Version::V1 as i32, 1);

@@ -24,7 +24,6 @@ impl ca::istio_certificate_service_server::IstioCertificateService for TestCa {
                 format!("leaf:{}:{}", r.csr, r.validity_duration),
                 auth.unwrap_or_default(),
             ],
-            root_cert: None,
         }))
     }
 }

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use crate::hbone::pool::PoolStats;
 use crate::identity::WorkloadCert;
-use crate::state::{ApplicationTunnel, PolicyScope, Snapshot, Waypoint, WaypointTarget, Workload};
+use crate::state::{
+    ApplicationTunnel, PolicyScope, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+};
 
 use super::metrics::epoch_seconds;
 
@@ -80,10 +82,15 @@ fn workload(w: &Workload) -> Value {
         "identity": w.identity().to_string(),
         "addresses": w.addresses,
         "node": w.node,
-        "protocol": format!("{:?}", w.protocol).to_lowercase(),
+        "protocol": match w.protocol {
+            TunnelProtocol::None => json!("none"),
+            TunnelProtocol::Hbone => json!("hbone"),
+            TunnelProtocol::Unsupported(p) => json!({"unsupported": p}),
+        },
         "applicationTunnel": match w.application_tunnel {
             ApplicationTunnel::None => json!("none"),
             ApplicationTunnel::Proxy { port } => json!({"protocol": "proxy", "port": port}),
+            ApplicationTunnel::Unsupported(p) => json!({"protocol": "unsupported", "value": p}),
         },
         "capacity": w.capacity,
         "waypoint": w.waypoint.as_ref().map(waypoint),

@@ -129,8 +129,18 @@ impl Inbound {
         req: &ConnectRequest,
         src: IpAddr,
     ) -> std::io::Result<TcpStream> {
-        let ApplicationTunnel::Proxy { port } = self.workload.application_tunnel else {
-            return connect_app(&self.ctx, &self.sockets, req.target, src).await;
+        let port = match self.workload.application_tunnel {
+            ApplicationTunnel::None => {
+                return connect_app(&self.ctx, &self.sockets, req.target, src).await
+            }
+            ApplicationTunnel::Proxy { port } => port,
+            // What the workload expects cannot be produced: raw bytes could
+            // be taken for something they are not.
+            ApplicationTunnel::Unsupported(p) => {
+                return Err(std::io::Error::other(format!(
+                    "the workload expects application tunnel protocol {p}, which this agent does not speak"
+                )))
+            }
         };
         let own = self
             .workload

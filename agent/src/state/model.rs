@@ -16,6 +16,9 @@ pub enum TunnelProtocol {
     None,
     /// HTTP/2 CONNECT over mutual TLS to the workload's agent on 15008.
     Hbone,
+    /// A protocol this agent cannot speak (Istio's sidecar mTLS, or one
+    /// newer than it): never plaintext, so traffic to it is refused.
+    Unsupported(i32),
 }
 
 /// What a workload expects after the HBONE handshake reaches it.
@@ -28,6 +31,9 @@ pub enum ApplicationTunnel {
     /// the tunnel's target and the source identity (TLV 0xD0). Delivered
     /// to `port` when given, else to the target's port.
     Proxy { port: Option<u16> },
+    /// A protocol this agent does not know: it cannot deliver what the
+    /// workload expects, so tunnels to it are refused.
+    Unsupported(i32),
 }
 
 impl ApplicationTunnel {

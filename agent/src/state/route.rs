@@ -256,6 +256,11 @@ fn workload_route(
                 service,
             }
         }
+        // Never plaintext to a workload that expects a tunnel.
+        TunnelProtocol::Unsupported(p) => Route::Unreachable(format!(
+            "workload {} expects tunnel protocol {p}, which this agent does not speak",
+            w.uid
+        )),
     }
 }
 
@@ -447,6 +452,25 @@ mod waypoint_tests {
             ],
             ..Mesh::default()
         })
+    }
+
+    /// A workload that expects a tunnel this agent cannot speak (Istio's
+    /// sidecar mTLS, or a protocol newer than it) is never sent plaintext.
+    #[test]
+    fn an_unsupported_tunnel_protocol_is_unreachable_not_plaintext() {
+        let legacy = Workload {
+            protocol: TunnelProtocol::Unsupported(2),
+            ..Workload::for_test("legacy", "ns", Some("10.0.7.1"))
+        };
+        let snap = Snapshot::new(Mesh {
+            workloads: vec![legacy],
+            ..Mesh::default()
+        });
+        let route = snap.route("10.0.7.1:80".parse().unwrap(), 15008);
+        assert!(
+            matches!(route, Route::Unreachable(ref why) if why.contains("tunnel protocol 2")),
+            "{route:?}"
+        );
     }
 
     #[test]

@@ -227,7 +227,6 @@ impl IstioCertificateService for Service {
         self.requests.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
-            root_cert: None,
         }))
     }
 }

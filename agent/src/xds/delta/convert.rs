@@ -44,8 +44,6 @@ pub enum Invalid {
     Port(u32),
     #[error("target port {0} is not in 0..=65535")]
     TargetPort(u32),
-    #[error("unknown {kind} value {value}")]
-    UnknownEnum { kind: &'static str, value: i32 },
     #[error("string match has no value")]
     EmptyStringMatch,
     #[error("waypoint has neither an address nor a hostname")]
@@ -210,14 +208,6 @@ fn target_port(name: &str, p: u32) -> Result<u16, RejectReason> {
     u16::try_from(p).map_err(|_| field(name, Invalid::TargetPort(p)))
 }
 
-fn enum_value<T: TryFrom<i32>>(
-    name: &str,
-    kind: &'static str,
-    value: i32,
-) -> Result<T, RejectReason> {
-    T::try_from(value).map_err(|_| field(name, Invalid::UnknownEnum { kind, value }))
-}
-
 /// `namespace/rest`, both parts non-empty, `rest` without '/'.
 fn split_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('/')
@@ -229,40 +219,42 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
     if uid != name {
         return Err(RejectReason::Name { expected: uid });
     }
-    let network_mode: pb::NetworkMode = enum_value("network_mode", "NetworkMode", w.network_mode)?;
+    // An enum value newer than this agent is never refused (istiod is
+    // often newer than its proxies); it takes the meaning that trusts
+    // least.
     let mut addresses = Vec::with_capacity(w.addresses.len());
     for (i, a) in w.addresses.iter().enumerate() {
         addresses.push(ip_from_bytes(a).map_err(|e| field(format!("addresses[{i}]"), e))?);
     }
-    if network_mode == pb::NetworkMode::HostNetwork {
-        // Host-network pods share the node's address: it cannot identify
-        // them, so they are known by uid only.
+    // Host-network pods share the node's address: it cannot identify them,
+    // so they are known by uid only. So is a workload of an unknown mode.
+    if pb::NetworkMode::try_from(w.network_mode) != Ok(pb::NetworkMode::Standard) {
         addresses.clear();
     }
-    let protocol = match enum_value("tunnel_protocol", "TunnelProtocol", w.tunnel_protocol)? {
-        pb::TunnelProtocol::None => TunnelProtocol::None,
-        pb::TunnelProtocol::Hbone => TunnelProtocol::Hbone,
+    let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::None) => TunnelProtocol::None,
+        Ok(pb::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
+        // Sidecar mTLS (ztunnel cannot send it either), or newer: never
+        // plaintext.
+        Ok(pb::TunnelProtocol::LegacyIstioMtls) | Err(_) => {
+            TunnelProtocol::Unsupported(w.tunnel_protocol)
+        }
     };
     let application_tunnel = match &w.application_tunnel {
         None => ApplicationTunnel::None,
-        Some(t) => match enum_value(
-            "application_tunnel.protocol",
-            "ApplicationTunnel.Protocol",
-            t.protocol,
-        )? {
-            pb::application_tunnel::Protocol::None => ApplicationTunnel::None,
-            pb::application_tunnel::Protocol::Proxy => ApplicationTunnel::Proxy {
+        Some(t) => match pb::application_tunnel::Protocol::try_from(t.protocol) {
+            Ok(pb::application_tunnel::Protocol::None) => ApplicationTunnel::None,
+            Ok(pb::application_tunnel::Protocol::Proxy) => ApplicationTunnel::Proxy {
                 port: match t.port {
                     0 => None,
                     p => Some(port("application_tunnel.port", p)?),
                 },
             },
+            Err(_) => ApplicationTunnel::Unsupported(t.protocol),
         },
     };
-    let healthy = match enum_value("status", "WorkloadStatus", w.status)? {
-        pb::WorkloadStatus::Healthy => true,
-        pb::WorkloadStatus::Unhealthy => false,
-    };
+    // Only a workload known to be healthy takes traffic.
+    let healthy = pb::WorkloadStatus::try_from(w.status) == Ok(pb::WorkloadStatus::Healthy);
     let mut services = BTreeMap::new();
     for (key, list) in &w.services {
         let at = format!("services[{key:?}]");
@@ -392,19 +384,33 @@ fn policy(
     if name != expected {
         return Err(RejectReason::Name { expected });
     }
-    let scope = match enum_value("scope", "Scope", a.scope)? {
-        pb_sec::Scope::Global => PolicyScope::Global,
-        pb_sec::Scope::Namespace => PolicyScope::Namespace,
-        pb_sec::Scope::WorkloadSelector => PolicyScope::WorkloadSelector {
+    // Unknown values are not refused: the broadest scope and DENY never
+    // let a policy this agent does not understand admit more.
+    let mut unsupported = Vec::new();
+    let scope = match pb_sec::Scope::try_from(a.scope) {
+        Ok(pb_sec::Scope::Global) => PolicyScope::Global,
+        Ok(pb_sec::Scope::Namespace) => PolicyScope::Namespace,
+        Ok(pb_sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector {
             workload_uids: Vec::new(),
         },
+        Err(_) => {
+            unsupported.push(format!(
+                "unknown scope {} (applied to every workload)",
+                a.scope
+            ));
+            PolicyScope::Global
+        }
     };
-    let action = match enum_value("action", "Action", a.action)? {
-        pb_sec::Action::Allow => PolicyAction::Allow,
-        pb_sec::Action::Deny => PolicyAction::Deny,
+    let action = match pb_sec::Action::try_from(a.action) {
+        Ok(pb_sec::Action::Allow) => PolicyAction::Allow,
+        Ok(pb_sec::Action::Deny) => PolicyAction::Deny,
+        Err(_) => {
+            unsupported.push(format!("unknown action {} (enforced as DENY)", a.action));
+            PolicyAction::Deny
+        }
     };
     let mut parts = UnknownParts::sort(unknown);
-    let mut unsupported = parts.take(&[]);
+    unsupported.extend(parts.take(&[]));
     unsupported.extend(a.extensions.iter().map(extension));
     let mut rules = Vec::with_capacity(a.rules.len());
     for (r, rule) in a.rules.iter().enumerate() {
@@ -480,7 +486,7 @@ impl UnknownParts {
                 Unknown::EnumValue { value, .. } => format!("unknown enum value {value}"),
             };
             match path.as_slice() {
-                // Scope and action: refused by their own check.
+                // Scope and action: given their safest meaning where read.
                 [(3 | 4, _)] if matches!(u, Unknown::EnumValue { .. }) => {}
                 // Inside an extension: the extension itself is the news.
                 [(POLICY_EXTENSIONS, _), ..] => {}

@@ -125,6 +125,7 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
             let ports = s.ports.iter().map(|p| pb::Port {
                 service_port: p.port.into(),
                 target_port: p.target_port.into(),
+                ..Default::default()
             });
             let key = format!("{}/{}", s.namespace, s.hostname);
             (
@@ -150,9 +151,10 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
         namespace: w.namespace.clone(),
         addresses: w.addresses.iter().map(|ip| ip_bytes(*ip)).collect(),
         tunnel_protocol: match w.protocol {
-            TunnelProtocol::None => pb::TunnelProtocol::None,
-            TunnelProtocol::Hbone => pb::TunnelProtocol::Hbone,
-        } as i32,
+            TunnelProtocol::None => pb::TunnelProtocol::None as i32,
+            TunnelProtocol::Hbone => pb::TunnelProtocol::Hbone as i32,
+            TunnelProtocol::Unsupported(p) => p,
+        },
         trust_domain: w.trust_domain.clone(),
         service_account: w.service_account.clone(),
         waypoint: w.waypoint.as_ref().map(gateway),
@@ -170,6 +172,9 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
                 protocol: pb::application_tunnel::Protocol::Proxy as i32,
                 port: port.map_or(0, u32::from),
             }),
+            ApplicationTunnel::Unsupported(protocol) => {
+                Some(pb::ApplicationTunnel { protocol, port: 0 })
+            }
         },
         capacity: (w.capacity != 1).then_some(w.capacity),
         ..Default::default()
@@ -187,6 +192,7 @@ fn service(s: &Service) -> pb::Service {
             .map(|ip| pb::NetworkAddress {
                 network: String::new(),
                 address: ip_bytes(*ip),
+                ..Default::default()
             })
             .collect(),
         ports: s
@@ -195,6 +201,7 @@ fn service(s: &Service) -> pb::Service {
             .map(|p| pb::Port {
                 service_port: p.port.into(),
                 target_port: p.target_port.into(),
+                ..Default::default()
             })
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
@@ -210,6 +217,7 @@ fn gateway(w: &Waypoint) -> pb::GatewayAddress {
             WaypointTarget::Address(ip) => Destination::Address(pb::NetworkAddress {
                 network: String::new(),
                 address: ip_bytes(*ip),
+                ..Default::default()
             }),
             WaypointTarget::Service {
                 namespace,

@@ -213,6 +213,7 @@ fn endpoints_target_ports_and_selectors_come_from_the_workload_side() {
                     ports: vec![pb::Port {
                         service_port: 80,
                         target_port: target,
+                        ..Default::default()
                     }],
                 },
             );

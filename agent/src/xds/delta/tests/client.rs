@@ -51,7 +51,7 @@ fn client_installs_after_both_types_then_acks_and_nacks_per_resource() {
         "y",
         workload_any(|w| {
             w.uid = "y".into();
-            w.tunnel_protocol = 3;
+            w.addresses = vec![vec![1, 2, 3]];
         }),
     ));
     let nack = c.handle(bad);
@@ -61,7 +61,7 @@ fn client_installs_after_both_types_then_acks_and_nacks_per_resource() {
     assert!(
         detail
             .message
-            .contains("y: tunnel_protocol: unknown TunnelProtocol value 3"),
+            .contains("y: addresses[0]: an IP address must be 4 or 16 bytes, not 3"),
         "{}",
         detail.message
     );

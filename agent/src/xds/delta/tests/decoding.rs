@@ -50,39 +50,6 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
             "service_account: must not contain '/'",
         ),
         (
-            "unknown tunnel protocol",
-            w,
-            "w",
-            workload_any(|w| w.tunnel_protocol = 7),
-            "tunnel_protocol: unknown TunnelProtocol value 7",
-        ),
-        (
-            "unknown status",
-            w,
-            "w",
-            workload_any(|w| w.status = 9),
-            "status: unknown WorkloadStatus value 9",
-        ),
-        (
-            "unknown network mode",
-            w,
-            "w",
-            workload_any(|w| w.network_mode = 4),
-            "network_mode: unknown NetworkMode value 4",
-        ),
-        (
-            "unknown app tunnel",
-            w,
-            "w",
-            workload_any(|w| {
-                w.application_tunnel = Some(pb::ApplicationTunnel {
-                    protocol: 5,
-                    port: 0,
-                })
-            }),
-            "application_tunnel.protocol: unknown",
-        ),
-        (
             "app tunnel port out of range",
             w,
             "w",
@@ -116,6 +83,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
                         pb::NetworkAddress {
                             network: String::new(),
                             address: vec![1, 1, 1, 1],
+                            ..Default::default()
                         },
                     )),
                     hbone_mtls_port: 70000,
@@ -160,6 +128,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
                         ports: vec![pb::Port {
                             service_port: 0,
                             target_port: 1,
+                            ..Default::default()
                         }],
                     },
                 );
@@ -219,6 +188,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
                 s.ports.push(pb::Port {
                     service_port: 80,
                     target_port: 9,
+                    ..Default::default()
                 })
             }),
             "ports[1].service_port: duplicate port 80 (first at ports[0])",
@@ -250,20 +220,6 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
             "/p",
             policy_any(|p| p.namespace.clear()),
             "namespace: must not be empty",
-        ),
-        (
-            "unknown scope",
-            a,
-            "ns/p",
-            policy_any(|p| p.scope = 3),
-            "scope: unknown Scope value 3",
-        ),
-        (
-            "unknown action",
-            a,
-            "ns/p",
-            policy_any(|p| p.action = 2),
-            "action: unknown Action value 2",
         ),
         (
             "empty string match",
@@ -397,6 +353,7 @@ fn good_resources_convert_with_istio_defaults() {
                         ports: vec![pb::Port {
                             service_port: 80,
                             target_port: 0,
+                            ..Default::default()
                         }],
                     },
                 );
@@ -617,13 +574,55 @@ fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
             policy_any(one_match(|m| m.not_service_accounts = vec![sa("prod", "")])),
             "not_service_accounts[0]",
         ),
-        (
-            policy_any(|p| p.action = 9),
-            "action: unknown Action value 9",
-        ),
     ];
     for (any, want) in bad {
         let err = decode_policy(&any).unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// istiod is often newer than its proxies: an enum value this agent does
+/// not know never refuses the resource; it takes the meaning that trusts
+/// least. An unknown (or sidecar-only) tunnel protocol is not plaintext;
+/// an unknown network mode does not let an address identify the workload;
+/// an unknown status is not healthy; an unknown application tunnel cannot
+/// be delivered; a policy of unknown scope applies everywhere and one of
+/// unknown action denies.
+#[test]
+fn unknown_enum_values_take_the_meaning_that_trusts_least() {
+    let w = |f: fn(&mut pb::Workload)| match decode(ADDRESS_TYPE_URL, "w", &workload_any(f)) {
+        Ok(Decoded::Address(a)) => match *a {
+            crate::xds::delta::convert::AddressResource::Workload(w) => w.workload,
+            other => panic!("not a workload: {other:?}"),
+        },
+        other => panic!("refused: {other:?}"),
+    };
+    use crate::state::ApplicationTunnel;
+    assert_eq!(
+        w(|w| w.tunnel_protocol = 7).protocol,
+        TunnelProtocol::Unsupported(7)
+    );
+    assert_eq!(
+        w(|w| w.tunnel_protocol = 2).protocol,
+        TunnelProtocol::Unsupported(2)
+    );
+    assert!(w(|w| w.network_mode = 4).addresses.is_empty());
+    assert!(!w(|w| w.status = 9).healthy);
+    let tunnel = w(|w| {
+        w.application_tunnel = Some(pb::ApplicationTunnel {
+            protocol: 5,
+            port: 0,
+        })
+    });
+    assert_eq!(tunnel.application_tunnel, ApplicationTunnel::Unsupported(5));
+
+    let scope = decode_policy(&policy_any(|p| p.scope = 3)).unwrap();
+    assert_eq!(scope.scope, PolicyScope::Global);
+    assert_eq!(
+        scope.unsupported,
+        ["unknown scope 3 (applied to every workload)"]
+    );
+    let action = decode_policy(&policy_any(|p| p.action = 2)).unwrap();
+    assert_eq!(action.action, PolicyAction::Deny);
+    assert_eq!(action.unsupported, ["unknown action 2 (enforced as DENY)"]);
 }

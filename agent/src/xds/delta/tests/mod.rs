@@ -162,10 +162,12 @@ fn service_any(f: impl FnOnce(&mut pb::Service)) -> Any {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            ..Default::default()
         }],
         ports: vec![pb::Port {
             service_port: 80,
             target_port: 8080,
+            ..Default::default()
         }],
         ..Default::default()
     };

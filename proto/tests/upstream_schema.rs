@@ -1,0 +1,197 @@
+//! Our .proto files against the upstream schema the agent consumes
+//! (`fixtures/upstream_schema.txt`: names, numbers, types and labels of
+//! every field and enum value, compiled from istio/ztunnel's and Envoy's
+//! files). Every message, field, enum value and oneof of the fixture must
+//! be declared here alike, and nothing else in those messages; a new
+//! upstream field or a typo in a number fails this test.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
+
+const FIXTURE: &str = include_str!("fixtures/upstream_schema.txt");
+
+/// Upstream fields this agent does not declare, and why.
+const NOT_DECLARED: &[(&str, &str, &str)] = &[(
+    "envoy.config.core.v3.Node",
+    "listening_addresses",
+    "sent by the agent, never set: Envoy's Address tree is not ours to carry",
+)];
+
+#[derive(Default)]
+struct Fixture {
+    /// message -> field name -> (number, type, label)
+    fields: BTreeMap<String, BTreeMap<String, (u32, String, String)>>,
+    /// enum -> value name -> number
+    enums: BTreeMap<String, BTreeMap<String, i32>>,
+    /// message -> oneof -> fields
+    oneofs: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
+}
+
+fn fixture() -> Fixture {
+    let mut f = Fixture::default();
+    for line in FIXTURE.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["field", msg, name, number, ty, label] => {
+                f.fields.entry(msg.to_string()).or_default().insert(
+                    name.to_string(),
+                    (
+                        number.parse().expect("number"),
+                        ty.to_string(),
+                        label.to_string(),
+                    ),
+                );
+            }
+            ["enum", e, name, number] => {
+                f.enums
+                    .entry(e.to_string())
+                    .or_default()
+                    .insert(name.to_string(), number.parse().expect("number"));
+            }
+            ["oneof", msg, name, fields] => {
+                f.oneofs.entry(msg.to_string()).or_default().insert(
+                    name.to_string(),
+                    fields.split(',').map(str::to_string).collect(),
+                );
+            }
+            [] | ["reserved", ..] => {}
+            [first, ..] if first.starts_with('#') => {}
+            other => panic!("unreadable fixture line {other:?}"),
+        }
+    }
+    f
+}
+
+fn scalar(kind: &Kind) -> String {
+    match kind {
+        Kind::Double => "double".into(),
+        Kind::Float => "float".into(),
+        Kind::Int32 => "int32".into(),
+        Kind::Int64 => "int64".into(),
+        Kind::Uint32 => "uint32".into(),
+        Kind::Uint64 => "uint64".into(),
+        Kind::Sint32 => "sint32".into(),
+        Kind::Sint64 => "sint64".into(),
+        Kind::Fixed32 => "fixed32".into(),
+        Kind::Fixed64 => "fixed64".into(),
+        Kind::Sfixed32 => "sfixed32".into(),
+        Kind::Sfixed64 => "sfixed64".into(),
+        Kind::Bool => "bool".into(),
+        Kind::String => "string".into(),
+        Kind::Bytes => "bytes".into(),
+        Kind::Message(m) => format!(".{}", m.full_name()),
+        Kind::Enum(e) => format!(".{}", e.full_name()),
+    }
+}
+
+/// (number, type, label) in the fixture's terms.
+fn describe(f: &FieldDescriptor) -> (u32, String, String) {
+    if f.is_map() {
+        let Kind::Message(entry) = f.kind() else {
+            unreachable!("a map field's kind is its entry message")
+        };
+        let k = scalar(&entry.map_entry_key_field().kind());
+        let v = scalar(&entry.map_entry_value_field().kind());
+        return (f.number(), format!("map<{k},{v}>"), "map".into());
+    }
+    let label = if f.is_list() {
+        "repeated"
+    } else if f.field_descriptor_proto().proto3_optional() {
+        "optional"
+    } else {
+        "singular"
+    };
+    (f.number(), scalar(&f.kind()), label.into())
+}
+
+fn ours() -> DescriptorPool {
+    DescriptorPool::decode(ambient_proto::FILE_DESCRIPTOR_SET).expect("compiled descriptors")
+}
+
+fn message(pool: &DescriptorPool, name: &str) -> Option<MessageDescriptor> {
+    pool.get_message_by_name(name)
+}
+
+#[test]
+fn every_upstream_field_enum_value_and_oneof_is_declared_alike() {
+    let (up, pool) = (fixture(), ours());
+    assert!(up.fields.len() > 40, "the fixture is nearly empty");
+    let mut problems = Vec::new();
+    let skipped = |msg: &str, field: &str| {
+        NOT_DECLARED
+            .iter()
+            .any(|(m, f, _)| *m == msg && *f == field)
+    };
+    for (msg, fields) in &up.fields {
+        let Some(m) = message(&pool, msg) else {
+            problems.push(format!("message {msg} is not declared"));
+            continue;
+        };
+        for (name, want) in fields {
+            match m.get_field_by_name(name) {
+                None if skipped(msg, name) => {}
+                None => problems.push(format!(
+                    "{msg}.{name} ({} {}) is not declared",
+                    want.0, want.1
+                )),
+                Some(f) => {
+                    let got = describe(&f);
+                    if &got != want {
+                        problems.push(format!("{msg}.{name}: upstream {want:?}, ours {got:?}"));
+                    }
+                }
+            }
+        }
+        for f in m.fields() {
+            if !fields.contains_key(f.name()) {
+                problems.push(format!(
+                    "{msg}.{} ({}) is not upstream",
+                    f.name(),
+                    f.number()
+                ));
+            }
+        }
+        let real: BTreeMap<String, BTreeSet<String>> = m
+            .oneofs()
+            .filter(|o| !o.is_synthetic())
+            .map(|o| {
+                let fields = o.fields().map(|f| f.name().to_string()).collect();
+                (o.name().to_string(), fields)
+            })
+            .collect();
+        let mut want = up.oneofs.get(msg).cloned().unwrap_or_default();
+        for fields in want.values_mut() {
+            fields.retain(|f| !skipped(msg, f));
+        }
+        if real != want {
+            problems.push(format!("{msg} oneofs: upstream {want:?}, ours {real:?}"));
+        }
+    }
+    for (e, values) in &up.enums {
+        let Some(d) = pool.get_enum_by_name(e) else {
+            problems.push(format!("enum {e} is not declared"));
+            continue;
+        };
+        let got: BTreeMap<String, i32> = d
+            .values()
+            .map(|v| (v.name().to_string(), v.number()))
+            .collect();
+        if &got != values {
+            problems.push(format!("enum {e}: upstream {values:?}, ours {got:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+#[test]
+fn what_is_left_out_is_said() {
+    let up = fixture();
+    for (msg, field, why) in NOT_DECLARED {
+        assert!(
+            up.fields.get(*msg).is_some_and(|f| f.contains_key(*field)),
+            "{msg}.{field} is not upstream, so need not be excused"
+        );
+        assert!(!why.is_empty());
+    }
+}
