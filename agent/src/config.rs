@@ -16,13 +16,23 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_INSTANCE_IP: &str = "INSTANCE_IP";
+/// The cluster's name, as ztunnel reads it: `ISTIO_META_CLUSTER_ID`, else
+/// `CLUSTER_ID` (Istio's ztunnel chart sets the former).
+pub const ENV_META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
+pub const ENV_CLUSTER_ID: &str = "CLUSTER_ID";
+/// `ISTIO_META_<KEY>=<value>` adds `<KEY>: <value>` to the xDS node
+/// metadata, as for every Istio proxy.
+pub const ENV_META_PREFIX: &str = "ISTIO_META_";
 /// The environment variables defaults are read from; each flag also has
-/// its own `AMBIENT_*` variable (see [`Overrides`]).
-pub const DEFAULT_ENV: [&str; 4] = [
+/// its own `AMBIENT_*` variable (see [`Overrides`]), and any
+/// `ISTIO_META_*` variable is node metadata.
+pub const DEFAULT_ENV: [&str; 6] = [
     ENV_NODE_NAME,
     ENV_POD_NAME,
     ENV_POD_NAMESPACE,
     ENV_INSTANCE_IP,
+    ENV_META_CLUSTER_ID,
+    ENV_CLUSTER_ID,
 ];
 
 /// Everything the agent can be told. Every field has a default, so an empty
@@ -51,9 +61,10 @@ pub struct Config {
     /// SO_MARK on the agent's own sockets so capture skips them; 0 leaves
     /// sockets unmarked (needs no privilege). Default: 1337 (0x539).
     pub socket_mark: u32,
-    /// How enrolled workloads' traffic is redirected: `nft` or `ebpf`.
-    /// Default: nft.
-    pub capture: crate::capture::CaptureMode,
+    /// How enrolled workloads' traffic is redirected: `nft`, `ebpf`, or
+    /// `none` (istio-cni's in-pod rules do it). Default: nft in local mode,
+    /// none in Istio mode; see [`Config::capture`].
+    pub capture: Option<crate::capture::CaptureMode>,
     /// The workload's network interface inside its namespace, where eBPF
     /// inbound capture attaches. Default: eth0.
     pub pod_interface: String,
@@ -127,8 +138,15 @@ pub struct ControlPlaneConfig {
     /// Service-account token sent as the bearer credential.
     /// Default: /var/run/secrets/tokens/istio-token.
     pub token_path: PathBuf,
-    /// Sent to the CA as `ClusterID`. Default: Kubernetes.
+    /// The cluster's name: the `clusterid` header on the xDS and CA
+    /// streams and `CLUSTER_ID` in the node metadata.
+    /// Default: `$ISTIO_META_CLUSTER_ID`, else `$CLUSTER_ID`, else Kubernetes.
     pub cluster_id: String,
+    /// Extra xDS node metadata (istiod reads e.g. `DNS_CAPTURE`,
+    /// `DNS_AUTO_ALLOCATE`). `ISTIO_META_<KEY>` environment variables are
+    /// added to it and win over the file, as in Istio's proxies.
+    /// Default: none.
+    pub proxy_metadata: std::collections::BTreeMap<String, String>,
     /// The CNI's ZDS socket. Default: /var/run/ztunnel/ztunnel.sock.
     pub cni_socket: PathBuf,
     /// The agent's own pod, as istiod knows it (its xDS node id).
@@ -147,7 +165,11 @@ impl Default for ControlPlaneConfig {
             root_cert: "/var/run/secrets/istio/root-cert.pem".into(),
             server_name: None,
             token_path: "/var/run/secrets/tokens/istio-token".into(),
-            cluster_id: "Kubernetes".into(),
+            cluster_id: std::env::var(ENV_META_CLUSTER_ID)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| env_or(ENV_CLUSTER_ID, "Kubernetes")),
+            proxy_metadata: Default::default(),
             cni_socket: "/var/run/ztunnel/ztunnel.sock".into(),
             pod_name: env_or(ENV_POD_NAME, "ambient-agent"),
             pod_namespace: env_or(ENV_POD_NAMESPACE, "istio-system"),
@@ -262,7 +284,7 @@ impl Default for Config {
             ports: Ports::default(),
             pool: PoolSettings::default(),
             socket_mark: 0x539,
-            capture: Default::default(),
+            capture: None,
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
             handshakes: HandshakeSettings::default(),
@@ -341,7 +363,8 @@ pub struct Overrides {
     /// Local mode: the mesh description (YAML), re-read when it changes.
     #[arg(long, env = "AMBIENT_MESH_FILE", value_name = "FILE")]
     pub mesh_file: Option<PathBuf>,
-    /// How enrolled workloads' traffic is captured. [default: nft]
+    /// How enrolled workloads' traffic is captured. [default: nft in local
+    /// mode, none in Istio mode (istio-cni captures)]
     #[arg(long, env = "AMBIENT_CAPTURE", value_enum)]
     pub capture: Option<crate::capture::CaptureMode>,
     /// Log filter, e.g. `info` or `ambient_agent=debug`. [default: info]
@@ -384,8 +407,11 @@ impl Config {
             cfg.mesh_file = Some(mesh.clone());
         }
         if let Some(capture) = overrides.capture {
-            cfg.capture = capture;
+            cfg.capture = Some(capture);
         }
+        cfg.control_plane
+            .proxy_metadata
+            .extend(istio_meta(std::env::vars()));
         if let Some(level) = &overrides.log_level {
             cfg.log.level = level.clone();
         }
@@ -455,7 +481,7 @@ impl Config {
             ));
         }
         let defaults = Ports::default();
-        if self.capture == crate::capture::CaptureMode::Ebpf && self.ports != defaults {
+        if self.capture() == crate::capture::CaptureMode::Ebpf && self.ports != defaults {
             return Err(ConfigError::Invalid(format!(
                 "capture: ebpf uses the standard ports {}/{}/{} (compiled into its programs); \
                  ports may only be changed with nft capture",
@@ -466,6 +492,12 @@ impl Config {
             return Err(ConfigError::Invalid("node must not be empty".into()));
         }
         Ok(())
+    }
+
+    /// How pods' traffic is captured: the setting, else the mode's default.
+    pub fn capture(&self) -> crate::capture::CaptureMode {
+        self.capture
+            .unwrap_or_else(|| crate::capture::CaptureMode::default_for(self.mode))
     }
 
     /// The mark for the agent's sockets, if any.
@@ -508,6 +540,16 @@ pub fn describe_yaml_error(e: &marked_yaml::FromYamlError) -> String {
     }
 }
 
+/// `ISTIO_META_<KEY>=<value>` variables as `<KEY>: <value>`.
+fn istio_meta(
+    vars: impl Iterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    vars.filter_map(|(k, v)| {
+        let key = k.strip_prefix(ENV_META_PREFIX)?;
+        (!key.is_empty()).then(|| (key.to_string(), v))
+    })
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()
@@ -530,6 +572,26 @@ fn default_node_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istio_meta_variables_become_node_metadata() {
+        // As Istio's proxies read them: the prefix is stripped, the rest
+        // of the name is the key, unprefixed variables are not metadata.
+        let vars = [
+            ("ISTIO_META_CLUSTER_ID", "east"),
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_META_", "no key"),
+            ("CLUSTER_ID", "not metadata"),
+            ("XISTIO_META_A", "not metadata"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let got: Vec<(String, String)> = istio_meta(vars.into_iter()).collect();
+        assert_eq!(
+            got,
+            [("CLUSTER_ID", "east"), ("DNS_CAPTURE", "true")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

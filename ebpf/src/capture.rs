@@ -73,6 +73,8 @@ pub struct CaptureStats {
     pub inbound_not_pod: u64,
     /// Inbound TCP to the HBONE port, left to the agent's own listener.
     pub inbound_hbone: u64,
+    /// Inbound TCP from the kubelet-probe source, left to the application.
+    pub inbound_probe: u64,
     /// Inbound TCP of an existing connection, left to the stack.
     pub inbound_established: u64,
     /// Inbound TCP handed to the transparent listener.
@@ -398,6 +400,7 @@ impl EbpfCapture {
             inbound_not_tcp: sum(i, stat::IN_NOT_TCP)?,
             inbound_not_pod: sum(i, stat::IN_NOT_POD)?,
             inbound_hbone: sum(i, stat::IN_HBONE)?,
+            inbound_probe: sum(i, stat::IN_PROBE)?,
             inbound_established: sum(i, stat::IN_ESTABLISHED)?,
             inbound_assigned: sum(i, stat::IN_ASSIGNED)?,
             inbound_no_listener: sum(i, stat::IN_NO_LISTENER)?,

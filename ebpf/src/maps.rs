@@ -97,6 +97,7 @@ pub(crate) mod stat {
     pub const OUT_RECORDED: u32 = 9;
     pub const OUT_ANSWERED: u32 = 10;
     pub const OUT_UNKNOWN: u32 = 11;
+    pub const IN_PROBE: u32 = 12;
 }
 
 #[cfg(test)]

@@ -191,6 +191,38 @@ fn hbone_port_passes_untouched() {
     });
 }
 
+/// istio-cni's in-pod rules accept TCP from its kubelet-probe SNAT source
+/// (169.254.7.127; fd16:9254:7127:1337:ffff:ffff:ffff:ffff) before any
+/// redirect, so probes reach the application even under STRICT.
+#[test]
+fn kubelet_probes_pass_to_the_application() {
+    in_fresh_netns(|| {
+        let prog = Inbound::load(&[POD4.into(), POD6.into()]);
+        let _listener =
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)).expect("bind 15006");
+        let probe4: Ipv4Addr = "169.254.7.127".parse().unwrap();
+        let probe6: Ipv6Addr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(
+            prog.run(&tcp4(probe4, 40000, POD4, 8080, SYN)),
+            TC_ACT_UNSPEC
+        );
+        assert_eq!(
+            prog.run(&tcp6(probe6, 40000, POD6, 8080, SYN)),
+            TC_ACT_UNSPEC
+        );
+        assert_eq!(prog.stat(stat::IN_PROBE), 2);
+        assert_eq!(prog.stat(stat::IN_ASSIGNED), 0);
+        // A neighbour of the probe address is captured as usual.
+        let near: Ipv4Addr = "169.254.7.126".parse().unwrap();
+        prog.run(&tcp4(near, 40000, POD4, 8080, SYN));
+        assert_eq!(prog.stat(stat::IN_PROBE), 2);
+        assert_eq!(
+            prog.stat(stat::IN_ASSIGNED) + prog.stat(stat::IN_ASSIGN_FAILED),
+            1
+        );
+    });
+}
+
 #[test]
 fn non_tcp_and_foreign_destinations_pass() {
     in_fresh_netns(|| {

@@ -7,6 +7,8 @@
 
 pub mod control_plane;
 pub mod h2raw;
+pub mod istio;
+pub mod istio_cni;
 pub mod pods;
 
 /// The namespace topology lives with the demo, which builds the same world.

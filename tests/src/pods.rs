@@ -66,7 +66,7 @@ impl PodMesh {
 
     pub async fn agent_capturing(&self, node: &str, capture: CaptureMode) -> Agent {
         let cfg = Config {
-            capture,
+            capture: Some(capture),
             socket_mark: 0x539,
             ..self.world.config(node)
         };

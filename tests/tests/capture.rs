@@ -50,7 +50,7 @@ fn build(tag: &str) -> Mesh {
 
 async fn agent(m: &Mesh, node: &str, mode: CaptureMode) -> Agent {
     let cfg = Config {
-        capture: mode,
+        capture: Some(mode),
         socket_mark: 0x539,
         ..m.world.config(node)
     };

@@ -3,137 +3,19 @@
 //! by the test CNI as real netns fds. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_agent::agent::Agent;
-use ambient_agent::capture::zds::WorkloadInfo;
-use ambient_agent::config::{Config, ControlPlaneConfig, Mode};
-use ambient_agent::identity::LocalCa;
+use ambient_agent::capture::CaptureMode;
 use ambient_agent::proxy::record::Direction;
-use ambient_agent::xds::local::parse_mesh;
-use ambient_tests::control_plane::{ca::TestCa, xds::TestXds, zds::TestCni};
+use ambient_tests::istio::*;
+use ambient_tests::istio_cni;
 use ambient_tests::netns::{in_ns, Pod, Topology};
 use ambient_tests::*;
 
-const TOKEN: &str = "test-token";
-
-fn info(name: &str) -> Option<WorkloadInfo> {
-    Some(WorkloadInfo {
-        name: name.into(),
-        namespace: "test".into(),
-        service_account: name.into(),
-    })
-}
-
-async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn has_capture(pod: &Pod) -> bool {
-    in_ns(&pod.netns, "nft", &["list", "tables"]).is_ok_and(|t| t.contains("ambient_agent"))
-}
-
-/// Two Istio-mode agents (node-a, node-b) with the test xDS server, Istio
-/// CA and one test CNI each.
-struct IstioWorld {
-    xds: TestXds,
-    ca: TestCa,
-    cnis: Vec<TestCni>,
-    agents: Vec<Agent>,
-    _dir: tempfile::TempDir,
-}
-
-impl IstioWorld {
-    /// Serves `mesh_yaml` over xDS and starts the agents, with metrics on
-    /// `metrics_port` (tests running side by side pick their own).
-    async fn start(mesh_yaml: &str, metrics_port: u16) -> IstioWorld {
-        let dir = tempfile::tempdir().unwrap();
-        let mesh = parse_mesh("mesh", mesh_yaml).expect("mesh");
-        let xds = TestXds::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        xds.set_mesh(&mesh);
-
-        // The Istio CA; one file holds the mesh root and the CA's serving root.
-        let root = Arc::new(LocalCa::generate("cluster.local").unwrap());
-        let ca = TestCa::start("127.0.0.1:0".parse().unwrap(), root.clone(), TOKEN)
-            .await
-            .unwrap();
-        let roots = dir.path().join("roots.pem");
-        std::fs::write(&roots, format!("{}{}", root.root_pem(), ca.root_pem())).unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, TOKEN).unwrap();
-
-        let mut cnis = Vec::new();
-        let mut agents = Vec::new();
-        for node in ["node-a", "node-b"] {
-            let socket = dir.path().join(format!("{node}.sock"));
-            cnis.push(TestCni::start(&socket).await.unwrap());
-            let cfg = Config {
-                node: node.into(),
-                mode: Mode::Istio,
-                socket_mark: 0x539,
-                control_plane: ControlPlaneConfig {
-                    xds_address: xds.url(),
-                    ca_address: Some(ca.url()),
-                    root_cert: roots.clone(),
-                    server_name: Some(ca.server_name().to_string()),
-                    token_path: token.clone(),
-                    cni_socket: socket,
-                    ..ControlPlaneConfig::default()
-                },
-                admin_port: 0,
-                // Metrics on an address of each agent's own, to read the xDS state.
-                metrics_address: metrics_ip(node),
-                metrics_port,
-                readiness_port: 0,
-                ..Config::default()
-            };
-            agents.push(Agent::start(cfg).await.expect("agent starts in Istio mode"));
-        }
-        for cni in &cnis {
-            cni.wait_connected(Duration::from_secs(5)).await.unwrap();
-        }
-        IstioWorld {
-            xds,
-            ca,
-            cnis,
-            agents,
-            _dir: dir,
-        }
-    }
-
-    /// Serves `yaml` over xDS from now on.
-    fn set_mesh(&self, yaml: &str) {
-        self.xds.set_mesh(&parse_mesh("mesh", yaml).expect("mesh"));
-    }
-}
-
-fn netns(p: &Pod) -> std::path::PathBuf {
-    std::path::PathBuf::from(p.netns_path())
-}
-
-/// `pods` as xDS workloads of namespace `test` (service account = name),
-/// on the given nodes.
-fn mesh_of(pods: &[(&Pod, &str)]) -> String {
-    let mut yaml = String::from("workloads:\n");
-    for (p, node) in pods {
-        yaml += &format!(
-            "  - {{uid: {n}, name: {n}, namespace: test, serviceAccount: {n}, addresses: [{ip}], node: {node}}}\n",
-            n = p.name,
-            ip = p.ip
-        );
-    }
-    yaml
-}
-
+/// The whole Istio-mode path as in a cluster: istio-cni's own in-pod rules
+/// redirect the pods' TCP (the agent installs none of its own, its sockets
+/// carry the CNI's mark 0x539 and its return path is the CNI's), mesh from
+/// xDS, certificates from the Istio CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod() {
     init_tracing();
@@ -143,30 +25,22 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
     // The mesh, served over xDS (no netns paths: the CNI provides them).
     let world =
         IstioWorld::start(&mesh_of(&[(&client, "node-a"), (&server, "node-b")]), 25020).await;
-    let IstioWorld {
-        cnis, agents, ca, ..
-    } = &world;
+    let IstioWorld { agents, ca, .. } = &world;
 
     // The CNI hands each pod to its node's agent, with its netns fd.
-    assert_eq!(
-        cnis[0]
-            .add_pod("client", &netns(&client), info("client"))
-            .await
-            .unwrap(),
-        Ok(())
-    );
-    assert_eq!(
-        cnis[1]
-            .add_pod("server", &netns(&server), info("server"))
-            .await
-            .unwrap(),
-        Ok(())
-    );
+    assert_eq!(world.add_pod(0, &client, info("client")).await, Ok(()));
+    assert_eq!(world.add_pod(1, &server, info("server")).await, Ok(()));
     wait_for("both pods enrolled", || {
         agents[0].listeners("client").is_some() && agents[1].listeners("server").is_some()
     })
     .await;
-    assert!(has_capture(&client) && has_capture(&server));
+    for p in [&client, &server] {
+        assert!(istio_cni::has_inpod(&p.netns), "the CNI's rules");
+        assert!(
+            !has_agent_capture(p),
+            "the agent captured on top of the CNI"
+        );
+    }
 
     // Ordinary sockets in the pods, tunneled with certificates from the CA.
     let echo = PodEcho::start(&server, 8080).await;
@@ -214,41 +88,65 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
         .expect("an ACK counter");
     assert!(acks >= 2, "both types were ACKed: {acks}");
 
-    // A pod the CNI deletes is released: capture and listeners go.
-    assert_eq!(cnis[1].del_pod("server").await.unwrap(), Ok(()));
+    // A pod the CNI deletes is released: its listeners go.
+    assert_eq!(world.del_pod(1, &server).await, Ok(()));
     wait_for("server released", || {
         agents[1].listeners("server").is_none()
     })
     .await;
-    assert!(
-        !has_capture(&server),
-        "capture removed from the released pod"
+}
+
+/// The agent introduces itself to istiod as ztunnel does (istio/ztunnel
+/// src/xds/client.rs, src/identity/auth.rs, src/config.rs): node id
+/// `ztunnel~<INSTANCE_IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`;
+/// metadata `NAME`, `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME`, plus the
+/// `ISTIO_META_*` proxy metadata (Istio's chart always sets
+/// `ISTIO_META_CLUSTER_ID`); `authorization: Bearer <token>` and
+/// `clusterid: <cluster>` on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_introduces_itself_to_istiod_as_ztunnel_does() {
+    init_tracing();
+    let world = IstioWorld::start("workloads: []\n", 25023).await;
+    let xds = &world.xds;
+    wait_for("a node", || xds.last_node().is_some()).await;
+    assert_eq!(xds.last_cluster_id().as_deref(), Some(CLUSTER_ID));
+    assert_eq!(
+        xds.last_authorization().as_deref(),
+        Some(&*format!("Bearer {TOKEN}"))
     );
-}
-
-fn metrics_ip(node: &str) -> IpAddr {
-    if node == "node-a" {
-        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 91, 1))
+    let node = xds.last_node().expect("node");
+    let (name, ip) = if node.id.contains("ztunnel-node-a") {
+        ("node-a", "10.255.0.1")
     } else {
-        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 91, 2))
-    }
-}
-
-/// The body of `GET /metrics` at `addr`.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
-        .await
-        .expect("answer in time")
-        .expect("read");
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .expect("HTTP response")
+        ("node-b", "10.255.0.2")
+    };
+    assert_eq!(
+        node.id,
+        format!("ztunnel~{ip}~ztunnel-{name}.istio-system~istio-system.svc.cluster.local")
+    );
+    let metadata: std::collections::BTreeMap<String, String> = node
+        .metadata
+        .iter()
+        .flat_map(|m| m.fields.iter())
+        .filter_map(|(k, v)| match &v.kind {
+            Some(ambient_proto::prost_types::value::Kind::StringValue(s)) => {
+                Some((k.clone(), s.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("NAME", format!("ztunnel-{name}")),
+        ("NAMESPACE", "istio-system".into()),
+        ("INSTANCE_IPS", ip.into()),
+        ("NODE_NAME", name.into()),
+        ("CLUSTER_ID", CLUSTER_ID.into()),
+        ("DNS_CAPTURE", "false".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(metadata, expected);
 }
 
 /// Point 4 of the fail-closed issue: a pod istio-cni hands over is the
@@ -259,24 +157,43 @@ async fn scrape(addr: SocketAddr) -> String {
 /// when istiod drops it, it stays captured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops_it() {
+    handed_over_before_istiod(Capture::Cni, "istiocni", 25021).await;
+}
+
+/// The same with the agent's own capture (`capture: nft` in Istio mode,
+/// for clusters without istio-cni's rules).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_own_capture_a_pod_handed_over_is_captured_before_istiod_lists_it() {
+    handed_over_before_istiod(Capture::Agent(CaptureMode::Nft), "istionft", 25024).await;
+}
+
+/// Whether `pod` is captured by whoever `world` says captures.
+fn captured(world: &IstioWorld, pod: &Pod) -> bool {
+    match world.capture {
+        Capture::Cni => istio_cni::has_inpod(&pod.netns) && !has_agent_capture(pod),
+        Capture::Agent(_) => has_agent_capture(pod),
+    }
+}
+
+async fn handed_over_before_istiod(capture: Capture, tag: &str, metrics_port: u16) {
     init_tracing();
-    let topo = Topology::new("istiocni").expect("topology");
+    let topo = Topology::new(tag).expect("topology");
     let client = topo.add_pod("client", 0).expect("pod");
     let outside = topo.add_pod("outside", 0).expect("pod");
     let server = topo.add_pod("server", 1).expect("pod");
     let only_server = mesh_of(&[(&server, "node-b")]);
-    let world = IstioWorld::start(&only_server, 25021).await;
+    let world = IstioWorld::start_with(&only_server, metrics_port, capture).await;
     let IstioWorld { cnis, agents, .. } = &world;
     // Without the pod's identity there is nothing to serve it as (ztunnel
-    // refuses such an Add too): the CNI hears why.
+    // refuses such an Add too): the CNI hears why. (`outside` stays
+    // outside the mesh, without the CNI's rules.)
     let ack = cnis[0].add_pod("outside", &netns(&outside), None).await;
     let err = ack.unwrap().unwrap_err();
     assert!(err.contains("without workload info"), "{err}");
     for (i, p) in [(1, &server), (0, &client)] {
-        let ack = cnis[i].add_pod(&p.name, &netns(p), info(&p.name)).await;
-        assert_eq!(ack.unwrap(), Ok(()));
+        assert_eq!(world.add_pod(i, p, info(&p.name)).await, Ok(()));
     }
-    assert!(has_capture(&client), "captured when handed over");
+    assert!(captured(&world, &client), "captured when handed over");
     wait_for("client served", || agents[0].listeners("client").is_some()).await;
     wait_for("server served", || agents[1].listeners("server").is_some()).await;
 
@@ -327,7 +244,7 @@ async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops
     })
     .await;
     assert!(
-        has_capture(&client),
+        captured(&world, &client),
         "capture removed when istiod dropped the pod"
     );
     assert_eq!(pod_exchange(&client, to_server, msg).await.unwrap(), msg);
@@ -339,12 +256,12 @@ async fn a_pod_handed_over_is_captured_before_istiod_lists_it_and_after_it_drops
     );
 
     // Only the CNI's delete releases it.
-    assert_eq!(cnis[0].del_pod("client").await.unwrap(), Ok(()));
+    assert_eq!(world.del_pod(0, &client).await, Ok(()));
     wait_for("client released", || {
         agents[0].listeners("client").is_none()
     })
     .await;
-    assert!(!has_capture(&client));
+    assert!(!has_agent_capture(&client) && !istio_cni::has_inpod(&client.netns));
 }
 
 /// The handle nft gave the agent's table in `pod` (a table made again
@@ -357,19 +274,6 @@ fn table_handle(pod: &Pod) -> Option<String> {
         .split("# handle")
         .nth(1)
         .map(|h| h.trim().to_string())
-}
-
-/// Writes `msg` on `conn` and expects it echoed.
-async fn echoes(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if conn.write_all(msg).await.is_err() {
-        return false;
-    }
-    let mut back = vec![0u8; msg.len()];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await,
-        Ok(Ok(_))
-    ) && back == msg
 }
 
 /// The CNI's pod lifecycle as ztunnel handles it (istio/ztunnel
@@ -393,7 +297,8 @@ async fn the_cni_pod_lifecycle_as_ztunnel_handles_it() {
         (&blocked, "node-a"),
         (&server, "node-b"),
     ]);
-    let world = IstioWorld::start(&mesh, 25022).await;
+    // The agent's own capture, whose table must not be made again.
+    let world = IstioWorld::start_with(&mesh, 25022, Capture::Agent(CaptureMode::Nft)).await;
     let IstioWorld { cnis, agents, .. } = &world;
     for (i, p) in [(1, &server), (0, &client), (0, &other)] {
         let ack = cnis[i].add_pod(&p.name, &netns(p), info(&p.name)).await;
@@ -460,7 +365,7 @@ async fn the_cni_pod_lifecycle_as_ztunnel_handles_it() {
         agents[0].listeners("other").is_none()
     })
     .await;
-    assert!(!has_capture(&other));
+    assert!(!has_agent_capture(&other));
     assert_eq!(
         table_handle(&client).as_ref(),
         Some(&handle),

@@ -33,7 +33,7 @@ fn vip() -> SocketAddr {
 
 async fn agent(world: &World, node: &str) -> Agent {
     let cfg = Config {
-        capture: CaptureMode::Nft,
+        capture: Some(CaptureMode::Nft),
         socket_mark: 0x539,
         ..world.config(node)
     };

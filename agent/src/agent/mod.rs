@@ -82,7 +82,7 @@ impl Agent {
         signer: Arc<dyn CertificateSigner>,
         trust: TrustBundle,
     ) -> Result<Agent, AgentError> {
-        let backend = Backend::load(cfg.capture).await?;
+        let backend = Backend::load(cfg.capture()).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let certs = CertManager::new(signer, trust, cfg.certificates());
         let state = Arc::new(State::default());
@@ -339,17 +339,26 @@ pub fn follow_mesh(
     }
 }
 
-/// How the agent introduces itself to istiod.
+/// How the agent introduces itself to istiod, as ztunnel does: id
+/// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`; metadata `NAME`,
+/// `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME`, `CLUSTER_ID` (Istio's chart
+/// sets `ISTIO_META_CLUSTER_ID`, so ztunnel always sends it), then the
+/// proxy metadata over them.
 fn xds_config(cfg: &Config) -> XdsConfig {
     let cp = &cfg.control_plane;
     let ns = &cp.pod_namespace;
-    let metadata = [
+    let own = [
+        ("NAME", cp.pod_name.as_str()),
         ("NAMESPACE", ns.as_str()),
+        ("INSTANCE_IPS", cp.pod_ip.as_str()),
         ("NODE_NAME", cfg.node.as_str()),
         ("CLUSTER_ID", cp.cluster_id.as_str()),
-        ("NAME", cp.pod_name.as_str()),
-        ("INSTANCE_IPS", cp.pod_ip.as_str()),
     ];
+    let mut node_metadata: std::collections::BTreeMap<String, String> = own
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    node_metadata.extend(cp.proxy_metadata.clone());
     XdsConfig {
         address: cp.xds_address.clone(),
         root_cert: cp
@@ -358,14 +367,12 @@ fn xds_config(cfg: &Config) -> XdsConfig {
             .then(|| cp.root_cert.clone()),
         server_name: cp.server_name.clone(),
         token_path: Some(cp.token_path.clone()),
+        cluster_id: Some(cp.cluster_id.clone()),
         node_id: format!(
             "ztunnel~{}~{}.{ns}~{ns}.svc.cluster.local",
             cp.pod_ip, cp.pod_name
         ),
-        node_metadata: metadata
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        node_metadata,
         ..XdsConfig::default()
     }
 }

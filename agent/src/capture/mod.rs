@@ -37,11 +37,30 @@ pub enum CaptureMode {
     Nft,
     /// eBPF programs (tc + cgroup hooks).
     Ebpf,
+    /// None of the agent's own: something else redirects the pods' TCP to
+    /// the agent's listeners (istio-cni's in-pod rules, which also carry
+    /// the return path and the kubelet-probe exemption). The default in
+    /// Istio mode.
+    None,
+}
+
+impl CaptureMode {
+    /// The default for a mode: in Istio mode istio-cni owns the pods'
+    /// rules (installing ours as well would redirect twice and skip the
+    /// CNI's exemptions); in local mode nobody else captures.
+    pub fn default_for(mode: crate::config::Mode) -> CaptureMode {
+        match mode {
+            crate::config::Mode::Istio => CaptureMode::None,
+            crate::config::Mode::Local => CaptureMode::Nft,
+        }
+    }
 }
 
 /// A loaded capture backend, shared by every enrollment.
 #[derive(Clone)]
 pub enum Backend {
+    /// Capture is someone else's (istio-cni).
+    None,
     Nft,
     Ebpf(Arc<EbpfCapture>),
 }
@@ -50,6 +69,7 @@ impl Backend {
     /// Prepares `mode` (for eBPF: loads the programs once).
     pub async fn load(mode: CaptureMode) -> Result<Backend, CaptureError> {
         match mode {
+            CaptureMode::None => Ok(Backend::None),
             CaptureMode::Nft => Ok(Backend::Nft),
             CaptureMode::Ebpf => {
                 let capture = tokio::task::spawn_blocking(EbpfCapture::load)
@@ -129,15 +149,17 @@ impl Enrollment {
         backend: &Backend,
         spec: CaptureSpec,
     ) -> Result<(), CaptureError> {
-        let rules = NftCapture {
-            redirect: matches!(backend, Backend::Nft),
-            ..spec.rules
-        };
-        let ns = self.netns.clone();
-        tokio::task::spawn_blocking(move || rules.install(&ns))
-            .await
-            .map_err(|e| CaptureError::Task(e.to_string()))??;
-        self.installed = true;
+        if !matches!(backend, Backend::None) {
+            let rules = NftCapture {
+                redirect: matches!(backend, Backend::Nft),
+                ..spec.rules
+            };
+            let ns = self.netns.clone();
+            tokio::task::spawn_blocking(move || rules.install(&ns))
+                .await
+                .map_err(|e| CaptureError::Task(e.to_string()))??;
+            self.installed = true;
+        }
         // When an agent hands a pod over to its successor, connections
         // waiting in the old agent's accept queue move to the new one's
         // listener (same SO_REUSEPORT group) instead of being reset.
@@ -164,7 +186,11 @@ impl Enrollment {
             .map_err(|e| CaptureError::Task(e.to_string()))??;
             self.ebpf = Some(attachment);
         }
-        info!(netns = %self.netns.path().display(), "capture installed");
+        match backend {
+            Backend::None => info!(netns = %self.netns.path().display(),
+                "serving; capture is the CNI's"),
+            _ => info!(netns = %self.netns.path().display(), "capture installed"),
+        }
         Ok(())
     }
 

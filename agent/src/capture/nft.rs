@@ -8,6 +8,10 @@
 //!   REDIRECTed to the outbound port; the proxy reads `SO_ORIGINAL_DST`;
 //! - inbound TCP to the workload (except HBONE) is REDIRECTed to the inbound
 //!   plaintext port;
+//! - kubelet probes, which istio-cni's node rules SNAT to
+//!   [`KUBELET_PROBE_SOURCE_V4`] / [`KUBELET_PROBE_SOURCE_V6`], reach the
+//!   application directly, as istio-cni's in-pod rules let them (a probe
+//!   is plaintext, so the agent would refuse it under STRICT);
 //! - the agent connects to applications from the client's address
 //!   (transparent); the connection is tagged in conntrack and a policy route
 //!   delivers the application's replies back to the agent's socket instead
@@ -30,6 +34,11 @@ pub const CONN_MARK: u32 = 0x111;
 pub const MARK_MASK: u32 = 0xfff;
 /// Routing table that delivers replies to the agent's transparent sockets.
 pub const ROUTE_TABLE: u32 = 133;
+/// Where istio-cni's node rules SNAT kubelet probes to (its default
+/// `HOST_PROBE_SNAT_ADDRESS`, link-local so no other host can send from it).
+pub const KUBELET_PROBE_SOURCE_V4: &str = "169.254.7.127";
+/// Its IPv6 twin (`HOST_PROBE_V6_SNAT_ADDRESS`).
+pub const KUBELET_PROBE_SOURCE_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 /// Priority of the policy routing rule.
 pub const RULE_PRIORITY: u32 = 32764;
 
@@ -69,6 +78,7 @@ impl NftCapture {
             redirect,
         } = *self;
         let (conn, mask) = (CONN_MARK, MARK_MASK);
+        let (probe4, probe6) = (KUBELET_PROBE_SOURCE_V4, KUBELET_PROBE_SOURCE_V6);
         let mut r = format!(
             r#"table inet {TABLE} {{}}
 delete table inet {TABLE}
@@ -102,6 +112,8 @@ table inet {TABLE} {{
         iifname "lo" return
         meta l4proto != tcp return
         tcp dport {hbone_port} return
+        ip saddr {probe4} return
+        ip6 saddr {probe6} return
         ct state new fib daddr type local socket mark != {agent:#x} drop
     }}
 "#
@@ -114,6 +126,8 @@ table inet {TABLE} {{
         iifname "lo" return
         meta l4proto != tcp return
         tcp dport {hbone_port} return
+        ip saddr {probe4} return
+        ip6 saddr {probe6} return
         meta mark & {mask:#x} == {agent:#x} return
         fib daddr type local meta l4proto tcp redirect to :{inbound_plaintext_port}
     }}
@@ -122,6 +136,8 @@ table inet {TABLE} {{
         meta l4proto != tcp return
         meta mark & {mask:#x} == {agent:#x} return
         ct mark & {mask:#x} == {conn:#x} return
+        ip daddr {probe4} return
+        ip6 daddr {probe6} return
         oifname "lo" return
         meta l4proto tcp redirect to :{outbound_port}
     }}
@@ -272,6 +288,7 @@ mod tests {
         assert!(r.contains("tcp dport 15008 return"));
         assert!(r.contains("meta mark & 0xfff == 0x539 return"));
         assert!(r.contains("ct mark set 0x111"));
+        assert!(r.contains("ip saddr 169.254.7.127 return"));
     }
 
     #[test]
@@ -288,5 +305,6 @@ mod tests {
         assert!(r.contains("meta mark set ct mark"));
         assert!(r.contains("ct state new reject with tcp reset"));
         assert!(r.contains("socket mark != 0x539 drop"));
+        assert!(r.contains("ip saddr 169.254.7.127 return"));
     }
 }

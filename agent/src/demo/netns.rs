@@ -46,7 +46,7 @@ pub async fn run(bytes: usize, capture: CaptureMode) -> anyhow::Result<()> {
     let cfg = |node: &str| Config {
         node: node.into(),
         mesh_file: Some(mesh.clone()),
-        capture,
+        capture: Some(capture),
         // Two agents in one process: no admin endpoints.
         admin_port: 0,
         metrics_port: 0,

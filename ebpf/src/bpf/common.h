@@ -17,6 +17,15 @@
 #define OUTBOUND_PORT 15001
 #define INBOUND_PLAINTEXT_PORT 15006
 #define HBONE_PORT 15008
+/* Where istio-cni's node rules SNAT kubelet probes to (its default
+ * HOST_PROBE_SNAT_ADDRESS 169.254.7.127 and HOST_PROBE_V6_SNAT_ADDRESS
+ * fd16:9254:7127:1337:ffff:ffff:ffff:ffff): such probes reach the
+ * application directly, as istio-cni's in-pod rules let them. */
+#define KUBELET_PROBE_V4 0xa9fe077fU
+#define KUBELET_PROBE_V6_0 0xfd169254U
+#define KUBELET_PROBE_V6_1 0x71271337U
+#define KUBELET_PROBE_V6_2 0xffffffffU
+#define KUBELET_PROBE_V6_3 0xffffffffU
 
 /* An address of either family, network byte order; IPv4 uses addr[0]. */
 struct amb_addr {
@@ -64,6 +73,7 @@ enum amb_stat {
 	STAT_OUT_RECORDED = 9,
 	STAT_OUT_ANSWERED = 10,
 	STAT_OUT_UNKNOWN = 11,
+	STAT_IN_PROBE = 12,
 	STAT_MAX = 16,
 };
 

@@ -124,6 +124,10 @@ int amb_inbound(struct __sk_buff *skb)
 			count(STAT_IN_HBONE);
 			return PASS;
 		}
+		if (ip->saddr == bpf_htonl(KUBELET_PROBE_V4)) {
+			count(STAT_IN_PROBE);
+			return PASS;
+		}
 		t.ipv4.saddr = ip->saddr;
 		t.ipv4.daddr = ip->daddr;
 		t.ipv4.sport = tcp->source;
@@ -150,6 +154,13 @@ int amb_inbound(struct __sk_buff *skb)
 		}
 		if (tcp->dest == bpf_htons(HBONE_PORT)) {
 			count(STAT_IN_HBONE);
+			return PASS;
+		}
+		if (ip6->saddr.in6_u.u6_addr32[0] == bpf_htonl(KUBELET_PROBE_V6_0) &&
+		    ip6->saddr.in6_u.u6_addr32[1] == bpf_htonl(KUBELET_PROBE_V6_1) &&
+		    ip6->saddr.in6_u.u6_addr32[2] == bpf_htonl(KUBELET_PROBE_V6_2) &&
+		    ip6->saddr.in6_u.u6_addr32[3] == bpf_htonl(KUBELET_PROBE_V6_3)) {
+			count(STAT_IN_PROBE);
 			return PASS;
 		}
 		__builtin_memcpy(t.ipv6.saddr, ip6->saddr.in6_u.u6_addr32, 16);

@@ -19,6 +19,7 @@ use std::time::Duration;
 use ambient_agent::agent::Agent;
 use ambient_agent::state::{Mesh, State};
 use ambient_agent::xds::delta::{encode_mesh, XdsClient, XdsConfig, XdsStatus, TYPE_URLS};
+use ambient_proto::core::Node;
 use ambient_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -64,6 +65,9 @@ struct Inner {
     nacks: Vec<String>,
     last_initial_versions: BTreeMap<String, String>,
     last_authorization: Option<String>,
+    last_cluster_id: Option<String>,
+    /// The node of the last stream's first request that carried one.
+    last_node: Option<Node>,
 }
 
 struct Client {
@@ -103,6 +107,9 @@ impl Inner {
     }
 
     fn on_request(&mut self, id: u64, req: DeltaDiscoveryRequest) {
+        if let Some(node) = &req.node {
+            self.last_node = Some(node.clone());
+        }
         if !req.response_nonce.is_empty() {
             match req.error_detail {
                 Some(status) => self.nacks.push(status.message),
@@ -315,6 +322,16 @@ impl TestXds {
         self.shared.lock().last_authorization.clone()
     }
 
+    /// The `clusterid` header of the last stream.
+    pub fn last_cluster_id(&self) -> Option<String> {
+        self.shared.lock().last_cluster_id.clone()
+    }
+
+    /// The node the last stream's client introduced itself as.
+    pub fn last_node(&self) -> Option<Node> {
+        self.shared.lock().last_node.clone()
+    }
+
     /// Name -> version of everything served (both types).
     pub fn versions(&self) -> BTreeMap<String, String> {
         let inner = self.shared.lock();
@@ -388,6 +405,11 @@ impl AggregatedDiscoveryService for Ads {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let cluster_id = req
+            .metadata()
+            .get("clusterid")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
@@ -395,6 +417,8 @@ impl AggregatedDiscoveryService for Ads {
             inner.next_client += 1;
             let id = inner.next_client;
             inner.last_authorization = authorization;
+            inner.last_cluster_id = cluster_id;
+            inner.last_node = None;
             inner.last_initial_versions.clear();
             inner.clients.insert(
                 id,

@@ -50,6 +50,8 @@ pub use encode::{canonical, encode_mesh, EncodeError, EncodedMesh};
 /// The types subscribed to, in the order they are requested.
 pub const TYPE_URLS: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
 
+/// The header naming the agent's cluster, beside its token.
+const CLUSTER_ID_HEADER: &str = "clusterid";
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 /// istiod pushes can be large (every workload of a cluster).
@@ -71,6 +73,10 @@ pub struct XdsConfig {
     pub server_name: Option<String>,
     /// Bearer token, re-read on each (re)connect (tokens are rotated).
     pub token_path: Option<PathBuf>,
+    /// Sent beside the token as the `clusterid` header, as ztunnel does on
+    /// both the xDS and CA streams (istiod picks the cluster whose API
+    /// server reviews the token by it).
+    pub cluster_id: Option<String>,
     /// Istio form: `ztunnel~<pod ip>~<pod name>.<namespace>~<namespace>.svc.cluster.local`.
     pub node_id: String,
     /// Node metadata, as string values (`NAMESPACE`, `CLUSTER_ID`, `NODE_NAME`...).
@@ -86,6 +92,7 @@ impl Default for XdsConfig {
             root_cert: None,
             server_name: None,
             token_path: None,
+            cluster_id: None,
             node_id: String::new(),
             node_metadata: BTreeMap::new(),
             reconnect_initial: Duration::from_millis(100),
@@ -145,6 +152,8 @@ pub enum XdsError {
     },
     #[error("token {} is empty or not a valid header value", path.display())]
     BadToken { path: PathBuf },
+    #[error("cluster id {0:?} is not a valid header value")]
+    BadClusterId(String),
     #[error("connecting to {address}: {source}")]
     Connect {
         address: String,
@@ -241,6 +250,10 @@ impl XdsClient {
         let mut request = Request::new(ReceiverStream::new(rx));
         if let Some(token) = self.token().await? {
             request.metadata_mut().insert("authorization", token);
+            if let Some(id) = &self.cfg.cluster_id {
+                let id = id.parse().map_err(|_| XdsError::BadClusterId(id.clone()))?;
+                request.metadata_mut().insert(CLUSTER_ID_HEADER, id);
+            }
         }
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
