@@ -99,7 +99,6 @@ impl IstioWorld {
                     pod_namespace: "istio-system".into(),
                     pod_ip: format!("10.255.0.{}", i + 1),
                     proxy_metadata: [("DNS_CAPTURE".to_string(), "false".to_string())].into(),
-                    ..ControlPlaneConfig::default()
                 },
                 admin_port: 0,
                 // Metrics on an address of each agent's own, to read the xDS state.

@@ -177,6 +177,30 @@ pub fn install_host_probe_snat(
     )
 }
 
+/// A kubelet-style probe: from the node namespace `node_netns` (as root,
+/// the kubelet's usual uid), a TCP connection to `dst` that sends a line
+/// and expects it echoed. True if it was.
+pub async fn kubelet_probe(node_netns: &str, dst: std::net::SocketAddr) -> bool {
+    use ambient_agent::capture::netns::Netns;
+    use ambient_agent::socket::Sockets;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = std::path::PathBuf::from(format!("/var/run/netns/{node_netns}"));
+    let ns = Netns::open(&path).expect("node netns");
+    let sockets = Sockets::Netns(std::sync::Arc::new(ns));
+    let attempt = async {
+        let mut s = sockets.connect(dst, Default::default()).await?;
+        let msg = b"GET /healthz HTTP/1.1\r\n";
+        s.write_all(msg).await?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await?;
+        std::io::Result::Ok(back == msg)
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
 fn nft(netns: &str, ruleset: &str) -> Result<(), String> {
     use std::io::Write;
     use std::process::{Command, Stdio};
