@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use ambient_agent::admin::{METRICS_PATH, READINESS_PATH};
+use ambient_agent::capture::CaptureMode;
 use ambient_agent::cli::{run_env_vars, Cli, Command};
 use ambient_agent::config::{Config, Mode};
 use clap::Parser as _;
@@ -303,6 +304,36 @@ fn manifests_give_the_agent_what_it_accepts() {
         "the drain ({:?}) must end within the grace period ({grace}s)",
         cfg.drain_timeout
     );
+
+    // Upgrades hand a node over without a gap (issue 16, point 5): a new
+    // agent starts beside the old one (surge) and the old one is stopped
+    // only once the new one is ready; no node is ever left without one.
+    // Istio's ztunnel chart uses the same strategy.
+    let strategy = spec.update_strategy.as_ref().expect("an update strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
+    let int = |v: &Option<IntOrString>| match v {
+        Some(IntOrString::Int(n)) => Some(*n),
+        Some(IntOrString::String(s)) => s.trim_end_matches('%').parse().ok(),
+        None => None,
+    };
+    assert!(
+        int(&rolling.max_surge).is_some_and(|n| n >= 1),
+        "maxSurge: {:?}",
+        rolling.max_surge
+    );
+    assert_eq!(
+        int(&rolling.max_unavailable),
+        Some(0),
+        "maxUnavailable must be 0 so a node is never without an agent"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    // In Istio mode istio-cni redirects the pods' traffic; the agent adding
+    // its own capture would redirect twice.
+    assert_eq!(cfg.capture(), CaptureMode::None);
 
     // Environment: only variables the agent reads; the ones Istio mode
     // needs to introduce itself to istiod come from the downward API.

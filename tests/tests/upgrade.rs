@@ -164,3 +164,102 @@ async fn an_agent_hands_its_node_over_without_refusing_or_breaking_a_connection(
     assert!(allowed(&m.client, app).await, "served by the new agents");
     drop((a, b));
 }
+
+/// Istio mode, as a DaemonSet rollout with `maxSurge: 1` does it: the new
+/// agent connects to istio-cni's socket beside the old one and gets the
+/// node's pods in the CNI's snapshot (istio-cni keeps every connection and
+/// sends adds to the latest, cni/pkg/nodeagent/ztunnelserver.go), binds
+/// their listeners beside the old ones, and only then the old one drains.
+/// Capture is istio-cni's rules throughout, as in a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_istio_mode_an_agent_hands_its_node_over_without_a_refused_connection() {
+    use ambient_tests::istio::*;
+    init_tracing();
+    raise_fd_limit();
+    let topo = ambient_tests::netns::Topology::new("upgristio").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    let mut world =
+        IstioWorld::start(&mesh_of(&[(&client, "node-a"), (&server, "node-b")]), 25026).await;
+    assert_eq!(world.add_pod(0, &client, info("client")).await, Ok(()));
+    assert_eq!(world.add_pod(1, &server, info("server")).await, Ok(()));
+    let _echo = PodEcho::start(&server, 8080).await;
+    let app = server.addr(8080);
+    assert!(allowed(&client, app).await, "served before the upgrade");
+    let wire = topo.sniff_wire(0).expect("sniffer");
+
+    let tally = Arc::new(Tally::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = short_connections(
+        client.clone(),
+        app,
+        Duration::from_millis(5),
+        tally.clone(),
+        stopped,
+    );
+    let transfers = {
+        let (c1, c2) = (client.clone(), client.clone());
+        tokio::spawn(async move {
+            let len = 32 << 20;
+            tokio::join!(
+                long_transfer(&c1, app, len, 1),
+                long_transfer(&c2, app, len, 2)
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let olds = std::mem::take(&mut world.agents);
+    let mut news = Vec::new();
+    for (i, (old, uid)) in olds.into_iter().zip(["client", "server"]).enumerate() {
+        // A surge pod has its own address; here both share the node's
+        // loopback, so the newcomer serves no metrics.
+        let cfg = ambient_agent::config::Config {
+            metrics_port: 0,
+            ..world.configs[i].clone()
+        };
+        let new = Agent::start(cfg).await.expect("the new agent starts");
+        wait_for("the new agent on the CNI's socket", || {
+            world.cnis[i].connections() == 2
+        })
+        .await;
+        wait_for("the new agent serving the pod", || {
+            new.listeners(uid).is_some()
+        })
+        .await;
+        let cut = old.drain(Duration::from_secs(20)).await;
+        assert_eq!(cut, 0, "connections cut at the drain deadline");
+        wait_for("the old agent gone from the CNI", || {
+            world.cnis[i].connections() == 1
+        })
+        .await;
+        news.push(new);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (t1, t2) = transfers.await.expect("transfers");
+    stop.send_replace(true);
+    load.await.expect("load");
+
+    let (ok, failed) = (
+        tally.ok.load(Ordering::SeqCst),
+        tally.failed.load(Ordering::SeqCst),
+    );
+    eprintln!("during the handovers: {ok} connections succeeded, {failed} failed");
+    assert_eq!(failed, 0, "connections refused or broken ({ok} succeeded)");
+    assert!(ok > 200, "too little load to tell: {ok}");
+    assert_eq!(t1.0, t1.1, "first long transfer corrupted");
+    assert_eq!(t2.0, t2.1, "second long transfer corrupted");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = wire.finish();
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.payload.windows(MSG.len()).any(|w| w == MSG)),
+        "plaintext on the wire"
+    );
+    // The new agents are the CNI's now: a deleted pod is released by them.
+    assert_eq!(world.del_pod(0, &client).await, Ok(()));
+    wait_for("client released by the new agent", || {
+        news[0].listeners("client").is_none()
+    })
+    .await;
+}

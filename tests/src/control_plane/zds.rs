@@ -5,7 +5,10 @@
 //! sends each pod it considers current (`add` with the netns fd in
 //! `SCM_RIGHTS`, or `keep` when it holds no netns for the pod), then
 //! `snapshot_sent`, then live `add`/`del` requests, each waiting for its
-//! ack. It is written against the wire format, independently of the
+//! ack. As istio-cni (cni/pkg/nodeagent/ztunnelserver.go), it keeps every
+//! agent connection until the agent closes it: an `add` goes to the latest
+//! one, a `del` to all of them (during an upgrade both agents hear that a
+//! pod is gone). It is written against the wire format, independently of the
 //! agent's client, so the two check each other.
 
 use std::collections::BTreeMap;
@@ -52,8 +55,8 @@ struct Shared {
 struct State {
     /// Pods the CNI considers current, like istio-cni's pod cache.
     pods: BTreeMap<String, Pod>,
-    /// The latest connection that said hello; requests go there.
-    conn: Option<Conn>,
+    /// The connections that said hello, oldest first; adds go to the last.
+    conns: Vec<Conn>,
     next_conn: u64,
 }
 
@@ -131,7 +134,7 @@ impl TestCni {
                     info: info.clone(),
                 },
             );
-            state.conn.as_ref().map(|c| c.requests.clone())
+            state.conns.last().map(|c| c.requests.clone())
         };
         let Some(sender) = sender else {
             bail!("no agent connected; {uid} will be sent with the next snapshot");
@@ -143,24 +146,23 @@ impl TestCni {
         send_request(sender, add, Some(netns)).await
     }
 
-    /// Deletes a pod: forgets it and, if an agent is connected, sends
-    /// `del { uid }` and returns the ack.
+    /// Deletes a pod: forgets it and sends `del { uid }` to every
+    /// connected agent; returns the latest one's ack.
     pub async fn del_pod(&self, uid: &str) -> anyhow::Result<Result<(), String>> {
-        let sender = {
+        let senders: Vec<_> = {
             let mut state = self.shared.lock();
             state.pods.remove(uid);
-            state.conn.as_ref().map(|c| c.requests.clone())
+            state.conns.iter().map(|c| c.requests.clone()).collect()
         };
-        match sender {
-            Some(sender) => {
-                let del = Payload::Del(pb::DelWorkload {
-                    uid: uid.to_owned(),
-                });
-                send_request(sender, del, None).await
-            }
-            // istio-cni sends deletes to whoever is connected, possibly nobody.
-            None => Ok(Ok(())),
+        let mut answer = Ok(Ok(()));
+        // istio-cni sends deletes to whoever is connected, possibly nobody.
+        for sender in senders {
+            let del = Payload::Del(pb::DelWorkload {
+                uid: uid.to_owned(),
+            });
+            answer = send_request(sender, del, None).await;
         }
+        answer
     }
 
     /// Forgets pod `uid` without telling the agent, as for a pod deleted
@@ -202,12 +204,21 @@ impl TestCni {
         Ok(())
     }
 
-    /// Closes the agent's connection and waits until its socket is closed.
+    /// How many agents are connected.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().conns.len()
+    }
+
+    /// Closes the latest agent's connection and waits until its socket is closed.
     /// When the agent reconnects, it is sent the current pods (`add`, or
     /// `keep` for forgotten netns), then `snapshot_sent`.
     pub async fn disconnect_agent(&self) {
-        let conn = self.shared.lock().conn.take();
-        self.shared.connected.send_replace(false);
+        let conn = {
+            let mut state = self.shared.lock();
+            let conn = state.conns.pop();
+            self.shared.connected.send_replace(!state.conns.is_empty());
+            conn
+        };
         if let Some(Conn { _close, closed, .. }) = conn {
             drop(_close);
             let _ = tokio::time::timeout(DEADLINE, closed).await;
@@ -219,7 +230,7 @@ impl Drop for TestCni {
     fn drop(&mut self) {
         self.accept.abort();
         // Dropping the connection's close handle ends its task.
-        self.shared.lock().conn.take();
+        self.shared.lock().conns.clear();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -327,8 +338,8 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
         let mut state = shared.lock();
         state.next_conn += 1;
         let id = state.next_conn;
-        // The latest connection replaces any older one.
-        state.conn = Some(Conn {
+        // The latest connection gets the adds; older ones stay.
+        state.conns.push(Conn {
             id,
             requests,
             _close: close_tx,
@@ -357,10 +368,8 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
     drop(stream);
     drop(closed_tx);
     let mut state = shared.lock();
-    if state.conn.as_ref().is_some_and(|c| c.id == id) {
-        state.conn = None;
-        shared.connected.send_replace(false);
-    }
+    state.conns.retain(|c| c.id != id);
+    shared.connected.send_replace(!state.conns.is_empty());
 }
 
 async fn read_hello(stream: &UnixStream) -> anyhow::Result<()> {
