@@ -56,6 +56,13 @@ fn pool() -> &'static DescriptorPool {
     })
 }
 
+/// Whether our schema declares `field` (by name) in `message` (full name).
+pub fn declares(message: &str, field: &str) -> bool {
+    pool()
+        .get_message_by_name(message)
+        .is_some_and(|m| m.get_field_by_name(field).is_some())
+}
+
 /// Everything in `bytes`, a serialized `message` (full name, e.g.
 /// `istio.security.Authorization`), that our schema does not declare.
 pub fn find(message: &str, bytes: &[u8]) -> Result<Vec<Unknown>, UnknownError> {

@@ -100,8 +100,10 @@ impl IstioWorld {
                     pod_ip: format!("10.255.0.{}", i + 1),
                     proxy_metadata: [("DNS_CAPTURE".to_string(), "false".to_string())].into(),
                 },
-                admin_port: 0,
-                // Metrics on an address of each agent's own, to read the xDS state.
+                // Metrics and admin on an address of each agent's own, to
+                // read the xDS state.
+                admin_address: metrics_ip(node),
+                admin_port: admin_port(metrics_port),
                 metrics_address: metrics_ip(node),
                 metrics_port,
                 readiness_port: 0,
@@ -214,11 +216,22 @@ pub fn metrics_ip(node: &str) -> IpAddr {
     }
 }
 
+/// The admin port of the agents of a world with metrics on `metrics_port`
+/// (on the same address).
+pub fn admin_port(metrics_port: u16) -> u16 {
+    metrics_port + 1000
+}
+
 /// The body of `GET /metrics` at `addr`.
 pub async fn scrape(addr: SocketAddr) -> String {
+    get(addr, "/metrics").await
+}
+
+/// The body of `GET <path>` at `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("request");
     let mut raw = String::new();

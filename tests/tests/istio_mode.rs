@@ -377,3 +377,69 @@ async fn the_cni_pod_lifecycle_as_ztunnel_handles_it() {
         "connection cut"
     );
 }
+
+/// Fields istiod sends that the agent declares but does not act on are
+/// accepted (never NACKed: istiod is often newer than its proxies) and
+/// listed in `/config_dump` under `xds.ignoredFields`, with how many held
+/// resources carry each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump() {
+    use ambient_proto::discovery::Resource;
+    use ambient_proto::prost_types::Any;
+    use ambient_proto::workload as pb;
+    use ambient_proto::ADDRESS_TYPE_URL;
+    init_tracing();
+    let world = IstioWorld::start("workloads: []\n", 25027).await;
+    let resource = |a: pb::Address| Resource {
+        resource: Some(Any::from_msg(&a).expect("encode")),
+        ..Default::default()
+    };
+    let w = pb::Workload {
+        uid: "remote".into(),
+        name: "remote".into(),
+        namespace: "test".into(),
+        addresses: vec![vec![10, 99, 0, 1]],
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        network: "network-2".into(),
+        locality: Some(pb::Locality {
+            region: "eu".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    world.xds.push_raw(
+        ADDRESS_TYPE_URL,
+        "remote",
+        resource(pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        }),
+    );
+    let s = pb::Service {
+        name: "svc".into(),
+        namespace: "test".into(),
+        hostname: "svc.test.svc.cluster.local".into(),
+        visibility: pb::service::Visibility::Namespace as i32,
+        ..Default::default()
+    };
+    world.xds.push_raw(
+        ADDRESS_TYPE_URL,
+        "test/svc.test.svc.cluster.local",
+        resource(pb::Address {
+            r#type: Some(pb::address::Type::Service(s)),
+        }),
+    );
+    wait_for("both resources held", || {
+        let m = world.agents[0].state.snapshot();
+        m.workload_by_uid("remote").is_some() && !m.mesh().services.is_empty()
+    })
+    .await;
+    assert!(world.xds.nacks().is_empty(), "{:?}", world.xds.nacks());
+    let admin = SocketAddr::new(metrics_ip("node-a"), admin_port(25027));
+    let dump: serde_json::Value =
+        serde_json::from_str(&get(admin, "/config_dump").await).expect("JSON");
+    let ignored = &dump["xds"]["ignoredFields"];
+    assert_eq!(ignored["Workload.network"], 1, "{dump}");
+    assert_eq!(ignored["Workload.locality"], 1, "{dump}");
+    assert_eq!(ignored["Service.visibility"], 1, "{dump}");
+    assert_eq!(dump["xds"]["nacks"], 0);
+}

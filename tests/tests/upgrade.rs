@@ -212,9 +212,10 @@ async fn in_istio_mode_an_agent_hands_its_node_over_without_a_refused_connection
     let mut news = Vec::new();
     for (i, (old, uid)) in olds.into_iter().zip(["client", "server"]).enumerate() {
         // A surge pod has its own address; here both share the node's
-        // loopback, so the newcomer serves no metrics.
+        // loopback, so the newcomer serves no metrics or admin.
         let cfg = ambient_agent::config::Config {
             metrics_port: 0,
+            admin_port: 0,
             ..world.configs[i].clone()
         };
         let new = Agent::start(cfg).await.expect("the new agent starts");

@@ -12,6 +12,7 @@ use crate::identity::WorkloadCert;
 use crate::state::{
     ApplicationTunnel, PolicyScope, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload,
 };
+use crate::xds::delta::XdsStatus;
 
 use super::metrics::epoch_seconds;
 
@@ -23,6 +24,8 @@ pub struct DumpInput<'a> {
     pub pool: PoolStats,
     pub served: &'a [Arc<Workload>],
     pub now: SystemTime,
+    /// Istio mode: the xDS client's state.
+    pub xds: Option<XdsStatus>,
 }
 
 /// Builds the config dump.
@@ -70,6 +73,17 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             "streamsActive": input.pool.streams_active,
         },
         "enrolledWorkloads": served,
+        "xds": input.xds.as_ref().map(|x| json!({
+            "connected": x.connected,
+            "synced": x.synced,
+            "resources": x.resources,
+            "acks": x.acks,
+            "nacks": x.nacks,
+            "lastNack": x.last_nack,
+            "lastError": x.last_error,
+            // What istiod sent that this agent does not act on yet.
+            "ignoredFields": x.ignored_fields,
+        })),
     })
 }
 

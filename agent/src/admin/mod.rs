@@ -312,6 +312,7 @@ impl Shared {
             pool: self.pool.stats(),
             served: &served,
             now: SystemTime::now(),
+            xds: self.readiness.xds_status(),
         });
         match serde_json::to_vec_pretty(&doc) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),

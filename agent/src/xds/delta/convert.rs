@@ -26,6 +26,8 @@ use crate::state::{
 };
 use crate::xds::local::Problem;
 
+use super::ignored::Ignored;
+
 pub(super) const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 pub(super) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub(super) const DEFAULT_HBONE_PORT: u16 = 15008;
@@ -136,18 +138,24 @@ pub(super) enum Decoded {
     Policy(Policy),
 }
 
-/// Decodes and checks one resource named `name` of type `type_url`.
-pub(super) fn decode(type_url: &str, name: &str, any: &Any) -> Result<Decoded, RejectReason> {
+/// Decodes and checks one resource named `name` of type `type_url`; also
+/// says which of the fields the agent does not act on it carries.
+pub(super) fn decode(
+    type_url: &str,
+    name: &str,
+    any: &Any,
+) -> Result<(Decoded, Ignored), RejectReason> {
     let decode_error = |e: &dyn std::fmt::Display| RejectReason::Decode(e.to_string());
     if type_url == ADDRESS_TYPE_URL {
         let msg: pb::Address = any.to_msg().map_err(|e| decode_error(&e))?;
-        address(name, msg).map(|a| Decoded::Address(Box::new(a)))
+        let ignored = Ignored::of_address(&msg);
+        address(name, msg).map(|a| (Decoded::Address(Box::new(a)), ignored))
     } else {
         let msg: pb_sec::Authorization = any.to_msg().map_err(|e| decode_error(&e))?;
         // prost drops what our schema does not declare; a policy must not.
         let unknown =
             unknown::find(AUTHORIZATION_MESSAGE, &any.value).map_err(|e| decode_error(&e))?;
-        policy(name, msg, &unknown).map(Decoded::Policy)
+        policy(name, msg, &unknown).map(|p| (Decoded::Policy(p), Ignored::default()))
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod convert;
 mod encode;
+mod ignored;
 mod resources;
 #[cfg(test)]
 mod tests;
@@ -123,6 +124,9 @@ pub struct XdsStatus {
     pub resources: usize,
     /// Times a new mesh was installed into the state.
     pub installs: u64,
+    /// Fields istiod sent that this agent does not act on (`Message.field`),
+    /// with how many held resources carry each.
+    pub ignored_fields: BTreeMap<String, usize>,
 }
 
 /// Why a connection attempt or stream ended.
@@ -381,10 +385,12 @@ impl XdsClient {
             Err(e) => (false, Some(e)),
         };
         let resources = self.resources.len();
+        let ignored_fields = self.resources.ignored_fields();
         let synced = self.unsynced.is_empty();
         self.status.send_modify(|s| {
             s.synced = synced;
             s.resources = resources;
+            s.ignored_fields = ignored_fields;
             s.installs += u64::from(installed);
         });
         let Some(e) = error else {

@@ -17,6 +17,7 @@ use tracing::warn;
 use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
+use super::ignored::{self, Ignored};
 use crate::state::{Endpoint, Mesh, Policy, PolicyScope, Service, ServicePort};
 use crate::xds::local::Problem;
 
@@ -25,6 +26,8 @@ use crate::xds::local::Problem;
 struct Entry<T> {
     version: String,
     value: Arc<T>,
+    /// Fields it carries that the agent does not act on.
+    ignored: Ignored,
 }
 
 /// Every accepted resource, by type and name: what the client holds.
@@ -70,6 +73,13 @@ impl Resources {
         self.addresses.len() + self.policies.len()
     }
 
+    /// Field name -> how many held resources carry it, for the fields the
+    /// agent does not act on.
+    pub(super) fn ignored_fields(&self) -> BTreeMap<String, usize> {
+        let addresses = self.addresses.values().map(|e| e.ignored);
+        ignored::count(addresses.chain(self.policies.values().map(|e| e.ignored)))
+    }
+
     /// Applies a response resource by resource, as ztunnel does: removals,
     /// then every resource that decodes and fits with the rest; a bad one
     /// is refused and named, and its last good version keeps serving.
@@ -108,12 +118,14 @@ impl Resources {
                 continue;
             };
             match decode(type_url, &r.name, any) {
-                Ok(Decoded::Address(a)) => {
-                    let old = self.addresses.insert(r.name.clone(), entry(&r.version, *a));
+                Ok((Decoded::Address(a), ignored)) => {
+                    let e = entry(&r.version, *a, ignored);
+                    let old = self.addresses.insert(r.name.clone(), e);
                     replaced.insert(r.name.clone(), old);
                 }
-                Ok(Decoded::Policy(p)) => {
-                    self.policies.insert(r.name.clone(), entry(&r.version, p));
+                Ok((Decoded::Policy(p), ignored)) => {
+                    let e = entry(&r.version, p, ignored);
+                    self.policies.insert(r.name.clone(), e);
                 }
                 Err(reason) => {
                     applied.rejected.push(reject(reason));
@@ -221,10 +233,11 @@ impl Resources {
     }
 }
 
-fn entry<T>(version: &str, value: T) -> Entry<T> {
+fn entry<T>(version: &str, value: T, ignored: Ignored) -> Entry<T> {
     Entry {
         version: version.to_string(),
         value: Arc::new(value),
+        ignored,
     }
 }
 

@@ -282,7 +282,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
 #[test]
 fn good_resources_convert_with_istio_defaults() {
     let decode_workload = |any: Any| match decode(ADDRESS_TYPE_URL, "w", &any) {
-        Ok(Decoded::Address(a)) => match *a {
+        Ok((Decoded::Address(a), _)) => match *a {
             crate::xds::delta::convert::AddressResource::Workload(w) => w,
             other => panic!("{other:?}"),
         },
@@ -371,7 +371,7 @@ fn good_resources_convert_with_istio_defaults() {
         assert!(check(&decode_workload(any)), "{what}");
     }
 
-    let Ok(Decoded::Policy(p)) = decode(
+    let Ok((Decoded::Policy(p), _)) = decode(
         AUTHORIZATION_TYPE_URL,
         "ns/p",
         &policy_any(|p| {
@@ -431,7 +431,7 @@ fn raw_policy(action: pb_sec::Action, m: Vec<u8>, clause_extra: &[u8], policy_ex
 
 fn decode_policy(any: &Any) -> Result<crate::state::Policy, RejectReason> {
     match decode(AUTHORIZATION_TYPE_URL, "ns/p", any)? {
-        Decoded::Policy(p) => Ok(p),
+        (Decoded::Policy(p), _) => Ok(p),
         other => panic!("not a policy: {other:?}"),
     }
 }
@@ -591,7 +591,7 @@ fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
 #[test]
 fn unknown_enum_values_take_the_meaning_that_trusts_least() {
     let w = |f: fn(&mut pb::Workload)| match decode(ADDRESS_TYPE_URL, "w", &workload_any(f)) {
-        Ok(Decoded::Address(a)) => match *a {
+        Ok((Decoded::Address(a), _)) => match *a {
             crate::xds::delta::convert::AddressResource::Workload(w) => w.workload,
             other => panic!("not a workload: {other:?}"),
         },
