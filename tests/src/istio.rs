@@ -141,8 +141,9 @@ impl IstioWorld {
         info: Option<WorkloadInfo>,
     ) -> Result<(), String> {
         if self.capture == Capture::Cni && !istio_cni::has_inpod(&pod.netns) {
-            // DNS capture off: the agent has no DNS proxy on 15053 yet.
-            istio_cni::install_inpod(&pod.netns, false).expect("istio-cni rules");
+            // istio-cni's default set, DNS capture included (the tests'
+            // pods resolve nothing; the agent's DNS proxy is issue 17).
+            istio_cni::install_inpod(&pod.netns, true).expect("istio-cni rules");
         }
         self.cnis[node]
             .add_pod(&pod.name, &netns(pod), info)
