@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod copy;
 pub mod demo;
+pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;

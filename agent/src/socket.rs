@@ -81,6 +81,33 @@ impl Sockets {
         TcpListener::from_std(socket.into())
     }
 
+    /// A UDP socket bound to `addr` (port 0: any), marked with `mark`.
+    /// `reuse_port` lets a successor bind the same address before this
+    /// one closes (listeners only).
+    pub async fn udp(
+        &self,
+        addr: SocketAddr,
+        mark: Option<u32>,
+        reuse_port: bool,
+    ) -> io::Result<tokio::net::UdpSocket> {
+        let socket = self
+            .make(move || {
+                let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+                if reuse_port {
+                    s.set_reuse_address(true)?;
+                    s.set_reuse_port(true)?;
+                }
+                if let Some(m) = mark {
+                    s.set_mark(m)?;
+                }
+                s.set_nonblocking(true)?;
+                s.bind(&addr.into())?;
+                Ok(s)
+            })
+            .await?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
     async fn make<F>(&self, f: F) -> io::Result<Socket>
     where
         F: FnOnce() -> io::Result<Socket> + Send + 'static,

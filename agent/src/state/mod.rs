@@ -28,6 +28,8 @@ pub struct Snapshot {
     workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
     service_by_host: HashMap<(String, String), Arc<Service>>,
+    /// Services by lowercased hostname, over every namespace (DNS).
+    services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
 }
 
 impl Snapshot {
@@ -46,6 +48,10 @@ impl Snapshot {
             for vip in &s.vips {
                 snap.service_by_vip.insert(*vip, s.clone());
             }
+            snap.services_by_hostname
+                .entry(s.hostname.to_ascii_lowercase())
+                .or_default()
+                .push(s.clone());
             snap.service_by_host
                 .insert((s.namespace.clone(), s.hostname.clone()), s);
         }
@@ -78,6 +84,13 @@ impl Snapshot {
     pub fn service_by_host(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
         self.service_by_host
             .get(&(namespace.to_string(), hostname.to_string()))
+    }
+
+    /// Every service named `hostname` (lowercase), whatever its namespace.
+    pub fn services_by_hostname(&self, hostname: &str) -> &[Arc<Service>] {
+        self.services_by_hostname
+            .get(hostname)
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Workloads served by the agent of `node`.
