@@ -73,6 +73,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Inbound mTLS handshakes, per HBONE listener (one per local workload).
     pub handshakes: HandshakeSettings,
+    /// The DNS proxy on 15053.
+    pub dns: DnsConfig,
     pub log: LogConfig,
     /// On SIGTERM, how long connections in flight may take to finish before
     /// they are cut. Default: 25s (under Kubernetes' 30s grace period).
@@ -217,6 +219,39 @@ pub struct PoolSettings {
     pub spread_connections: usize,
 }
 
+/// The DNS proxy: each enrolled pod's DNS (redirected by capture) is
+/// answered from the mesh for mesh names and forwarded otherwise.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Default: on, as Istio's. In Istio mode, unset, it follows the
+    /// proxy metadata `DNS_CAPTURE` as ztunnel does (off unless "true"
+    /// when present; `ISTIO_META_DNS_CAPTURE` sets it).
+    pub enabled: Option<bool>,
+    /// Default: 15053.
+    pub port: u16,
+    /// Resolvers for names the mesh does not know (`ip` or `ip:port`).
+    /// Default: the `nameserver`s of /etc/resolv.conf.
+    pub upstreams: Vec<String>,
+    /// Budget for the upstreams' answer. Default: 5s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Default: cluster.local.
+    pub cluster_domain: String,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: None,
+            port: 15053,
+            upstreams: Vec::new(),
+            timeout: Duration::from_secs(5),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
 /// Bounds on the inbound mTLS handshakes of each HBONE listener. Excess
 /// connections are closed and counted (`ambient_hbone_handshakes_failed_total`).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
@@ -288,6 +323,7 @@ impl Default for Config {
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
             handshakes: HandshakeSettings::default(),
+            dns: DnsConfig::default(),
             log: LogConfig::default(),
             drain_timeout: Duration::from_secs(25),
             admin_port: 15000,
@@ -488,10 +524,58 @@ impl Config {
                 defaults.outbound, defaults.inbound_plaintext, defaults.hbone
             )));
         }
+        self.dns()?;
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node must not be empty".into()));
         }
         Ok(())
+    }
+
+    /// Whether the DNS proxy runs: the setting, else in Istio mode the
+    /// proxy metadata `DNS_CAPTURE` as ztunnel reads it, else on.
+    pub fn dns_enabled(&self) -> bool {
+        self.dns.enabled.unwrap_or_else(|| match self.mode {
+            Mode::Istio => self
+                .control_plane
+                .proxy_metadata
+                .get("DNS_CAPTURE")
+                .is_none_or(|v| v.eq_ignore_ascii_case("true")),
+            Mode::Local => true,
+        })
+    }
+
+    /// The DNS proxy's settings, or `None` when it is off. Upstreams come
+    /// from /etc/resolv.conf when none are configured.
+    pub fn dns(&self) -> Result<Option<crate::dns::DnsSettings>, ConfigError> {
+        let d = &self.dns;
+        if !self.dns_enabled() {
+            return Ok(None);
+        }
+        let mut upstreams = Vec::new();
+        for u in &d.upstreams {
+            let addr = u
+                .parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    u.parse::<IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    ConfigError::Invalid(format!("dns.upstreams: {u:?} is not an ip or ip:port"))
+                })?;
+            upstreams.push(addr);
+        }
+        if upstreams.is_empty() {
+            // No resolv.conf (or no nameserver in it): mesh names are still
+            // answered, others get SERVFAIL.
+            upstreams = crate::dns::resolv_conf_nameservers(Path::new("/etc/resolv.conf"))
+                .unwrap_or_default();
+        }
+        Ok(Some(crate::dns::DnsSettings {
+            port: d.port,
+            upstreams,
+            timeout: d.timeout,
+            cluster_domain: d.cluster_domain.clone(),
+        }))
     }
 
     /// How pods' traffic is captured: the setting, else the mode's default.

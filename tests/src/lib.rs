@@ -6,6 +6,7 @@
 //! parallel never share an address.
 
 pub mod control_plane;
+pub mod dns;
 pub mod h2raw;
 pub mod istio;
 pub mod istio_cni;

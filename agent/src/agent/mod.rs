@@ -40,6 +40,8 @@ pub enum AgentError {
     Mesh(#[from] LocalConfigError),
     #[error("capture: {0}")]
     Capture(#[from] CaptureError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running agent. Dropping it stops it.
@@ -117,6 +119,7 @@ impl Agent {
                 connect_timeout: cfg.connect_timeout,
                 handshakes: cfg.handshakes.limits(),
                 h2: cfg.h2(),
+                dns: cfg.dns()?,
                 reserved_ports: ReservedPorts::new([
                     cfg.ports.outbound,
                     cfg.ports.inbound_plaintext,

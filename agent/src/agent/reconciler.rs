@@ -399,6 +399,7 @@ impl Reconciler {
                 inbound_plaintext_port: cfg.ports.inbound_plaintext,
                 hbone_port: cfg.ports.hbone,
                 redirect: true,
+                dns_port: cfg.dns_enabled().then_some(cfg.dns.port),
             },
             addresses: w.addresses.clone(),
             cgroup: w.cgroup.clone(),

@@ -52,6 +52,9 @@ pub struct NftCapture {
     pub hbone_port: u16,
     /// Install the REDIRECT chains (nft mode); else only the return path.
     pub redirect: bool,
+    /// Where the pod's DNS (UDP and TCP port 53) goes, when the DNS proxy
+    /// runs (nft mode only).
+    pub dns_port: Option<u16>,
 }
 
 /// Why capture could not be installed or removed.
@@ -76,6 +79,7 @@ impl NftCapture {
             inbound_plaintext_port,
             hbone_port,
             redirect,
+            dns_port,
         } = *self;
         let (conn, mask) = (CONN_MARK, MARK_MASK);
         let (probe4, probe6) = (KUBELET_PROBE_SOURCE_V4, KUBELET_PROBE_SOURCE_V6);
@@ -120,6 +124,12 @@ table inet {TABLE} {{
             );
         }
         if redirect {
+            // As istio-cni: UDP DNS not via lo, TCP DNS not to localhost.
+            let dns = dns_port.map_or(String::new(), |p| {
+                format!(
+                    "        oifname != \"lo\" udp dport 53 redirect to :{p}\n        ip daddr != 127.0.0.1 tcp dport 53 redirect to :{p}\n"
+                )
+            });
             r += &format!(
                 r#"    chain prerouting_nat {{
         type nat hook prerouting priority dstnat; policy accept;
@@ -133,8 +143,8 @@ table inet {TABLE} {{
     }}
     chain output_nat {{
         type nat hook output priority -100; policy accept;
-        meta l4proto != tcp return
         meta mark & {mask:#x} == {agent:#x} return
+{dns}        meta l4proto != tcp return
         ct mark & {mask:#x} == {conn:#x} return
         ip daddr {probe4} return
         ip6 daddr {probe6} return
@@ -280,6 +290,7 @@ mod tests {
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
             redirect: true,
+            dns_port: Some(15053),
         }
         .ruleset();
         assert!(r.starts_with("table inet ambient_agent {}\ndelete table inet ambient_agent\n"));
@@ -289,6 +300,8 @@ mod tests {
         assert!(r.contains("meta mark & 0xfff == 0x539 return"));
         assert!(r.contains("ct mark set 0x111"));
         assert!(r.contains("ip saddr 169.254.7.127 return"));
+        assert!(r.contains("udp dport 53 redirect to :15053"));
+        assert!(r.contains("tcp dport 53 redirect to :15053"));
     }
 
     #[test]
@@ -299,6 +312,7 @@ mod tests {
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
             redirect: false,
+            dns_port: Some(15053),
         }
         .ruleset();
         assert!(!r.contains("redirect"));

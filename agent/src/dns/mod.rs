@@ -152,17 +152,26 @@ impl RequestHandler for Handler {
             m
         };
         if request.metadata.message_type != MessageType::Query {
-            return send(&mut response, builder.build_no_records(refuse(ResponseCode::FormErr)))
-                .await;
+            return send(
+                &mut response,
+                builder.build_no_records(refuse(ResponseCode::FormErr)),
+            )
+            .await;
         }
         if request.metadata.op_code != OpCode::Query {
-            return send(&mut response, builder.build_no_records(refuse(ResponseCode::NotImp)))
-                .await;
+            return send(
+                &mut response,
+                builder.build_no_records(refuse(ResponseCode::NotImp)),
+            )
+            .await;
         }
         let Ok(info) = request.request_info() else {
             // Not exactly one question.
-            return send(&mut response, builder.build_no_records(refuse(ResponseCode::FormErr)))
-                .await;
+            return send(
+                &mut response,
+                builder.build_no_records(refuse(ResponseCode::FormErr)),
+            )
+            .await;
         };
         let qtype = info.query.query_type();
         let asked = info.query.name().to_string();
@@ -181,10 +190,18 @@ impl RequestHandler for Handler {
                 _ => Ok(Vec::new()),
             };
             let Ok(records) = records else {
-                return send(&mut response, builder.build_no_records(refuse(ResponseCode::ServFail)))
-                    .await;
+                return send(
+                    &mut response,
+                    builder.build_no_records(refuse(ResponseCode::ServFail)),
+                )
+                .await;
             };
-            debug!(name = asked, ?qtype, answers = records.len(), "answered from the mesh");
+            debug!(
+                name = asked,
+                ?qtype,
+                answers = records.len(),
+                "answered from the mesh"
+            );
             let mut m = Metadata::response_from_request(&request.metadata);
             m.authoritative = true;
             m.recursion_available = true;
@@ -223,7 +240,17 @@ impl Handler {
             Err(e) => Err(e.to_string()),
         };
         let upstream = match answer {
-            Ok(m) if m.queries == request.queries.queries().iter().map(|q| q.original().clone()).collect::<Vec<_>>() => m,
+            Ok(m)
+                if m.queries
+                    == request
+                        .queries
+                        .queries()
+                        .iter()
+                        .map(|q| q.original().clone())
+                        .collect::<Vec<_>>() =>
+            {
+                m
+            }
             Ok(_) => {
                 warn!(src = %request.src(), "upstream answered another question; SERVFAIL");
                 return send(&mut response, builder.build_no_records(servfail())).await;

@@ -31,7 +31,10 @@ pub enum Family {
 
 impl Family {
     fn admits(self, ip: &IpAddr) -> bool {
-        matches!((self, ip), (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
+        matches!(
+            (self, ip),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
     }
 }
 
@@ -86,11 +89,7 @@ pub fn resolve(
 
 /// The candidate names for `name`, in order, each with the name left
 /// after stripping a search domain, if one was stripped to get it.
-pub fn aliases(
-    namespace: &str,
-    cluster_domain: &str,
-    name: &str,
-) -> Vec<(String, Option<String>)> {
+pub fn aliases(namespace: &str, cluster_domain: &str, name: &str) -> Vec<(String, Option<String>)> {
     let mut out: Vec<(String, Option<String>)> = Vec::new();
     let mut push = |n: String, stripped: Option<&str>| {
         if !out.iter().any(|(o, _)| *o == n) {
@@ -171,7 +170,13 @@ fn addresses(
     family: Family,
 ) -> Option<Vec<IpAddr>> {
     if !svc.vips.is_empty() {
-        return Some(svc.vips.iter().copied().filter(|ip| family.admits(ip)).collect());
+        return Some(
+            svc.vips
+                .iter()
+                .copied()
+                .filter(|ip| family.admits(ip))
+                .collect(),
+        );
     }
     if !svc.hostname.ends_with(&format!(".svc.{cluster_domain}")) {
         return None;
@@ -242,7 +247,10 @@ mod tests {
         type Case<'a> = (&'a str, Option<(&'a str, bool, Vec<IpAddr>)>);
         let cases: &[Case] = &[
             ("productpage", Some(("productpage", false, v4("10.0.0.1")))),
-            ("productpage.ns1", Some(("productpage.ns1", false, v4("10.0.0.1")))),
+            (
+                "productpage.ns1",
+                Some(("productpage.ns1", false, v4("10.0.0.1"))),
+            ),
             (
                 "productpage.ns1.svc",
                 Some(("productpage.ns1.svc", false, v4("10.0.0.1"))),
@@ -275,8 +283,14 @@ mod tests {
             // A search domain of another namespace is not stripped.
             ("example.ns2.svc.cluster.local.ns2.svc.cluster.local", None),
             // ServiceEntry hosts and wildcards.
-            ("api.example.com", Some(("api.example.com", false, v4("240.240.0.1")))),
-            ("a.wild.example", Some(("a.wild.example", false, v4("240.240.0.2")))),
+            (
+                "api.example.com",
+                Some(("api.example.com", false, v4("240.240.0.1"))),
+            ),
+            (
+                "a.wild.example",
+                Some(("a.wild.example", false, v4("240.240.0.2"))),
+            ),
             ("wild.example", None),
             // No VIP and not a Kubernetes service: upstream's.
             ("novip.example.com", None),
@@ -315,8 +329,14 @@ mod tests {
     fn expansions_by_label_count() {
         let cases: &[(&str, &[&str])] = &[
             ("a", &["a.ns.svc.cluster.local"]),
-            ("a.b", &["a.b.svc.cluster.local", "a.b.ns.svc.cluster.local"]),
-            ("a.b.svc", &["a.b.svc.cluster.local", "a.b.svc.svc.cluster.local"]),
+            (
+                "a.b",
+                &["a.b.svc.cluster.local", "a.b.ns.svc.cluster.local"],
+            ),
+            (
+                "a.b.svc",
+                &["a.b.svc.cluster.local", "a.b.svc.svc.cluster.local"],
+            ),
             ("a.b.c", &["a.b.c.svc.cluster.local"]),
             ("a.b.c.svc", &["a.b.c.svc.cluster.local"]),
             ("a.b.c.d", &[]),

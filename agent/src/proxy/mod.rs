@@ -42,6 +42,8 @@ pub struct ProxySettings {
     /// Bounds on each HBONE listener's inbound handshakes.
     pub handshakes: crate::hbone::server::HandshakeLimits,
     pub h2: H2Settings,
+    /// The DNS proxy, if on.
+    pub dns: Option<crate::dns::DnsSettings>,
     /// Ports the agent itself serves: a tunnel or plaintext connection to
     /// one of them is refused, never connected (it would loop back into
     /// the agent, or reach its admin endpoints from the network).
@@ -108,6 +110,7 @@ pub struct ListenerAddrs {
 pub struct WorkloadProxy {
     pub addrs: ListenerAddrs,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    dns: Option<crate::dns::DnsServer>,
 }
 
 impl Drop for WorkloadProxy {
@@ -122,6 +125,14 @@ impl WorkloadProxy {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(dns) = &self.dns {
+            dns.stop();
+        }
+    }
+
+    /// Where the workload's DNS proxy listens, if it has one.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(|d| d.addr)
     }
 }
 
@@ -163,6 +174,19 @@ impl WorkloadProxy {
             inbound_plaintext: inbound_plain.local_addr()?,
             hbone: hbone.local_addr()?,
         };
+        let dns = match &s.dns {
+            Some(d) => Some(
+                crate::dns::DnsServer::start(
+                    ctx.state.clone(),
+                    workload.clone(),
+                    sockets.clone(),
+                    d,
+                    s.socket_mark,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         // The workload's identity is here, once, rather than on each of
         // its connections' spans: a span's fields are kept formatted for
         // its whole life, and idle connections are many.
@@ -191,7 +215,7 @@ impl WorkloadProxy {
                     .instrument(span),
             ),
         ];
-        Ok(WorkloadProxy { addrs, tasks })
+        Ok(WorkloadProxy { addrs, tasks, dns })
     }
 }
 

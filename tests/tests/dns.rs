@@ -1,0 +1,172 @@
+//! The DNS proxy end to end in network namespaces: a pod's ordinary
+//! resolver (glibc through `getent`, with the resolv.conf Kubernetes
+//! writes: search list, ndots:5) has its DNS redirected to the agent's
+//! proxy, which answers mesh names and forwards the rest to an upstream
+//! resolver running in another pod. Needs root.
+//!
+//! Facts relied on (istio/ztunnel src/dns/server.rs): a pod's short and
+//! search-expanded names of a mesh service are answered with its VIPs,
+//! authoritatively, TTL 30 s; other names are forwarded from the pod's
+//! own address (its namespace, the proxy's mark); an upstream that is down
+//! gives SERVFAIL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ambient_agent::agent::Agent;
+use ambient_agent::capture::CaptureMode;
+use ambient_agent::config::{Config, DnsConfig};
+use ambient_tests::dns::*;
+use ambient_tests::netns::{Pod, Topology};
+use ambient_tests::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+const VIP: &str = "10.96.1.1";
+
+fn mesh(client: &Pod, server: &Pod) -> String {
+    let mut yaml = String::from("workloads:\n");
+    yaml += &client.workload_yaml("test", "node-a", "client");
+    yaml += &server.workload_yaml("test", "node-b", "server");
+    yaml += &format!(
+        "services:\n  - name: echo\n    namespace: test\n    vips: [{VIP}]\n    ports: [{{port: 80, targetPort: 8080}}]\n    endpoints: [server]\n"
+    );
+    yaml
+}
+
+async fn agent(w: &World, node: &str, upstream: SocketAddr) -> Agent {
+    let cfg = Config {
+        capture: Some(CaptureMode::Nft),
+        socket_mark: 0x539,
+        dns: DnsConfig {
+            upstreams: vec![upstream.to_string()],
+            timeout: Duration::from_secs(2),
+            ..DnsConfig::default()
+        },
+        ..w.config(node)
+    };
+    w.agent_with(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
+    init_tracing();
+    let topo = Topology::new("dns").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    // The upstream resolver: a pod outside the mesh.
+    let resolver = topo.add_pod("resolver", 0).expect("pod");
+    let upstream_addr = SocketAddr::new(IpAddr::V4(resolver.ip), 53);
+    let upstream = Upstream::start(&resolver.sockets(), upstream_addr).await;
+    let w = World::new(0);
+    w.write_mesh(&mesh(&client, &server));
+    let _a = agent(&w, "node-a", upstream_addr).await;
+    let _b = agent(&w, "node-b", upstream_addr).await;
+    let _conf = PodResolvConf::write(&client.netns, "test");
+    let vip: IpAddr = VIP.parse().unwrap();
+
+    // Mesh names, as the application writes them; glibc expands them
+    // with the search list first (ndots:5), the proxy answers.
+    for name in [
+        "echo",
+        "echo.test",
+        "echo.test.svc",
+        "echo.test.svc.cluster.local",
+        "echo.test.svc.cluster.local.",
+    ] {
+        assert_eq!(getaddrinfo(&client.netns, name), Some(vip), "{name}");
+    }
+    assert_eq!(upstream.queries(), 0, "a mesh name went upstream");
+    // And the name leads through the mesh.
+    let _echo = PodEcho::start(&server, 8080).await;
+    let back = pod_exchange(&client, SocketAddr::new(vip, 80), b"by name")
+        .await
+        .expect("exchange");
+    assert_eq!(back, b"by name");
+
+    // Other names: the upstream's answer, asked from the pod's address.
+    assert_eq!(
+        getaddrinfo(&client.netns, "outside.example"),
+        Some(IpAddr::V4(OUTSIDE_IP))
+    );
+    assert_eq!(getaddrinfo(&client.netns, "nowhere.example"), None);
+    let from = upstream.asked_from.lock().unwrap().clone();
+    assert!(!from.is_empty(), "the upstream was never asked");
+    assert!(
+        from.iter().all(|ip| *ip == IpAddr::V4(client.ip)),
+        "asked from {from:?}, not the pod's address"
+    );
+
+    // The same through raw queries, over UDP and TCP, to the address the
+    // pod's resolv.conf names (capture takes it to the proxy).
+    let dns = SocketAddr::new(IpAddr::V4(CLUSTER_DNS), 53);
+    let sockets = client.sockets();
+    for tcp in [false, true] {
+        let m = query(
+            &sockets,
+            dns,
+            "echo.test.svc.cluster.local.",
+            RecordType::A,
+            tcp,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(a_records(&m), vec![vip], "tcp={tcp}");
+        assert!(m.metadata.authoritative, "mesh answers are authoritative");
+        assert!(m.answers.iter().all(|r| r.ttl == 30));
+        // A mesh name has no other records, and is not forwarded.
+        let m = query(
+            &sockets,
+            dns,
+            "echo.test.svc.cluster.local.",
+            RecordType::MX,
+            tcp,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        // An ndots miss: a CNAME to the stripped name, then its address.
+        let m = query(
+            &sockets,
+            dns,
+            "echo.test.svc.cluster.local.test.svc.cluster.local.",
+            RecordType::A,
+            tcp,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(a_records(&m), vec![vip]);
+        assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
+        // Upstream codes pass through unchanged.
+        let m = query(&sockets, dns, "nowhere.example.", RecordType::A, tcp)
+            .await
+            .expect("answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = query(&sockets, dns, "fail.example.", RecordType::A, tcp)
+            .await
+            .expect("answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+    // A big answer: truncated over UDP (the client retries over TCP), whole
+    // over TCP.
+    let m = query(&sockets, dns, "big.example.", RecordType::A, false)
+        .await
+        .expect("answer");
+    assert!(m.metadata.truncation, "100 records fit no UDP answer");
+    let m = query(&sockets, dns, "big.example.", RecordType::A, true)
+        .await
+        .expect("answer");
+    assert_eq!(a_records(&m).len(), 100);
+
+    // The upstream goes away: SERVFAIL, in bounded time.
+    upstream.stop().await;
+    let started = Instant::now();
+    let m = query(&sockets, dns, "outside.example.", RecordType::A, false)
+        .await
+        .expect("an answer, not silence");
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // Mesh names do not need it.
+    assert_eq!(getaddrinfo(&client.netns, "echo"), Some(vip));
+}
