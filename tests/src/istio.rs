@@ -98,7 +98,8 @@ impl IstioWorld {
                     pod_name: format!("ztunnel-{node}"),
                     pod_namespace: "istio-system".into(),
                     pod_ip: format!("10.255.0.{}", i + 1),
-                    proxy_metadata: [("DNS_CAPTURE".to_string(), "false".to_string())].into(),
+                    // As Istio's default: the DNS proxy on.
+                    proxy_metadata: [("DNS_CAPTURE".to_string(), "true".to_string())].into(),
                 },
                 // Metrics and admin on an address of each agent's own, to
                 // read the xDS state.

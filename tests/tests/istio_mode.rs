@@ -23,8 +23,9 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
     let client = topo.add_pod("client", 0).expect("pod");
     let server = topo.add_pod("server", 1).expect("pod");
     // The mesh, served over xDS (no netns paths: the CNI provides them).
-    let world =
-        IstioWorld::start(&mesh_of(&[(&client, "node-a"), (&server, "node-b")]), 25020).await;
+    let mesh = mesh_of(&[(&client, "node-a"), (&server, "node-b")])
+        + "services:\n  - {name: echo, namespace: test, vips: [10.96.1.1], ports: [{port: 80, targetPort: 8080}], endpoints: [server]}\n";
+    let world = IstioWorld::start(&mesh, 25020).await;
     let IstioWorld { agents, ca, .. } = &world;
 
     // The CNI hands each pod to its node's agent, with its netns fd.
@@ -41,6 +42,14 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
             "the agent captured on top of the CNI"
         );
     }
+
+    // The pod's DNS, redirected by the CNI's rules to the agent's proxy:
+    // a mesh name resolves with the pod's own resolver.
+    let _conf = ambient_tests::dns::PodResolvConf::write(&client.netns, "test");
+    assert_eq!(
+        ambient_tests::dns::getaddrinfo(&client.netns, "echo"),
+        Some("10.96.1.1".parse().unwrap())
+    );
 
     // Ordinary sockets in the pods, tunneled with certificates from the CA.
     let echo = PodEcho::start(&server, 8080).await;
@@ -141,7 +150,7 @@ async fn the_agent_introduces_itself_to_istiod_as_ztunnel_does() {
         ("INSTANCE_IPS", ip.into()),
         ("NODE_NAME", name.into()),
         ("CLUSTER_ID", CLUSTER_ID.into()),
-        ("DNS_CAPTURE", "false".into()),
+        ("DNS_CAPTURE", "true".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -390,6 +399,9 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
     use ambient_proto::ADDRESS_TYPE_URL;
     init_tracing();
     let world = IstioWorld::start("workloads: []\n", 25027).await;
+    // Raw pushes reach the streams open now: wait for both agents' (two
+    // types each, ACKed).
+    wait_for("both agents subscribed", || world.xds.acks() >= 4).await;
     let resource = |a: pb::Address| Resource {
         resource: Some(Any::from_msg(&a).expect("encode")),
         ..Default::default()
