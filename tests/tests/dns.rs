@@ -34,8 +34,14 @@ fn mesh(client: &Pod, server: &Pod) -> String {
     yaml
 }
 
+/// Where node-a's agent serves metrics.
+const METRICS: &str = "127.0.93.1:25030";
+
 async fn agent(w: &World, node: &str, upstream: SocketAddr) -> Agent {
+    let metrics: SocketAddr = METRICS.parse().unwrap();
     let cfg = Config {
+        metrics_address: metrics.ip(),
+        metrics_port: if node == "node-a" { metrics.port() } else { 0 },
         capture: Some(CaptureMode::Nft),
         socket_mark: 0x539,
         dns: DnsConfig {
@@ -158,6 +164,20 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
         .await
         .expect("answer");
     assert_eq!(a_records(&m).len(), 100);
+
+    // Istio's DNS metrics, as ztunnel names and labels them.
+    let text = ambient_tests::istio::scrape(METRICS.parse().unwrap()).await;
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let udp_a = r#"{request_query_type="a",request_protocol="udp",source_canonical_service="unknown",source_canonical_revision="unknown"}"#;
+    assert!(value(&format!("istio_dns_requests_total{udp_a}")) >= 5.0, "{text}");
+    assert!(value("istio_dns_upstream_requests_total") >= 4.0, "{text}");
+    assert!(value("istio_dns_upstream_failures_total") >= 2.0, "NXDOMAIN and SERVFAIL: {text}");
+    assert!(value("istio_dns_upstream_request_duration_seconds_count") >= 4.0, "{text}");
 
     // The upstream goes away: SERVFAIL, in bounded time.
     upstream.stop().await;

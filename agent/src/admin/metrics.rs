@@ -90,6 +90,7 @@ pub struct Metrics {
     pool_open: Gauge,
     pool_streams: Gauge,
     cert_expiry: Family<IdentityLabel, Gauge>,
+    dns: crate::dns::metrics::DnsMetrics,
     certificates: Gauge,
     enrolled: Gauge,
     /// One scrape at a time updates the gauges and encodes.
@@ -124,6 +125,7 @@ impl Metrics {
             pool_open: Gauge::default(),
             pool_streams: Gauge::default(),
             cert_expiry: Family::default(),
+            dns: Default::default(),
             certificates: Gauge::default(),
             enrolled: Gauge::default(),
             scrape: Mutex::new(()),
@@ -241,7 +243,13 @@ impl Metrics {
             "Local workloads being served",
             m.enrolled.clone(),
         );
+        m.dns.register(&mut registry);
         Metrics { registry, ..m }
+    }
+
+    /// The DNS proxy's metrics.
+    pub fn dns(&self) -> &crate::dns::metrics::DnsMetrics {
+        &self.dns
     }
 
     /// Counts a connection whose upstream was just established.

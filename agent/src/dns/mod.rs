@@ -16,6 +16,7 @@
 //!   what is too short to answer at all).
 
 pub mod forward;
+pub mod metrics;
 pub mod names;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -30,7 +31,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::socket::{ListenOpts, Sockets};
 use crate::state::{State, Workload};
@@ -89,6 +90,7 @@ impl DnsServer {
         sockets: Sockets,
         settings: &DnsSettings,
         mark: Option<u32>,
+        metrics: self::metrics::DnsMetrics,
     ) -> std::io::Result<DnsServer> {
         let ip = match &sockets {
             Sockets::Netns(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -115,6 +117,7 @@ impl DnsServer {
                 mark,
             },
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            metrics,
         };
         let mut server = hickory_server::Server::new(handler);
         server.register_socket(udp);
@@ -136,6 +139,7 @@ struct Handler {
     cluster_domain: String,
     forwarder: Forwarder,
     forwards: Arc<Semaphore>,
+    metrics: self::metrics::DnsMetrics,
 }
 
 #[async_trait::async_trait]
@@ -174,6 +178,17 @@ impl RequestHandler for Handler {
             .await;
         };
         let qtype = info.query.query_type();
+        let labels = self::metrics::DnsLabels {
+            request_query_type: qtype.to_string().to_ascii_lowercase(),
+            request_protocol: match request.protocol() {
+                hickory_server::net::xfer::Protocol::Tcp => "tcp",
+                _ => "udp",
+            },
+            // The model has no canonical names yet (see xds ignoredFields).
+            source_canonical_service: "unknown".into(),
+            source_canonical_revision: "unknown".into(),
+        };
+        self.metrics.request(&labels);
         let asked = info.query.name().to_string();
         let asked = asked.trim_end_matches('.');
         let family = match qtype {
@@ -213,7 +228,7 @@ impl RequestHandler for Handler {
             let r = builder.build(m, records.iter(), [], [], []);
             return send(&mut response, r).await;
         }
-        self.forward(request, builder, response).await
+        self.forward(request, builder, response, &labels).await
     }
 }
 
@@ -223,6 +238,7 @@ impl Handler {
         request: &Request,
         builder: MessageResponseBuilder<'_>,
         mut response: R,
+        labels: &self::metrics::DnsLabels,
     ) -> ResponseInfo {
         let servfail = || {
             let mut m = Metadata::response_from_request(&request.metadata);
@@ -235,10 +251,21 @@ impl Handler {
             return send(&mut response, builder.build_no_records(servfail())).await;
         };
         let tcp = request.protocol() == hickory_server::net::xfer::Protocol::Tcp;
+        let started = std::time::Instant::now();
         let answer = match self.forwarder.forward(request.as_slice(), tcp).await {
             Ok(bytes) => Message::from_vec(&bytes).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        let failed = match &answer {
+            Ok(m) => m.metadata.response_code != ResponseCode::NoError || m.answers.is_empty(),
+            Err(_) => true,
+        };
+        self.metrics
+            .upstream(labels, started.elapsed().as_secs_f64(), failed);
+        if let (true, Ok(m)) = (failed, &answer) {
+            info!(src = %request.src(), query = ?request.queries.queries().first().map(|q| q.name().to_string()),
+                code = ?m.metadata.response_code, "upstream DNS answered without records");
+        }
         let upstream = match answer {
             Ok(m)
                 if m.queries

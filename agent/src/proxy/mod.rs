@@ -182,6 +182,7 @@ impl WorkloadProxy {
                     sockets.clone(),
                     d,
                     s.socket_mark,
+                    ctx.reporter.metrics().dns().clone(),
                 )
                 .await?,
             ),
