@@ -174,10 +174,19 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
             .sum()
     };
     let udp_a = r#"{request_query_type="a",request_protocol="udp",source_canonical_service="unknown",source_canonical_revision="unknown"}"#;
-    assert!(value(&format!("istio_dns_requests_total{udp_a}")) >= 5.0, "{text}");
+    assert!(
+        value(&format!("istio_dns_requests_total{udp_a}")) >= 5.0,
+        "{text}"
+    );
     assert!(value("istio_dns_upstream_requests_total") >= 4.0, "{text}");
-    assert!(value("istio_dns_upstream_failures_total") >= 2.0, "NXDOMAIN and SERVFAIL: {text}");
-    assert!(value("istio_dns_upstream_request_duration_seconds_count") >= 4.0, "{text}");
+    assert!(
+        value("istio_dns_upstream_failures_total") >= 2.0,
+        "NXDOMAIN and SERVFAIL: {text}"
+    );
+    assert!(
+        value("istio_dns_upstream_request_duration_seconds_count") >= 4.0,
+        "{text}"
+    );
 
     // The upstream goes away: SERVFAIL, in bounded time.
     upstream.stop().await;

@@ -23,6 +23,7 @@ use http::{Method, StatusCode};
 const LIMIT: Duration = Duration::from_secs(5);
 
 mod control;
+mod dns;
 mod load;
 mod peers;
 
