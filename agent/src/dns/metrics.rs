@@ -43,7 +43,7 @@ impl Default for DnsMetrics {
             requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_failures: Family::default(),
-            upstream_duration: Family::new_with_constructor(|| Histogram::new(BUCKETS.into_iter())),
+            upstream_duration: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
         }
     }
 }
