@@ -100,20 +100,7 @@ pub fn install_inpod(netns: &str, dns_capture: bool) -> Result<(), String> {
             "100",
         ],
     )?;
-    in_ns(
-        netns,
-        "ip",
-        &[
-            "rule",
-            "add",
-            "fwmark",
-            "0x111/0xfff",
-            "pref",
-            "32764",
-            "lookup",
-            "100",
-        ],
-    )?;
+    in_ns(netns, "ip", &mark_rule("add"))?;
     Ok(())
 }
 
@@ -127,22 +114,24 @@ pub fn remove_inpod(netns: &str) -> Result<(), String> {
     ] {
         let _ = in_ns(netns, "nft", &["delete", "table", "inet", table]);
     }
-    let _ = in_ns(
-        netns,
-        "ip",
-        &[
-            "rule",
-            "del",
-            "fwmark",
-            "0x111/0xfff",
-            "pref",
-            "32764",
-            "lookup",
-            "100",
-        ],
-    );
+    let _ = in_ns(netns, "ip", &mark_rule("del"));
     let _ = in_ns(netns, "ip", &["route", "flush", "table", "100"]);
     Ok(())
+}
+
+/// `ip rule <verb>` for istio-cni's mark rule (InpodTProxyMark 0x111,
+/// mask 0xfff, priority 32764, RouteTableInbound 100).
+fn mark_rule(verb: &str) -> [&str; 8] {
+    [
+        "rule",
+        verb,
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32764",
+        "lookup",
+        "100",
+    ]
 }
 
 /// Whether istio-cni's in-pod nat table is in `netns`.

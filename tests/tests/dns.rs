@@ -34,14 +34,17 @@ fn mesh(client: &Pod, server: &Pod) -> String {
     yaml
 }
 
-/// Where node-a's agent serves metrics.
+/// Where node-a's agent serves metrics, and its admin port there.
 const METRICS: &str = "127.0.93.1:25030";
+const ADMIN_PORT: u16 = 26030;
 
 async fn agent(w: &World, node: &str, upstream: SocketAddr) -> Agent {
     let metrics: SocketAddr = METRICS.parse().unwrap();
     let cfg = Config {
         metrics_address: metrics.ip(),
         metrics_port: if node == "node-a" { metrics.port() } else { 0 },
+        admin_address: metrics.ip(),
+        admin_port: if node == "node-a" { ADMIN_PORT } else { 0 },
         capture: Some(CaptureMode::Nft),
         socket_mark: 0x539,
         dns: DnsConfig {
@@ -187,6 +190,20 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
         value("istio_dns_upstream_request_duration_seconds_count") >= 4.0,
         "{text}"
     );
+
+    // The name table and the upstreams, in /config_dump.
+    let admin = SocketAddr::new(METRICS.parse::<SocketAddr>().unwrap().ip(), ADMIN_PORT);
+    let dump: serde_json::Value =
+        serde_json::from_str(&ambient_tests::istio::get(admin, "/config_dump").await)
+            .expect("JSON");
+    let names = dump["dns"]["names"].as_array().expect("names");
+    assert!(
+        names
+            .iter()
+            .any(|n| n["hostname"] == "echo.test.svc.cluster.local" && n["addresses"][0] == VIP),
+        "{dump}"
+    );
+    assert_eq!(dump["dns"]["upstreams"][0], upstream_addr.to_string());
 
     // The upstream goes away: SERVFAIL, in bounded time.
     upstream.stop().await;

@@ -86,6 +86,69 @@ async fn long_transfer(
     (sent, sha256(&back))
 }
 
+/// The load an upgrade runs under: 200 new connections a second from
+/// `client` to `app`, and two paced 32 MiB transfers.
+struct Load {
+    tally: Arc<Tally>,
+    stop: tokio::sync::watch::Sender<bool>,
+    short: tokio::task::JoinHandle<()>,
+    transfers: tokio::task::JoinHandle<(([u8; 32], [u8; 32]), ([u8; 32], [u8; 32]))>,
+}
+
+impl Load {
+    fn start(client: &Pod, app: std::net::SocketAddr) -> Load {
+        let tally = Arc::new(Tally::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let short = short_connections(
+            client.clone(),
+            app,
+            Duration::from_millis(5),
+            tally.clone(),
+            stopped,
+        );
+        let (c1, c2) = (client.clone(), client.clone());
+        let transfers = tokio::spawn(async move {
+            let len = 32 << 20;
+            tokio::join!(
+                long_transfer(&c1, app, len, 1),
+                long_transfer(&c2, app, len, 2)
+            )
+        });
+        Load {
+            tally,
+            stop,
+            short,
+            transfers,
+        }
+    }
+
+    /// Waits for the transfers, stops the short connections, and checks
+    /// that nothing was refused, broken, corrupted or sent in plaintext on
+    /// `wire`.
+    async fn finish(self, wire: ambient_tests::netns::Sniffer) {
+        let (t1, t2) = self.transfers.await.expect("transfers");
+        self.stop.send_replace(true);
+        self.short.await.expect("load");
+        let (ok, failed) = (
+            self.tally.ok.load(Ordering::SeqCst),
+            self.tally.failed.load(Ordering::SeqCst),
+        );
+        eprintln!("during the handovers: {ok} connections succeeded, {failed} failed");
+        assert_eq!(failed, 0, "connections refused or broken ({ok} succeeded)");
+        assert!(ok > 200, "too little load to tell: {ok}");
+        assert_eq!(t1.0, t1.1, "first long transfer corrupted");
+        assert_eq!(t2.0, t2.1, "second long transfer corrupted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = wire.finish();
+        assert!(
+            !seen
+                .iter()
+                .any(|s| s.payload.windows(MSG.len()).any(|w| w == MSG)),
+            "plaintext on the wire"
+        );
+    }
+}
+
 /// Starts the successor of `old` for `node`, waits until it serves the
 /// node's pods, then drains `old`.
 async fn hand_over(m: &PodMesh, old: Agent, node: &str, uids: &[&str]) -> Agent {
@@ -112,26 +175,7 @@ async fn an_agent_hands_its_node_over_without_refusing_or_breaking_a_connection(
     let b = m.agent("node-b").await;
     let wire = m.topo.sniff_wire(0).expect("sniffer");
 
-    let tally = Arc::new(Tally::default());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    // 200 new connections a second, the whole time.
-    let load = short_connections(
-        m.client.clone(),
-        app,
-        Duration::from_millis(5),
-        tally.clone(),
-        stopped,
-    );
-    let transfers = {
-        let (c1, c2) = (m.client.clone(), m.client.clone());
-        tokio::spawn(async move {
-            let len = 32 << 20;
-            tokio::join!(
-                long_transfer(&c1, app, len, 1),
-                long_transfer(&c2, app, len, 2)
-            )
-        })
-    };
+    let load = Load::start(&m.client, app);
     // Both nodes at once, while the long transfers run through both old
     // agents (the client's outbound, the server's inbound).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -140,27 +184,7 @@ async fn an_agent_hands_its_node_over_without_refusing_or_breaking_a_connection(
         hand_over(&m, b, "node-b", &["server"]),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (t1, t2) = transfers.await.expect("transfers");
-    stop.send_replace(true);
-    load.await.expect("load");
-
-    let (ok, failed) = (
-        tally.ok.load(Ordering::SeqCst),
-        tally.failed.load(Ordering::SeqCst),
-    );
-    eprintln!("during the handovers: {ok} connections succeeded, {failed} failed");
-    assert_eq!(failed, 0, "connections refused or broken ({ok} succeeded)");
-    assert!(ok > 200, "too little load to tell: {ok}");
-    assert_eq!(t1.0, t1.1, "first long transfer corrupted");
-    assert_eq!(t2.0, t2.1, "second long transfer corrupted");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = wire.finish();
-    assert!(
-        !seen
-            .iter()
-            .any(|s| s.payload.windows(MSG.len()).any(|w| w == MSG)),
-        "plaintext on the wire"
-    );
+    load.finish(wire).await;
     assert!(allowed(&m.client, app).await, "served by the new agents");
     drop((a, b));
 }
@@ -188,25 +212,7 @@ async fn in_istio_mode_an_agent_hands_its_node_over_without_a_refused_connection
     assert!(allowed(&client, app).await, "served before the upgrade");
     let wire = topo.sniff_wire(0).expect("sniffer");
 
-    let tally = Arc::new(Tally::default());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let load = short_connections(
-        client.clone(),
-        app,
-        Duration::from_millis(5),
-        tally.clone(),
-        stopped,
-    );
-    let transfers = {
-        let (c1, c2) = (client.clone(), client.clone());
-        tokio::spawn(async move {
-            let len = 32 << 20;
-            tokio::join!(
-                long_transfer(&c1, app, len, 1),
-                long_transfer(&c2, app, len, 2)
-            )
-        })
-    };
+    let load = Load::start(&client, app);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let olds = std::mem::take(&mut world.agents);
     let mut news = Vec::new();
@@ -236,27 +242,7 @@ async fn in_istio_mode_an_agent_hands_its_node_over_without_a_refused_connection
         news.push(new);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (t1, t2) = transfers.await.expect("transfers");
-    stop.send_replace(true);
-    load.await.expect("load");
-
-    let (ok, failed) = (
-        tally.ok.load(Ordering::SeqCst),
-        tally.failed.load(Ordering::SeqCst),
-    );
-    eprintln!("during the handovers: {ok} connections succeeded, {failed} failed");
-    assert_eq!(failed, 0, "connections refused or broken ({ok} succeeded)");
-    assert!(ok > 200, "too little load to tell: {ok}");
-    assert_eq!(t1.0, t1.1, "first long transfer corrupted");
-    assert_eq!(t2.0, t2.1, "second long transfer corrupted");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = wire.finish();
-    assert!(
-        !seen
-            .iter()
-            .any(|s| s.payload.windows(MSG.len()).any(|w| w == MSG)),
-        "plaintext on the wire"
-    );
+    load.finish(wire).await;
     // The new agents are the CNI's now: a deleted pod is released by them.
     assert_eq!(world.del_pod(0, &client).await, Ok(()));
     wait_for("client released by the new agent", || {

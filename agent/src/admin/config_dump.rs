@@ -26,6 +26,8 @@ pub struct DumpInput<'a> {
     pub now: SystemTime,
     /// Istio mode: the xDS client's state.
     pub xds: Option<XdsStatus>,
+    /// The DNS proxy's settings, if it runs.
+    pub dns: Option<&'a crate::dns::DnsSettings>,
 }
 
 /// Builds the config dump.
@@ -73,6 +75,7 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             "streamsActive": input.pool.streams_active,
         },
         "enrolledWorkloads": served,
+        "dns": input.dns.map(|d| dns(d, mesh)),
         "xds": input.xds.as_ref().map(|x| json!({
             "connected": x.connected,
             "synced": x.synced,
@@ -84,6 +87,30 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             // What istiod sent that this agent does not act on yet.
             "ignoredFields": x.ignored_fields,
         })),
+    })
+}
+
+/// The DNS proxy's settings and the names it answers from the mesh.
+fn dns(d: &crate::dns::DnsSettings, mesh: &crate::state::Mesh) -> Value {
+    let mut names: Vec<Value> = mesh
+        .services
+        .iter()
+        .map(|s| {
+            json!({
+                "hostname": s.hostname,
+                "namespace": s.namespace,
+                "addresses": s.vips,
+                "headless": s.vips.is_empty(),
+            })
+        })
+        .collect();
+    names.sort_by(|a, b| a["hostname"].as_str().cmp(&b["hostname"].as_str()));
+    json!({
+        "port": d.port,
+        "upstreams": d.upstreams,
+        "timeoutSeconds": d.timeout.as_secs_f64(),
+        "clusterDomain": d.cluster_domain,
+        "names": names,
     })
 }
 

@@ -111,6 +111,8 @@ pub struct Sources {
     /// Sending `true` stops the agent (`/quitquitquit`); readiness reports
     /// 503 from then on.
     pub shutdown: watch::Sender<bool>,
+    /// The DNS proxy's settings, if it runs.
+    pub dns: Option<crate::dns::DnsSettings>,
 }
 
 struct Shared {
@@ -122,6 +124,7 @@ struct Shared {
     readiness: Readiness,
     shutdown: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    dns: Option<crate::dns::DnsSettings>,
     log: Mutex<Option<LogHandle>>,
 }
 
@@ -153,6 +156,7 @@ impl AdminServer {
             workloads,
             readiness,
             shutdown,
+            dns,
         } = sources;
         let shared = Arc::new(Shared {
             node,
@@ -163,6 +167,7 @@ impl AdminServer {
             readiness,
             shutdown,
             metrics,
+            dns,
             log: Mutex::new(None),
         });
         let mut server = AdminServer {
@@ -313,6 +318,7 @@ impl Shared {
             served: &served,
             now: SystemTime::now(),
             xds: self.readiness.xds_status(),
+            dns: self.dns.as_ref(),
         });
         match serde_json::to_vec_pretty(&doc) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),

@@ -155,6 +155,7 @@ impl Agent {
                 workloads: reconciler.clone(),
                 readiness: readiness.clone(),
                 shutdown: shutdown.clone(),
+                dns: ctx.settings.dns.clone(),
             },
         )
         .await;
