@@ -86,13 +86,16 @@ async fn long_transfer(
     (sent, sha256(&back))
 }
 
+/// A transfer's (hash sent, hash received).
+type Hashes = ([u8; 32], [u8; 32]);
+
 /// The load an upgrade runs under: 200 new connections a second from
 /// `client` to `app`, and two paced 32 MiB transfers.
 struct Load {
     tally: Arc<Tally>,
     stop: tokio::sync::watch::Sender<bool>,
     short: tokio::task::JoinHandle<()>,
-    transfers: tokio::task::JoinHandle<(([u8; 32], [u8; 32]), ([u8; 32], [u8; 32]))>,
+    transfers: tokio::task::JoinHandle<(Hashes, Hashes)>,
 }
 
 impl Load {
