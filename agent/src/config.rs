@@ -224,9 +224,11 @@ pub struct PoolSettings {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// Default: on, as Istio's. In Istio mode, unset, it follows the
-    /// proxy metadata `DNS_CAPTURE` as ztunnel does (off unless "true"
-    /// when present; `ISTIO_META_DNS_CAPTURE` sets it).
+    /// Default in Istio mode: on, as Istio's, following the proxy
+    /// metadata `DNS_CAPTURE` as ztunnel does (off unless "true" when
+    /// present; `ISTIO_META_DNS_CAPTURE` sets it). Default in local mode:
+    /// off (the host's resolver is often on its loopback, which a pod
+    /// cannot reach; turn it on with upstreams the pods can reach).
     pub enabled: Option<bool>,
     /// Default: 15053.
     pub port: u16,
@@ -532,7 +534,7 @@ impl Config {
     }
 
     /// Whether the DNS proxy runs: the setting, else in Istio mode the
-    /// proxy metadata `DNS_CAPTURE` as ztunnel reads it, else on.
+    /// proxy metadata `DNS_CAPTURE` as ztunnel reads it, else off.
     pub fn dns_enabled(&self) -> bool {
         self.dns.enabled.unwrap_or_else(|| match self.mode {
             Mode::Istio => self
@@ -540,7 +542,7 @@ impl Config {
                 .proxy_metadata
                 .get("DNS_CAPTURE")
                 .is_none_or(|v| v.eq_ignore_ascii_case("true")),
-            Mode::Local => true,
+            Mode::Local => false,
         })
     }
 
@@ -656,6 +658,34 @@ fn default_node_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_proxy_default_by_mode_and_ztunnels_dns_capture_metadata() {
+        // ztunnel: on unless DNS_CAPTURE is present and not "true".
+        let cases: &[(Mode, Option<bool>, Option<&str>, bool)] = &[
+            (Mode::Istio, None, None, true),
+            (Mode::Istio, None, Some("true"), true),
+            (Mode::Istio, None, Some("TRUE"), true),
+            (Mode::Istio, None, Some("false"), false),
+            (Mode::Istio, None, Some(""), false),
+            (Mode::Istio, Some(true), Some("false"), true),
+            (Mode::Local, None, None, false),
+            (Mode::Local, Some(true), None, true),
+        ];
+        for (mode, enabled, capture, want) in cases {
+            let mut cfg = Config {
+                mode: *mode,
+                ..Config::default()
+            };
+            cfg.dns.enabled = *enabled;
+            if let Some(v) = capture {
+                cfg.control_plane
+                    .proxy_metadata
+                    .insert("DNS_CAPTURE".into(), v.to_string());
+            }
+            assert_eq!(cfg.dns_enabled(), *want, "{mode:?} {enabled:?} {capture:?}");
+        }
+    }
 
     #[test]
     fn istio_meta_variables_become_node_metadata() {

@@ -48,6 +48,7 @@ async fn agent(w: &World, node: &str, upstream: SocketAddr) -> Agent {
         capture: Some(CaptureMode::Nft),
         socket_mark: 0x539,
         dns: DnsConfig {
+            enabled: Some(true),
             upstreams: vec![upstream.to_string()],
             timeout: Duration::from_secs(2),
             ..DnsConfig::default()

@@ -123,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         capture: Some(CaptureMode::Nft),
         socket_mark: MARK,
         dns: DnsConfig {
+            enabled: Some(true),
             upstreams: vec![upstream_addr.to_string()],
             ..DnsConfig::default()
         },

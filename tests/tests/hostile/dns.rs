@@ -25,6 +25,7 @@ async fn setup(w: &World) -> (ambient_agent::agent::Agent, SocketAddr, UdpSocket
         .expect("black hole");
     let cfg = Config {
         dns: DnsConfig {
+            enabled: Some(true),
             upstreams: vec![black_hole.local_addr().expect("addr").to_string()],
             timeout: Duration::from_secs(2),
             ..DnsConfig::default()
