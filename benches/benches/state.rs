@@ -123,6 +123,7 @@ fn routing(c: &mut Criterion) {
                 })
                 .collect(),
             subject_alt_names: vec![],
+            visibility: Default::default(),
             waypoint: None,
         })
         .collect();

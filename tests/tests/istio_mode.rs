@@ -430,7 +430,7 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
         name: "svc".into(),
         namespace: "test".into(),
         hostname: "svc.test.svc.cluster.local".into(),
-        visibility: pb::service::Visibility::Namespace as i32,
+        ingress_use_waypoint: true,
         ..Default::default()
     };
     world.xds.push_raw(
@@ -452,6 +452,6 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
     let ignored = &dump["xds"]["ignoredFields"];
     assert_eq!(ignored["Workload.network"], 1, "{dump}");
     assert_eq!(ignored["Workload.locality"], 1, "{dump}");
-    assert_eq!(ignored["Service.visibility"], 1, "{dump}");
+    assert_eq!(ignored["Service.ingress_use_waypoint"], 1, "{dump}");
     assert_eq!(dump["xds"]["nacks"], 0);
 }

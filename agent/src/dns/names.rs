@@ -151,12 +151,18 @@ fn wildcards(name: &str) -> impl Iterator<Item = String> + '_ {
         .map(move |(i, _)| format!("*{}", &name[i..]))
 }
 
-/// Of the services sharing a hostname, the client's namespace's first.
+/// Of the services sharing a hostname that the client may see (a
+/// namespace-scoped one only from its own namespace, as ztunnel), the
+/// client's namespace's first.
 fn best<'a>(services: &'a [Arc<Service>], namespace: &str) -> Option<&'a Arc<Service>> {
+    let visible = |s: &&Arc<Service>| {
+        s.visibility == crate::state::Visibility::Public || s.namespace == namespace
+    };
     services
         .iter()
+        .filter(visible)
         .find(|s| s.namespace == namespace)
-        .or_else(|| services.first())
+        .or_else(|| services.iter().find(visible))
 }
 
 /// A service's addresses of `family`: its VIPs; for a headless Kubernetes
@@ -204,6 +210,7 @@ mod tests {
             ports: Vec::new(),
             endpoints: Vec::new(),
             subject_alt_names: Vec::new(),
+            visibility: Default::default(),
             waypoint: None,
         }
     }
@@ -219,6 +226,9 @@ mod tests {
             },
         ];
         let workload = |uid: &str, ip: &str| Workload::for_test(uid, "ns1", Some(ip));
+        // exportTo: [.] in ns2: invisible from ns1.
+        let mut private = service("ns2", "private.ns2.svc.cluster.local", &["10.0.0.3"]);
+        private.visibility = crate::state::Visibility::Namespace;
         Snapshot::new(Mesh {
             workloads: vec![workload("db-0", "10.1.0.1"), workload("db-1", "10.1.0.2")],
             services: vec![
@@ -228,6 +238,7 @@ mod tests {
                     &["10.0.0.1", "fd00::1"],
                 ),
                 service("ns2", "example.ns2.svc.cluster.local", &["10.0.0.2"]),
+                private,
                 service("ns1", "api.example.com", &["240.240.0.1"]),
                 service("ns1", "*.wild.example", &["240.240.0.2"]),
                 service("ns1", "novip.example.com", &[]),
@@ -280,6 +291,10 @@ mod tests {
             // client's namespace, so it is not a mesh name here.
             ("example.ns2", Some(("example.ns2", false, v4("10.0.0.2")))),
             ("example", None),
+            // A namespace-scoped service of another namespace is not
+            // visible (ztunnel: the query goes upstream).
+            ("private.ns2", None),
+            ("private.ns2.svc.cluster.local", None),
             // A search domain of another namespace is not stripped.
             ("example.ns2.svc.cluster.local.ns2.svc.cluster.local", None),
             // ServiceEntry hosts and wildcards.
@@ -314,6 +329,13 @@ mod tests {
             });
             assert_eq!(got, want, "{asked}");
         }
+    }
+
+    #[test]
+    fn a_namespace_scoped_service_resolves_in_its_own_namespace() {
+        let snap = snapshot();
+        let found = resolve(&snap, "ns2", CD, "private", Family::V4).expect("visible");
+        assert_eq!(found.addrs, vec!["10.0.0.3".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

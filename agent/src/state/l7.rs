@@ -180,6 +180,7 @@ mod tests {
                     },
                 ],
                 subject_alt_names: vec![],
+                visibility: Default::default(),
                 waypoint: None,
             }],
             http_routes: vec![HttpRoute {

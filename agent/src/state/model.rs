@@ -152,6 +152,19 @@ pub struct Service {
     /// Extra identities a client accepts from this service's endpoints.
     pub subject_alt_names: Vec<String>,
     pub waypoint: Option<Waypoint>,
+    /// Who may see it by name (Istio's `exportTo`).
+    pub visibility: Visibility,
+}
+
+/// Which namespaces a service's name is visible to (istiod's
+/// `Service.visibility`, from `exportTo`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Visibility {
+    /// Every namespace.
+    #[default]
+    Public,
+    /// Only its own namespace.
+    Namespace,
 }
 
 impl Service {

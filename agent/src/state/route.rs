@@ -304,6 +304,7 @@ mod tests {
                         },
                     ],
                     subject_alt_names: vec!["spiffe://td/ns/ns/sa/extra".into()],
+                    visibility: Default::default(),
                     waypoint: None,
                 },
                 Service {
@@ -319,6 +320,7 @@ mod tests {
                         workload_uid: "sick".into(),
                     }],
                     subject_alt_names: vec![],
+                    visibility: Default::default(),
                     waypoint: None,
                 },
             ],
@@ -419,6 +421,7 @@ mod waypoint_tests {
                 })
                 .collect(),
             subject_alt_names: vec![],
+            visibility: Default::default(),
             waypoint,
         }
     }

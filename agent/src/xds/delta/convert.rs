@@ -351,6 +351,11 @@ fn service(name: &str, s: pb::Service) -> Result<Service, RejectReason> {
         ports,
         endpoints: Vec::new(),
         subject_alt_names: s.subject_alt_names,
+        // A value newer than this agent: the narrowest visibility.
+        visibility: match pb::service::Visibility::try_from(s.visibility) {
+            Ok(pb::service::Visibility::Public) => crate::state::Visibility::Public,
+            Ok(pb::service::Visibility::Namespace) | Err(_) => crate::state::Visibility::Namespace,
+        },
         waypoint: waypoint("waypoint", s.waypoint)?,
     })
 }

@@ -206,6 +206,10 @@ fn service(s: &Service) -> pb::Service {
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway),
+        visibility: match s.visibility {
+            crate::state::Visibility::Public => pb::service::Visibility::Public,
+            crate::state::Visibility::Namespace => pb::service::Visibility::Namespace,
+        } as i32,
         ..Default::default()
     }
 }

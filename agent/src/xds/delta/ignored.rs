@@ -14,7 +14,7 @@ use ambient_proto::workload as pb;
 
 /// The fields, by the bit each gets. Names are `Message.field` as in the
 /// upstream .proto files.
-const FIELDS: [&str; 19] = [
+const FIELDS: [&str; 18] = [
     "Workload.network",
     "Workload.canonical_name",
     "Workload.canonical_revision",
@@ -33,7 +33,6 @@ const FIELDS: [&str; 19] = [
     "Service.canonical",
     "Service.ingress_use_waypoint",
     "Service.weighted_waypoints",
-    "Service.visibility",
 ];
 
 /// The ignored fields one resource carries.
@@ -102,7 +101,6 @@ impl Ignored {
             "Service.weighted_waypoints",
             !s.weighted_waypoints.is_empty(),
         );
-        i.set("Service.visibility", s.visibility != 0);
         i.set(
             "Port.app_protocol",
             s.ports.iter().any(|p| p.app_protocol != 0),
@@ -167,7 +165,7 @@ mod tests {
             ["Workload.network", "Workload.locality", "Port.app_protocol"]
         );
         let s = pb::Service {
-            visibility: 1,
+            canonical: true,
             ingress_use_waypoint: true,
             ..Default::default()
         };
@@ -177,10 +175,10 @@ mod tests {
         let i = Ignored::of_address(&a);
         assert_eq!(
             i.names().collect::<Vec<_>>(),
-            ["Service.ingress_use_waypoint", "Service.visibility"]
+            ["Service.canonical", "Service.ingress_use_waypoint"]
         );
         let counted = count([i, i, Ignored::default()].into_iter());
-        assert_eq!(counted.get("Service.visibility"), Some(&2));
+        assert_eq!(counted.get("Service.canonical"), Some(&2));
         assert_eq!(counted.len(), 2);
     }
 }

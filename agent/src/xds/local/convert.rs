@@ -354,6 +354,7 @@ impl Converter<'_> {
             ports,
             endpoints,
             subject_alt_names,
+            visibility: Default::default(),
             waypoint,
         })
     }

@@ -227,6 +227,7 @@ fn expected_full() -> Mesh {
                     workload_uid: "node-b/echo".into(),
                 }],
                 subject_alt_names: vec!["spiffe://example.org/ns/default/sa/echo".into()],
+                visibility: Default::default(),
                 waypoint: Some(Waypoint {
                     target: WaypointTarget::Service {
                         namespace: "default".into(),
@@ -243,6 +244,7 @@ fn expected_full() -> Mesh {
                 ports: vec![],
                 endpoints: vec![],
                 subject_alt_names: vec![],
+                visibility: Default::default(),
                 waypoint: None,
             },
         ],
