@@ -526,11 +526,33 @@ impl Config {
                 defaults.outbound, defaults.inbound_plaintext, defaults.hbone
             )));
         }
-        self.dns()?;
+        // Checks the setting without reading /etc/resolv.conf (`dns()` does,
+        // once, when the agent starts).
+        if self.dns_enabled() {
+            self.configured_upstreams()?;
+        }
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node must not be empty".into()));
         }
         Ok(())
+    }
+
+    /// `dns.upstreams` as addresses (port 53 where none is given).
+    fn configured_upstreams(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        let mut upstreams = Vec::new();
+        for u in &self.dns.upstreams {
+            let addr = u
+                .parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    u.parse::<IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    ConfigError::Invalid(format!("dns.upstreams: {u:?} is not an ip or ip:port"))
+                })?;
+            upstreams.push(addr);
+        }
+        Ok(upstreams)
     }
 
     /// Whether the DNS proxy runs: the setting, else in Istio mode the
@@ -553,19 +575,7 @@ impl Config {
         if !self.dns_enabled() {
             return Ok(None);
         }
-        let mut upstreams = Vec::new();
-        for u in &d.upstreams {
-            let addr = u
-                .parse::<std::net::SocketAddr>()
-                .or_else(|_| {
-                    u.parse::<IpAddr>()
-                        .map(|ip| std::net::SocketAddr::new(ip, 53))
-                })
-                .map_err(|_| {
-                    ConfigError::Invalid(format!("dns.upstreams: {u:?} is not an ip or ip:port"))
-                })?;
-            upstreams.push(addr);
-        }
+        let mut upstreams = self.configured_upstreams()?;
         if upstreams.is_empty() {
             // No resolv.conf (or no nameserver in it): mesh names are still
             // answered, others get SERVFAIL.

@@ -220,9 +220,8 @@ impl RequestHandler for Handler {
             let mut m = Metadata::response_from_request(&request.metadata);
             m.authoritative = true;
             m.recursion_available = true;
-            let edns = request.edns.clone();
             let mut builder = builder;
-            if let Some(e) = &edns {
+            if let Some(e) = &request.edns {
                 builder.edns(e);
             }
             let r = builder.build(m, records.iter(), [], [], []);
