@@ -37,6 +37,11 @@ pub struct PodSpec<'a> {
     pub pod_ips: &'a [IpAddr],
     /// The pod-side interface, e.g. `eth0`.
     pub interface: &'a str,
+    /// The port of the agent's DNS proxy on the pod's loopback: with it,
+    /// the pod's DNS (UDP and TCP to port 53 of a non-loopback address) is
+    /// sent there, and answers show the server asked as their source.
+    /// Needs `cgroup`.
+    pub dns_port: Option<u16>,
 }
 
 /// How the tc classifier is attached.
@@ -93,6 +98,10 @@ pub struct CaptureStats {
     pub outbound_answered: u64,
     /// `SO_ORIGINAL_DST` questions about an unknown client.
     pub outbound_unknown: u64,
+    /// DNS queries (UDP sends, UDP and TCP connects) sent to the DNS proxy.
+    pub dns_redirected: u64,
+    /// Answers (or peer names) shown as from the DNS server asked.
+    pub dns_restored: u64,
 }
 
 /// The loaded programs and maps, shared by every pod attachment.
@@ -245,7 +254,7 @@ impl EbpfCapture {
             object: "outbound.bpf.o",
             source,
         })?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for &name in [PROG_CONNECT4, PROG_CONNECT6].iter().chain(&DNS_PROGS) {
             program::<CgroupSockAddr>(&mut outbound, name)?
                 .load()
                 .map_err(prog_err(name))?;
@@ -301,7 +310,8 @@ impl EbpfCapture {
     /// Captures `pod`'s traffic until the returned attachment is dropped or
     /// detached. On error nothing of this pod stays attached.
     pub fn attach(&self, pod: &PodSpec) -> Result<PodAttachment, EbpfError> {
-        let cfg = pod_cfg(pod.pod_ips)?;
+        let mut cfg = pod_cfg(pod.pod_ips)?;
+        cfg.dns_port = pod.dns_port.map_or(0, u32::from);
         let netns = File::open(pod.netns).map_err(|source| EbpfError::Netns {
             path: pod.netns.into(),
             source,
@@ -374,7 +384,12 @@ impl EbpfCapture {
         let Some(cgroup) = cgroup else {
             return Ok(());
         };
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let dns: &[&'static str] = if pod.dns_port.is_some() {
+            &DNS_PROGS
+        } else {
+            &[]
+        };
+        for &name in [PROG_CONNECT4, PROG_CONNECT6].iter().chain(dns) {
             let p = program::<CgroupSockAddr>(&mut progs.outbound, name)?;
             let id = p.attach(cgroup, CGROUP_MODE).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
@@ -410,12 +425,15 @@ impl EbpfCapture {
             outbound_recorded: sum(o, stat::OUT_RECORDED)?,
             outbound_answered: sum(o, stat::OUT_ANSWERED)?,
             outbound_unknown: sum(o, stat::OUT_UNKNOWN)?,
+            dns_redirected: sum(o, stat::DNS_REDIRECTED)?,
+            dns_restored: sum(o, stat::DNS_RESTORED)?,
         })
     }
 
     /// Kernel ids of the loaded programs, in this order: inbound classifier,
-    /// connect4, connect6, sockops, getsockopt (for checks that nothing is
-    /// left behind).
+    /// connect4, connect6, sockops, getsockopt, then the DNS programs
+    /// (sendmsg4/6, recvmsg4/6, getpeername4/6), for checks that nothing
+    /// is left behind.
     pub fn program_ids(&self) -> Result<Vec<u32>, EbpfError> {
         let progs = lock(&self.shared.programs);
         let mut ids = Vec::new();
@@ -423,7 +441,18 @@ impl EbpfCapture {
             (&progs.inbound, &[PROG_INBOUND][..]),
             (
                 &progs.outbound,
-                &[PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_GETSOCKOPT][..],
+                &[
+                    PROG_CONNECT4,
+                    PROG_CONNECT6,
+                    PROG_SOCKOPS,
+                    PROG_GETSOCKOPT,
+                    PROG_SENDMSG4,
+                    PROG_SENDMSG6,
+                    PROG_RECVMSG4,
+                    PROG_RECVMSG6,
+                    PROG_GETPEERNAME4,
+                    PROG_GETPEERNAME6,
+                ][..],
             ),
         ] {
             for name in names {

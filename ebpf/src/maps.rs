@@ -42,6 +42,8 @@ pub(crate) struct PodCfg {
     pub flags: u32,
     pub ip4: u32,
     pub ip6: [u32; 4],
+    /// The DNS proxy's port on the pod's loopback; 0: DNS not captured.
+    pub dns_port: u32,
 }
 
 // SAFETY: plain C layout without padding; every bit pattern is valid.
@@ -98,6 +100,8 @@ pub(crate) mod stat {
     pub const OUT_ANSWERED: u32 = 10;
     pub const OUT_UNKNOWN: u32 = 11;
     pub const IN_PROBE: u32 = 12;
+    pub const DNS_REDIRECTED: u32 = 13;
+    pub const DNS_RESTORED: u32 = 14;
 }
 
 #[cfg(test)]
@@ -108,7 +112,7 @@ mod tests {
     #[test]
     fn layouts_match_common_h() {
         assert_eq!(size_of::<AddrKey>(), 20);
-        assert_eq!(size_of::<PodCfg>(), 24);
+        assert_eq!(size_of::<PodCfg>(), 28);
         assert_eq!(size_of::<FlowKey>(), 32);
         assert_eq!(size_of::<OrigDst>(), 24);
     }

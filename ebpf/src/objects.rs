@@ -6,7 +6,7 @@ use aya::include_bytes_aligned;
 /// tc ingress classifier (`inbound.bpf.c`).
 pub(crate) static INBOUND: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inbound.bpf.o"));
-/// connect4/6, sockops and getsockopt programs (`outbound.bpf.c`).
+/// connect4/6, sockops, getsockopt and the DNS programs (`outbound.bpf.c`).
 pub(crate) static OUTBOUND: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outbound.bpf.o"));
 
@@ -15,6 +15,22 @@ pub(crate) const PROG_CONNECT4: &str = "amb_connect4";
 pub(crate) const PROG_CONNECT6: &str = "amb_connect6";
 pub(crate) const PROG_SOCKOPS: &str = "amb_sockops";
 pub(crate) const PROG_GETSOCKOPT: &str = "amb_getsockopt";
+pub(crate) const PROG_SENDMSG4: &str = "amb_sendmsg4";
+pub(crate) const PROG_SENDMSG6: &str = "amb_sendmsg6";
+pub(crate) const PROG_RECVMSG4: &str = "amb_recvmsg4";
+pub(crate) const PROG_RECVMSG6: &str = "amb_recvmsg6";
+pub(crate) const PROG_GETPEERNAME4: &str = "amb_getpeername4";
+pub(crate) const PROG_GETPEERNAME6: &str = "amb_getpeername6";
+/// The cgroup/sock_addr programs attached to a pod's cgroup when its DNS
+/// is captured (connect4/6 serve both TCP capture and DNS).
+pub(crate) const DNS_PROGS: [&str; 6] = [
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+];
 
 pub(crate) const MAP_POD_ADDRS: &str = "amb_pod_addrs";
 pub(crate) const MAP_PODS: &str = "amb_pods";

@@ -180,6 +180,7 @@ impl Enrollment {
                     cgroup: spec.cgroup.as_deref(),
                     pod_ips: &spec.addresses,
                     interface: &spec.interface,
+                    dns_port: spec.rules.dns_port,
                 })
             })
             .await

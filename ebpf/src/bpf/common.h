@@ -11,7 +11,10 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP_ 6 /* linux/in.h is avoided: it pulls libc headers */
+#define IPPROTO_UDP_ 17
+#define DNS_PORT 53
 
 #define AGENT_MARK 0x539
 #define OUTBOUND_PORT 15001
@@ -34,13 +37,16 @@ struct amb_addr {
 };
 
 /* Per pod network namespace (keyed by netns cookie): where outbound
- * connections are sent, so the agent sees the pod IP as their source. */
+ * connections are sent, so the agent sees the pod IP as their source, and
+ * the port of the agent's DNS proxy on the pod's loopback (0: DNS is not
+ * captured). */
 #define POD_HAS_V4 1
 #define POD_HAS_V6 2
 struct amb_pod {
 	__u32 flags;
 	__u32 ip4;
 	__u32 ip6[4];
+	__u32 dns_port; /* host byte order */
 };
 
 /* The client end of a captured outbound connection: what the agent's
@@ -74,6 +80,8 @@ enum amb_stat {
 	STAT_OUT_ANSWERED = 10,
 	STAT_OUT_UNKNOWN = 11,
 	STAT_IN_PROBE = 12,
+	STAT_DNS_REDIRECTED = 13,
+	STAT_DNS_RESTORED = 14,
 	STAT_MAX = 16,
 };
 

@@ -9,6 +9,11 @@
  *  - cgroup/getsockopt, attached to the agent's own cgroup (accepted sockets
  *    belong to the cgroup of their listener, i.e. the agent's), answers
  *    SO_ORIGINAL_DST on the agent's accepted socket from that table.
+ * DNS, when the pod's entry has a DNS port: a TCP connect or UDP
+ * connect/sendmsg to port 53 of a non-loopback address goes to the agent's
+ * DNS proxy on the pod's loopback instead (as istio-cni's REDIRECT rules
+ * do); recvmsg and getpeername then show the asked-for server as the
+ * peer, so resolvers that check where an answer came from accept it.
  * Sockets marked AGENT_MARK, loopback and the pod's own addresses are left
  * alone; netns without an `amb_pods` entry are never touched. */
 #include "common.h"
@@ -45,6 +50,16 @@ struct {
 	__type(value, struct amb_orig_dst);
 } amb_flows SEC(".maps");
 
+/* The DNS server a redirected socket asked for (its last one, for an
+ * unconnected UDP socket that asks several: they all answer from the
+ * same proxy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct amb_orig_dst);
+} amb_sk_dns SEC(".maps");
+
 DEFINE_STATS
 
 static __always_inline int is_v4_mapped(const __u32 *a)
@@ -52,21 +67,163 @@ static __always_inline int is_v4_mapped(const __u32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
 }
 
-/* The pod whose netns the connecting socket is in, if it is to be captured
- * at all (TCP, not the agent's mark, registered netns). */
+/* The pod whose netns the socket is in, if it is to be captured at all
+ * (TCP or UDP, not the agent's mark, registered netns). */
 static __always_inline struct amb_pod *pod_of(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	__u64 netns;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP_ || !sk)
+	if (!sk)
+		return 0;
+	if (!(ctx->type == SOCK_STREAM && ctx->protocol == IPPROTO_TCP_) &&
+	    !(ctx->type == SOCK_DGRAM && ctx->protocol == IPPROTO_UDP_))
 		return 0;
 	if (sk->mark == AGENT_MARK) {
-		count(STAT_OUT_SKIPPED);
+		if (ctx->protocol == IPPROTO_TCP_)
+			count(STAT_OUT_SKIPPED);
 		return 0;
 	}
 	netns = bpf_get_netns_cookie(ctx);
 	return bpf_map_lookup_elem(&amb_pods, &netns);
+}
+
+/* The DNS server asked for; a socket without one gets none (no memory):
+ * then its query goes where it was sent, which works, where an answer
+ * from an unexpected address would be dropped by the resolver. */
+static __always_inline struct amb_orig_dst *dns_remember(struct bpf_sock_addr *ctx)
+{
+	return bpf_sk_storage_get(&amb_sk_dns, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+/* A query to port 53 of a non-loopback IPv4 address: to the proxy on
+ * 127.0.0.1. Returns 1 when redirected. */
+static __always_inline int dns4(struct bpf_sock_addr *ctx, struct amb_pod *pod)
+{
+	struct amb_orig_dst *v;
+	__u32 ip = ctx->user_ip4;
+
+	if (!pod->dns_port || ctx->user_port != bpf_htons(DNS_PORT))
+		return 0;
+	if (ip == 0 || (bpf_ntohl(ip) >> 24) == 127)
+		return 0;
+	v = dns_remember(ctx);
+	if (!v)
+		return 0;
+	v->family = AF_INET;
+	v->addr[0] = ip;
+	v->addr[1] = 0;
+	v->addr[2] = 0;
+	v->addr[3] = 0;
+	v->port = ctx->user_port;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons((__u16)pod->dns_port);
+	count(STAT_DNS_REDIRECTED);
+	return 1;
+}
+
+/* The same for IPv6: to ::1, or to ::ffff:127.0.0.1 for a v4-mapped
+ * server (a dual-stack socket asking an IPv4 server). */
+static __always_inline int dns6(struct bpf_sock_addr *ctx, struct amb_pod *pod)
+{
+	struct amb_orig_dst *v;
+	__u32 a[4];
+	int mapped;
+
+	if (!pod->dns_port || ctx->user_port != bpf_htons(DNS_PORT))
+		return 0;
+	a[0] = ctx->user_ip6[0];
+	a[1] = ctx->user_ip6[1];
+	a[2] = ctx->user_ip6[2];
+	a[3] = ctx->user_ip6[3];
+	mapped = is_v4_mapped(a);
+	if (mapped) {
+		if (a[3] == 0 || (bpf_ntohl(a[3]) >> 24) == 127)
+			return 0;
+	} else if ((a[0] | a[1] | a[2]) == 0 && (a[3] == 0 || a[3] == bpf_htonl(1))) {
+		return 0;
+	}
+	v = dns_remember(ctx);
+	if (!v)
+		return 0;
+	v->family = AF_INET6;
+	__builtin_memcpy(v->addr, a, sizeof(a));
+	v->port = ctx->user_port;
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
+	ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	ctx->user_port = bpf_htons((__u16)pod->dns_port);
+	count(STAT_DNS_REDIRECTED);
+	return 1;
+}
+
+/* The DNS proxy's port in this socket's netns, if it is a registered pod
+ * with DNS capture and the peer address shown is that port. */
+static __always_inline int from_dns_proxy(struct bpf_sock_addr *ctx)
+{
+	struct amb_pod *pod;
+	__u64 netns;
+
+	if (!ctx->sk)
+		return 0;
+	netns = bpf_get_netns_cookie(ctx);
+	pod = bpf_map_lookup_elem(&amb_pods, &netns);
+	return pod && pod->dns_port && ctx->user_port == bpf_htons((__u16)pod->dns_port);
+}
+
+/* An answer from the proxy (or the peer of a redirected socket) shown as
+ * coming from the server the socket asked. */
+static __always_inline void dns_restore4(struct bpf_sock_addr *ctx)
+{
+	struct amb_orig_dst *v;
+
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || !from_dns_proxy(ctx))
+		return;
+	v = bpf_sk_storage_get(&amb_sk_dns, ctx->sk, 0, 0);
+	if (!v || v->family != AF_INET)
+		return;
+	ctx->user_ip4 = v->addr[0];
+	ctx->user_port = v->port;
+	count(STAT_DNS_RESTORED);
+}
+
+static __always_inline void dns_restore6(struct bpf_sock_addr *ctx)
+{
+	struct amb_orig_dst *v;
+	__u32 a[4];
+
+	a[0] = ctx->user_ip6[0];
+	a[1] = ctx->user_ip6[1];
+	a[2] = ctx->user_ip6[2];
+	a[3] = ctx->user_ip6[3];
+	if (a[0] != 0 || a[1] != 0)
+		return;
+	if (!(a[2] == 0 && a[3] == bpf_htonl(1)) &&
+	    !(a[2] == bpf_htonl(0x0000ffff) && a[3] == bpf_htonl(0x7f000001)))
+		return;
+	if (!from_dns_proxy(ctx))
+		return;
+	v = bpf_sk_storage_get(&amb_sk_dns, ctx->sk, 0, 0);
+	if (!v)
+		return;
+	if (v->family == AF_INET6) {
+		ctx->user_ip6[0] = v->addr[0];
+		ctx->user_ip6[1] = v->addr[1];
+		ctx->user_ip6[2] = v->addr[2];
+		ctx->user_ip6[3] = v->addr[3];
+	} else if (a[2] != 0) {
+		/* A dual-stack socket's v4-mapped query went through the IPv4
+		 * hook (sendmsg4), which remembered an IPv4 server. */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = v->addr[0];
+	} else {
+		return;
+	}
+	ctx->user_port = v->port;
+	count(STAT_DNS_RESTORED);
 }
 
 static __always_inline int remember(struct bpf_sock_addr *ctx, struct amb_orig_dst *dst)
@@ -91,7 +248,9 @@ int amb_connect4(struct bpf_sock_addr *ctx)
 	struct amb_orig_dst dst;
 	__u32 ip;
 
-	if (!pod || !(pod->flags & POD_HAS_V4))
+	if (!pod || dns4(ctx, pod) || ctx->protocol != IPPROTO_TCP_)
+		return 1;
+	if (!(pod->flags & POD_HAS_V4))
 		return 1;
 	ip = ctx->user_ip4;
 	if (ip == 0 || (bpf_ntohl(ip) >> 24) == 127 || ip == pod->ip4) {
@@ -117,7 +276,9 @@ int amb_connect6(struct bpf_sock_addr *ctx)
 	struct amb_orig_dst dst;
 	__u32 a[4];
 
-	if (!pod || !(pod->flags & POD_HAS_V6))
+	if (!pod || dns6(ctx, pod) || ctx->protocol != IPPROTO_TCP_)
+		return 1;
+	if (!(pod->flags & POD_HAS_V6))
 		return 1;
 	a[0] = ctx->user_ip6[0];
 	a[1] = ctx->user_ip6[1];
@@ -145,6 +306,54 @@ int amb_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = pod->ip6[3];
 		ctx->user_port = bpf_htons(OUTBOUND_PORT);
 	}
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int amb_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct amb_pod *pod = pod_of(ctx);
+
+	if (pod && ctx->protocol == IPPROTO_UDP_)
+		dns4(ctx, pod);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int amb_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct amb_pod *pod = pod_of(ctx);
+
+	if (pod && ctx->protocol == IPPROTO_UDP_)
+		dns6(ctx, pod);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int amb_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	dns_restore4(ctx);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int amb_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	dns_restore6(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int amb_getpeername4(struct bpf_sock_addr *ctx)
+{
+	dns_restore4(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int amb_getpeername6(struct bpf_sock_addr *ctx)
+{
+	dns_restore6(ctx);
 	return 1;
 }
 
