@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ambient_agent::demo::topology::Pod;
 use ambient_agent::socket::Sockets;
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -135,12 +136,21 @@ pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 impl PodResolvConf {
     pub fn write(netns: &str, ns: &str) -> PodResolvConf {
+        Self::write_with(netns, ns, "")
+    }
+
+    /// Over TCP only (glibc's `options use-vc`).
+    pub fn write_tcp(netns: &str, ns: &str) -> PodResolvConf {
+        Self::write_with(netns, ns, " use-vc")
+    }
+
+    fn write_with(netns: &str, ns: &str, options: &str) -> PodResolvConf {
         let dir = PathBuf::from(format!("/etc/netns/{netns}"));
         std::fs::create_dir_all(&dir).expect("/etc/netns dir");
         std::fs::write(
             dir.join("resolv.conf"),
             format!(
-                "nameserver {CLUSTER_DNS}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\n"
+                "nameserver {CLUSTER_DNS}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1{options}\n"
             ),
         )
         .expect("resolv.conf");
@@ -154,12 +164,17 @@ impl Drop for PodResolvConf {
     }
 }
 
-/// `getent ahostsv4 <name>` in `netns`: glibc's own resolution (search
+/// `getent ahostsv4 <name>` as a process of `pod` (its netns, with the
+/// pod's resolv.conf, and its cgroup): glibc's own resolution (search
 /// list, ndots) as an application does it. The first address, or `None`
 /// when the name does not resolve.
-pub fn getaddrinfo(netns: &str, name: &str) -> Option<IpAddr> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, "getent", "ahostsv4", name])
+pub fn getaddrinfo(pod: &Pod, name: &str) -> Option<IpAddr> {
+    // Into the cgroup first, so eBPF capture applies from the first query.
+    let script = r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" getent ahostsv4 "$3""#;
+    let out = std::process::Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(&pod.cgroup)
+        .args([&pod.netns, name])
         .output()
         .expect("getent");
     if !out.status.success() {

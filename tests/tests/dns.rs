@@ -34,18 +34,26 @@ fn mesh(client: &Pod, server: &Pod) -> String {
     yaml
 }
 
-/// Where node-a's agent serves metrics, and its admin port there.
+/// Where node-a's agent serves metrics (one address per test: they run at
+/// once), and its admin port there.
 const METRICS: &str = "127.0.93.1:25030";
+const METRICS_EBPF: &str = "127.0.93.2:25030";
 const ADMIN_PORT: u16 = 26030;
 
-async fn agent(w: &World, node: &str, upstream: SocketAddr) -> Agent {
-    let metrics: SocketAddr = METRICS.parse().unwrap();
+async fn agent(
+    w: &World,
+    node: &str,
+    upstream: SocketAddr,
+    capture: CaptureMode,
+    metrics: &str,
+) -> Agent {
+    let metrics: SocketAddr = metrics.parse().unwrap();
     let cfg = Config {
         metrics_address: metrics.ip(),
         metrics_port: if node == "node-a" { metrics.port() } else { 0 },
         admin_address: metrics.ip(),
         admin_port: if node == "node-a" { ADMIN_PORT } else { 0 },
-        capture: Some(CaptureMode::Nft),
+        capture: Some(capture),
         socket_mark: 0x539,
         dns: DnsConfig {
             enabled: Some(true),
@@ -70,8 +78,8 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
     let upstream = Upstream::start(&resolver.sockets(), upstream_addr).await;
     let w = World::new(0);
     w.write_mesh(&mesh(&client, &server));
-    let _a = agent(&w, "node-a", upstream_addr).await;
-    let _b = agent(&w, "node-b", upstream_addr).await;
+    let _a = agent(&w, "node-a", upstream_addr, CaptureMode::Nft, METRICS).await;
+    let _b = agent(&w, "node-b", upstream_addr, CaptureMode::Nft, METRICS).await;
     let _conf = PodResolvConf::write(&client.netns, "test");
     let vip: IpAddr = VIP.parse().unwrap();
 
@@ -84,7 +92,7 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
         "echo.test.svc.cluster.local",
         "echo.test.svc.cluster.local.",
     ] {
-        assert_eq!(getaddrinfo(&client.netns, name), Some(vip), "{name}");
+        assert_eq!(getaddrinfo(&client, name), Some(vip), "{name}");
     }
     assert_eq!(upstream.queries(), 0, "a mesh name went upstream");
     // And the name leads through the mesh.
@@ -96,10 +104,10 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
 
     // Other names: the upstream's answer, asked from the pod's address.
     assert_eq!(
-        getaddrinfo(&client.netns, "outside.example"),
+        getaddrinfo(&client, "outside.example"),
         Some(IpAddr::V4(OUTSIDE_IP))
     );
-    assert_eq!(getaddrinfo(&client.netns, "nowhere.example"), None);
+    assert_eq!(getaddrinfo(&client, "nowhere.example"), None);
     let from = upstream.asked_from.lock().unwrap().clone();
     assert!(!from.is_empty(), "the upstream was never asked");
     assert!(
@@ -215,5 +223,83 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert!(started.elapsed() < Duration::from_secs(8));
     // Mesh names do not need it.
-    assert_eq!(getaddrinfo(&client.netns, "echo"), Some(vip));
+    assert_eq!(getaddrinfo(&client, "echo"), Some(vip));
+}
+
+/// The eBPF backend takes a pod's DNS to the proxy too (cgroup connect and
+/// sendmsg hooks on port 53), and the answers read as coming from the
+/// nameserver the pod asked, or glibc would drop them: over UDP and, with
+/// `options use-vc`, over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_capture_takes_a_pods_dns_to_the_proxy() {
+    init_tracing();
+    let topo = Topology::new("dnsbpf").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let server = topo.add_pod("server", 1).expect("pod");
+    let resolver = topo.add_pod("resolver", 0).expect("pod");
+    let upstream_addr = SocketAddr::new(IpAddr::V4(resolver.ip), 53);
+    let upstream = Upstream::start(&resolver.sockets(), upstream_addr).await;
+    let w = World::new(0);
+    w.write_mesh(&mesh(&client, &server));
+    let a = agent(&w, "node-a", upstream_addr, CaptureMode::Ebpf, METRICS_EBPF).await;
+    let b = agent(&w, "node-b", upstream_addr, CaptureMode::Ebpf, METRICS_EBPF).await;
+    let vip: IpAddr = VIP.parse().unwrap();
+
+    for tcp in [false, true] {
+        let _conf = if tcp {
+            PodResolvConf::write_tcp(&client.netns, "test")
+        } else {
+            PodResolvConf::write(&client.netns, "test")
+        };
+        for name in ["echo", "echo.test.svc.cluster.local"] {
+            assert_eq!(getaddrinfo(&client, name), Some(vip), "{name} tcp={tcp}");
+        }
+        assert_eq!(
+            getaddrinfo(&client, "outside.example"),
+            Some(IpAddr::V4(OUTSIDE_IP)),
+            "tcp={tcp}"
+        );
+    }
+    // Forwarded by the proxy (the pod's resolv.conf names 10.96.0.10,
+    // which nobody serves), from the pod's address.
+    let from = upstream.asked_from.lock().unwrap().clone();
+    assert!(from.len() >= 2, "{from:?}");
+    assert!(
+        from.iter().all(|ip| *ip == IpAddr::V4(client.ip)),
+        "{from:?}"
+    );
+
+    // Both protocols were the proxy's.
+    let text = ambient_tests::istio::scrape(METRICS_EBPF.parse().unwrap()).await;
+    for proto in ["udp", "tcp"] {
+        let asked: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_dns_requests_total")
+                    && l.contains(&format!("request_protocol=\"{proto}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(asked >= 3.0, "{proto}: {text}");
+    }
+
+    // The name leads through the mesh.
+    let _echo = PodEcho::start(&server, 8080).await;
+    let mut inbound = b.connections();
+    let (sent, got) = run_pod_client(
+        env!("CARGO_BIN_EXE_pod-client"),
+        &client,
+        SocketAddr::new(vip, 80),
+        4096,
+        7,
+    )
+    .await;
+    assert_eq!(sent, got);
+    let record = tokio::time::timeout(Duration::from_secs(5), inbound.recv())
+        .await
+        .expect("a connection record")
+        .expect("record");
+    assert_eq!(record.src, IpAddr::V4(client.ip), "{record:?}");
+    assert!(record.src_identity.is_some(), "not over HBONE: {record:?}");
+    drop(a);
 }

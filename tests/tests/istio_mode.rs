@@ -47,7 +47,7 @@ async fn pods_from_the_cni_are_captured_with_mesh_and_certificates_from_istiod()
     // a mesh name resolves with the pod's own resolver.
     let _conf = ambient_tests::dns::PodResolvConf::write(&client.netns, "test");
     assert_eq!(
-        ambient_tests::dns::getaddrinfo(&client.netns, "echo"),
+        ambient_tests::dns::getaddrinfo(&client, "echo"),
         Some("10.96.1.1".parse().unwrap())
     );
 

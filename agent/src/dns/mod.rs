@@ -3,8 +3,8 @@
 //! answered from the mesh where the name is a mesh service's, forwarded
 //! to the upstream resolvers otherwise.
 //!
-//! One [`DnsServer`] per pod, inside the pod's namespace on 127.0.0.1 (UDP
-//! and TCP, where an OUTPUT REDIRECT delivers), as ztunnel does; its
+//! One [`DnsServer`] per pod, inside the pod's namespace on 127.0.0.1 and
+//! ::1 (UDP and TCP, where an OUTPUT REDIRECT delivers), as ztunnel does; its
 //! sockets carry the agent's mark so neither its listeners' answers nor
 //! its upstream queries are captured again. The wire format and the
 //! server loop are hickory's; this module decides the answers:
@@ -19,7 +19,7 @@ pub mod forward;
 pub mod metrics;
 pub mod names;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +106,24 @@ impl DnsServer {
             mark,
         };
         let tcp = sockets.listen(addr, opts).await?;
+        let loopback6 = if let Sockets::Netns(_) = &sockets {
+            // Also on ::1 where the pod's loopback has it, as ztunnel
+            // (IPv6 DNS is redirected there); a pod without IPv6 is served
+            // on 127.0.0.1 alone.
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port());
+            match (
+                sockets.udp(v6, mark, true).await,
+                sockets.listen(v6, opts).await,
+            ) {
+                (Ok(udp), Ok(tcp)) => Some((udp, tcp)),
+                (Err(e), _) | (_, Err(e)) => {
+                    debug!(error = %e, "DNS proxy: no IPv6 loopback in the pod, serving 127.0.0.1 only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let handler = Handler {
             state,
             namespace: workload.namespace.clone(),
@@ -122,6 +140,10 @@ impl DnsServer {
         let mut server = hickory_server::Server::new(handler);
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
+        if let Some((udp, tcp)) = loopback6 {
+            server.register_socket(udp);
+            server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
+        }
         Ok(DnsServer { server, addr })
     }
 
