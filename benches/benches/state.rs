@@ -124,6 +124,7 @@ fn routing(c: &mut Criterion) {
                 .collect(),
             subject_alt_names: vec![],
             visibility: Default::default(),
+            ip_families: Default::default(),
             waypoint: None,
         })
         .collect();

@@ -175,21 +175,16 @@ fn addresses(
     cluster_domain: &str,
     family: Family,
 ) -> Option<Vec<IpAddr>> {
+    let admits = |ip: &IpAddr| family.admits(ip) && svc.ip_families.admits(ip);
     if !svc.vips.is_empty() {
-        return Some(
-            svc.vips
-                .iter()
-                .copied()
-                .filter(|ip| family.admits(ip))
-                .collect(),
-        );
+        return Some(svc.vips.iter().copied().filter(admits).collect());
     }
     if !svc.hostname.ends_with(&format!(".svc.{cluster_domain}")) {
         return None;
     }
     let endpoints = svc.endpoints.iter().filter_map(|e| {
         let w = snap.workload_by_uid(&e.workload_uid)?;
-        w.addresses.iter().copied().find(|ip| family.admits(ip))
+        w.addresses.iter().copied().find(admits)
     });
     Some(endpoints.collect())
 }
@@ -197,7 +192,7 @@ fn addresses(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Endpoint, Mesh, Workload};
+    use crate::state::{Endpoint, IpFamilies, Mesh, Workload};
 
     const CD: &str = "cluster.local";
 
@@ -211,6 +206,7 @@ mod tests {
             endpoints: Vec::new(),
             subject_alt_names: Vec::new(),
             visibility: Default::default(),
+            ip_families: Default::default(),
             waypoint: None,
         }
     }
@@ -345,6 +341,49 @@ mod tests {
         assert_eq!(six.addrs, vec!["fd00::1".parse::<IpAddr>().unwrap()]);
         let none = resolve(&snap, "ns1", CD, "api.example.com", Family::V6).expect("mesh name");
         assert!(none.addrs.is_empty());
+    }
+
+    /// ztunnel's "headless-ipv6" cases: a single-stack service answers
+    /// no query of the other family (empty, still authoritative), even
+    /// when its pods are dual-stack.
+    #[test]
+    fn a_single_stack_service_answers_only_its_family() {
+        let dual = |uid: &str, v4: &str, v6: &str| {
+            let mut w = Workload::for_test(uid, "ns1", Some(v4));
+            w.addresses.push(v6.parse().unwrap());
+            w
+        };
+        let headless = |name: &str, families| {
+            let mut s = service("ns1", name, &[]);
+            s.endpoints = vec![Endpoint {
+                workload_uid: "db-0".into(),
+            }];
+            s.ip_families = families;
+            s
+        };
+        let snap = Snapshot::new(Mesh {
+            workloads: vec![dual("db-0", "10.1.0.1", "fd01::1")],
+            services: vec![
+                headless("six.ns1.svc.cluster.local", IpFamilies::V6Only),
+                headless("four.ns1.svc.cluster.local", IpFamilies::V4Only),
+                headless("both.ns1.svc.cluster.local", IpFamilies::Dual),
+                headless("auto.ns1.svc.cluster.local", IpFamilies::Automatic),
+            ],
+            ..Mesh::default()
+        });
+        let addrs = |name: &str, family| -> Vec<String> {
+            let found = resolve(&snap, "ns1", CD, name, family).expect("a mesh name");
+            found.addrs.iter().map(|ip| ip.to_string()).collect()
+        };
+        let none: Vec<String> = Vec::new();
+        assert_eq!(addrs("six", Family::V6), ["fd01::1"]);
+        assert_eq!(addrs("six", Family::V4), none);
+        assert_eq!(addrs("four", Family::V4), ["10.1.0.1"]);
+        assert_eq!(addrs("four", Family::V6), none);
+        for name in ["both", "auto"] {
+            assert_eq!(addrs(name, Family::V4), ["10.1.0.1"], "{name}");
+            assert_eq!(addrs(name, Family::V6), ["fd01::1"], "{name}");
+        }
     }
 
     #[test]

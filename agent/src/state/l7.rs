@@ -181,6 +181,7 @@ mod tests {
                 ],
                 subject_alt_names: vec![],
                 visibility: Default::default(),
+                ip_families: Default::default(),
                 waypoint: None,
             }],
             http_routes: vec![HttpRoute {

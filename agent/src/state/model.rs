@@ -154,6 +154,32 @@ pub struct Service {
     pub waypoint: Option<Waypoint>,
     /// Who may see it by name (Istio's `exportTo`).
     pub visibility: Visibility,
+    /// The address families it serves.
+    pub ip_families: IpFamilies,
+}
+
+/// The address families a service serves (istiod's `Service.ip_families`,
+/// from the Kubernetes service's `ipFamilyPolicy`/`ipFamilies`). A
+/// single-stack service answers no DNS query of the other family, even
+/// where its endpoints (a headless service's pods) have such addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IpFamilies {
+    /// Not stated: whatever the service's addresses are.
+    #[default]
+    Automatic,
+    V4Only,
+    V6Only,
+    Dual,
+}
+
+impl IpFamilies {
+    /// Whether the service serves addresses of the family of `ip`.
+    pub fn admits(self, ip: &IpAddr) -> bool {
+        !matches!(
+            (self, ip),
+            (IpFamilies::V4Only, IpAddr::V6(_)) | (IpFamilies::V6Only, IpAddr::V4(_))
+        )
+    }
 }
 
 /// Which namespaces a service's name is visible to (istiod's

@@ -305,6 +305,7 @@ mod tests {
                     ],
                     subject_alt_names: vec!["spiffe://td/ns/ns/sa/extra".into()],
                     visibility: Default::default(),
+                    ip_families: Default::default(),
                     waypoint: None,
                 },
                 Service {
@@ -321,6 +322,7 @@ mod tests {
                     }],
                     subject_alt_names: vec![],
                     visibility: Default::default(),
+                    ip_families: Default::default(),
                     waypoint: None,
                 },
             ],
@@ -422,6 +424,7 @@ mod waypoint_tests {
                 .collect(),
             subject_alt_names: vec![],
             visibility: Default::default(),
+            ip_families: Default::default(),
             waypoint,
         }
     }

@@ -356,6 +356,14 @@ fn service(name: &str, s: pb::Service) -> Result<Service, RejectReason> {
             Ok(pb::service::Visibility::Public) => crate::state::Visibility::Public,
             Ok(pb::service::Visibility::Namespace) | Err(_) => crate::state::Visibility::Namespace,
         },
+        // A value newer than this agent narrows nothing: families are not a
+        // matter of trust, and whatever addresses the service has are its.
+        ip_families: match pb::IpFamilies::try_from(s.ip_families) {
+            Ok(pb::IpFamilies::Ipv4Only) => crate::state::IpFamilies::V4Only,
+            Ok(pb::IpFamilies::Ipv6Only) => crate::state::IpFamilies::V6Only,
+            Ok(pb::IpFamilies::Dual) => crate::state::IpFamilies::Dual,
+            Ok(pb::IpFamilies::Automatic) | Err(_) => crate::state::IpFamilies::Automatic,
+        },
         waypoint: waypoint("waypoint", s.waypoint)?,
     })
 }

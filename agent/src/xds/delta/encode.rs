@@ -210,6 +210,12 @@ fn service(s: &Service) -> pb::Service {
             crate::state::Visibility::Public => pb::service::Visibility::Public,
             crate::state::Visibility::Namespace => pb::service::Visibility::Namespace,
         } as i32,
+        ip_families: match s.ip_families {
+            crate::state::IpFamilies::Automatic => pb::IpFamilies::Automatic,
+            crate::state::IpFamilies::V4Only => pb::IpFamilies::Ipv4Only,
+            crate::state::IpFamilies::V6Only => pb::IpFamilies::Ipv6Only,
+            crate::state::IpFamilies::Dual => pb::IpFamilies::Dual,
+        } as i32,
         ..Default::default()
     }
 }

@@ -14,7 +14,7 @@ use ambient_proto::workload as pb;
 
 /// The fields, by the bit each gets. Names are `Message.field` as in the
 /// upstream .proto files.
-const FIELDS: [&str; 18] = [
+const FIELDS: [&str; 17] = [
     "Workload.network",
     "Workload.canonical_name",
     "Workload.canonical_revision",
@@ -28,7 +28,6 @@ const FIELDS: [&str; 18] = [
     "Workload.extensions",
     "Port.app_protocol",
     "Service.load_balancing",
-    "Service.ip_families",
     "Service.extensions",
     "Service.canonical",
     "Service.ingress_use_waypoint",
@@ -93,7 +92,6 @@ impl Ignored {
     fn of_service(s: &pb::Service) -> Ignored {
         let mut i = Ignored::default();
         i.set("Service.load_balancing", s.load_balancing.is_some());
-        i.set("Service.ip_families", s.ip_families != 0);
         i.set("Service.extensions", !s.extensions.is_empty());
         i.set("Service.canonical", s.canonical);
         i.set("Service.ingress_use_waypoint", s.ingress_use_waypoint);

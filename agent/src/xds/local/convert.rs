@@ -355,6 +355,7 @@ impl Converter<'_> {
             endpoints,
             subject_alt_names,
             visibility: Default::default(),
+            ip_families: Default::default(),
             waypoint,
         })
     }

@@ -228,6 +228,7 @@ fn expected_full() -> Mesh {
                 }],
                 subject_alt_names: vec!["spiffe://example.org/ns/default/sa/echo".into()],
                 visibility: Default::default(),
+                ip_families: Default::default(),
                 waypoint: Some(Waypoint {
                     target: WaypointTarget::Service {
                         namespace: "default".into(),
@@ -245,6 +246,7 @@ fn expected_full() -> Mesh {
                 endpoints: vec![],
                 subject_alt_names: vec![],
                 visibility: Default::default(),
+                ip_families: Default::default(),
                 waypoint: None,
             },
         ],

@@ -626,3 +626,42 @@ fn unknown_enum_values_take_the_meaning_that_trusts_least() {
     assert_eq!(action.action, PolicyAction::Deny);
     assert_eq!(action.unsupported, ["unknown action 2 (enforced as DENY)"]);
 }
+
+/// `Service.ip_families` (istio.workload.IPFamilies: AUTOMATIC 0,
+/// IPV4_ONLY 1, IPV6_ONLY 2, DUAL 3) and `Service.visibility` (PUBLIC 0,
+/// NAMESPACE 1) as the DNS proxy uses them; values newer than this agent
+/// take the meaning that narrows nothing for families, the narrowest
+/// visibility.
+#[test]
+fn service_families_and_visibility_decode() {
+    use crate::state::{IpFamilies, Visibility};
+    let s = |f: &dyn Fn(&mut pb::Service)| match decode(
+        ADDRESS_TYPE_URL,
+        "ns/svc.ns.svc.cluster.local",
+        &service_any(f),
+    ) {
+        Ok((Decoded::Address(a), _)) => match *a {
+            crate::xds::delta::convert::AddressResource::Service(s) => s,
+            other => panic!("not a service: {other:?}"),
+        },
+        other => panic!("refused: {other:?}"),
+    };
+    let families = [
+        (0, IpFamilies::Automatic),
+        (1, IpFamilies::V4Only),
+        (2, IpFamilies::V6Only),
+        (3, IpFamilies::Dual),
+        (9, IpFamilies::Automatic),
+    ];
+    for (value, want) in families {
+        assert_eq!(s(&|s| s.ip_families = value).ip_families, want, "{value}");
+    }
+    let visibility = [
+        (0, Visibility::Public),
+        (1, Visibility::Namespace),
+        (7, Visibility::Namespace),
+    ];
+    for (value, want) in visibility {
+        assert_eq!(s(&|s| s.visibility = value).visibility, want, "{value}");
+    }
+}
