@@ -91,21 +91,28 @@ impl Sockets {
         reuse_port: bool,
     ) -> io::Result<tokio::net::UdpSocket> {
         let socket = self
-            .make(move || {
-                let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-                if reuse_port {
-                    s.set_reuse_address(true)?;
-                    s.set_reuse_port(true)?;
-                }
-                if let Some(m) = mark {
-                    s.set_mark(m)?;
-                }
-                s.set_nonblocking(true)?;
-                s.bind(&addr.into())?;
-                Ok(s)
-            })
+            .make(move || udp_socket(addr, mark, reuse_port))
             .await?;
         tokio::net::UdpSocket::from_std(socket.into())
+    }
+
+    /// `n` nonblocking UDP sockets bound to `addr` (port 0: each its own
+    /// port), made in one trip to the namespace.
+    pub async fn udp_batch(
+        &self,
+        addr: SocketAddr,
+        mark: Option<u32>,
+        n: usize,
+    ) -> io::Result<Vec<std::net::UdpSocket>> {
+        let make = move || -> io::Result<Vec<std::net::UdpSocket>> {
+            (0..n)
+                .map(|_| udp_socket(addr, mark, false).map(Into::into))
+                .collect()
+        };
+        match self {
+            Sockets::Host => make(),
+            Sockets::Netns(ns) => ns.run(make).await,
+        }
     }
 
     async fn make<F>(&self, f: F) -> io::Result<Socket>
@@ -151,6 +158,20 @@ fn defer_port_choice(s: &Socket) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+fn udp_socket(addr: SocketAddr, mark: Option<u32>, reuse_port: bool) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+    }
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
 }
 
 fn tcp_socket(dst: SocketAddr, opts: ConnectOpts) -> io::Result<Socket> {

@@ -9,8 +9,14 @@
 //! UDP first; a truncated answer is fetched again over TCP when the client
 //! asked over TCP (a UDP client gets the truncated answer and retries over
 //! TCP itself, through the proxy).
+//!
+//! Every UDP query has a socket of its own, so a fresh random source port
+//! (RFC 5452: an off-path spoofer must guess it along with the id); the
+//! sockets are made ahead in batches, as making one inside the pod's
+//! namespace costs a trip to that namespace's thread.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +27,10 @@ use crate::socket::{ConnectOpts, Sockets};
 const MAX_UDP: usize = 65_535;
 /// Largest TCP answer (its length prefix is 16 bits).
 const MAX_TCP: usize = 65_535;
+/// UDP sockets made per trip to the pod's namespace.
+const SPARE_BATCH: usize = 16;
+/// Unused sockets kept per family (a burst makes several batches at once).
+const SPARE_MAX: usize = 64;
 
 /// Why no upstream answered.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +56,15 @@ pub struct Forwarder {
     pub timeout: Duration,
     pub sockets: Sockets,
     pub mark: Option<u32>,
+    /// Unused UDP sockets, IPv4 and IPv6, each for one query.
+    pub spares: Arc<Spares>,
+}
+
+/// UDP sockets made ahead, not yet used.
+#[derive(Debug, Default)]
+pub struct Spares {
+    v4: Mutex<Vec<std::net::UdpSocket>>,
+    v6: Mutex<Vec<std::net::UdpSocket>>,
 }
 
 impl Forwarder {
@@ -97,25 +116,46 @@ impl Forwarder {
     }
 
     async fn udp(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-        let any = match upstream.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
-        let socket = self
-            .sockets
-            .udp(SocketAddr::new(any, 0), self.mark, false)
-            .await?;
-        socket.connect(upstream).await?;
+        let socket = self.spare(upstream.is_ipv4()).await?;
+        socket.connect(upstream)?;
+        // Whatever reached the socket while it waited unconnected is not
+        // from the upstream (once connected, the kernel filters the rest).
+        let mut scratch = [0u8; 1];
+        while socket.recv(&mut scratch).is_ok() {}
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
         socket.send(query).await?;
-        let mut buf = vec![0u8; MAX_UDP];
+        let mut buf = Vec::with_capacity(MAX_UDP);
         loop {
-            let n = socket.recv(&mut buf).await?;
+            buf.clear();
+            socket.recv_buf(&mut buf).await?;
             // Stray datagrams (another id) are not the answer; keep waiting.
-            if check(query, &buf[..n]).is_some() {
-                buf.truncate(n);
+            if check(query, &buf).is_some() {
                 return Ok(buf);
             }
         }
+    }
+
+    /// A socket no query has used, of the family of `v4`.
+    async fn spare(&self, v4: bool) -> std::io::Result<std::net::UdpSocket> {
+        let pool = if v4 { &self.spares.v4 } else { &self.spares.v6 };
+        let take = || pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(s) = take() {
+            return Ok(s);
+        }
+        let any = if v4 {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let mut made = self
+            .sockets
+            .udp_batch(SocketAddr::new(any, 0), self.mark, SPARE_BATCH)
+            .await?;
+        let mine = made.pop().ok_or_else(|| std::io::Error::other("no socket made"))?;
+        let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SPARE_MAX.saturating_sub(pool.len());
+        pool.extend(made.into_iter().take(room));
+        Ok(mine)
     }
 
     async fn tcp(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -166,6 +206,68 @@ mod tests {
             timeout,
             sockets: Sockets::Host,
             mark: None,
+            spares: Default::default(),
+        }
+    }
+
+    /// An upstream on loopback answering every query with NOERROR, and
+    /// recording the source port of each.
+    async fn recording_upstream() -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = up.local_addr().unwrap();
+        let ports = Arc::new(Mutex::new(Vec::new()));
+        let seen = ports.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = up.recv_from(&mut buf).await {
+                seen.lock().unwrap().push(peer.port());
+                let mut answer = buf[..n].to_vec();
+                answer[2] |= 0x80;
+                let _ = up.send_to(&answer, peer).await;
+            }
+        });
+        (addr, ports)
+    }
+
+    /// RFC 5452: each query from its own source port, sockets made ahead
+    /// or not; and nothing that reached a spare socket before its query
+    /// is taken for the answer.
+    #[tokio::test]
+    async fn every_query_has_a_fresh_port_and_only_its_answer() {
+        let (upstream, ports) = recording_upstream().await;
+        let f = forwarder(vec![upstream], Duration::from_secs(2));
+        for _ in 0..40 {
+            let answer = f.forward(&QUERY, false).await.expect("answered");
+            assert_eq!(answer[3] & 0x0f, 0);
+        }
+        let mut seen = ports.lock().unwrap().clone();
+        assert_eq!(seen.len(), 40);
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 40, "a source port was used twice");
+
+        // A forged NXDOMAIN with the right id, sent to every spare socket
+        // before it is used.
+        let spares: Vec<SocketAddr> = f
+            .spares
+            .v4
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.local_addr().unwrap())
+            .collect();
+        assert!(!spares.is_empty(), "no spare sockets made ahead");
+        let forger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut forged = QUERY.to_vec();
+        forged[2] |= 0x80;
+        forged[3] = 0x83;
+        for s in &spares {
+            forger.send_to(&forged, s).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for _ in 0..spares.len() {
+            let answer = f.forward(&QUERY, false).await.expect("answered");
+            assert_eq!(answer[3] & 0x0f, 0, "a forged answer was taken");
         }
     }
 

@@ -133,6 +133,7 @@ impl DnsServer {
                 timeout: settings.timeout,
                 sockets,
                 mark,
+                spares: Default::default(),
             },
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
             metrics,
