@@ -151,7 +151,9 @@ impl Forwarder {
             .sockets
             .udp_batch(SocketAddr::new(any, 0), self.mark, SPARE_BATCH)
             .await?;
-        let mine = made.pop().ok_or_else(|| std::io::Error::other("no socket made"))?;
+        let mine = made
+            .pop()
+            .ok_or_else(|| std::io::Error::other("no socket made"))?;
         let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
         let room = SPARE_MAX.saturating_sub(pool.len());
         pool.extend(made.into_iter().take(room));
