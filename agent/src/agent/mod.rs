@@ -7,6 +7,7 @@ mod reconciler;
 use reconciler::Reconciler;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::capture::{Backend, CaptureError};
 use crate::config::{Config, Mode};
 use crate::hbone::{Pool, PoolConfig};
 use crate::identity::istio_ca::{IstioCaClient, IstioCaConfig};
-use crate::identity::{CaError, CertManager, CertificateSigner, LocalCa, TrustBundle};
+use crate::identity::{trust, CaError, CertManager, CertificateSigner, LocalCa, TrustStore};
 use crate::proxy::record::{ConnectionRecord, Reporter};
 use crate::proxy::{ListenerAddrs, Outbound, ProxyContext, ProxySettings, ReservedPorts};
 use crate::socket::Sockets;
@@ -75,14 +76,24 @@ impl Agent {
     /// or generated) or, in Istio mode, the Istio CA.
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
         let (signer, trust) = signer_for(&cfg)?;
-        Self::start_with_signer(cfg, signer, trust).await
+        let mut agent = Self::start_with_signer(cfg, signer, trust.store.clone()).await?;
+        if let Some(path) = trust.follow {
+            agent.tasks.push(tokio::spawn(trust::watch_file(
+                trust.store,
+                path,
+                TRUST_POLL_INTERVAL,
+            )));
+        }
+        Ok(agent)
     }
 
-    /// Starts with a given signer and trust bundle.
+    /// Starts with a given signer and trust anchors (a fixed
+    /// [`TrustBundle`](crate::identity::TrustBundle) or a live
+    /// [`TrustStore`]).
     pub async fn start_with_signer(
         cfg: Config,
         signer: Arc<dyn CertificateSigner>,
-        trust: TrustBundle,
+        trust: impl Into<Arc<TrustStore>>,
     ) -> Result<Agent, AgentError> {
         let backend = Backend::load(cfg.capture()).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -284,17 +295,37 @@ impl Agent {
     }
 }
 
-/// The certificate signer and trust bundle the configuration names: the
-/// local CA (loaded, or generated when no files are given) or the Istio CA.
-pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustBundle), AgentError> {
+/// How often a trust bundle file is checked for changes.
+pub const TRUST_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The trust anchors the configuration names, and the file to follow.
+pub struct TrustSetup {
+    pub store: Arc<TrustStore>,
+    /// Re-read when it changes (Istio mode: the mesh root file; local
+    /// mode: `ca.trustBundle`).
+    pub follow: Option<PathBuf>,
+}
+
+/// The certificate signer and trust anchors the configuration names: the
+/// local CA (loaded, or generated when no files are given) with its root
+/// and `ca.trustBundle`, or the Istio CA with the mesh root file. Either
+/// way the roots the CA returns with certificates are trusted too.
+pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetup), AgentError> {
     Ok(match cfg.mode {
         Mode::Local => {
             let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
                 (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
                 _ => LocalCa::generate(&cfg.ca.trust_domain)?,
             };
-            let trust = ca.trust_bundle();
-            (Arc::new(ca), trust)
+            let store = TrustStore::new(ca.trust_bundle().roots.to_vec());
+            if let Some(path) = &cfg.ca.trust_bundle {
+                store.set_file_roots(trust::read_pem_roots(path)?)?;
+            }
+            let setup = TrustSetup {
+                store,
+                follow: cfg.ca.trust_bundle.clone(),
+            };
+            (Arc::new(ca), setup)
         }
         Mode::Istio => {
             let cp = &cfg.control_plane;
@@ -309,7 +340,13 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustBund
                 cluster_id: cp.cluster_id.clone(),
                 request_timeout: cfg.connect_timeout,
             })?;
-            (Arc::new(client), TrustBundle::from_pem_file(&cp.root_cert)?)
+            let store = TrustStore::new(Vec::new());
+            store.set_file_roots(trust::read_pem_roots(&cp.root_cert)?)?;
+            let setup = TrustSetup {
+                store,
+                follow: Some(cp.root_cert.clone()),
+            };
+            (Arc::new(client), setup)
         }
     })
 }

@@ -246,7 +246,10 @@ mod tests {
         assert_eq!(seen.len(), 40);
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen.len(), 40, "a source port was used twice");
+        // Ports are drawn at random from the ephemeral range, so two
+        // queries may draw the same one by chance (a few % for 40); a
+        // reused socket would show as one port for many queries.
+        assert!(seen.len() >= 35, "source ports reused: {seen:?}");
 
         // A forged NXDOMAIN with the right id, sent to every spare socket
         // before it is used.

@@ -133,8 +133,9 @@ struct Inner {
 }
 
 type TlsKey = (Identity, Vec<Identity>);
-/// A cached client config and the certificate it presents.
-type CachedTls = (Arc<WorkloadCert>, Arc<ClientConfig>);
+/// A cached client config, the certificate it presents and the trust
+/// generation it verifies with.
+type CachedTls = (Arc<WorkloadCert>, u64, Arc<ClientConfig>);
 
 /// Tries of one stream whose peer refused it unprocessed.
 const MAX_ATTEMPTS: usize = 3;
@@ -476,7 +477,7 @@ impl Pool {
 
 impl Pool {
     /// The TLS config presenting `cert` and expecting `expected`, reused
-    /// until the certificate is renewed.
+    /// until the certificate is renewed or the trust anchors change.
     fn client_config(
         &self,
         src: &Identity,
@@ -484,21 +485,18 @@ impl Pool {
         expected: &[Identity],
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let key = (src.clone(), expected.to_vec());
-        if let Some((c, cfg)) = lock(&self.inner.tls).get(&key) {
-            if Arc::ptr_eq(c, &cert) {
+        let trust = self.inner.certs.trust_bundle();
+        if let Some((c, generation, cfg)) = lock(&self.inner.tls).get(&key) {
+            if Arc::ptr_eq(c, &cert) && *generation == trust.generation {
                 return Ok(cfg.clone());
             }
         }
-        let cfg = Arc::new(tls::client_config(
-            &cert,
-            self.inner.certs.trust_bundle(),
-            expected.to_vec(),
-        )?);
+        let cfg = Arc::new(tls::client_config(&cert, &trust, expected.to_vec())?);
         let mut cache = lock(&self.inner.tls);
         if cache.len() >= TLS_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(key, (cert, cfg.clone()));
+        cache.insert(key, (cert, trust.generation, cfg.clone()));
         Ok(cfg)
     }
 }

@@ -62,26 +62,28 @@ fn root_store(trust: &TrustBundle) -> Result<RootCertStore, TlsError> {
 }
 
 /// The server config for the current certificate of one identity, kept
-/// until the certificate changes (rotation) instead of rebuilt per
-/// connection.
+/// until the certificate (rotation) or the trust anchors change instead of
+/// rebuilt per connection.
 #[derive(Debug, Default)]
-pub struct ServerConfigCache(std::sync::Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>);
+pub struct ServerConfigCache(std::sync::Mutex<Option<CachedServerConfig>>);
+
+type CachedServerConfig = (Arc<WorkloadCert>, u64, Arc<ServerConfig>);
 
 impl ServerConfigCache {
-    /// The config for `cert`, built now only if `cert` is new.
+    /// The config for `cert` under `trust`, built now only if either is new.
     pub fn get(
         &self,
         cert: Arc<WorkloadCert>,
         trust: &TrustBundle,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((c, cfg)) = slot.as_ref() {
-            if Arc::ptr_eq(c, &cert) {
+        if let Some((c, generation, cfg)) = slot.as_ref() {
+            if Arc::ptr_eq(c, &cert) && *generation == trust.generation {
                 return Ok(cfg.clone());
             }
         }
         let cfg = Arc::new(server_config(&cert, trust)?);
-        *slot = Some((cert, cfg.clone()));
+        *slot = Some((cert, trust.generation, cfg.clone()));
         Ok(cfg)
     }
 }

@@ -191,6 +191,7 @@ impl LocalCa {
     pub fn trust_bundle(&self) -> TrustBundle {
         TrustBundle {
             roots: Arc::new(vec![self.root_der.clone()]),
+            generation: 0,
         }
     }
 

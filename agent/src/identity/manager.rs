@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{CaError, CertificateSigner, Identity, TrustBundle, WorkloadCert};
+use super::{CaError, CertificateSigner, Identity, TrustBundle, TrustStore, WorkloadCert};
 
 #[derive(Clone, Debug)]
 pub struct CertManagerConfig {
@@ -40,7 +40,7 @@ impl Default for CertManagerConfig {
 /// Hands out workload certificates, signed by a [`CertificateSigner`].
 pub struct CertManager {
     signer: Arc<dyn CertificateSigner>,
-    trust: TrustBundle,
+    trust: Arc<TrustStore>,
     cfg: CertManagerConfig,
     entries: Mutex<HashMap<Identity, Entry>>,
 }
@@ -58,6 +58,8 @@ struct Entry {
 struct Cached {
     cert: Arc<WorkloadCert>,
     renew_at: SystemTime,
+    /// The root(s) the CA sent along (trusted while this is current).
+    ca_roots: Vec<CertificateDer<'static>>,
 }
 
 type Issuance = Shared<BoxFuture<'static, Result<Cached, CaError>>>;
@@ -84,14 +86,16 @@ impl Drop for AbortOnDrop {
 }
 
 impl CertManager {
+    /// `trust`: the live trust anchors (a fixed [`TrustBundle`] will do);
+    /// the roots the CA returns are added to them.
     pub fn new(
         signer: Arc<dyn CertificateSigner>,
-        trust: TrustBundle,
+        trust: impl Into<Arc<TrustStore>>,
         cfg: CertManagerConfig,
     ) -> Arc<Self> {
         Arc::new(CertManager {
             signer,
-            trust,
+            trust: trust.into(),
             cfg,
             entries: Mutex::new(HashMap::new()),
         })
@@ -137,6 +141,7 @@ impl CertManager {
         let removed = self.lock().remove(id);
         // Dropped outside the lock; this aborts the renewal task.
         drop(removed);
+        self.trust.forget_ca_roots(id);
     }
 
     /// All cached certificates, by identity (for the admin config dump).
@@ -150,7 +155,13 @@ impl CertManager {
         certs
     }
 
-    pub fn trust_bundle(&self) -> &TrustBundle {
+    /// The trust anchors now.
+    pub fn trust_bundle(&self) -> Arc<TrustBundle> {
+        self.trust.bundle()
+    }
+
+    /// The live trust anchors.
+    pub fn trust(&self) -> &Arc<TrustStore> {
         &self.trust
     }
 
@@ -186,16 +197,22 @@ impl CertManager {
         // Whichever waiter gets here first records the result; a `forget`
         // meanwhile removed the entry, and then nothing is recorded.
         let mut entries = self.lock();
+        let mut recorded = None;
         if let Some(entry) = entries.get_mut(id) {
             if entry.pending.as_ref().is_some_and(|p| p.ptr_eq(&issuance)) {
                 entry.pending = None;
                 if let Ok(c) = &result {
                     entry.cert = Some(c.clone());
+                    recorded = Some(c.ca_roots.clone());
                 }
             }
             if entry.cert.is_none() && entry.pending.is_none() && entry.tracker.is_none() {
                 entries.remove(id);
             }
+        }
+        drop(entries);
+        if let Some(roots) = recorded {
+            self.trust.set_ca_roots(id, roots);
         }
         match result {
             Ok(c) => Outcome::Issued(c),
@@ -259,12 +276,13 @@ async fn issue(
     let csr = csr_pem(&id, &key)?;
     let pems = signer.sign(&id, &csr, ttl).await?;
     let received = SystemTime::now();
-    let cert = workload_cert(id, &pems, &key, received)?;
+    let (cert, ca_roots) = workload_cert(id, &pems, &key, received)?;
     let renew_at = renew_time(&cert, received);
     debug!(identity = %cert.identity, "certificate issued");
     Ok(Cached {
         cert: Arc::new(cert),
         renew_at,
+        ca_roots,
     })
 }
 
@@ -284,13 +302,13 @@ fn csr_pem(id: &Identity, key: &KeyPair) -> Result<String, CaError> {
 }
 
 /// Checks a signer's PEM chain (leaf first, root last) and pairs it with
-/// `key`.
+/// `key`; the root, if the chain ends with one, is returned apart.
 fn workload_cert(
     id: Identity,
     pems: &[String],
     key: &KeyPair,
     now: SystemTime,
-) -> Result<WorkloadCert, CaError> {
+) -> Result<(WorkloadCert, Vec<CertificateDer<'static>>), CaError> {
     let mut chain = Vec::new();
     for pem in pems {
         for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
@@ -316,21 +334,23 @@ fn workload_cert(
         return Err(CaError::BadChain("leaf is already expired".into()));
     }
     // The root is the peers' trust anchor, not part of what we present.
+    let mut roots = Vec::new();
     if chain.len() > 1 {
         if let Some(last) = chain.last() {
             let last = parse(last)?;
             if last.subject().as_raw() == last.issuer().as_raw() {
-                chain.pop();
+                roots.extend(chain.pop());
             }
         }
     }
-    Ok(WorkloadCert {
+    let cert = WorkloadCert {
         identity: id,
         chain,
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         not_before,
         not_after,
-    })
+    };
+    Ok((cert, roots))
 }
 
 fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, CaError> {

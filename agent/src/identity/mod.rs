@@ -9,10 +9,12 @@ mod ca;
 pub mod istio_ca;
 mod manager;
 mod spiffe;
+pub mod trust;
 
 pub use ca::{CaError, LocalCa};
 pub use manager::{CertManager, CertManagerConfig};
 pub use spiffe::{Identity, IdentityParseError};
+pub use trust::TrustStore;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -67,31 +69,29 @@ pub trait CertificateSigner: Send + Sync + 'static {
 pub type SignFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<String>, CaError>> + Send + 'a>>;
 
-/// The trust anchors against which peers' certificates are verified.
+/// The trust anchors against which peers' certificates are verified, as
+/// of one moment ([`TrustStore`] holds the live set).
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     pub roots: Arc<Vec<CertificateDer<'static>>>,
+    /// Which version of the live set this is: TLS configurations built
+    /// from an older one are rebuilt.
+    pub generation: u64,
 }
 
 impl TrustBundle {
     /// Every certificate in a PEM file (the mesh root(s) in Istio mode).
     pub fn from_pem_file(path: &std::path::Path) -> Result<TrustBundle, CaError> {
-        let io = |source| CaError::Io {
-            path: path.to_path_buf(),
-            source: Arc::new(source),
-        };
-        let data = std::fs::read(path).map_err(io)?;
-        let roots = rustls_pemfile::certs(&mut data.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io)?;
-        if roots.is_empty() {
-            return Err(CaError::BadPem(format!(
-                "{} holds no certificate",
-                path.display()
-            )));
-        }
         Ok(TrustBundle {
-            roots: Arc::new(roots),
+            roots: Arc::new(trust::read_pem_roots(path)?),
+            generation: 0,
         })
+    }
+}
+
+/// A fixed bundle as a live set that never changes by itself.
+impl From<TrustBundle> for Arc<TrustStore> {
+    fn from(b: TrustBundle) -> Self {
+        TrustStore::new(b.roots.to_vec())
     }
 }

@@ -90,7 +90,7 @@ impl Inbound {
 
     async fn server_config(&self) -> Result<Arc<ServerConfig>, ConnectionError> {
         let cert = self.ctx.certs.fetch(&self.identity).await?;
-        Ok(self.tls.get(cert, self.ctx.certs.trust_bundle())?)
+        Ok(self.tls.get(cert, &self.ctx.certs.trust_bundle())?)
     }
 
     async fn serve_tls(

@@ -213,10 +213,17 @@ impl Waypoint {
     /// the current network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Waypoint, WaypointError> {
         let (signer, trust) = crate::agent::signer_for(cfg)?;
-        let certs = CertManager::new(signer, trust, cfg.certificates());
+        let certs = CertManager::new(signer, trust.store.clone(), cfg.certificates());
         let state = Arc::new(State::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut sources = Vec::new();
+        if let Some(path) = trust.follow {
+            sources.push(tokio::spawn(crate::identity::trust::watch_file(
+                trust.store,
+                path,
+                crate::agent::TRUST_POLL_INTERVAL,
+            )));
+        }
         crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
         if cfg.mode == Mode::Istio {
             // Wait for the first push: the waypoint must find itself in it.
@@ -261,7 +268,7 @@ impl Shared {
     ) -> Result<(), ConnectionError> {
         let local = stream.local_addr().unwrap_or(peer);
         let cert = self.certs.fetch(&self.workload.identity()).await?;
-        let cfg = self.tls.get(cert, self.certs.trust_bundle())?;
+        let cfg = self.tls.get(cert, &self.certs.trust_bundle())?;
         let (tls, peer_identity) = server::accept_tls(
             stream,
             peer.ip(),
