@@ -66,6 +66,10 @@ pub struct AgentGauges {
     pub enrolled: usize,
     /// The xDS client's status (Istio mode only).
     pub xds: Option<XdsStatus>,
+    /// Trust anchors in the live set.
+    pub trust_roots: usize,
+    /// Connections closed because their peer's root left the set.
+    pub untrusted_closed: u64,
 }
 
 /// The agent's metrics registry.
@@ -93,6 +97,8 @@ pub struct Metrics {
     dns: crate::dns::metrics::DnsMetrics,
     certificates: Gauge,
     enrolled: Gauge,
+    trust_roots: Gauge,
+    untrusted_closed: Counter,
     /// One scrape at a time updates the gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -128,6 +134,8 @@ impl Metrics {
             dns: Default::default(),
             certificates: Gauge::default(),
             enrolled: Gauge::default(),
+            trust_roots: Gauge::default(),
+            untrusted_closed: Counter::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -243,6 +251,16 @@ impl Metrics {
             "Local workloads being served",
             m.enrolled.clone(),
         );
+        registry.register(
+            "ambient_trust_roots",
+            "Trust anchors in the live set (configured roots and the CA's)",
+            m.trust_roots.clone(),
+        );
+        registry.register(
+            "ambient_trust_untrusted_connections_closed",
+            "HBONE connections closed because their peer's root left the trust anchors",
+            m.untrusted_closed.clone(),
+        );
         m.dns.register(&mut registry);
         Metrics { registry, ..m }
     }
@@ -319,6 +337,8 @@ impl Metrics {
         self.certificates
             .set(to_i64(gauges.certificates.len() as u64));
         self.enrolled.set(to_i64(gauges.enrolled as u64));
+        self.trust_roots.set(to_i64(gauges.trust_roots as u64));
+        catch_up(&self.untrusted_closed, gauges.untrusted_closed);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

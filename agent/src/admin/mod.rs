@@ -266,6 +266,8 @@ impl Shared {
             certificates: self.certs.certificates(),
             enrolled: self.workloads.served().len(),
             xds: self.readiness.xds_status(),
+            trust_roots: self.certs.trust_bundle().roots.len(),
+            untrusted_closed: self.certs.trust().untrusted_closed(),
         };
         self.metrics.encode(&gauges)
     }

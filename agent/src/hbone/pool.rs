@@ -28,7 +28,7 @@ use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
-use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
+use crate::identity::{CaError, CertManager, Identity, PeerGuard, PeerRole, WorkloadCert};
 use crate::socket::{ConnectOpts, Sockets};
 
 /// Pool behaviour; see each field for its default.
@@ -133,6 +133,13 @@ struct Inner {
 }
 
 type TlsKey = (Identity, Vec<Identity>);
+/// What a handshake yields: the h2 handle and driver, and the server's
+/// chain (leaf first).
+type Handshaken = (
+    SendRequest<Bytes>,
+    h2::client::Connection<TlsConn, Bytes>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+);
 /// A cached client config, the certificate it presents and the trust
 /// generation it verifies with.
 type CachedTls = (Arc<WorkloadCert>, u64, Arc<ClientConfig>);
@@ -396,10 +403,15 @@ impl Pool {
         sockets: &Sockets,
     ) -> Result<Arc<Conn>, PoolError> {
         let cfg = &self.inner.cfg;
-        let (send, connection) =
+        let (send, connection, chain) =
             tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected, sockets))
                 .await
                 .map_err(|_| PoolError::Timeout(key.dst))??;
+        let guard = self
+            .inner
+            .certs
+            .trust()
+            .register_peer(chain, PeerRole::Server);
         let budget = match cfg.streams_per_connection {
             0 => u64::MAX,
             n => n,
@@ -423,6 +435,7 @@ impl Pool {
         tokio::spawn(
             drive(
                 connection,
+                guard,
                 conn.retired.clone(),
                 Arc::downgrade(&conn),
                 Arc::downgrade(entry),
@@ -439,7 +452,7 @@ impl Pool {
         key: &PoolKey,
         expected: &[Identity],
         sockets: &Sockets,
-    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsConn, Bytes>), PoolError> {
+    ) -> Result<Handshaken, PoolError> {
         let cfg = &self.inner.cfg;
         let cert = self
             .inner
@@ -463,6 +476,7 @@ impl Pool {
         if tls.alpn.as_deref() != Some(tls::ALPN_H2) {
             return Err(PoolError::NoH2(key.dst));
         }
+        let chain = tls.peer_certificates;
         let tls = tls.conn;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(cfg.h2.stream_window)
@@ -471,7 +485,7 @@ impl Pool {
             .handshake(tls)
             .await?;
         debug!(dst = %key.dst, peer = %key.dst_identity, "HBONE connection established");
-        Ok((send, connection))
+        Ok((send, connection, chain))
     }
 }
 
@@ -532,12 +546,15 @@ enum Ending {
     Released,
     Retired,
     KeepAliveFailed,
+    /// The peer's root left the trust anchors: dropped with its streams.
+    Untrusted,
 }
 
 /// Drives one connection: polls it, PINGs it, releases it when idle, and
 /// removes it from the pool when it ends.
 async fn drive(
     mut connection: h2::client::Connection<TlsConn, Bytes>,
+    peer: PeerGuard,
     retired: Arc<tokio::sync::Notify>,
     conn: Weak<Conn>,
     entry: Weak<Entry>,
@@ -586,6 +603,10 @@ async fn drive(
         },
         why = maintain => why,
         _ = retired.notified() => Ending::Retired,
+        () = peer.untrusted() => {
+            warn!("closing an HBONE connection: no trusted root vouches for its peer any more");
+            Ending::Untrusted
+        }
     };
     debug!(reason = ?why, "HBONE connection leaves the pool");
     if let Some(c) = conn.upgrade() {

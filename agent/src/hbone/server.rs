@@ -162,7 +162,7 @@ pub async fn accept_tls(
     cfg: Arc<rustls::ServerConfig>,
     gate: &HandshakeGate,
     trust_domain: &str,
-) -> Result<(TlsConn, Identity), HandshakeError> {
+) -> Result<Accepted, HandshakeError> {
     let handshake = async {
         let mut first = [0u8; 1];
         if stream.peek(&mut first).await.map_err(HandshakeError::Io)? == 0 {
@@ -183,7 +183,20 @@ pub async fn accept_tls(
     if peer.trust_domain() != trust_domain {
         return Err(HandshakeError::ForeignTrustDomain(peer));
     }
-    Ok((tls.conn, peer))
+    Ok(Accepted {
+        conn: tls.conn,
+        peer,
+        chain: tls.peer_certificates,
+    })
+}
+
+/// An authenticated HBONE connection.
+pub struct Accepted {
+    pub conn: TlsConn,
+    /// The identity the client proved.
+    pub peer: Identity,
+    /// The client's chain, leaf first.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// A validated CONNECT request.
@@ -257,18 +270,22 @@ pub struct ConnectionInfo {
 }
 
 /// Serves HTTP/2 on an established, authenticated connection until the
-/// client goes away or `shutdown` fires (then GOAWAY and drain).
+/// client goes away or `shutdown` fires (then GOAWAY and drain). When
+/// `untrusted` resolves (the client's root left the trust anchors) the
+/// connection and every stream on it end at once.
 pub async fn serve<IO, H>(
     io: IO,
     info: ConnectionInfo,
     settings: &H2Settings,
     handler: Arc<H>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    untrusted: impl std::future::Future<Output = ()>,
 ) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
+    tokio::pin!(untrusted);
     let mut conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
@@ -287,6 +304,17 @@ where
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
+            }
+            () = &mut untrusted => {
+                warn!(peer = %info.peer_identity, "closing an HBONE connection: no trusted root vouches for its peer any more");
+                conn.abrupt_shutdown(h2::Reason::CANCEL);
+                // Flush the GOAWAY, briefly; dropping the connection then
+                // ends every stream still open.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(_)) = conn.accept().await {}
+                })
+                .await;
+                return Ok(());
             }
         };
         let Some(next) = next else { return Ok(()) };

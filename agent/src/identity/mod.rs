@@ -14,7 +14,7 @@ pub mod trust;
 pub use ca::{CaError, LocalCa};
 pub use manager::{CertManager, CertManagerConfig};
 pub use spiffe::{Identity, IdentityParseError};
-pub use trust::TrustStore;
+pub use trust::{PeerGuard, PeerRole, TrustStore};
 
 use std::sync::Arc;
 use std::time::SystemTime;

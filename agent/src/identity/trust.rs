@@ -12,16 +12,24 @@
 //!
 //! Readers take a snapshot ([`TrustStore::bundle`]); every change makes a
 //! new [`TrustBundle`] with a higher generation, announced on a watch
-//! channel so TLS configurations are rebuilt and open connections checked
-//! against the new set.
+//! channel, so TLS configurations are rebuilt.
+//!
+//! Open connections register the chain their peer was authenticated with
+//! ([`TrustStore::register_peer`]). After each change every registered
+//! chain is verified again against the new set, as of the moment it was
+//! first accepted (an expiry since is not this check's business): those
+//! still anchored keep running, untouched by a rotation; those whose root
+//! is gone are told to close, and counted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls_pki_types::CertificateDer;
-use tokio::sync::watch;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use super::{CaError, Identity, TrustBundle};
@@ -31,6 +39,52 @@ pub struct TrustStore {
     sources: Mutex<Sources>,
     current: RwLock<Arc<TrustBundle>>,
     changes: watch::Sender<u64>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    next_peer: AtomicU64,
+    /// Connections closed because their peer's root left the set.
+    untrusted: AtomicU64,
+}
+
+/// An open connection's authenticated peer.
+struct Peer {
+    /// Leaf first, then the intermediates it sent.
+    chain: Vec<CertificateDer<'static>>,
+    role: PeerRole,
+    accepted: UnixTime,
+    close: Arc<Notify>,
+}
+
+/// Which end the peer is: its certificate is checked for that use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer connected to us (client authentication).
+    Client,
+    /// We connected to the peer (server authentication).
+    Server,
+}
+
+/// One registered connection; dropping it forgets the connection.
+pub struct PeerGuard {
+    store: Arc<TrustStore>,
+    id: u64,
+    close: Arc<Notify>,
+}
+
+impl PeerGuard {
+    /// Resolves once the trust anchors no longer vouch for the peer.
+    pub async fn untrusted(&self) {
+        self.close.notified().await
+    }
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        self.store
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 impl std::fmt::Debug for TrustStore {
@@ -84,7 +138,74 @@ impl TrustStore {
             }),
             current: RwLock::new(Arc::new(bundle)),
             changes: watch::Sender::new(0),
+            peers: Mutex::default(),
+            next_peer: AtomicU64::new(0),
+            untrusted: AtomicU64::new(0),
         })
+    }
+
+    /// Remembers the peer of an open connection, authenticated now with
+    /// `chain` (leaf first), until the guard is dropped.
+    pub fn register_peer(
+        self: &Arc<Self>,
+        chain: Vec<CertificateDer<'static>>,
+        role: PeerRole,
+    ) -> PeerGuard {
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        let peer = Peer {
+            chain,
+            role,
+            accepted: UnixTime::now(),
+            close: close.clone(),
+        };
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, peer);
+        PeerGuard {
+            store: self.clone(),
+            id,
+            close,
+        }
+    }
+
+    /// Open connections registered now.
+    pub fn peers(&self) -> usize {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Connections closed so far because their peer's root left the set.
+    pub fn untrusted_closed(&self) -> u64 {
+        self.untrusted.load(Ordering::Relaxed)
+    }
+
+    /// Tells every registered connection `bundle` no longer anchors to
+    /// close; returns how many.
+    fn recheck(&self, bundle: &TrustBundle) -> usize {
+        let verifier = Verifier::new(bundle);
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut closed = 0;
+        for p in peers.values() {
+            if verifier.anchors(p) {
+                continue;
+            }
+            p.close.notify_one();
+            closed += 1;
+        }
+        drop(peers);
+        if closed > 0 {
+            self.untrusted.fetch_add(closed as u64, Ordering::Relaxed);
+            warn!(
+                closed,
+                generation = bundle.generation,
+                "closing connections whose peer no root trusts any more"
+            );
+        }
+        closed
     }
 
     /// The trust anchors now.
@@ -151,13 +272,65 @@ impl TrustStore {
             before = current.roots.len(),
             "trust bundle changed"
         );
-        *current = Arc::new(TrustBundle {
+        let bundle = Arc::new(TrustBundle {
             roots: Arc::new(roots),
             generation,
         });
+        *current = bundle.clone();
         drop(current);
         drop(sources);
         self.changes.send_replace(generation);
+        self.recheck(&bundle);
+    }
+}
+
+/// Checks peers' chains against one bundle.
+struct Verifier {
+    roots: Arc<RootCertStore>,
+    /// None when no root parses: then nothing is anchored.
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl Verifier {
+    fn new(bundle: &TrustBundle) -> Verifier {
+        let mut roots = RootCertStore::empty();
+        roots.add_parsable_certificates(bundle.roots.iter().cloned());
+        let roots = Arc::new(roots);
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            crate::hbone::tls::provider(),
+        )
+        .build()
+        .ok();
+        Verifier { roots, clients }
+    }
+
+    /// Whether `peer`'s chain leads to one of the roots, for its role, as
+    /// of when it was accepted.
+    fn anchors(&self, peer: &Peer) -> bool {
+        let Some((leaf, intermediates)) = peer.chain.split_first() else {
+            return false;
+        };
+        match peer.role {
+            PeerRole::Client => self.clients.as_ref().is_some_and(|v| {
+                v.verify_client_cert(leaf, intermediates, peer.accepted)
+                    .is_ok()
+            }),
+            PeerRole::Server => {
+                let Ok(leaf) = rustls::server::ParsedCertificate::try_from(leaf) else {
+                    return false;
+                };
+                let algorithms = crate::hbone::tls::provider().signature_verification_algorithms;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &leaf,
+                    &self.roots,
+                    intermediates,
+                    peer.accepted,
+                    algorithms.all,
+                )
+                .is_ok()
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::hbone::server::{
     self, ConnectRequest, ConnectionError, ConnectionInfo, Handler, Responder,
 };
 use crate::hbone::{self, tls, H2Stream};
-use crate::identity::Identity;
+use crate::identity::{Identity, PeerRole};
 use crate::socket::Sockets;
 use crate::state::Workload;
 use crate::state::{authz, ApplicationTunnel};
@@ -102,20 +102,26 @@ impl Inbound {
         let cfg = self.server_config().await?;
         let td = &self.workload.trust_domain;
         let accepted = server::accept_tls(stream, peer.ip(), cfg, &self.handshakes, td).await;
-        let (tls, peer_identity) = accepted.inspect_err(|e| {
+        let accepted = accepted.inspect_err(|e| {
             if !matches!(e, server::HandshakeError::Closed) {
                 self.ctx.reporter.metrics().handshake_failed(e.reason());
             }
         })?;
-        tracing::Span::current().record("src_id", tracing::field::display(&peer_identity));
+        tracing::Span::current().record("src_id", tracing::field::display(&accepted.peer));
+        let guard = self
+            .ctx
+            .certs
+            .trust()
+            .register_peer(accepted.chain, PeerRole::Client);
         let info = ConnectionInfo {
-            peer_identity,
+            peer_identity: accepted.peer,
             peer_addr: peer,
             local_addr: local,
         };
         let settings = self.ctx.settings.h2;
         let shutdown = self.ctx.shutdown.clone();
-        server::serve(tls, info, &settings, self, shutdown).await?;
+        let untrusted = guard.untrusted();
+        server::serve(accepted.conn, info, &settings, self, shutdown, untrusted).await?;
         Ok(())
     }
 }

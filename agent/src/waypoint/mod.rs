@@ -19,7 +19,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Config, Mode};
 use crate::hbone::server::{self, ConnectionError, HandshakeGate, HandshakeLimits};
 use crate::hbone::{tls, H2Settings, Pool, PoolConfig};
-use crate::identity::{CaError, CertManager, Identity};
+use crate::identity::{CaError, CertManager, Identity, PeerRole};
 use crate::socket::{ListenOpts, Sockets};
 use crate::state::{State, Workload};
 
@@ -269,7 +269,7 @@ impl Shared {
         let local = stream.local_addr().unwrap_or(peer);
         let cert = self.certs.fetch(&self.workload.identity()).await?;
         let cfg = self.tls.get(cert, &self.certs.trust_bundle())?;
-        let (tls, peer_identity) = server::accept_tls(
+        let accepted = server::accept_tls(
             stream,
             peer.ip(),
             cfg,
@@ -277,13 +277,18 @@ impl Shared {
             &self.workload.trust_domain,
         )
         .await?;
+        let guard = self
+            .certs
+            .trust()
+            .register_peer(accepted.chain, PeerRole::Client);
         let info = server::ConnectionInfo {
-            peer_identity,
+            peer_identity: accepted.peer,
             peer_addr: peer,
             local_addr: local,
         };
         let h2 = self.cfg.h2;
-        server::serve(tls, info, &h2, Arc::new(http1::L7(self)), shutdown).await?;
+        let l7 = Arc::new(http1::L7(self));
+        server::serve(accepted.conn, info, &h2, l7, shutdown, guard.untrusted()).await?;
         Ok(())
     }
 }
