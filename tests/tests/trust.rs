@@ -214,3 +214,66 @@ async fn a_root_rotation_drops_nothing_still_trusted_and_closes_what_is_not() {
         b"still"
     );
 }
+
+/// Istio's plug-in CA: each cluster's CA is an intermediate under one
+/// root; workloads serve leaf + intermediate and trust the root only, so
+/// chains are verified through the intermediate both ways, also between
+/// workloads under different intermediates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediate_chains_are_served_and_verified_both_ways() {
+    init_tracing();
+    let w = World::new(42);
+    let n = w.net;
+    let other = format!(
+        "  - uid: other\n    name: other\n    namespace: test\n    serviceAccount: other\n    addresses: [127.{n}.4.1]\n    node: node-c\n"
+    );
+    w.write_mesh(&w.mesh_with("server", &other, "server"));
+    let dir = w.dir.path();
+    let root = &w.ca;
+    let start = |node: &'static str, cluster: &str| {
+        let mid = root
+            .intermediate("cluster.local", cluster)
+            .expect("intermediate");
+        let (cert, key, chain) = (
+            dir.join(format!("{cluster}-ca-cert.pem")),
+            dir.join(format!("{cluster}-ca-key.pem")),
+            dir.join(format!("{cluster}-cert-chain.pem")),
+        );
+        mid.write_pem(&cert, &key).expect("write");
+        std::fs::write(&chain, mid.chain_pem()).expect("write chain");
+        let mut cfg: Config = w.config(node);
+        cfg.ca.root_cert = Some(cert);
+        cfg.ca.root_key = Some(key);
+        cfg.ca.cert_chain = Some(chain);
+        async move { Agent::start(cfg).await.expect("agent starts") }
+    };
+    let a = start("node-a", "cluster-1").await;
+    let b = start("node-b", "cluster-1").await;
+    let c = start("node-c", "cluster-2").await;
+    for agent in [&a, &b, &c] {
+        assert_eq!(
+            *agent.certs.trust_bundle().roots,
+            *root.trust_bundle().roots,
+            "only the root is an anchor"
+        );
+    }
+    let _server = echo_app(w.server_app()).await;
+    for (agent, uid) in [(&a, "client"), (&c, "other")] {
+        let mut s = agent.connect_as(uid, w.server_app()).await.unwrap();
+        assert_eq!(
+            timeout(LIMIT, send_and_read_back(&mut s, b"through the chain"))
+                .await
+                .unwrap()
+                .unwrap(),
+            b"through the chain",
+            "{uid}"
+        );
+    }
+    // What each side presented: leaf and intermediate, never the root.
+    for agent in [&a, &b, &c] {
+        for cert in agent.certs.certificates() {
+            assert_eq!(cert.chain.len(), 2, "{}", cert.identity);
+            assert!(!root.trust_bundle().roots.contains(&cert.chain[1]));
+        }
+    }
+}

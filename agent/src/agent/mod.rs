@@ -314,7 +314,9 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetu
     Ok(match cfg.mode {
         Mode::Local => {
             let ca = match (&cfg.ca.root_cert, &cfg.ca.root_key) {
-                (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
+                (Some(cert), Some(key)) => {
+                    LocalCa::load_with_chain(cert, key, cfg.ca.cert_chain.as_deref())?
+                }
                 _ => LocalCa::generate(&cfg.ca.trust_domain)?,
             };
             let store = TrustStore::new(ca.trust_bundle().roots.to_vec());

@@ -219,6 +219,7 @@ impl Config {
         for p in [
             &mut cfg.ca.root_cert,
             &mut cfg.ca.root_key,
+            &mut cfg.ca.cert_chain,
             &mut cfg.ca.trust_bundle,
         ]
         .into_iter()
@@ -263,6 +264,12 @@ impl Config {
         if self.ca.root_cert.is_some() != self.ca.root_key.is_some() {
             return Err(ConfigError::Invalid(
                 "ca.rootCert and ca.rootKey must be given together".into(),
+            ));
+        }
+        if self.ca.cert_chain.is_some() && self.ca.root_cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "ca.certChain needs ca.rootCert and ca.rootKey (the intermediate it starts from)"
+                    .into(),
             ));
         }
         let defaults = Ports::default();

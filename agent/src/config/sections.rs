@@ -20,6 +20,11 @@ pub struct CaConfig {
     pub root_cert: Option<PathBuf>,
     /// Root private key (PEM, PKCS#8).
     pub root_key: Option<PathBuf>,
+    /// With it, `rootCert`/`rootKey` are an intermediate CA (Istio's
+    /// plug-in `ca-cert.pem`/`ca-key.pem`) and this PEM file holds the
+    /// chain from it to the root (`cert-chain.pem`); workloads then serve
+    /// leaf + intermediates and peers need only the root. Default: none.
+    pub cert_chain: Option<PathBuf>,
     /// Roots trusted besides the local CA's own (PEM; e.g. the old root
     /// during a rotation, or another mesh's), re-read when the file
     /// changes. Default: none.
@@ -234,6 +239,7 @@ impl Default for CaConfig {
         CaConfig {
             root_cert: None,
             root_key: None,
+            cert_chain: None,
             trust_bundle: None,
             trust_domain: "cluster.local".into(),
             cert_ttl: Duration::from_secs(24 * 3600),

@@ -1,6 +1,8 @@
 //! The in-process certificate authority of local mode: a root (generated, or
-//! loaded from PEM files shared by several agents) that signs workload
-//! certificates for CSRs naming exactly the identity asked for.
+//! loaded from PEM files shared by several agents), or an intermediate
+//! under one (Istio's plug-in CA layout: the signing certificate and key,
+//! and the chain from it to the root), that signs workload certificates
+//! for CSRs naming exactly the identity asked for.
 
 use std::fmt;
 use std::io::Write;
@@ -78,12 +80,17 @@ impl CaError {
     }
 }
 
-/// A root CA held in memory, signing workload certificates directly.
+/// A CA held in memory, signing workload certificates: a root, or an
+/// intermediate with the chain from it to its root.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
-    root_der: CertificateDer<'static>,
-    root_pem: String,
-    /// Leaves are never made to outlive their root.
+    /// The signing CA's certificate.
+    ca_der: CertificateDer<'static>,
+    ca_pem: String,
+    /// The signing CA's issuers, up to and including the root; empty when
+    /// the signing CA is the root.
+    above: Vec<(CertificateDer<'static>, String)>,
+    /// Leaves are never made to outlive the chain above them.
     root_not_after: OffsetDateTime,
 }
 
@@ -116,8 +123,40 @@ impl LocalCa {
             .self_signed(&key)
             .map_err(|e| CaError::Signing(format!("self-signing the root: {e}")))?;
         Ok(LocalCa {
-            root_der: cert.der().clone(),
-            root_pem: cert.pem(),
+            ca_der: cert.der().clone(),
+            ca_pem: cert.pem(),
+            above: Vec::new(),
+            root_not_after: params.not_after,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Makes a new intermediate CA under this one (ECDSA P-256, CA:true
+    /// with path length 0, subject O=<trust domain>, CN=`name`), valid as
+    /// long as this one: what an operator plugs into each cluster's CA.
+    pub fn intermediate(&self, trust_domain: &str, name: &str) -> Result<LocalCa, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::KeyGen(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = OffsetDateTime::now_utc() - CLOCK_SKEW;
+        params.not_after = self.root_not_after;
+        params.serial_number = Some(random_serial());
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Signing(format!("signing the intermediate: {e}")))?;
+        let mut above = vec![(self.ca_der.clone(), self.ca_pem.clone())];
+        above.extend(self.above.iter().cloned());
+        Ok(LocalCa {
+            ca_der: cert.der().clone(),
+            ca_pem: cert.pem(),
+            above,
             root_not_after: params.not_after,
             issuer: Issuer::new(params, key),
         })
@@ -125,18 +164,33 @@ impl LocalCa {
 
     /// Loads a root certificate and its key from PEM files.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
-        let cert_pem = std::fs::read_to_string(cert_path).map_err(|e| CaError::io(cert_path, e))?;
-        let key_pem = std::fs::read_to_string(key_path).map_err(|e| CaError::io(key_path, e))?;
-        Self::from_pem(&cert_pem, &key_pem)
+        Self::load_with_chain(cert_path, key_path, None)
     }
 
-    /// Builds the CA from a PEM root certificate (exactly one) and its PEM
-    /// private key (PKCS#8, SEC1 or PKCS#1).
+    /// Loads a CA certificate and its key from PEM files; with `chain`, the
+    /// CA is an intermediate and `chain` holds the certificates from it
+    /// (or its issuer) up to the root, as Istio's `cert-chain.pem`.
+    pub fn load_with_chain(
+        cert_path: &Path,
+        key_path: &Path,
+        chain: Option<&Path>,
+    ) -> Result<Self, CaError> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| CaError::io(p, e));
+        let ca = Self::from_pem(&read(cert_path)?, &read(key_path)?)?;
+        match chain {
+            None => Ok(ca),
+            Some(p) => ca.with_chain(&read(p)?),
+        }
+    }
+
+    /// Builds the CA from a PEM CA certificate (exactly one) and its PEM
+    /// private key (PKCS#8, SEC1 or PKCS#1); a root unless
+    /// [`with_chain`](Self::with_chain) says otherwise.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CaError::BadPem(format!("root certificate: {e}")))?;
-        let root_der = match <[_; 1]>::try_from(certs) {
+        let ca_der = match <[_; 1]>::try_from(certs) {
             Ok([root]) => root,
             Err(certs) => {
                 return Err(CaError::BadPem(format!(
@@ -148,7 +202,7 @@ impl LocalCa {
         let key =
             KeyPair::from_pem(key_pem).map_err(|e| CaError::BadPem(format!("root key: {e}")))?;
 
-        let (_, root) = X509Certificate::from_der(&root_der)
+        let (_, root) = X509Certificate::from_der(&ca_der)
             .map_err(|e| CaError::BadPem(format!("root certificate: {e}")))?;
         if !root.is_ca() {
             return Err(CaError::InvalidRoot("certificate is not a CA".into()));
@@ -165,32 +219,134 @@ impl LocalCa {
             )));
         }
 
-        let issuer = Issuer::from_ca_cert_der(&root_der, key)
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key)
             .map_err(|e| CaError::InvalidRoot(e.to_string()))?;
-        let root_pem = cert_block(cert_pem)
+        let ca_pem = cert_block(cert_pem)
             .ok_or_else(|| CaError::BadPem("root certificate: no CERTIFICATE block".into()))?;
         Ok(LocalCa {
             issuer,
-            root_pem,
-            root_der,
+            ca_pem,
+            ca_der,
+            above: Vec::new(),
             root_not_after,
         })
     }
 
-    /// Writes the root cert and key as PEM (key file mode 0600) so several
-    /// agents can share one root.
+    /// This CA as an intermediate: `chain_pem` holds its issuers up to the
+    /// root (a copy of this CA's own certificate first is skipped). The
+    /// chain must lead from this CA to a self-signed root: a workload
+    /// certificate signed now is verified against it before it is taken.
+    pub fn with_chain(mut self, chain_pem: &str) -> Result<Self, CaError> {
+        let mut above = Vec::new();
+        for pem in cert_blocks(chain_pem) {
+            let der = rustls_pemfile::certs(&mut pem.as_bytes())
+                .next()
+                .ok_or_else(|| CaError::BadPem("certificate chain: empty block".into()))?
+                .map_err(|e| CaError::BadPem(format!("certificate chain: {e}")))?;
+            if der == self.ca_der && above.is_empty() {
+                continue;
+            }
+            let (_, cert) = X509Certificate::from_der(&der)
+                .map_err(|e| CaError::BadPem(format!("certificate chain: {e}")))?;
+            if !cert.is_ca() {
+                return Err(CaError::InvalidRoot(
+                    "the certificate chain holds a certificate that is not a CA".into(),
+                ));
+            }
+            self.root_not_after = self
+                .root_not_after
+                .min(cert.validity().not_after.to_datetime());
+            above.push((der, pem));
+        }
+        let Some((root, _)) = above.last() else {
+            return Err(CaError::BadPem(
+                "the certificate chain holds no issuer".into(),
+            ));
+        };
+        let (_, root) = X509Certificate::from_der(root)
+            .map_err(|e| CaError::BadPem(format!("certificate chain: {e}")))?;
+        if root.subject().as_raw() != root.issuer().as_raw() {
+            return Err(CaError::InvalidRoot(
+                "the certificate chain does not end with a self-signed root".into(),
+            ));
+        }
+        self.above = above;
+        self.check_chain()?;
+        Ok(self)
+    }
+
+    /// Signs a throwaway leaf and verifies it, through this CA and its
+    /// chain, against the root.
+    fn check_chain(&self) -> Result<(), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::KeyGen(e.to_string()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://chain.check/ns/x/sa/y"
+                .try_into()
+                .map_err(|e| CaError::Signing(format!("{e}")))?,
+        )];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.root_der().clone())
+            .map_err(|e| CaError::InvalidRoot(format!("root: {e}")))?;
+        let mut intermediates = vec![self.ca_der.clone()];
+        intermediates.extend(
+            self.above[..self.above.len() - 1]
+                .iter()
+                .map(|(d, _)| d.clone()),
+        );
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf.der())
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &intermediates,
+            rustls::pki_types::UnixTime::now(),
+            crate::hbone::tls::provider()
+                .signature_verification_algorithms
+                .all,
+        )
+        .map_err(|e| {
+            CaError::InvalidRoot(format!(
+                "the certificate chain does not lead from this CA to its root: {e}"
+            ))
+        })
+    }
+
+    /// The root certificate: this CA's, or the last of its chain.
+    fn root_der(&self) -> &CertificateDer<'static> {
+        self.above.last().map_or(&self.ca_der, |(d, _)| d)
+    }
+
+    /// Writes the CA's certificate and key as PEM (key file mode 0600) so
+    /// several agents can share one CA.
     pub fn write_pem(&self, cert_path: &Path, key_path: &Path) -> Result<(), CaError> {
         write_private(key_path, self.issuer.key().serialize_pem().as_bytes())?;
-        std::fs::write(cert_path, &self.root_pem).map_err(|e| CaError::io(cert_path, e))
+        std::fs::write(cert_path, &self.ca_pem).map_err(|e| CaError::io(cert_path, e))
     }
 
+    /// The chain above the CA, up to the root, as PEM (empty for a root).
+    pub fn chain_pem(&self) -> String {
+        self.above.iter().map(|(_, p)| p.as_str()).collect()
+    }
+
+    /// The root certificate, PEM.
     pub fn root_pem(&self) -> String {
-        self.root_pem.clone()
+        self.above
+            .last()
+            .map_or_else(|| self.ca_pem.clone(), |(_, p)| p.clone())
     }
 
+    /// The root, as what peers' chains must lead to.
     pub fn trust_bundle(&self) -> TrustBundle {
         TrustBundle {
-            roots: Arc::new(vec![self.root_der.clone()]),
+            roots: Arc::new(vec![self.root_der().clone()]),
             generation: 0,
         }
     }
@@ -262,9 +418,13 @@ impl CertificateSigner for LocalCa {
         ttl: Duration,
     ) -> SignFuture<'a> {
         // Signing is a few hundred microseconds of CPU: done inline.
-        let result = self
-            .sign_leaf(identity, csr_pem, ttl)
-            .map(|leaf| vec![leaf, self.root_pem.clone()]);
+        // Leaf, the signing CA if it is not the root, its issuers, the
+        // root last: as an Istio CA answers.
+        let result = self.sign_leaf(identity, csr_pem, ttl).map(|leaf| {
+            let mut chain = vec![leaf, self.ca_pem.clone()];
+            chain.extend(self.above.iter().map(|(_, p)| p.clone()));
+            chain
+        });
         Box::pin(std::future::ready(result))
     }
 }
@@ -291,11 +451,22 @@ fn san_to_string(san: &SanType) -> String {
 /// The PEM block of the (single, already parsed) certificate in `pem`, so
 /// that anything else in the file (comments, a stray key) is never passed on.
 fn cert_block(pem: &str) -> Option<String> {
+    cert_blocks(pem).into_iter().next()
+}
+
+/// Every CERTIFICATE block in `pem`, in order, each ending with a newline.
+fn cert_blocks(mut pem: &str) -> Vec<String> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
-    let start = pem.find(BEGIN)?;
-    let len = pem[start..].find(END)? + END.len();
-    Some(format!("{}\n", &pem[start..start + len]))
+    let mut out = Vec::new();
+    while let Some(start) = pem.find(BEGIN) {
+        let Some(len) = pem[start..].find(END).map(|l| l + END.len()) else {
+            break;
+        };
+        out.push(format!("{}\n", &pem[start..start + len]));
+        pem = &pem[start + len..];
+    }
+    out
 }
 
 /// Writes `data` to `path` readable by the owner only, also when the file
@@ -491,6 +662,59 @@ mod tests {
         let (_, root) = X509Certificate::from_der(&root_der).unwrap();
         leaf.verify_signature(Some(root.public_key())).unwrap();
         assert_eq!(leaf.issuer(), root.subject());
+    }
+
+    /// Istio's plug-in CA layout: an intermediate (ca-cert.pem, ca-key.pem)
+    /// and the chain to the root (cert-chain.pem). Leaves come back as
+    /// leaf, intermediate, root; peers need only the root.
+    #[tokio::test]
+    async fn an_intermediate_signs_with_its_chain_and_the_root_is_the_anchor() {
+        let root = LocalCa::generate("td").unwrap();
+        let mid = root.intermediate("td", "cluster-1").unwrap();
+        assert_eq!(mid.root_pem(), root.root_pem());
+        assert_eq!(*mid.trust_bundle().roots, *root.trust_bundle().roots);
+
+        // Through files, as an operator plugs it in.
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        mid.write_pem(&p("ca-cert.pem"), &p("ca-key.pem")).unwrap();
+        // cert-chain.pem as Istio's tools write it: the intermediate first.
+        std::fs::write(p("cert-chain.pem"), mid.ca_pem.clone() + &mid.chain_pem()).unwrap();
+        let loaded = LocalCa::load_with_chain(
+            &p("ca-cert.pem"),
+            &p("ca-key.pem"),
+            Some(&p("cert-chain.pem")),
+        )
+        .unwrap();
+        let chain = sign(
+            &loaded,
+            &csr(&["spiffe://td/ns/ns/sa/sa"]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+        assert_eq!(chain[2], root.root_pem());
+        let (leaf_der, mid_der) = (der(&chain[0]), der(&chain[1]));
+        let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+        let (_, mid_cert) = X509Certificate::from_der(&mid_der).unwrap();
+        leaf.verify_signature(Some(mid_cert.public_key())).unwrap();
+
+        // A chain that does not lead from the intermediate to a root, or
+        // no chain at all where one is needed, is refused.
+        let other = LocalCa::generate("td").unwrap();
+        let wrong = LocalCa::load(&p("ca-cert.pem"), &p("ca-key.pem"))
+            .unwrap()
+            .with_chain(&other.root_pem());
+        assert!(matches!(wrong, Err(CaError::InvalidRoot(_))), "{wrong:?}");
+        let empty = LocalCa::load(&p("ca-cert.pem"), &p("ca-key.pem"))
+            .unwrap()
+            .with_chain("");
+        assert!(matches!(empty, Err(CaError::BadPem(_))));
+        let not_root = LocalCa::load(&p("ca-cert.pem"), &p("ca-key.pem"))
+            .unwrap()
+            .with_chain(&mid.ca_pem);
+        assert!(not_root.is_err(), "a chain of only the intermediate itself");
     }
 
     #[test]
