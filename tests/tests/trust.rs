@@ -277,3 +277,112 @@ async fn intermediate_chains_are_served_and_verified_both_ways() {
         }
     }
 }
+
+/// Revocation as ztunnel enforces it (src/tls/crl.rs, revocation.rs): a
+/// CRL file followed on disk; a peer whose certificate is revoked is
+/// refused at the handshake and its open connections closed on reload,
+/// counted as `istio_crl_policy_rejections`; a bad version of the file
+/// keeps the last good one. Unlike ztunnel, an unusable file at start
+/// stops the agent instead of turning revocation off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_is_refused_and_its_open_tunnel_closed() {
+    init_tracing();
+    let w = World::new(43);
+    let n = w.net;
+    let other = format!(
+        "  - uid: other\n    name: other\n    namespace: test\n    serviceAccount: other\n    addresses: [127.{n}.1.2]\n    node: node-a\n"
+    );
+    w.write_mesh(&w.mesh_with("server", &other, "server"));
+    let dir = w.dir.path();
+    let ca = CaFiles::write(w.ca.clone(), dir, "root");
+    let crl = dir.join("ca-crl.pem");
+    let config = |node: &str| {
+        let mut cfg: Config = w.config(node);
+        cfg.ca.root_cert = Some(ca.cert.clone());
+        cfg.ca.root_key = Some(ca.key.clone());
+        cfg.crl = Some(crl.clone());
+        cfg
+    };
+    // Nothing published yet: nothing revoked.
+    let a = Agent::start(config("node-a")).await.expect("starts");
+    let b = Agent::start(config("node-b")).await.expect("starts");
+    let _server = echo_app(w.server_app()).await;
+    let echoes = |uid: &'static str| {
+        let a = &a;
+        let app = w.server_app();
+        async move {
+            let Ok(mut s) = a.connect_as(uid, app).await else {
+                return false;
+            };
+            matches!(
+                timeout(LIMIT, send_and_read_back(&mut s, b"ping")).await,
+                Ok(Ok(v)) if v == b"ping"
+            )
+        }
+    };
+    assert!(echoes("client").await);
+    let mut held = a.connect_as("client", w.server_app()).await.unwrap();
+    held.write_all(b"held").await.unwrap();
+    let mut got = [0u8; 4];
+    timeout(LIMIT, held.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The client's certificate is revoked.
+    let client_leaf = a
+        .certs
+        .certificates()
+        .into_iter()
+        .find(|c| c.identity.to_string().ends_with("/sa/client"))
+        .expect("the client's certificate")
+        .chain[0]
+        .clone();
+    let serial = LocalCa::serial_of(&client_leaf).unwrap();
+    let write_crl = |pem: &str| {
+        let tmp = crl.with_extension("tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, &crl).unwrap();
+    };
+    write_crl(&w.ca.revocation_list(&[serial]).unwrap());
+    let mut rest = Vec::new();
+    let closed = timeout(LIMIT, held.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the revoked peer's tunnel stayed open");
+    assert!(b.certs.trust().revoked()[1] >= 1, "counted as destination");
+    assert!(!echoes("client").await, "a revoked peer got through");
+    assert!(b.certs.trust().revoked()[1] >= 2, "the refusal is counted");
+    assert!(
+        echoes("other").await,
+        "only the revoked certificate is refused"
+    );
+
+    // A bad version keeps the last good one.
+    let generation = b.certs.trust_bundle().generation;
+    write_crl("-----BEGIN X509 CRL-----\nMAA=\n-----END X509 CRL-----\n");
+    tokio::time::sleep(ambient_agent::agent::TRUST_POLL_INTERVAL * 2).await;
+    assert_eq!(b.certs.trust_bundle().generation, generation);
+    assert!(
+        !echoes("client").await,
+        "a broken CRL file lifted a revocation"
+    );
+
+    // A new list without it: accepted again.
+    write_crl(&w.ca.revocation_list(&[]).unwrap());
+    let mut back = false;
+    for _ in 0..50 {
+        if echoes("client").await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        back,
+        "the client stayed refused after its revocation was withdrawn"
+    );
+
+    // An unusable file at start: the agent does not start.
+    write_crl("not a CRL at all");
+    let refused = Agent::start(config("node-c")).await;
+    assert!(refused.is_err(), "started with an unusable CRL file");
+}

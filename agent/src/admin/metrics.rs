@@ -70,6 +70,14 @@ pub struct AgentGauges {
     pub trust_roots: usize,
     /// Connections closed because their peer's root left the set.
     pub untrusted_closed: u64,
+    /// Peers refused or closed for a revoked certificate, as `source`
+    /// and as `destination`.
+    pub revoked: [u64; 2],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReporterLabel {
+    reporter: &'static str,
 }
 
 /// The agent's metrics registry.
@@ -99,6 +107,7 @@ pub struct Metrics {
     enrolled: Gauge,
     trust_roots: Gauge,
     untrusted_closed: Counter,
+    crl_rejections: Family<ReporterLabel, Counter>,
     /// One scrape at a time updates the gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -136,6 +145,7 @@ impl Metrics {
             enrolled: Gauge::default(),
             trust_roots: Gauge::default(),
             untrusted_closed: Counter::default(),
+            crl_rejections: Family::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -261,6 +271,12 @@ impl Metrics {
             "HBONE connections closed because their peer's root left the trust anchors",
             m.untrusted_closed.clone(),
         );
+        // ztunnel's name and label.
+        registry.register(
+            "istio_crl_policy_rejections",
+            "Peers refused at the handshake, or connections closed, for a revoked certificate",
+            m.crl_rejections.clone(),
+        );
         m.dns.register(&mut registry);
         Metrics { registry, ..m }
     }
@@ -339,6 +355,17 @@ impl Metrics {
         self.enrolled.set(to_i64(gauges.enrolled as u64));
         self.trust_roots.set(to_i64(gauges.trust_roots as u64));
         catch_up(&self.untrusted_closed, gauges.untrusted_closed);
+        for (reporter, total) in crate::identity::PeerRole::REPORTERS
+            .into_iter()
+            .zip(gauges.revoked)
+        {
+            catch_up(
+                &self
+                    .crl_rejections
+                    .get_or_create(&ReporterLabel { reporter }),
+                total,
+            );
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

@@ -268,6 +268,7 @@ impl Shared {
             xds: self.readiness.xds_status(),
             trust_roots: self.certs.trust_bundle().roots.len(),
             untrusted_closed: self.certs.trust().untrusted_closed(),
+            revoked: self.certs.trust().revoked(),
         };
         self.metrics.encode(&gauges)
     }

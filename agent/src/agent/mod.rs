@@ -77,13 +77,7 @@ impl Agent {
     pub async fn start(cfg: Config) -> Result<Agent, AgentError> {
         let (signer, trust) = signer_for(&cfg)?;
         let mut agent = Self::start_with_signer(cfg, signer, trust.store.clone()).await?;
-        if let Some(path) = trust.follow {
-            agent.tasks.push(tokio::spawn(trust::watch_file(
-                trust.store,
-                path,
-                TRUST_POLL_INTERVAL,
-            )));
-        }
+        agent.tasks.extend(trust.follow_files());
         Ok(agent)
     }
 
@@ -298,12 +292,56 @@ impl Agent {
 /// How often a trust bundle file is checked for changes.
 pub const TRUST_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The trust anchors the configuration names, and the file to follow.
+/// The trust anchors the configuration names, and the files to follow.
 pub struct TrustSetup {
     pub store: Arc<TrustStore>,
     /// Re-read when it changes (Istio mode: the mesh root file; local
     /// mode: `ca.trustBundle`).
     pub follow: Option<PathBuf>,
+    /// The CRL file, re-read when it changes.
+    pub crl: Option<PathBuf>,
+}
+
+impl TrustSetup {
+    /// Tasks that keep the store following its files.
+    pub fn follow_files(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let roots = self.follow.clone().map(|path| {
+            tokio::spawn(trust::watch_file(
+                self.store.clone(),
+                path,
+                TRUST_POLL_INTERVAL,
+            ))
+        });
+        let crl = self.crl.clone().map(|path| {
+            tokio::spawn(trust::watch_crl_file(
+                self.store.clone(),
+                path,
+                TRUST_POLL_INTERVAL,
+            ))
+        });
+        roots.into_iter().chain(crl).collect()
+    }
+
+    /// Loads the CRL file, if one is configured: unusable is an error (the
+    /// agent does not start trusting what it was told to revoke); missing
+    /// revokes nothing until it appears.
+    fn load_crl(self) -> Result<Self, AgentError> {
+        if let Some(path) = &self.crl {
+            match trust::read_crls(path) {
+                Ok(crls) => {
+                    info!(path = %path.display(), crls = crls.len(), "revocation lists loaded");
+                    self.store.set_crls(crls);
+                }
+                Err(CaError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    info!(path = %path.display(), "no revocation list yet; nothing revoked until it appears");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self)
+    }
 }
 
 /// The certificate signer and trust anchors the configuration names: the
@@ -326,8 +364,9 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetu
             let setup = TrustSetup {
                 store,
                 follow: cfg.ca.trust_bundle.clone(),
+                crl: cfg.crl.clone(),
             };
-            (Arc::new(ca), setup)
+            (Arc::new(ca), setup.load_crl()?)
         }
         Mode::Istio => {
             let cp = &cfg.control_plane;
@@ -347,8 +386,9 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetu
             let setup = TrustSetup {
                 store,
                 follow: Some(cp.root_cert.clone()),
+                crl: cfg.crl.clone(),
             };
-            (Arc::new(client), setup)
+            (Arc::new(client), setup.load_crl()?)
         }
     })
 }

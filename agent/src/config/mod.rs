@@ -78,6 +78,13 @@ pub struct Config {
     pub handshakes: HandshakeSettings,
     /// The DNS proxy on 15053.
     pub dns: DnsConfig,
+    /// Certificate revocation lists (PEM, one or more `X509 CRL` blocks,
+    /// or one DER CRL), followed on disk: a peer whose leaf or
+    /// intermediate is revoked is refused, and its open connections
+    /// closed. Unreadable at start: the agent does not start; a bad
+    /// version later: the last good one stays. Missing: nothing revoked
+    /// until it appears. Default: none. Env: `CRL_PATH` (ztunnel's).
+    pub crl: Option<PathBuf>,
     pub log: LogConfig,
     /// On SIGTERM, how long connections in flight may take to finish before
     /// they are cut. Default: 25s (under Kubernetes' 30s grace period).
@@ -115,6 +122,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             handshakes: HandshakeSettings::default(),
             dns: DnsConfig::default(),
+            crl: None,
             log: LogConfig::default(),
             drain_timeout: Duration::from_secs(25),
             admin_port: 15000,
@@ -148,6 +156,10 @@ pub struct Overrides {
     /// mode, none in Istio mode (istio-cni captures)]
     #[arg(long, env = "AMBIENT_CAPTURE", value_enum)]
     pub capture: Option<crate::capture::CaptureMode>,
+    /// Certificate revocation lists to enforce (PEM or DER), followed on
+    /// disk. [default: none]
+    #[arg(long, env = "CRL_PATH", value_name = "FILE")]
+    pub crl: Option<PathBuf>,
     /// Log filter, e.g. `info` or `ambient_agent=debug`. [default: info]
     #[arg(long, env = "AMBIENT_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -190,6 +202,9 @@ impl Config {
         if let Some(capture) = overrides.capture {
             cfg.capture = Some(capture);
         }
+        if let Some(crl) = &overrides.crl {
+            cfg.crl = Some(crl.clone());
+        }
         cfg.control_plane
             .proxy_metadata
             .extend(istio_meta(std::env::vars()));
@@ -221,6 +236,7 @@ impl Config {
             &mut cfg.ca.root_key,
             &mut cfg.ca.cert_chain,
             &mut cfg.ca.trust_bundle,
+            &mut cfg.crl,
         ]
         .into_iter()
         .flatten()

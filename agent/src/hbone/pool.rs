@@ -472,7 +472,12 @@ impl Pool {
             .map_err(|e| PoolError::Connect(key.dst, e))?;
         let tls = record::connect(tls_cfg, tls::placeholder_server_name(), tcp)
             .await
-            .map_err(|e| PoolError::Handshake(key.dst, e))?;
+            .map_err(|e| {
+                if tls::revoked(&e) {
+                    self.inner.certs.trust().count_revoked(PeerRole::Server);
+                }
+                PoolError::Handshake(key.dst, e)
+            })?;
         if tls.alpn.as_deref() != Some(tls::ALPN_H2) {
             return Err(PoolError::NoH2(key.dst));
         }

@@ -43,6 +43,7 @@ impl HandshakeError {
         match self {
             HandshakeError::ForeignTrustDomain(_) => "foreign_trust_domain",
             HandshakeError::Tls(_) => "identity",
+            HandshakeError::Io(e) if tls::revoked(e) => "revoked",
             HandshakeError::Io(_) => "tls",
             HandshakeError::Timeout => "timeout",
             HandshakeError::TooMany => "too_many",

@@ -15,7 +15,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::{Identity, TrustBundle, WorkloadCert};
+use crate::identity::verify::{self, ChainVerifier};
+use crate::identity::{Identity, PeerRole, TrustBundle, WorkloadCert};
 
 /// The ALPN protocol HBONE speaks.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -92,8 +93,13 @@ impl ServerConfigCache {
 /// certificate that chains to `trust`.
 pub fn server_config(cert: &WorkloadCert, trust: &TrustBundle) -> Result<ServerConfig, TlsError> {
     let provider = provider();
+    // Revocation as in `identity::verify`: the whole chain, unknown status
+    // allowed, a CRL past its next update still counts (rustls's defaults
+    // but the first).
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(trust)?), provider.clone())
+            .with_crls(trust.crls.iter().cloned())
+            .allow_unknown_revocation_status()
             .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -117,7 +123,7 @@ pub fn client_config(
 ) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
-        roots: root_store(trust)?,
+        chain: ChainVerifier::new(trust),
         expected,
         algorithms: provider.signature_verification_algorithms,
     };
@@ -135,6 +141,17 @@ pub fn client_config(
     // After the handshake, records are protected by `record::TlsConn`.
     config.enable_secret_extraction = true;
     Ok(config)
+}
+
+/// Whether a failed handshake's error is a revoked certificate in the
+/// peer's chain.
+pub fn revoked(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked
+        ))
+    )
 }
 
 /// The server name handed to rustls: unused for verification (identities
@@ -171,13 +188,21 @@ pub fn peer_identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Identi
     identity_of(leaf)
 }
 
-/// Verifies a server chain against the mesh roots, then its SPIFFE identity
-/// against the destination's expected identities (instead of a DNS name).
-#[derive(Debug)]
+/// Verifies a server chain against the mesh roots and revocation lists,
+/// then its SPIFFE identity against the destination's expected identities
+/// (instead of a DNS name).
 struct SpiffeServerVerifier {
-    roots: RootCertStore,
+    chain: ChainVerifier,
     expected: Vec<Identity>,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -189,14 +214,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        let mut chain = Vec::with_capacity(intermediates.len() + 1);
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        self.chain
+            .verify(&chain, PeerRole::Server, now)
+            .map_err(verify::to_rustls)?;
         let id = identity_of(end_entity)
             .map_err(|e| rustls::Error::General(format!("server identity: {e}")))?;
         if self.expected.contains(&id) {

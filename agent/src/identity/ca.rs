@@ -105,7 +105,7 @@ impl fmt::Debug for LocalCa {
 
 impl LocalCa {
     /// Generates a self-signed root (ECDSA P-256, CA:true, keyCertSign,
-    /// 10-year validity, subject O=<trust domain>).
+    /// 10-year validity, subject O=<trust domain>, CN=ambient root <random>).
     pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CaError::KeyGen(e.to_string()))?;
@@ -113,6 +113,12 @@ impl LocalCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
+        // A name of its own: revocation lists are matched to certificates
+        // by their issuer's name, and two roots of one trust domain (old
+        // and new, during a rotation) must not be taken for each other.
+        let tag: [u8; 6] = rand::random();
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        dn.push(DnType::CommonName, format!("ambient root {tag}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -343,10 +349,55 @@ impl LocalCa {
             .map_or_else(|| self.ca_pem.clone(), |(_, p)| p.clone())
     }
 
+    /// A revocation list signed by this CA, revoking the certificates it
+    /// issued with these serial numbers (DER INTEGER contents, as in the
+    /// certificates), valid for a day; PEM. What an operator publishes
+    /// when a workload's key or a cluster's intermediate is compromised.
+    pub fn revocation_list(&self, serials: &[Vec<u8>]) -> Result<String, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - CLOCK_SKEW,
+            next_update: now + time::Duration::days(1),
+            crl_number: random_serial(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: now - CLOCK_SKEW,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| CaError::Signing(format!("signing the CRL: {e}")))?;
+        crl.pem()
+            .map_err(|e| CaError::Signing(format!("encoding the CRL: {e}")))
+    }
+
+    /// The serial number of a certificate (DER), as [`revocation_list`]
+    /// takes it.
+    ///
+    /// [`revocation_list`]: Self::revocation_list
+    pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, CaError> {
+        let (_, c) = X509Certificate::from_der(cert)
+            .map_err(|e| CaError::BadPem(format!("certificate: {e}")))?;
+        Ok(c.raw_serial().to_vec())
+    }
+
+    /// This CA's own certificate (a root's, or an intermediate's).
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
     /// The root, as what peers' chains must lead to.
     pub fn trust_bundle(&self) -> TrustBundle {
         TrustBundle {
             roots: Arc::new(vec![self.root_der().clone()]),
+            crls: Arc::default(),
             generation: 0,
         }
     }

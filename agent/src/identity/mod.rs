@@ -10,6 +10,7 @@ pub mod istio_ca;
 mod manager;
 mod spiffe;
 pub mod trust;
+pub mod verify;
 
 pub use ca::{CaError, LocalCa};
 pub use manager::{CertManager, CertManagerConfig};
@@ -74,6 +75,8 @@ pub type SignFuture<'a> =
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     pub roots: Arc<Vec<CertificateDer<'static>>>,
+    /// Revocation lists (DER), each parsed when it was read.
+    pub crls: Arc<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>>,
     /// Which version of the live set this is: TLS configurations built
     /// from an older one are rebuilt.
     pub generation: u64,
@@ -84,6 +87,7 @@ impl TrustBundle {
     pub fn from_pem_file(path: &std::path::Path) -> Result<TrustBundle, CaError> {
         Ok(TrustBundle {
             roots: Arc::new(trust::read_pem_roots(path)?),
+            crls: Arc::default(),
             generation: 0,
         })
     }

@@ -27,11 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use super::verify::ChainVerifier;
 use super::{CaError, Identity, TrustBundle};
 
 /// The live trust anchors of an agent.
@@ -41,8 +41,12 @@ pub struct TrustStore {
     changes: watch::Sender<u64>,
     peers: Mutex<HashMap<u64, Peer>>,
     next_peer: AtomicU64,
-    /// Connections closed because their peer's root left the set.
+    /// Connections closed because their peer's root left the set, or a
+    /// certificate in its chain was revoked.
     untrusted: AtomicU64,
+    /// Peers refused or closed for a revoked certificate, by
+    /// [`PeerRole::reporter`].
+    revoked: [AtomicU64; 2],
 }
 
 /// An open connection's authenticated peer.
@@ -61,6 +65,20 @@ pub enum PeerRole {
     Client,
     /// We connected to the peer (server authentication).
     Server,
+}
+
+impl PeerRole {
+    /// Istio's `reporter` label for what we are towards this peer:
+    /// `source` when it is the server, `destination` when the client.
+    pub fn reporter(self) -> usize {
+        match self {
+            PeerRole::Server => 0,
+            PeerRole::Client => 1,
+        }
+    }
+
+    /// The `reporter` label value of [`reporter`](Self::reporter)'s index.
+    pub const REPORTERS: [&'static str; 2] = ["source", "destination"];
 }
 
 /// One registered connection; dropping it forgets the connection.
@@ -106,6 +124,8 @@ struct Sources {
     /// Roots returned by the CA, by the identity whose certificate came
     /// with them.
     from_ca: HashMap<Identity, Vec<CertificateDer<'static>>>,
+    /// The revocation lists, as last read successfully.
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl Sources {
@@ -129,6 +149,7 @@ impl TrustStore {
     pub fn new(fixed: Vec<CertificateDer<'static>>) -> Arc<TrustStore> {
         let bundle = TrustBundle {
             roots: Arc::new(fixed.clone()),
+            crls: Arc::default(),
             generation: 0,
         };
         Arc::new(TrustStore {
@@ -141,7 +162,28 @@ impl TrustStore {
             peers: Mutex::default(),
             next_peer: AtomicU64::new(0),
             untrusted: AtomicU64::new(0),
+            revoked: Default::default(),
         })
+    }
+
+    /// Replaces the revocation lists (each already parsed by
+    /// [`read_crls`]; empty: nothing revoked).
+    pub fn set_crls(&self, crls: Vec<CertificateRevocationListDer<'static>>) {
+        self.update(|s| s.crls = crls);
+    }
+
+    /// Counts a peer refused at its handshake for a revoked certificate.
+    pub fn count_revoked(&self, role: PeerRole) {
+        self.revoked[role.reporter()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Peers refused or closed for a revoked certificate, by reporter
+    /// (see [`PeerRole::REPORTERS`]).
+    pub fn revoked(&self) -> [u64; 2] {
+        [
+            self.revoked[0].load(Ordering::Relaxed),
+            self.revoked[1].load(Ordering::Relaxed),
+        ]
     }
 
     /// Remembers the peer of an open connection, authenticated now with
@@ -186,12 +228,16 @@ impl TrustStore {
     /// Tells every registered connection `bundle` no longer anchors to
     /// close; returns how many.
     fn recheck(&self, bundle: &TrustBundle) -> usize {
-        let verifier = Verifier::new(bundle);
+        let verifier = ChainVerifier::new(bundle);
         let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
         for p in peers.values() {
-            if verifier.anchors(p) {
-                continue;
+            match verifier.verify(&p.chain, p.role, p.accepted) {
+                Ok(()) => continue,
+                Err(webpki::Error::CertRevoked) => {
+                    self.revoked[p.role.reporter()].fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {}
             }
             p.close.notify_one();
             closed += 1;
@@ -262,7 +308,7 @@ impl TrustStore {
         change(&mut sources);
         let roots = sources.union();
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
-        if *current.roots == roots {
+        if *current.roots == roots && *current.crls == sources.crls {
             return;
         }
         let generation = current.generation + 1;
@@ -270,10 +316,12 @@ impl TrustStore {
             generation,
             roots = roots.len(),
             before = current.roots.len(),
+            crls = sources.crls.len(),
             "trust bundle changed"
         );
         let bundle = Arc::new(TrustBundle {
             roots: Arc::new(roots),
+            crls: Arc::new(sources.crls.clone()),
             generation,
         });
         *current = bundle.clone();
@@ -281,56 +329,6 @@ impl TrustStore {
         drop(sources);
         self.changes.send_replace(generation);
         self.recheck(&bundle);
-    }
-}
-
-/// Checks peers' chains against one bundle.
-struct Verifier {
-    roots: Arc<RootCertStore>,
-    /// None when no root parses: then nothing is anchored.
-    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
-}
-
-impl Verifier {
-    fn new(bundle: &TrustBundle) -> Verifier {
-        let mut roots = RootCertStore::empty();
-        roots.add_parsable_certificates(bundle.roots.iter().cloned());
-        let roots = Arc::new(roots);
-        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            crate::hbone::tls::provider(),
-        )
-        .build()
-        .ok();
-        Verifier { roots, clients }
-    }
-
-    /// Whether `peer`'s chain leads to one of the roots, for its role, as
-    /// of when it was accepted.
-    fn anchors(&self, peer: &Peer) -> bool {
-        let Some((leaf, intermediates)) = peer.chain.split_first() else {
-            return false;
-        };
-        match peer.role {
-            PeerRole::Client => self.clients.as_ref().is_some_and(|v| {
-                v.verify_client_cert(leaf, intermediates, peer.accepted)
-                    .is_ok()
-            }),
-            PeerRole::Server => {
-                let Ok(leaf) = rustls::server::ParsedCertificate::try_from(leaf) else {
-                    return false;
-                };
-                let algorithms = crate::hbone::tls::provider().signature_verification_algorithms;
-                rustls::client::verify_server_cert_signed_by_trust_anchor(
-                    &leaf,
-                    &self.roots,
-                    intermediates,
-                    peer.accepted,
-                    algorithms.all,
-                )
-                .is_ok()
-            }
-        }
     }
 }
 
@@ -353,30 +351,90 @@ pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaErr
     Ok(roots)
 }
 
-/// Keeps `store`'s file roots following `path`: polled every `interval`
-/// (modification time and length, then the content); a read that fails
-/// keeps the last good roots and is logged once per failure streak.
+/// The revocation lists in the file at `path`: PEM (`X509 CRL` blocks,
+/// anything else skipped) or one DER CRL, as ztunnel reads its CRL file.
+/// An empty file, or PEM without a CRL, revokes nothing; a CRL that does
+/// not parse makes the whole file unusable.
+pub fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_path_buf(),
+        source: Arc::new(source),
+    };
+    let data = std::fs::read(path).map_err(io)?;
+    let crls = if data.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let mut out = Vec::new();
+        for item in rustls_pemfile::read_all(&mut data.as_slice()) {
+            if let rustls_pemfile::Item::Crl(crl) = item.map_err(io)? {
+                out.push(crl);
+            }
+        }
+        out
+    } else if data.iter().all(u8::is_ascii_whitespace) {
+        Vec::new()
+    } else {
+        vec![CertificateRevocationListDer::from(data)]
+    };
+    for (i, crl) in crls.iter().enumerate() {
+        if let Err(e) = webpki::OwnedCertRevocationList::from_der(crl) {
+            return Err(CaError::BadPem(format!(
+                "{}: CRL {} does not parse: {e}",
+                path.display(),
+                i + 1
+            )));
+        }
+    }
+    Ok(crls)
+}
+
+/// Keeps `store`'s file roots following `path`: see [`follow`].
 pub async fn watch_file(store: Arc<TrustStore>, path: PathBuf, interval: Duration) {
+    follow(&path, interval, "trust bundle", |p| {
+        store.set_file_roots(read_pem_roots(p)?)
+    })
+    .await
+}
+
+/// Keeps `store`'s revocation lists following the CRL file at `path`
+/// (see [`read_crls`] and [`follow`]).
+pub async fn watch_crl_file(store: Arc<TrustStore>, path: PathBuf, interval: Duration) {
+    follow(&path, interval, "CRL", |p| {
+        store.set_crls(read_crls(p)?);
+        Ok(())
+    })
+    .await
+}
+
+/// Applies the file at `path` whenever it changes: polled every
+/// `interval` (modification time and length), read again once at the
+/// first tick (it may have changed since the caller read it). A version
+/// that cannot be read or used keeps the last good one and is logged once
+/// per failure streak.
+async fn follow(
+    path: &Path,
+    interval: Duration,
+    what: &str,
+    apply: impl Fn(&Path) -> Result<(), CaError>,
+) {
     let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
         let m = std::fs::metadata(p).ok()?;
         Some((m.modified().ok()?, m.len()))
     };
-    // Read once more at the first tick: the file may have changed since
-    // the caller read it.
     let mut seen = None;
+    let mut first = true;
     let mut failing = false;
     loop {
         tokio::time::sleep(interval).await;
-        let now = stamp(&path);
-        if now == seen && !failing {
+        let now = stamp(path);
+        if now == seen && !failing && !first {
             continue;
         }
+        first = false;
         seen = now;
-        match read_pem_roots(&path).and_then(|roots| store.set_file_roots(roots)) {
+        match apply(path) {
             Ok(()) => failing = false,
             Err(e) => {
                 if !failing {
-                    warn!(path = %path.display(), error = %e, "trust bundle file unusable; keeping the roots last read");
+                    warn!(path = %path.display(), error = %e, "{what} file unusable; keeping what was last read");
                 }
                 failing = true;
             }

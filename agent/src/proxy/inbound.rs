@@ -106,6 +106,9 @@ impl Inbound {
             if !matches!(e, server::HandshakeError::Closed) {
                 self.ctx.reporter.metrics().handshake_failed(e.reason());
             }
+            if e.reason() == "revoked" {
+                self.ctx.certs.trust().count_revoked(PeerRole::Client);
+            }
         })?;
         tracing::Span::current().record("src_id", tracing::field::display(&accepted.peer));
         let guard = self

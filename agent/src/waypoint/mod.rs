@@ -217,13 +217,7 @@ impl Waypoint {
         let state = Arc::new(State::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut sources = Vec::new();
-        if let Some(path) = trust.follow {
-            sources.push(tokio::spawn(crate::identity::trust::watch_file(
-                trust.store,
-                path,
-                crate::agent::TRUST_POLL_INTERVAL,
-            )));
-        }
+        sources.extend(trust.follow_files());
         crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
         if cfg.mode == Mode::Istio {
             // Wait for the first push: the waypoint must find itself in it.
