@@ -371,6 +371,10 @@ async fn a_policy_added_while_a_connection_is_open_closes_it() {
     assert!(r.is_err() || got.is_empty(), "denied: {got:?}");
 }
 
+/// ztunnel's server-side verifier does the same (src/tls/workload.rs,
+/// `TrustDomainVerifier`): after the chain checks out, the client must
+/// carry a SPIFFE identity in the serving workload's trust domain, or the
+/// handshake fails. A shared root does not make another domain ours.
 #[tokio::test]
 async fn a_client_from_another_trust_domain_is_refused() {
     init_tracing();

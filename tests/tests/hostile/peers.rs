@@ -318,3 +318,107 @@ async fn tls_clients_outside_hbone_are_refused() {
         "a handshake answer: {answer:?}"
     );
 }
+
+/// Chains the mesh must refuse at TLS even though every certificate in
+/// them is well formed: a revoked leaf, a leaf under an intermediate the
+/// root revoked, a leaf whose intermediate is withheld, and a leaf that
+/// claims a leaf (not a CA) as its issuer. Revocation is checked over the
+/// whole chain, as ztunnel does (src/tls/revocation.rs,
+/// `RevocationCheckDepth::Chain`).
+#[tokio::test]
+async fn chains_a_crl_or_the_path_rules_out_are_refused() {
+    init_tracing();
+    let w = World::new(97);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root_cert, root_key, crl) = (
+        dir.path().join("root.pem"),
+        dir.path().join("root.key"),
+        dir.path().join("crl.pem"),
+    );
+    w.ca.write_pem(&root_cert, &root_key).expect("root");
+    let client_uri = "spiffe://cluster.local/ns/test/sa/client";
+    let hour = time::Duration::hours(1);
+    let revoked = leaf(&w, Some(client_uri), -hour, hour);
+    let fine = leaf(&w, Some(client_uri), -hour, hour);
+    let mid =
+        w.ca.intermediate("cluster.local", "revoked-mid")
+            .expect("mid");
+    let under_mid = |issuer: &ambient_agent::identity::LocalCa, send_issuer: bool| {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (c, k) = (d.path().join("c.pem"), d.path().join("k.pem"));
+        issuer.write_pem(&c, &k).expect("issuer");
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&k).unwrap()).unwrap();
+        let issuer_pem = std::fs::read_to_string(&c).unwrap();
+        let is = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(client_uri.try_into().unwrap())];
+        let cert = p.signed_by(&leaf_key, &is).unwrap();
+        let mut chain = vec![cert.der().clone()];
+        if send_issuer {
+            chain.push(issuer.ca_cert().clone());
+        }
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        (chain, key)
+    };
+    let revoked_mid = under_mid(&mid, true);
+    // A leaf of the root (not a CA) signing another leaf.
+    let not_a_ca = {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (c, k) = (d.path().join("c.pem"), d.path().join("k.pem"));
+        w.ca.write_pem(&c, &k).expect("root");
+        let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&k).unwrap()).unwrap();
+        let root = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&c).unwrap(), root_key)
+            .unwrap();
+        let fake_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut fake = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        fake.is_ca = rcgen::IsCa::ExplicitNoCa;
+        fake.distinguished_name
+            .push(rcgen::DnType::CommonName, "not a CA");
+        let fake_cert = fake.signed_by(&fake_key, &root).unwrap();
+        let fake_issuer = rcgen::Issuer::new(fake, fake_key);
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(client_uri.try_into().unwrap())];
+        let cert = p.signed_by(&leaf_key, &fake_issuer).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        (vec![cert.der().clone(), fake_cert.der().clone()], key)
+    };
+    let withheld = under_mid(
+        &w.ca.intermediate("cluster.local", "fine-mid").unwrap(),
+        false,
+    );
+    let serials = vec![
+        ambient_agent::identity::LocalCa::serial_of(&revoked.0[0]).unwrap(),
+        ambient_agent::identity::LocalCa::serial_of(mid.ca_cert()).unwrap(),
+    ];
+    std::fs::write(&crl, w.ca.revocation_list(&serials).unwrap()).unwrap();
+    let mut cfg = w.config("node-b");
+    cfg.ca.root_cert = Some(root_cert);
+    cfg.ca.root_key = Some(root_key);
+    cfg.crl = Some(crl);
+    let b = ambient_agent::agent::Agent::start(cfg)
+        .await
+        .expect("starts");
+    let _echo = Echo::start(w.server_app()).await;
+
+    assert_eq!(
+        tunnel_with(&w, tls_client(Some(fine), b"h2")).await,
+        Ok(StatusCode::OK)
+    );
+    let cases = [
+        ("revoked leaf", revoked),
+        ("leaf under a revoked intermediate", revoked_mid),
+        ("intermediate withheld", withheld),
+        ("issued by a certificate that is not a CA", not_a_ca),
+    ];
+    for (name, auth) in cases {
+        let got = tunnel_with(&w, tls_client(Some(auth), b"h2")).await;
+        assert!(got.is_err(), "{name}: {got:?}");
+    }
+    assert!(
+        b.certs.trust().revoked()[1] >= 2,
+        "revoked refusals counted: {:?}",
+        b.certs.trust().revoked()
+    );
+}
