@@ -386,3 +386,58 @@ async fn a_revoked_peer_is_refused_and_its_open_tunnel_closed() {
     let refused = Agent::start(config("node-c")).await;
     assert!(refused.is_err(), "started with an unusable CRL file");
 }
+
+/// Trust-domain migration in local mode: with `trustDomain: new-td` and
+/// `trustDomainAliases: [old-td]`, a policy written for
+/// `old-td/ns/test/sa/client` matches the client now in `new-td`, as
+/// istiod rewrites principals for Envoy (pilot/pkg/security/trustdomain/
+/// bundle.go, `ReplaceTrustDomainAliases`). Without the alias it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_naming_an_alias_matches_the_migrated_identity() {
+    init_tracing();
+    let w = World::new(44);
+    let n = w.net;
+    let mesh = |aliases: &str| {
+        format!(
+            r#"{aliases}
+workloads:
+  - {{uid: client, name: client, namespace: test, serviceAccount: client, trustDomain: new-td, addresses: [127.{n}.1.1], node: node-a}}
+  - {{uid: server, name: server, namespace: test, serviceAccount: server, trustDomain: new-td, addresses: [127.{n}.2.1], node: node-b}}
+policies:
+  - name: only-the-client
+    namespace: test
+    action: ALLOW
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["old-td/ns/test/sa/client"]
+"#
+        )
+    };
+    w.write_mesh(&mesh("trustDomain: new-td\ntrustDomainAliases: [old-td]"));
+    let a = w.agent("node-a").await;
+    let _b = w.agent("node-b").await;
+    let _server = echo_app(w.server_app()).await;
+    let echoes = || async {
+        let Ok(mut s) = a.connect_as("client", w.server_app()).await else {
+            return false;
+        };
+        matches!(
+            timeout(LIMIT, send_and_read_back(&mut s, b"alias")).await,
+            Ok(Ok(v)) if v == b"alias"
+        )
+    };
+    assert!(echoes().await, "the alias did not match");
+
+    // The same policy without the alias: the ALLOW matches nobody.
+    w.write_mesh(&mesh(""));
+    let mut denied = false;
+    for _ in 0..50 {
+        if !echoes().await {
+            denied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(denied, "the principal matched without its alias");
+}

@@ -27,6 +27,7 @@
 //!               - principals: ["cluster.local/ns/default/sa/client"]
 //! ```
 
+mod aliases;
 mod convert;
 mod schema;
 #[cfg(test)]

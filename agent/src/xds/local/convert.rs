@@ -32,7 +32,21 @@ pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
         file,
         addresses: HashMap::new(),
         workloads: HashMap::new(),
+        trust_domains: Vec::new(),
     };
+    if raw.trust_domain.is_some() || !raw.trust_domain_aliases.is_empty() {
+        let td = match &raw.trust_domain {
+            Some(t) => cx.identity_part("trustDomain", t)?,
+            None => DEFAULT_TRUST_DOMAIN.to_string(),
+        };
+        cx.trust_domains.push(td);
+        for (i, a) in raw.trust_domain_aliases.iter().enumerate() {
+            let alias = cx.identity_part(&format!("trustDomainAliases[{i}]"), a)?;
+            if !cx.trust_domains.contains(&alias) {
+                cx.trust_domains.push(alias);
+            }
+        }
+    }
     let mut mesh = Mesh::default();
     for (i, w) in raw.workloads.iter().enumerate() {
         mesh.workloads.push(cx.workload(i, w)?);
@@ -58,6 +72,8 @@ struct Converter<'a> {
     addresses: HashMap<IpAddr, String>,
     /// Workload uid -> (namespace, where it was defined).
     workloads: HashMap<String, (String, String)>,
+    /// The trust domain and its aliases, when aliases are in use.
+    trust_domains: Vec<String>,
 }
 
 /// `field on line N`, to point back at an earlier entry.
@@ -479,8 +495,11 @@ impl Converter<'_> {
             not_namespaces: string_matches(&m.not_namespaces),
             service_accounts: accounts("serviceAccounts", &m.service_accounts)?,
             not_service_accounts: accounts("notServiceAccounts", &m.not_service_accounts)?,
-            principals: string_matches(&m.principals),
-            not_principals: string_matches(&m.not_principals),
+            principals: string_matches(&super::aliases::expand(&m.principals, &self.trust_domains)),
+            not_principals: string_matches(&super::aliases::expand(
+                &m.not_principals,
+                &self.trust_domains,
+            )),
             source_ips: nets("sourceIps", &m.source_ips)?,
             not_source_ips: nets("notSourceIps", &m.not_source_ips)?,
             destination_ips: nets("destinationIps", &m.destination_ips)?,

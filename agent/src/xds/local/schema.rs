@@ -11,6 +11,12 @@ pub(super) type Text = Spanned<String>;
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct MeshFile {
+    /// Istio's `meshConfig.trustDomain`, for `trustDomainAliases`.
+    pub trust_domain: Option<Text>,
+    /// Istio's `meshConfig.trustDomainAliases`: policy principals naming
+    /// one of these domains (or `trustDomain`) match the others too.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<Text>,
     #[serde(default)]
     pub workloads: Vec<WorkloadEntry>,
     #[serde(default)]
