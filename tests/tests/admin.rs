@@ -127,6 +127,10 @@ async fn tcp_metrics_count_tunneled_connections_and_bytes() {
             format!("istio_tcp_sent_bytes_total{labels} {RESPONSE}"),
             "ambient_enrolled_workloads 1".to_string(),
             "ambient_certificates 1".to_string(),
+            "ambient_certificates_invalid 0".to_string(),
+            "ambient_trust_roots 1".to_string(),
+            "ambient_trust_untrusted_connections_closed_total 0".to_string(),
+            format!("istio_crl_policy_rejections_total{{reporter=\"{reporter}\"}} 0"),
         ];
         let body = scrape_until(agent, &want).await;
         assert!(

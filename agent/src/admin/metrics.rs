@@ -106,6 +106,7 @@ pub struct Metrics {
     certificates: Gauge,
     enrolled: Gauge,
     trust_roots: Gauge,
+    certificates_invalid: Gauge,
     untrusted_closed: Counter,
     crl_rejections: Family<ReporterLabel, Counter>,
     /// One scrape at a time updates the gauges and encodes.
@@ -144,6 +145,7 @@ impl Metrics {
             certificates: Gauge::default(),
             enrolled: Gauge::default(),
             trust_roots: Gauge::default(),
+            certificates_invalid: Gauge::default(),
             untrusted_closed: Counter::default(),
             crl_rejections: Family::default(),
             scrape: Mutex::new(()),
@@ -262,6 +264,11 @@ impl Metrics {
             m.enrolled.clone(),
         );
         registry.register(
+            "ambient_certificates_invalid",
+            "Workload certificates held that are expired or not yet valid (their workloads are refused until renewed)",
+            m.certificates_invalid.clone(),
+        );
+        registry.register(
             "ambient_trust_roots",
             "Trust anchors in the live set (configured roots and the CA's)",
             m.trust_roots.clone(),
@@ -354,6 +361,13 @@ impl Metrics {
             .set(to_i64(gauges.certificates.len() as u64));
         self.enrolled.set(to_i64(gauges.enrolled as u64));
         self.trust_roots.set(to_i64(gauges.trust_roots as u64));
+        let now = std::time::SystemTime::now();
+        let invalid = gauges
+            .certificates
+            .iter()
+            .filter(|c| !c.is_valid_at(now))
+            .count();
+        self.certificates_invalid.set(to_i64(invalid as u64));
         catch_up(&self.untrusted_closed, gauges.untrusted_closed);
         for (reporter, total) in crate::identity::PeerRole::REPORTERS
             .into_iter()

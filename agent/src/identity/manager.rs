@@ -252,8 +252,9 @@ async fn renew_loop(manager: Weak<CertManager>, id: Identity) {
                 wait.max(initial)
             }
             Outcome::Failed { stale, error } => {
-                let wait = backoff.map_or(initial, |b: Duration| (b * 2).min(max));
-                backoff = Some(wait);
+                let base = backoff.map_or(initial, |b: Duration| (b * 2).min(max));
+                backoff = Some(base);
+                let wait = jittered(base);
                 let valid = stale.is_some_and(|c| c.cert.is_valid_at(SystemTime::now()));
                 warn!(identity = %id, %error, ?wait, still_valid = valid, "certificate renewal failed, retrying");
                 wait
@@ -382,15 +383,23 @@ fn check_identity(leaf: &X509Certificate<'_>, id: &Identity) -> Result<(), CaErr
     Ok(())
 }
 
-/// When to replace `cert`, received at `received`: half-way through the part
-/// of its life that is ours. CAs backdate `not_before` for clock skew (the
-/// local CA by a minute), which for short TTLs would put the nominal
-/// half-life ([`WorkloadCert::refresh_at`]) in the past already; this is
-/// never earlier than that.
+/// When to replace `cert`, received at `received`: between 40% and 50% of
+/// the part of its life that is ours, at random, so the certificates of
+/// many pods issued together (an agent's start, a CA back from an outage)
+/// are not all renewed in the same instant. CAs backdate `not_before` for
+/// clock skew (the local CA by a minute), which for short TTLs would put
+/// the nominal half-life ([`WorkloadCert::refresh_at`]) in the past
+/// already; this counts from receipt instead.
 fn renew_time(cert: &WorkloadCert, received: SystemTime) -> SystemTime {
     let start = cert.not_before.max(received);
     let left = cert.not_after.duration_since(start).unwrap_or_default();
-    start + left / 2
+    start + left.mul_f64(0.4 + rand::random::<f64>() * 0.1)
+}
+
+/// `wait` stretched by up to a quarter, at random: retries of many
+/// identities after a CA outage spread out instead of arriving together.
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 + rand::random::<f64>() * 0.25)
 }
 
 #[cfg(test)]
@@ -553,6 +562,57 @@ mod tests {
         let still = mgr.fetch(&id()).await.unwrap();
         assert!(Arc::ptr_eq(&first, &still));
         assert_eq!(signer.calls(), 2, "renewal was attempted");
+    }
+
+    /// A certificate past its end is never handed out, whatever the CA
+    /// does: a workload without a valid one fails closed.
+    #[tokio::test]
+    async fn an_expired_certificate_is_never_served() {
+        let signer = TestSigner::new(Duration::ZERO);
+        let mgr = manager(&signer, Duration::from_secs(2));
+        let first = mgr.fetch(&id()).await.unwrap();
+        signer.fail(true);
+        let until = first
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(until + Duration::from_millis(100)).await;
+        assert!(!first.is_valid_at(SystemTime::now()));
+        assert!(
+            mgr.fetch(&id()).await.is_err(),
+            "an expired certificate was served"
+        );
+        // Still held (for the config dump and metrics), but not served.
+        assert_eq!(mgr.certificates().len(), 1);
+        signer.fail(false);
+        let renewed = mgr.fetch(&id()).await.unwrap();
+        assert!(renewed.is_valid_at(SystemTime::now()));
+    }
+
+    #[test]
+    fn renewal_falls_between_40_and_50_percent_of_the_life_left() {
+        let ca = LocalCa::generate("td").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = csr_pem(&id(), &key).unwrap();
+        let pems =
+            futures_util::FutureExt::now_or_never(ca.sign(&id(), &csr, Duration::from_secs(1000)))
+                .unwrap()
+                .unwrap();
+        let now = SystemTime::now();
+        let (cert, _) = workload_cert(id(), &pems, &key, now).unwrap();
+        let left = cert.not_after.duration_since(now).unwrap().as_secs_f64();
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            let at = renew_time(&cert, now)
+                .duration_since(now)
+                .unwrap()
+                .as_secs_f64();
+            assert!((0.39 * left..=0.51 * left).contains(&at), "{at} of {left}");
+            seen.push(at);
+        }
+        let spread = seen.iter().cloned().fold(f64::MIN, f64::max)
+            - seen.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(spread > 0.05 * left, "no jitter: {spread}");
     }
 
     #[tokio::test]
