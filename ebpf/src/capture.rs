@@ -437,23 +437,11 @@ impl EbpfCapture {
     pub fn program_ids(&self) -> Result<Vec<u32>, EbpfError> {
         let progs = lock(&self.shared.programs);
         let mut ids = Vec::new();
+        let outbound = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_GETSOCKOPT];
+        let outbound: Vec<&'static str> = outbound.into_iter().chain(DNS_PROGS).collect();
         for (ebpf, names) in [
             (&progs.inbound, &[PROG_INBOUND][..]),
-            (
-                &progs.outbound,
-                &[
-                    PROG_CONNECT4,
-                    PROG_CONNECT6,
-                    PROG_SOCKOPS,
-                    PROG_GETSOCKOPT,
-                    PROG_SENDMSG4,
-                    PROG_SENDMSG6,
-                    PROG_RECVMSG4,
-                    PROG_RECVMSG6,
-                    PROG_GETPEERNAME4,
-                    PROG_GETPEERNAME6,
-                ][..],
-            ),
+            (&progs.outbound, &outbound[..]),
         ] {
             for name in names {
                 let p = ebpf.program(name).ok_or(EbpfError::Program {

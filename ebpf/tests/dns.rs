@@ -151,17 +151,7 @@ fn ask(w: &World, way: Way, dst: SocketAddr, mark: Option<u32>, expect: &str) ->
         return wait_child(pid);
     }
     unsafe {
-        libc::alarm(20);
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-            libc::_exit(10);
-        }
-        libc::close(fd);
-        let nsfd = libc::open(ns.as_ptr(), libc::O_RDONLY);
-        if nsfd < 0 || libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
-            libc::_exit(11);
-        }
+        enter_pod(&ns, Some(&procs));
         let s = libc::socket(family, stype, 0);
         if s < 0 {
             libc::_exit(12);

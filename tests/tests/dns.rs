@@ -66,20 +66,56 @@ async fn agent(
     w.agent_with(cfg).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
+/// Two nodes: `client` and an upstream resolver (a pod outside the mesh)
+/// on node-a, `server` behind service `echo` on node-b; both agents with
+/// `capture` and the DNS proxy on.
+struct Setup {
+    _topo: Topology,
+    client: Pod,
+    server: Pod,
+    upstream: Upstream,
+    upstream_addr: SocketAddr,
+    _w: World,
+    a: Agent,
+    b: Agent,
+}
+
+async fn setup(tag: &str, capture: CaptureMode, metrics: &str) -> Setup {
     init_tracing();
-    let topo = Topology::new("dns").expect("topology");
+    let topo = Topology::new(tag).expect("topology");
     let client = topo.add_pod("client", 0).expect("pod");
     let server = topo.add_pod("server", 1).expect("pod");
-    // The upstream resolver: a pod outside the mesh.
     let resolver = topo.add_pod("resolver", 0).expect("pod");
     let upstream_addr = SocketAddr::new(IpAddr::V4(resolver.ip), 53);
     let upstream = Upstream::start(&resolver.sockets(), upstream_addr).await;
     let w = World::new(0);
     w.write_mesh(&mesh(&client, &server));
-    let _a = agent(&w, "node-a", upstream_addr, CaptureMode::Nft, METRICS).await;
-    let _b = agent(&w, "node-b", upstream_addr, CaptureMode::Nft, METRICS).await;
+    let a = agent(&w, "node-a", upstream_addr, capture, metrics).await;
+    let b = agent(&w, "node-b", upstream_addr, capture, metrics).await;
+    Setup {
+        _topo: topo,
+        client,
+        server,
+        upstream,
+        upstream_addr,
+        _w: w,
+        a,
+        b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
+    let Setup {
+        client,
+        server,
+        upstream,
+        upstream_addr,
+        _topo,
+        _w,
+        a: _a,
+        b: _b,
+    } = setup("dns", CaptureMode::Nft, METRICS).await;
     let _conf = PodResolvConf::write(&client.netns, "test");
     let vip: IpAddr = VIP.parse().unwrap();
 
@@ -232,17 +268,16 @@ async fn a_pod_resolves_mesh_names_locally_and_the_rest_upstream() {
 /// `options use-vc`, over TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_capture_takes_a_pods_dns_to_the_proxy() {
-    init_tracing();
-    let topo = Topology::new("dnsbpf").expect("topology");
-    let client = topo.add_pod("client", 0).expect("pod");
-    let server = topo.add_pod("server", 1).expect("pod");
-    let resolver = topo.add_pod("resolver", 0).expect("pod");
-    let upstream_addr = SocketAddr::new(IpAddr::V4(resolver.ip), 53);
-    let upstream = Upstream::start(&resolver.sockets(), upstream_addr).await;
-    let w = World::new(0);
-    w.write_mesh(&mesh(&client, &server));
-    let a = agent(&w, "node-a", upstream_addr, CaptureMode::Ebpf, METRICS_EBPF).await;
-    let b = agent(&w, "node-b", upstream_addr, CaptureMode::Ebpf, METRICS_EBPF).await;
+    let Setup {
+        client,
+        server,
+        upstream,
+        _topo,
+        _w,
+        a,
+        b,
+        ..
+    } = setup("dnsbpf", CaptureMode::Ebpf, METRICS_EBPF).await;
     let vip: IpAddr = VIP.parse().unwrap();
 
     for tcp in [false, true] {

@@ -589,6 +589,25 @@ mod tests {
         assert!(renewed.is_valid_at(SystemTime::now()));
     }
 
+    /// An Istio CA answer ends with its root: that root joins the trust
+    /// set while a certificate that came with it is held, and leaves with
+    /// it.
+    #[tokio::test]
+    async fn the_cas_roots_join_the_trust_set_while_their_certificate_is_held() {
+        let signer = TestSigner::new(Duration::ZERO);
+        let configured = LocalCa::generate("td").unwrap().trust_bundle();
+        let mgr = CertManager::new(signer.clone(), configured.clone(), Default::default());
+        assert_eq!(*mgr.trust_bundle().roots, *configured.roots);
+        let changes = mgr.trust().subscribe();
+        mgr.fetch(&id()).await.unwrap();
+        assert!(changes.has_changed().unwrap());
+        let roots = mgr.trust_bundle().roots.clone();
+        assert_eq!(roots.len(), 2);
+        assert!(roots.contains(&signer.ca.trust_bundle().roots[0]));
+        mgr.forget(&id());
+        assert_eq!(*mgr.trust_bundle().roots, *configured.roots);
+    }
+
     #[test]
     fn renewal_falls_between_40_and_50_percent_of_the_life_left() {
         let ca = LocalCa::generate("td").unwrap();

@@ -317,6 +317,33 @@ pub fn original_dst(fd: RawFd) -> Option<SocketAddr> {
 
 // -------------------------------------------------- pod process (fork) --
 
+/// In a forked child: bounds its life, drops every descriptor inherited
+/// from the test process (other tests' bpf links among them: a copy would
+/// keep them attached), joins the pod's cgroup (`procs`, its
+/// `cgroup.procs`) and netns, or `_exit`s with 10 (cgroup) or 11 (netns).
+/// Raw syscalls only, on memory prepared before the fork.
+///
+/// # Safety
+/// Call only in a child between `fork` and `_exit`.
+pub unsafe fn enter_pod(ns: &CString, procs: Option<&CString>) {
+    // SAFETY: async-signal-safe syscalls on NUL-terminated paths.
+    unsafe {
+        libc::alarm(20);
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        if let Some(p) = procs {
+            let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(10);
+            }
+            libc::close(fd);
+        }
+        let nsfd = libc::open(ns.as_ptr(), libc::O_RDONLY);
+        if nsfd < 0 || libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
+            libc::_exit(11);
+        }
+    }
+}
+
 /// `addr` as the kernel takes it, prepared before a fork.
 pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
@@ -406,21 +433,7 @@ impl PodClient {
             return PodClient { pid };
         }
         unsafe {
-            libc::alarm(20);
-            // Drop every descriptor inherited from the test process (other
-            // tests' bpf links among them: a copy would keep them attached).
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            if let Some(p) = &procs {
-                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    libc::_exit(10);
-                }
-                libc::close(fd);
-            }
-            let nsfd = libc::open(ns.as_ptr(), libc::O_RDONLY);
-            if nsfd < 0 || libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
-                libc::_exit(11);
-            }
+            enter_pod(&ns, procs.as_ref());
             let s = libc::socket(family, libc::SOCK_STREAM, 0);
             if s < 0 {
                 libc::_exit(12);
