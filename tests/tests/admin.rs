@@ -224,6 +224,18 @@ async fn readiness_waits_for_certificates_and_config_dump_shows_the_node() {
         "{certs}"
     );
     assert!(certs.contains("\"notAfter\": "), "{certs}");
+    // The trust anchors in force: the world's root, by its SHA-256.
+    let doc: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    let root_sha: String = sha256(&w.ca.trust_bundle().roots[0])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        doc["trust"]["roots"][0]["sha256"],
+        root_sha.as_str(),
+        "{dump}"
+    );
+    assert_eq!(doc["trust"]["crls"], serde_json::json!([]));
     let enrolled = &dump[dump.find("\"enrolledWorkloads\"").expect("enrolled")..];
     assert!(
         enrolled.starts_with("\"enrolledWorkloads\": [\n    \"client\"\n  ]"),

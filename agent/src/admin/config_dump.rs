@@ -28,6 +28,12 @@ pub struct DumpInput<'a> {
     pub xds: Option<XdsStatus>,
     /// The DNS proxy's settings, if it runs.
     pub dns: Option<&'a crate::dns::DnsSettings>,
+    /// The trust anchors and revocation lists in force.
+    pub trust: &'a crate::identity::TrustBundle,
+    /// Open HBONE connections whose peer chain is watched, and how many
+    /// were closed for an untrusted root.
+    pub trust_peers: usize,
+    pub untrusted_closed: u64,
 }
 
 /// Builds the config dump.
@@ -76,6 +82,7 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
         },
         "enrolledWorkloads": served,
         "dns": input.dns.map(|d| dns(d, mesh)),
+        "trust": trust(input),
         "xds": input.xds.as_ref().map(|x| json!({
             "connected": x.connected,
             "synced": x.synced,
@@ -87,6 +94,56 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             // What istiod sent that this agent does not act on yet.
             "ignoredFields": x.ignored_fields,
         })),
+    })
+}
+
+/// The trust anchors (subject, validity, SHA-256 of the DER) and
+/// revocation lists (issuer, entries) in force: what a rotation or a CRL
+/// reload changed.
+fn trust(input: &DumpInput<'_>) -> Value {
+    use sha2::{Digest, Sha256};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let hex = |d: &[u8]| -> String {
+        Sha256::digest(d)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let roots: Vec<Value> = input
+        .trust
+        .roots
+        .iter()
+        .map(|r| match X509Certificate::from_der(r) {
+            Ok((_, c)) => json!({
+                "subject": c.subject().to_string(),
+                "notAfter": c.validity().not_after.timestamp(),
+                "sha256": hex(r),
+            }),
+            Err(_) => json!({"sha256": hex(r), "unparsable": true}),
+        })
+        .collect();
+    let crls: Vec<Value> = input
+        .trust
+        .crls
+        .iter()
+        .map(|c| {
+            use x509_parser::revocation_list::CertificateRevocationList;
+            match CertificateRevocationList::from_der(c) {
+                Ok((_, l)) => json!({
+                    "issuer": l.issuer().to_string(),
+                    "revoked": l.iter_revoked_certificates().count(),
+                    "sha256": hex(c),
+                }),
+                Err(_) => json!({"sha256": hex(c), "unparsable": true}),
+            }
+        })
+        .collect();
+    json!({
+        "generation": input.trust.generation,
+        "roots": roots,
+        "crls": crls,
+        "watchedConnections": input.trust_peers,
+        "untrustedConnectionsClosed": input.untrusted_closed,
     })
 }
 

@@ -322,6 +322,9 @@ impl Shared {
             now: SystemTime::now(),
             xds: self.readiness.xds_status(),
             dns: self.dns.as_ref(),
+            trust: &self.certs.trust_bundle(),
+            trust_peers: self.certs.trust().peers(),
+            untrusted_closed: self.certs.trust().untrusted_closed(),
         });
         match serde_json::to_vec_pretty(&doc) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),
