@@ -386,3 +386,34 @@ async fn other_failures_name_what_went_wrong() {
     );
     assert_eq!(s.ca.requests(), 0);
 }
+
+/// istiod's serving root rotates: the client reads its root file again
+/// for each request and reconnects under the new content, without a
+/// restart (ztunnel reloads this file too: src/tls/control.rs).
+#[tokio::test]
+async fn the_ca_client_follows_its_root_file() {
+    let s = setup(46).await;
+    let id = client_id();
+    // Built while the file holds a root istiod's certificate does not chain to.
+    let mut cfg = client_config(&s.w, &s.ca, "istio-token", TOKEN);
+    let root_file = s.w.dir.path().join("rotating-root.pem");
+    std::fs::write(&root_file, s.w.ca.root_pem()).unwrap();
+    cfg.root_cert = root_file.clone();
+    let signer = Arc::new(IstioCaClient::new(cfg).unwrap());
+    let mgr = CertManager::new(signer, s.w.ca.trust_bundle(), CertManagerConfig::default());
+    let err = mgr.fetch(&id).await.unwrap_err();
+    assert!(matches!(err, CaError::Unavailable(_)), "{err}");
+
+    // The file now holds istiod's root: the next request succeeds.
+    std::fs::write(&root_file, s.ca.root_pem()).unwrap();
+    let cert = mgr
+        .fetch(&id)
+        .await
+        .expect("a certificate under the new root");
+    assert_eq!(cert.identity, id);
+
+    // An unusable file later keeps the connection made under the last good one.
+    std::fs::write(&root_file, "garbage").unwrap();
+    mgr.forget(&id);
+    assert!(mgr.fetch(&id).await.is_ok());
+}

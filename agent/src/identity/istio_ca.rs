@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambient_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -20,7 +20,7 @@ use ambient_proto::tonic::metadata::AsciiMetadataValue;
 use ambient_proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use ambient_proto::tonic::{Code, Request, Status};
 use http::Uri;
-use tracing::debug;
+use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{CaError, CertificateSigner, Identity, SignFuture};
@@ -54,9 +54,15 @@ pub struct IstioCaClient {
     address: String,
     server_name: String,
     endpoint: Endpoint,
-    /// Created on first use: a channel spawns its worker task, which needs
-    /// a Tokio runtime that the constructor may not run in.
-    channel: OnceLock<Channel>,
+    /// The root file istiod's serving certificate must chain to: read
+    /// again before each signing request, so a rotated istiod root is
+    /// followed without a restart (as ztunnel does).
+    root_cert: PathBuf,
+    request_timeout: Duration,
+    /// Created on first use (a channel spawns its worker task, which needs
+    /// a Tokio runtime that the constructor may not run in), and again
+    /// when the root file's content changes: (that content, the channel).
+    channel: Mutex<Option<(String, Channel)>>,
     token_path: Option<PathBuf>,
     cluster_id: AsciiMetadataValue,
     timeout: Duration,
@@ -97,21 +103,20 @@ impl IstioCaClient {
         })?;
 
         let root = read_root(&cfg.root_cert)?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(root))
-            .domain_name(server_name.clone())
-            .timeout(cfg.request_timeout);
         let endpoint = Endpoint::from(uri)
-            .tls_config(tls)
-            .map_err(|e| config(&cfg.address, &format!("TLS: {}", error_chain(&e))))?
             .connect_timeout(cfg.request_timeout)
             .timeout(cfg.request_timeout);
+        // Checked now, so a bad setting fails at start.
+        tls_endpoint(&endpoint, &root, &server_name, cfg.request_timeout)
+            .map_err(|e| config(&cfg.address, &format!("TLS: {}", error_chain(&e))))?;
 
         Ok(IstioCaClient {
             address: cfg.address,
             server_name,
             endpoint,
-            channel: OnceLock::new(),
+            root_cert: cfg.root_cert,
+            request_timeout: cfg.request_timeout,
+            channel: Mutex::new(None),
             token_path: cfg.token_path,
             cluster_id,
             timeout: cfg.request_timeout,
@@ -144,10 +149,7 @@ impl IstioCaClient {
             .metadata_mut()
             .insert(CLUSTER_ID_HEADER, self.cluster_id.clone());
 
-        let channel = self
-            .channel
-            .get_or_init(|| self.endpoint.connect_lazy())
-            .clone();
+        let channel = self.channel()?;
         let response = IstioCertificateServiceClient::new(channel)
             .create_certificate(request)
             .await
@@ -245,6 +247,55 @@ fn io_error(path: &Path, source: io::Error) -> CaError {
 }
 
 /// The root file's text, once it is known to hold at least one certificate.
+/// `endpoint` over TLS trusting `root` (PEM) for `server_name`.
+fn tls_endpoint(
+    endpoint: &Endpoint,
+    root: &str,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Endpoint, ambient_proto::tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name(server_name.to_string())
+        .timeout(timeout);
+    endpoint.clone().tls_config(tls)
+}
+
+impl IstioCaClient {
+    /// The channel to the CA under the root file's current content; a root
+    /// file that cannot be read now keeps the channel made under the last
+    /// good one.
+    fn channel(&self) -> Result<Channel, CaError> {
+        let mut slot = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        let root = match (read_root(&self.root_cert), slot.as_ref()) {
+            (Ok(root), _) => root,
+            (Err(e), Some((_, channel))) => {
+                warn!(error = %e, "CA root file unusable; keeping the one read before");
+                return Ok(channel.clone());
+            }
+            (Err(e), None) => return Err(e),
+        };
+        if let Some((seen, channel)) = slot.as_ref() {
+            if *seen == root {
+                return Ok(channel.clone());
+            }
+        }
+        let endpoint = tls_endpoint(
+            &self.endpoint,
+            &root,
+            &self.server_name,
+            self.request_timeout,
+        )
+        .map_err(|e| config(&self.address, &format!("TLS: {}", error_chain(&e))))?;
+        if slot.is_some() {
+            info!(path = %self.root_cert.display(), "CA root changed; reconnecting under it");
+        }
+        let channel = endpoint.connect_lazy();
+        *slot = Some((root, channel.clone()));
+        Ok(channel)
+    }
+}
+
 fn read_root(path: &Path) -> Result<String, CaError> {
     let pem = std::fs::read_to_string(path).map_err(|e| {
         io_error(
