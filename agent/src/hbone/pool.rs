@@ -28,7 +28,9 @@ use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
 use super::H2Settings;
-use crate::identity::{CaError, CertManager, Identity, PeerGuard, PeerRole, WorkloadCert};
+use crate::identity::{
+    CaError, CertManager, Identity, PeerGuard, PeerRole, TrustBundle, WorkloadCert,
+};
 use crate::socket::{ConnectOpts, Sockets};
 
 /// Pool behaviour; see each field for its default.
@@ -133,12 +135,13 @@ struct Inner {
 }
 
 type TlsKey = (Identity, Vec<Identity>);
-/// What a handshake yields: the h2 handle and driver, and the server's
-/// chain (leaf first).
+/// What a handshake yields: the h2 handle and driver, the server's chain
+/// (leaf first), and the trust generation it was verified under.
 type Handshaken = (
     SendRequest<Bytes>,
     h2::client::Connection<TlsConn, Bytes>,
     Vec<rustls::pki_types::CertificateDer<'static>>,
+    u64,
 );
 /// A cached client config, the certificate it presents and the trust
 /// generation it verifies with.
@@ -403,7 +406,7 @@ impl Pool {
         sockets: &Sockets,
     ) -> Result<Arc<Conn>, PoolError> {
         let cfg = &self.inner.cfg;
-        let (send, connection, chain) =
+        let (send, connection, chain, generation) =
             tokio::time::timeout(cfg.connect_timeout, self.handshake(key, expected, sockets))
                 .await
                 .map_err(|_| PoolError::Timeout(key.dst))??;
@@ -411,7 +414,7 @@ impl Pool {
             .inner
             .certs
             .trust()
-            .register_peer(chain, PeerRole::Server);
+            .register_peer(chain, PeerRole::Server, generation);
         let budget = match cfg.streams_per_connection {
             0 => u64::MAX,
             n => n,
@@ -460,7 +463,8 @@ impl Pool {
             .fetch(&key.src_identity)
             .await
             .map_err(|e| PoolError::Certificate(key.src_identity.clone(), e))?;
-        let tls_cfg = self.client_config(&key.src_identity, cert, expected)?;
+        let trust = self.inner.certs.trust_bundle();
+        let tls_cfg = self.client_config(&key.src_identity, cert, expected, &trust)?;
         let opts = ConnectOpts {
             bind: key.src_ip.map(|ip| SocketAddr::new(ip, 0)),
             transparent: false,
@@ -490,7 +494,7 @@ impl Pool {
             .handshake(tls)
             .await?;
         debug!(dst = %key.dst, peer = %key.dst_identity, "HBONE connection established");
-        Ok((send, connection, chain))
+        Ok((send, connection, chain, trust.generation))
     }
 }
 
@@ -502,15 +506,15 @@ impl Pool {
         src: &Identity,
         cert: Arc<WorkloadCert>,
         expected: &[Identity],
+        trust: &TrustBundle,
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let key = (src.clone(), expected.to_vec());
-        let trust = self.inner.certs.trust_bundle();
         if let Some((c, generation, cfg)) = lock(&self.inner.tls).get(&key) {
             if Arc::ptr_eq(c, &cert) && *generation == trust.generation {
                 return Ok(cfg.clone());
             }
         }
-        let cfg = Arc::new(tls::client_config(&cert, &trust, expected.to_vec())?);
+        let cfg = Arc::new(tls::client_config(&cert, trust, expected.to_vec())?);
         let mut cache = lock(&self.inner.tls);
         if cache.len() >= TLS_CACHE_MAX {
             cache.clear();

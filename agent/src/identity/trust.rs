@@ -187,11 +187,15 @@ impl TrustStore {
     }
 
     /// Remembers the peer of an open connection, authenticated now with
-    /// `chain` (leaf first), until the guard is dropped.
+    /// `chain` (leaf first) under the trust generation `verified_under`,
+    /// until the guard is dropped. If the set changed since, the chain is
+    /// checked against it at once (the change's own re-check may have run
+    /// before this registration).
     pub fn register_peer(
         self: &Arc<Self>,
         chain: Vec<CertificateDer<'static>>,
         role: PeerRole,
+        verified_under: u64,
     ) -> PeerGuard {
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(Notify::new());
@@ -201,10 +205,14 @@ impl TrustStore {
             accepted: UnixTime::now(),
             close: close.clone(),
         };
-        self.peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, peer);
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.bundle();
+        // A peer found untrusted here is told to close at once, and not
+        // kept for later checks.
+        if now.generation == verified_under || self.check(&ChainVerifier::new(&now), &peer) {
+            peers.insert(id, peer);
+        }
+        drop(peers);
         PeerGuard {
             store: self.clone(),
             id,
@@ -225,26 +233,30 @@ impl TrustStore {
         self.untrusted.load(Ordering::Relaxed)
     }
 
+    /// Whether `peer` still chains to a root of `verifier`'s bundle; if
+    /// not, tells it to close and counts it (as revoked too, if that is
+    /// why).
+    fn check(&self, verifier: &ChainVerifier, peer: &Peer) -> bool {
+        match verifier.verify(&peer.chain, peer.role, peer.accepted) {
+            Ok(()) => return true,
+            Err(webpki::Error::CertRevoked) => {
+                self.revoked[peer.role.reporter()].fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        self.untrusted.fetch_add(1, Ordering::Relaxed);
+        peer.close.notify_one();
+        false
+    }
+
     /// Tells every registered connection `bundle` no longer anchors to
     /// close; returns how many.
     fn recheck(&self, bundle: &TrustBundle) -> usize {
         let verifier = ChainVerifier::new(bundle);
         let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut closed = 0;
-        for p in peers.values() {
-            match verifier.verify(&p.chain, p.role, p.accepted) {
-                Ok(()) => continue,
-                Err(webpki::Error::CertRevoked) => {
-                    self.revoked[p.role.reporter()].fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {}
-            }
-            p.close.notify_one();
-            closed += 1;
-        }
+        let closed = peers.values().filter(|p| !self.check(&verifier, p)).count();
         drop(peers);
         if closed > 0 {
-            self.untrusted.fetch_add(closed as u64, Ordering::Relaxed);
             warn!(
                 closed,
                 generation = bundle.generation,
@@ -485,6 +497,40 @@ mod tests {
         assert_eq!(*store.bundle().roots, [cert(1), cert(2)]);
         store.set_file_roots(vec![cert(5)]).unwrap();
         assert_eq!(*store.bundle().roots, [cert(1), cert(5), cert(2)]);
+    }
+
+    /// A connection verified under an older set than the one in force when
+    /// it registers (the change's own re-check may have run in between)
+    /// is checked at once; one verified under the current set is not
+    /// touched. A change then closes those no root vouches for any more.
+    #[tokio::test]
+    async fn registrations_and_changes_close_what_no_root_vouches_for() {
+        use crate::identity::{CertManager, LocalCa};
+        let old = Arc::new(LocalCa::generate("td").unwrap());
+        let new = LocalCa::generate("td").unwrap();
+        let certs = CertManager::new(old.clone(), old.trust_bundle(), Default::default());
+        let chain = certs.fetch(&id("a")).await.unwrap().chain.clone();
+        let store = TrustStore::new(vec![new.trust_bundle().roots[0].clone()]);
+        store
+            .set_file_roots(vec![old.trust_bundle().roots[0].clone()])
+            .unwrap();
+        let verified_under = store.bundle().generation;
+
+        let current = store.register_peer(chain.clone(), PeerRole::Client, verified_under);
+        store
+            .set_file_roots(vec![new.trust_bundle().roots[0].clone()])
+            .unwrap();
+        // Verified under the old set, registered after the change.
+        let late = store.register_peer(chain, PeerRole::Server, verified_under);
+        for guard in [&current, &late] {
+            tokio::time::timeout(Duration::from_secs(1), guard.untrusted())
+                .await
+                .expect("told to close");
+        }
+        assert_eq!(store.untrusted_closed(), 2);
+        assert_eq!(store.peers(), 1, "the late one is not kept");
+        drop(current);
+        assert_eq!(store.peers(), 0);
     }
 
     #[tokio::test]

@@ -88,9 +88,11 @@ impl Inbound {
         }
     }
 
-    async fn server_config(&self) -> Result<Arc<ServerConfig>, ConnectionError> {
+    /// The server config now, and the trust generation it verifies with.
+    async fn server_config(&self) -> Result<(Arc<ServerConfig>, u64), ConnectionError> {
         let cert = self.ctx.certs.fetch(&self.identity).await?;
-        Ok(self.tls.get(cert, &self.ctx.certs.trust_bundle())?)
+        let trust = self.ctx.certs.trust_bundle();
+        Ok((self.tls.get(cert, &trust)?, trust.generation))
     }
 
     async fn serve_tls(
@@ -99,7 +101,7 @@ impl Inbound {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<(), ConnectionError> {
-        let cfg = self.server_config().await?;
+        let (cfg, generation) = self.server_config().await?;
         let td = &self.workload.trust_domain;
         let accepted = server::accept_tls(stream, peer.ip(), cfg, &self.handshakes, td).await;
         let accepted = accepted.inspect_err(|e| {
@@ -111,11 +113,11 @@ impl Inbound {
             }
         })?;
         tracing::Span::current().record("src_id", tracing::field::display(&accepted.peer));
-        let guard = self
-            .ctx
-            .certs
-            .trust()
-            .register_peer(accepted.chain, PeerRole::Client);
+        let guard =
+            self.ctx
+                .certs
+                .trust()
+                .register_peer(accepted.chain, PeerRole::Client, generation);
         let info = ConnectionInfo {
             peer_identity: accepted.peer,
             peer_addr: peer,

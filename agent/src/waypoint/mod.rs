@@ -262,7 +262,8 @@ impl Shared {
     ) -> Result<(), ConnectionError> {
         let local = stream.local_addr().unwrap_or(peer);
         let cert = self.certs.fetch(&self.workload.identity()).await?;
-        let cfg = self.tls.get(cert, &self.certs.trust_bundle())?;
+        let trust = self.certs.trust_bundle();
+        let cfg = self.tls.get(cert, &trust)?;
         let accepted = server::accept_tls(
             stream,
             peer.ip(),
@@ -271,10 +272,10 @@ impl Shared {
             &self.workload.trust_domain,
         )
         .await?;
-        let guard = self
-            .certs
-            .trust()
-            .register_peer(accepted.chain, PeerRole::Client);
+        let guard =
+            self.certs
+                .trust()
+                .register_peer(accepted.chain, PeerRole::Client, trust.generation);
         let info = server::ConnectionInfo {
             peer_identity: accepted.peer,
             peer_addr: peer,
