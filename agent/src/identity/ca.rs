@@ -72,7 +72,8 @@ pub enum CaError {
 }
 
 impl CaError {
-    fn io(path: &Path, source: std::io::Error) -> Self {
+    /// An I/O failure on the file at `path`.
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         CaError::Io {
             path: path.to_path_buf(),
             source: Arc::new(source),

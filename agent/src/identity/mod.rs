@@ -93,9 +93,14 @@ impl TrustBundle {
     }
 }
 
-/// A fixed bundle as a live set that never changes by itself.
+/// A fixed bundle (roots and revocation lists) as a live set that never
+/// changes by itself.
 impl From<TrustBundle> for Arc<TrustStore> {
     fn from(b: TrustBundle) -> Self {
-        TrustStore::new(b.roots.to_vec())
+        let store = TrustStore::new(b.roots.to_vec());
+        if !b.crls.is_empty() {
+            store.set_crls(b.crls.to_vec());
+        }
+        store
     }
 }

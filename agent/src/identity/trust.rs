@@ -239,9 +239,7 @@ impl TrustStore {
     fn check(&self, verifier: &ChainVerifier, peer: &Peer) -> bool {
         match verifier.verify(&peer.chain, peer.role, peer.accepted) {
             Ok(()) => return true,
-            Err(webpki::Error::CertRevoked) => {
-                self.revoked[peer.role.reporter()].fetch_add(1, Ordering::Relaxed);
-            }
+            Err(webpki::Error::CertRevoked) => self.count_revoked(peer.role),
             Err(_) => {}
         }
         self.untrusted.fetch_add(1, Ordering::Relaxed);
@@ -250,8 +248,8 @@ impl TrustStore {
     }
 
     /// Tells every registered connection `bundle` no longer anchors to
-    /// close; returns how many.
-    fn recheck(&self, bundle: &TrustBundle) -> usize {
+    /// close.
+    fn recheck(&self, bundle: &TrustBundle) {
         let verifier = ChainVerifier::new(bundle);
         let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let closed = peers.values().filter(|p| !self.check(&verifier, p)).count();
@@ -263,7 +261,6 @@ impl TrustStore {
                 "closing connections whose peer no root trusts any more"
             );
         }
-        closed
     }
 
     /// The trust anchors now.
@@ -331,25 +328,23 @@ impl TrustStore {
             crls = sources.crls.len(),
             "trust bundle changed"
         );
-        let bundle = Arc::new(TrustBundle {
+        *current = Arc::new(TrustBundle {
             roots: Arc::new(roots),
             crls: Arc::new(sources.crls.clone()),
             generation,
         });
-        *current = bundle.clone();
         drop(current);
         drop(sources);
         self.changes.send_replace(generation);
-        self.recheck(&bundle);
+        // Against the set in force now, not `bundle`: a later change may
+        // have been published (and re-checked) while this one got here.
+        self.recheck(&self.bundle());
     }
 }
 
 /// Every certificate in the PEM file at `path`.
 pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_path_buf(),
-        source: Arc::new(source),
-    };
+    let io = |source| CaError::io(path, source);
     let data = std::fs::read(path).map_err(io)?;
     let roots = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -368,10 +363,7 @@ pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaErr
 /// An empty file, or PEM without a CRL, revokes nothing; a CRL that does
 /// not parse makes the whole file unusable.
 pub fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_path_buf(),
-        source: Arc::new(source),
-    };
+    let io = |source| CaError::io(path, source);
     let data = std::fs::read(path).map_err(io)?;
     let crls = if data.trim_ascii_start().starts_with(b"-----BEGIN") {
         let mut out = Vec::new();
