@@ -73,6 +73,8 @@ pub struct AgentGauges {
     /// Peers refused or closed for a revoked certificate, as `source`
     /// and as `destination`.
     pub revoked: [u64; 2],
+    /// Changes installed into the mesh state, and its size.
+    pub mesh: crate::state::UpdateStats,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +111,12 @@ pub struct Metrics {
     certificates_invalid: Gauge,
     untrusted_closed: Counter,
     crl_rejections: Family<ReporterLabel, Counter>,
+    mesh_updates: Counter,
+    mesh_update_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    mesh_update_last: Gauge<f64, std::sync::atomic::AtomicU64>,
+    mesh_workloads: Gauge,
+    mesh_services: Gauge,
+    mesh_policies: Gauge,
     /// One scrape at a time updates the gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -146,6 +154,12 @@ impl Metrics {
             enrolled: Gauge::default(),
             trust_roots: Gauge::default(),
             certificates_invalid: Gauge::default(),
+            mesh_updates: Counter::default(),
+            mesh_update_seconds: Counter::default(),
+            mesh_update_last: Gauge::default(),
+            mesh_workloads: Gauge::default(),
+            mesh_services: Gauge::default(),
+            mesh_policies: Gauge::default(),
             untrusted_closed: Counter::default(),
             crl_rejections: Family::default(),
             scrape: Mutex::new(()),
@@ -210,6 +224,29 @@ impl Metrics {
             ),
         ];
         for (name, help, gauge) in xds_gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register(
+            "ambient_mesh_updates",
+            "New versions of the mesh installed (from xDS or the mesh file)",
+            m.mesh_updates.clone(),
+        );
+        registry.register(
+            "ambient_mesh_update_seconds",
+            "Time spent installing mesh updates, from the source's input to serving",
+            m.mesh_update_seconds.clone(),
+        );
+        registry.register(
+            "ambient_mesh_update_last_seconds",
+            "Time the last mesh update took, from the source's input to serving",
+            m.mesh_update_last.clone(),
+        );
+        let mesh_gauges = [
+            ("ambient_mesh_workloads", "Workloads in the mesh", &m.mesh_workloads),
+            ("ambient_mesh_services", "Services in the mesh", &m.mesh_services),
+            ("ambient_mesh_policies", "Authorization policies in the mesh", &m.mesh_policies),
+        ];
+        for (name, help, gauge) in mesh_gauges {
             registry.register(name, help, gauge.clone());
         }
         let xds_counters = [
@@ -380,6 +417,15 @@ impl Metrics {
                 total,
             );
         }
+        catch_up(&self.mesh_updates, gauges.mesh.updates);
+        let behind = gauges.mesh.seconds_total - self.mesh_update_seconds.get();
+        if behind > 0.0 {
+            self.mesh_update_seconds.inc_by(behind);
+        }
+        self.mesh_update_last.set(gauges.mesh.last_seconds);
+        self.mesh_workloads.set(to_i64(gauges.mesh.workloads as u64));
+        self.mesh_services.set(to_i64(gauges.mesh.services as u64));
+        self.mesh_policies.set(to_i64(gauges.mesh.policies as u64));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

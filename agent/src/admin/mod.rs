@@ -269,6 +269,7 @@ impl Shared {
             trust_roots: self.certs.trust_bundle().roots.len(),
             untrusted_closed: self.certs.trust().untrusted_closed(),
             revoked: self.certs.trust().revoked(),
+            mesh: self.state.stats(),
         };
         self.metrics.encode(&gauges)
     }

@@ -105,11 +105,27 @@ impl Snapshot {
     }
 }
 
+/// Changes installed so far, for metrics and the scale benchmark.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpdateStats {
+    /// New versions installed.
+    pub updates: u64,
+    /// Time the last one took, from the source having its input (a
+    /// response, a changed file) to the new version serving.
+    pub last_seconds: f64,
+    /// Sum of those times over every update.
+    pub seconds_total: f64,
+    pub workloads: usize,
+    pub services: usize,
+    pub policies: usize,
+}
+
 /// The shared, swappable mesh state.
 #[derive(Debug)]
 pub struct State {
     current: ArcSwap<Snapshot>,
     version: watch::Sender<u64>,
+    stats: std::sync::Mutex<UpdateStats>,
 }
 
 impl Default for State {
@@ -123,7 +139,13 @@ impl State {
         State {
             current: ArcSwap::from_pointee(Snapshot::new(mesh)),
             version: watch::channel(0).0,
+            stats: Default::default(),
         }
+    }
+
+    /// Updates installed so far and what the mesh holds.
+    pub fn stats(&self) -> UpdateStats {
+        *self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current version of the mesh.
@@ -133,7 +155,27 @@ impl State {
 
     /// Installs a new version and wakes everyone watching for changes.
     pub fn replace(&self, mesh: Mesh) {
-        self.current.store(Arc::new(Snapshot::new(mesh)));
+        self.replace_since(mesh, std::time::Instant::now());
+    }
+
+    /// [`State::replace`], counting the update's time from `started`
+    /// (when the source got its input).
+    pub fn replace_since(&self, mesh: Mesh, started: std::time::Instant) {
+        let snap = Snapshot::new(mesh);
+        let (workloads, services, policies) = (
+            snap.workload_by_uid.len(),
+            snap.mesh.services.len(),
+            snap.mesh.policies.len(),
+        );
+        self.current.store(Arc::new(snap));
+        let took = started.elapsed().as_secs_f64();
+        {
+            let mut st = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.updates += 1;
+            st.last_seconds = took;
+            st.seconds_total += took;
+            (st.workloads, st.services, st.policies) = (workloads, services, policies);
+        }
         self.version.send_modify(|v| *v += 1);
     }
 
