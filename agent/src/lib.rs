@@ -11,6 +11,7 @@ pub mod config;
 pub mod copy;
 pub mod demo;
 pub mod dns;
+pub mod fswatch;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;

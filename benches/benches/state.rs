@@ -4,12 +4,14 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
 
 use ambient_agent::identity::Identity;
 use ambient_agent::state::authz::{self, Connection};
 use ambient_agent::state::{
-    ApplicationTunnel, Clause, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope, Rule,
-    Service, ServicePort, Snapshot, StringMatch, TunnelProtocol, Workload,
+    ApplicationTunnel, Clause, Delta, Endpoint, Match, Mesh, Policy, PolicyAction, PolicyScope,
+    Rule, Service, ServicePort, Snapshot, State, StringMatch, TunnelProtocol, Workload,
 };
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -21,13 +23,13 @@ fn ip(i: usize) -> IpAddr {
 
 fn workload(i: usize) -> Workload {
     Workload {
-        uid: format!("w{i}"),
-        name: format!("w{i}"),
-        namespace: format!("ns-{}", i % NAMESPACES),
-        service_account: format!("sa-{}", i % 7),
+        uid: format!("w{i}").into(),
+        name: format!("w{i}").into(),
+        namespace: format!("ns-{}", i % NAMESPACES).into(),
+        service_account: format!("sa-{}", i % 7).into(),
         trust_domain: "cluster.local".into(),
         addresses: vec![ip(i)],
-        node: format!("node-{}", i % 50),
+        node: format!("node-{}", i % 50).into(),
         netns: None,
         cgroup: None,
         protocol: TunnelProtocol::Hbone,
@@ -47,7 +49,10 @@ fn policy(i: usize, scope_all: bool) -> Policy {
         PolicyScope::Global
     } else if i.is_multiple_of(3) {
         PolicyScope::WorkloadSelector {
-            workload_uids: vec![format!("w{}", i % 10_000), format!("w{}", (i + 1) % 10_000)],
+            workload_uids: vec![
+                format!("w{}", i % 10_000).into(),
+                format!("w{}", (i + 1) % 10_000).into(),
+            ],
         }
     } else {
         PolicyScope::Namespace
@@ -92,7 +97,7 @@ fn authorization(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("authorize_10k_policies");
     for (name, all) in [("namespace_scoped", false), ("all_apply", true)] {
-        let policies: Vec<Policy> = (0..10_000).map(|i| policy(i, all)).collect();
+        let policies: Vec<Arc<Policy>> = (0..10_000).map(|i| Arc::new(policy(i, all))).collect();
         let applying = policies
             .iter()
             .filter(|p| authz::applies_to(p, &dst))
@@ -105,13 +110,13 @@ fn authorization(c: &mut Criterion) {
     group.finish();
 }
 
-fn routing(c: &mut Criterion) {
-    let workloads: Vec<Workload> = (0..10_000).map(workload).collect();
-    let services: Vec<Service> = (0..1_000)
+/// `n` workloads behind `n / 10` services of 10 endpoints each.
+fn mesh(n: usize) -> Mesh {
+    let services = (0..n / 10)
         .map(|s| Service {
-            name: format!("svc{s}"),
-            namespace: format!("ns-{}", s % NAMESPACES),
-            hostname: format!("svc{s}.ns-{}.svc.cluster.local", s % NAMESPACES),
+            name: format!("svc{s}").into(),
+            namespace: format!("ns-{}", s % NAMESPACES).into(),
+            hostname: format!("svc{s}.ns-{}.svc.cluster.local", s % NAMESPACES).into(),
             vips: vec![IpAddr::V4(Ipv4Addr::new(172, 16, (s >> 8) as u8, s as u8))],
             ports: vec![ServicePort {
                 port: 80,
@@ -119,7 +124,7 @@ fn routing(c: &mut Criterion) {
             }],
             endpoints: (0..10)
                 .map(|e| Endpoint {
-                    workload_uid: format!("w{}", s * 10 + e),
+                    workload_uid: format!("w{}", s * 10 + e).into(),
                 })
                 .collect(),
             subject_alt_names: vec![],
@@ -128,29 +133,92 @@ fn routing(c: &mut Criterion) {
             waypoint: None,
         })
         .collect();
-    let snap = Snapshot::new(Mesh {
-        workloads,
+    Mesh {
+        workloads: (0..n).map(workload).collect(),
         services,
         ..Mesh::default()
-    });
-    let to_workload = SocketAddr::new(ip(4242), 8080);
-    let to_service = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 16, 1, 200)), 80);
-    let outside = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 443);
-    let mut group = c.benchmark_group("route_10k_workloads");
-    group.bench_function("destination_workload", |b| {
-        b.iter(|| snap.destination(black_box(to_workload)))
-    });
-    group.bench_function("destination_outside_mesh", |b| {
-        b.iter(|| snap.destination(black_box(outside)))
-    });
-    group.bench_function("route_workload", |b| {
-        b.iter(|| snap.route(black_box(to_workload), 15008))
-    });
-    group.bench_function("route_service_10_endpoints", |b| {
-        b.iter(|| snap.route(black_box(to_service), 15008))
-    });
-    group.finish();
+    }
 }
 
-criterion_group!(benches, authorization, routing);
+fn routing(c: &mut Criterion) {
+    for (group_name, n) in [
+        ("route_10k_workloads", 10_000),
+        ("route_100k_workloads", 100_000),
+    ] {
+        let snap = Snapshot::new(mesh(n));
+        let to_workload = SocketAddr::new(ip(4242), 8080);
+        let to_service = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 16, 1, 200)), 80);
+        let outside = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 443);
+        let mut group = c.benchmark_group(group_name);
+        group.bench_function("destination_workload", |b| {
+            b.iter(|| snap.destination(black_box(to_workload)))
+        });
+        group.bench_function("destination_outside_mesh", |b| {
+            b.iter(|| snap.destination(black_box(outside)))
+        });
+        group.bench_function("route_workload", |b| {
+            b.iter(|| snap.route(black_box(to_workload), 15008))
+        });
+        group.bench_function("route_service_10_endpoints", |b| {
+            b.iter(|| snap.route(black_box(to_service), 15008))
+        });
+        group.finish();
+    }
+}
+
+/// Policy evaluation at the scale benchmark's shape: 1,000 policies over
+/// 100 namespaces, against a destination in a 100,000-workload mesh.
+fn authorization_at_scale(c: &mut Criterion) {
+    let snap = Snapshot::new(Mesh {
+        policies: (0..1_000).map(|i| policy(i, false)).collect(),
+        ..mesh(100_000)
+    });
+    let dst = snap
+        .workload_by_uid("w42")
+        .expect("w42 is in the mesh")
+        .clone();
+    let src = Identity::new("cluster.local", "ns-42", "sa-3");
+    let conn = Connection {
+        src_ip: ip(7),
+        src_identity: Some(&src),
+        dst: SocketAddr::new(ip(42), 8080),
+    };
+    c.bench_function("authorize_1k_policies_100k_workloads", |b| {
+        b.iter(|| {
+            authz::authorize(
+                black_box(snap.policies()),
+                black_box(&dst),
+                black_box(&conn),
+            )
+        })
+    });
+}
+
+/// One workload changed in a 100,000-workload mesh: the cost of a Delta
+/// xDS push of one resource, once decoded (the new version shares the
+/// rest with the one before).
+fn incremental_update(c: &mut Criterion) {
+    let state = State::new(mesh(100_000));
+    let mut i = 0usize;
+    c.bench_function("apply_one_workload_change_100k", |b| {
+        b.iter(|| {
+            i += 1;
+            let mut w = workload(i % 100_000);
+            w.healthy = i.is_multiple_of(2);
+            let delta = Delta {
+                workloads: vec![Arc::new(w)],
+                ..Delta::default()
+            };
+            state.apply_since(delta, Instant::now())
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    authorization,
+    routing,
+    authorization_at_scale,
+    incremental_update
+);
 criterion_main!(benches);

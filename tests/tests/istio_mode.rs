@@ -442,7 +442,7 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
     );
     wait_for("both resources held", || {
         let m = world.agents[0].state.snapshot();
-        m.workload_by_uid("remote").is_some() && !m.mesh().services.is_empty()
+        m.workload_by_uid("remote").is_some() && !m.to_mesh().services.is_empty()
     })
     .await;
     assert!(world.xds.nacks().is_empty(), "{:?}", world.xds.nacks());

@@ -81,7 +81,12 @@ async fn a_kubelet_probe_passes_strict_under_istio_cni_rules() {
     assert_eq!(world.add_pod(0, &client, info("client")).await, Ok(()));
     assert_eq!(world.add_pod(1, &server, info("server")).await, Ok(()));
     wait_for("the policy", || {
-        !world.agents[1].state.snapshot().mesh().policies.is_empty()
+        !world.agents[1]
+            .state
+            .snapshot()
+            .to_mesh()
+            .policies
+            .is_empty()
     })
     .await;
     probes_pass_strict(&topo, &server, &outside, &client).await;

@@ -68,7 +68,7 @@ async fn echo_through(agent: &Agent, dst: SocketAddr) {
 
 fn routed_to(state: &State, dst: SocketAddr) -> Option<String> {
     match state.snapshot().route(dst, HBONE) {
-        Route::Hbone { workload, .. } => Some(workload.uid.clone()),
+        Route::Hbone { workload, .. } => Some(workload.uid.to_string()),
         _ => None,
     }
 }
@@ -83,7 +83,7 @@ async fn workloads_services_and_policies_arrive() {
 
     let state = Arc::new(State::default());
     let feed = feed(xds.client_config("node-a"), state.clone());
-    eventually("the mesh", || *state.snapshot().mesh() == canonical(&m)).await;
+    eventually("the mesh", || state.snapshot().to_mesh() == canonical(&m)).await;
 
     let s = feed.status.borrow().clone();
     assert!(s.connected && s.synced, "{s:?}");
@@ -92,8 +92,8 @@ async fn workloads_services_and_policies_arrive() {
     assert_eq!(xds.connected_clients(), 1);
     assert!(xds.nacks().is_empty());
     let snap = state.snapshot();
-    assert_eq!(snap.mesh().workloads.len(), 3);
-    assert_eq!(snap.mesh().services[0].endpoints.len(), 2);
+    assert_eq!(snap.to_mesh().workloads.len(), 3);
+    assert_eq!(snap.to_mesh().services[0].endpoints.len(), 2);
     assert_eq!(snap.policies()[0].key(), "test/allow-client");
 }
 
@@ -127,7 +127,7 @@ async fn an_endpoint_change_reroutes_traffic_within_a_second() {
     .await;
     let took = start.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    assert_eq!(*a.state.snapshot().mesh(), canonical(&edited));
+    assert_eq!(a.state.snapshot().to_mesh(), canonical(&edited));
 
     echo_through(&a, w.service_vip()).await;
     assert_eq!(echo2.accepted.load(Ordering::SeqCst), 1);
@@ -162,7 +162,7 @@ async fn a_removed_workload_leaves_state_and_traffic() {
             && b.state.snapshot().workload_by_uid("server2").is_none()
     })
     .await;
-    assert_eq!(*a.state.snapshot().mesh(), canonical(&smaller));
+    assert_eq!(a.state.snapshot().to_mesh(), canonical(&smaller));
     eventually("node-b no longer serving server2", || {
         b.listeners("server2").is_none()
     })
@@ -248,7 +248,7 @@ async fn a_malformed_resource_is_nacked_and_the_last_good_mesh_keeps_serving() {
     assert_eq!(s.nacks, 2);
     assert!(s.last_nack.unwrap().contains("impostor"));
     assert!(!version.has_changed().unwrap(), "no new mesh was installed");
-    assert_eq!(*a.state.snapshot().mesh(), canonical(&m));
+    assert_eq!(a.state.snapshot().to_mesh(), canonical(&m));
     echo_through(&a, w.service_vip()).await;
     echo_through(&a, w.server_app()).await;
     assert_eq!(echo.accepted.load(Ordering::SeqCst), 3);
@@ -267,7 +267,7 @@ async fn the_client_reconnects_with_backoff_and_resumes_from_what_it_holds() {
     let mut cfg = xds.client_config("node-a");
     cfg.token_path = Some(token.clone());
     let mut feed = feed(cfg, state.clone());
-    eventually("the mesh", || *state.snapshot().mesh() == canonical(&m)).await;
+    eventually("the mesh", || state.snapshot().to_mesh() == canonical(&m)).await;
     assert_eq!(
         xds.last_authorization().as_deref(),
         Some("Bearer first-token")
@@ -286,7 +286,7 @@ async fn the_client_reconnects_with_backoff_and_resumes_from_what_it_holds() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let retries = feed.status.borrow().failures - before;
     assert!((2..=8).contains(&retries), "{retries} attempts in 600ms");
-    assert_eq!(*state.snapshot().mesh(), canonical(&m));
+    assert_eq!(state.snapshot().to_mesh(), canonical(&m));
     let edited = model(&w, &mesh_yaml(&w, "server", false));
     xds.set_mesh(&edited);
     std::fs::write(&token, "second-token").unwrap();
@@ -297,7 +297,7 @@ async fn the_client_reconnects_with_backoff_and_resumes_from_what_it_holds() {
         .await
         .expect("reconnects");
     eventually("the edited mesh", || {
-        *state.snapshot().mesh() == canonical(&edited)
+        state.snapshot().to_mesh() == canonical(&edited)
     })
     .await;
     assert_eq!(
@@ -350,7 +350,7 @@ async fn tls_to_the_control_plane_checks_its_name_against_the_root() {
     let state = Arc::new(State::default());
     let _feed = feed(cfg, state.clone());
     eventually("the mesh over TLS", || {
-        *state.snapshot().mesh() == canonical(&m)
+        state.snapshot().to_mesh() == canonical(&m)
     })
     .await;
 
@@ -365,7 +365,7 @@ async fn tls_to_the_control_plane_checks_its_name_against_the_root() {
     assert!(!s.connected && s.connections == 0, "{s:?}");
     let error = s.last_error.unwrap_or_default();
     assert!(error.contains("not valid for name"), "{error}");
-    assert!(elsewhere.snapshot().mesh().workloads.is_empty());
+    assert!(elsewhere.snapshot().to_mesh().workloads.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,7 @@ pub struct DumpInput<'a> {
 
 /// Builds the config dump.
 pub fn dump(input: &DumpInput<'_>) -> Value {
-    let mesh = input.snapshot.mesh();
+    let mesh = input.snapshot.to_mesh();
     let mut served: Vec<&str> = input.served.iter().map(|w| w.uid.as_str()).collect();
     served.sort_unstable();
     json!({
@@ -81,7 +81,7 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             "streamsActive": input.pool.streams_active,
         },
         "enrolledWorkloads": served,
-        "dns": input.dns.map(|d| dns(d, mesh)),
+        "dns": input.dns.map(|d| dns(d, &mesh)),
         "trust": trust(input),
         "xds": input.xds.as_ref().map(|x| json!({
             "connected": x.connected,

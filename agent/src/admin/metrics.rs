@@ -242,9 +242,21 @@ impl Metrics {
             m.mesh_update_last.clone(),
         );
         let mesh_gauges = [
-            ("ambient_mesh_workloads", "Workloads in the mesh", &m.mesh_workloads),
-            ("ambient_mesh_services", "Services in the mesh", &m.mesh_services),
-            ("ambient_mesh_policies", "Authorization policies in the mesh", &m.mesh_policies),
+            (
+                "ambient_mesh_workloads",
+                "Workloads in the mesh",
+                &m.mesh_workloads,
+            ),
+            (
+                "ambient_mesh_services",
+                "Services in the mesh",
+                &m.mesh_services,
+            ),
+            (
+                "ambient_mesh_policies",
+                "Authorization policies in the mesh",
+                &m.mesh_policies,
+            ),
         ];
         for (name, help, gauge) in mesh_gauges {
             registry.register(name, help, gauge.clone());
@@ -423,7 +435,8 @@ impl Metrics {
             self.mesh_update_seconds.inc_by(behind);
         }
         self.mesh_update_last.set(gauges.mesh.last_seconds);
-        self.mesh_workloads.set(to_i64(gauges.mesh.workloads as u64));
+        self.mesh_workloads
+            .set(to_i64(gauges.mesh.workloads as u64));
         self.mesh_services.set(to_i64(gauges.mesh.services as u64));
         self.mesh_policies.set(to_i64(gauges.mesh.policies as u64));
         let mut out = String::new();

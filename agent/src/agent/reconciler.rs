@@ -176,7 +176,7 @@ impl Reconciler {
                         workload: w.clone(),
                         source,
                     };
-                    (w.uid.clone(), wanted)
+                    (w.uid.to_string(), wanted)
                 })
                 .collect(),
             // The CNI says which pods are here; the mesh says who they are,
@@ -202,13 +202,13 @@ impl Reconciler {
             info.service_account.clone()
         };
         Workload {
-            uid: uid.to_string(),
-            name: info.name.clone(),
-            namespace: info.namespace.clone(),
-            service_account,
-            trust_domain: self.cfg.ca.trust_domain.clone(),
+            uid: uid.into(),
+            name: info.name.as_str().into(),
+            namespace: info.namespace.as_str().into(),
+            service_account: service_account.into(),
+            trust_domain: self.cfg.ca.trust_domain.as_str().into(),
             addresses: pod.addresses.clone(),
-            node: self.cfg.node.clone(),
+            node: self.cfg.node.as_str().into(),
             netns: None,
             cgroup: None,
             protocol: TunnelProtocol::Hbone,
@@ -498,10 +498,8 @@ impl LocalWorkloads for Reconciler {
 /// namespace (istiod's uids are not the pod's).
 fn from_mesh(snap: &Snapshot, uid: &str, info: &WorkloadInfo) -> Option<Arc<Workload>> {
     snap.workload_by_uid(uid).cloned().or_else(|| {
-        snap.mesh()
-            .workloads
-            .iter()
+        snap.workloads()
             .find(|w| w.name == info.name && w.namespace == info.namespace)
-            .map(|w| Arc::new(w.clone()))
+            .cloned()
     })
 }

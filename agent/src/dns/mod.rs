@@ -126,7 +126,7 @@ impl DnsServer {
         };
         let handler = Handler {
             state,
-            namespace: workload.namespace.clone(),
+            namespace: workload.namespace.to_string(),
             cluster_domain: settings.cluster_domain.trim_end_matches('.').to_string(),
             forwarder: Forwarder {
                 upstreams: settings.upstreams.clone(),

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use tokio::sync::{watch, Notify};
@@ -408,32 +408,25 @@ pub async fn watch_crl_file(store: Arc<TrustStore>, path: PathBuf, interval: Dur
     .await
 }
 
-/// Applies the file at `path` whenever it changes: polled every
-/// `interval` (modification time and length), read again once at the
-/// first tick (it may have changed since the caller read it). A version
-/// that cannot be read or used keeps the last good one and is logged once
-/// per failure streak.
+/// Applies the file at `path` whenever it may have changed (inotify, see
+/// [`FileWatch`]; polled every `interval` where inotify cannot be had),
+/// and once at the start (it may have changed since the caller read it).
+/// A version that cannot be read or used keeps the last good one and is
+/// logged once per failure streak.
 async fn follow(
     path: &Path,
     interval: Duration,
     what: &str,
     apply: impl Fn(&Path) -> Result<(), CaError>,
 ) {
-    let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    };
-    let mut seen = None;
+    let mut watch = crate::fswatch::FileWatch::new(path, interval);
     let mut first = true;
     let mut failing = false;
     loop {
-        tokio::time::sleep(interval).await;
-        let now = stamp(path);
-        if now == seen && !failing && !first {
-            continue;
+        if !first {
+            watch.changed().await;
         }
         first = false;
-        seen = now;
         match apply(path) {
             Ok(()) => failing = false,
             Err(e) => {

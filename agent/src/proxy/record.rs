@@ -56,8 +56,8 @@ impl WorkloadName {
     /// unnamed, in the identity's namespace if there is one.
     pub fn resolve(snap: &Snapshot, ip: IpAddr, id: Option<&Identity>) -> WorkloadName {
         let named = |w: &crate::state::Workload| WorkloadName {
-            name: Some(w.name.clone()),
-            namespace: Some(w.namespace.clone()),
+            name: Some(w.name.to_string()),
+            namespace: Some(w.namespace.to_string()),
         };
         if let Some(w) = snap.workload_by_ip(ip) {
             return named(w);
@@ -65,9 +65,10 @@ impl WorkloadName {
         let Some(id) = id else {
             return WorkloadName::default();
         };
-        let mut same = snap.mesh().workloads.iter().filter(|w| w.has_identity(id));
-        match (same.next(), same.next()) {
-            (Some(w), None) => named(w),
+        let same =
+            snap.workloads_with_identity(id.trust_domain(), id.namespace(), id.service_account());
+        match same {
+            [w] => named(w),
             _ => WorkloadName {
                 name: None,
                 namespace: Some(id.namespace().to_string()),

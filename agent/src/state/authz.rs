@@ -16,6 +16,7 @@
 //! one nor drop the other.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::model::{
     Match, Policy, PolicyAction, PolicyScope, ServiceAccountMatch, StringMatch, Workload,
@@ -61,7 +62,7 @@ pub fn applies_to(policy: &Policy, workload: &Workload) -> bool {
 /// Decides `conn` to `dst` under `policies`. Dry-run matches are returned
 /// separately, for logging.
 pub fn authorize<'p>(
-    policies: &'p [Policy],
+    policies: &'p [Arc<Policy>],
     dst: &Workload,
     conn: &Connection<'_>,
 ) -> (Decision, Vec<&'p Policy>) {
@@ -69,7 +70,7 @@ pub fn authorize<'p>(
     let mut allow_applies = false;
     let mut allowed = false;
     let subject = Subject::of(conn);
-    for p in policies.iter().filter(|p| applies_to(p, dst)) {
+    for p in policies.iter().map(|p| &**p).filter(|p| applies_to(p, dst)) {
         let hit = policy_matches(p, &subject);
         if p.dry_run {
             if hit {
@@ -366,9 +367,11 @@ mod tests {
             ),
         ];
         for (name, policies, c, want) in cases {
+            let policies: Vec<Arc<Policy>> = policies.into_iter().map(Arc::new).collect();
             let (d, _) = authorize(&policies, &dst, &c);
             assert_eq!(d.is_allowed(), want, "{name}: {d:?}");
         }
+        let dry = Arc::new(dry);
         let (_, dry_hits) = authorize(
             std::slice::from_ref(&dry),
             &dst,
@@ -617,7 +620,7 @@ mod tests {
             ),
         ];
         for (name, p, c, want) in cases {
-            let (d, _) = authorize(std::slice::from_ref(&p), &dst, &c);
+            let (d, _) = authorize(&[Arc::new(p)], &dst, &c);
             assert_eq!(d.is_allowed(), want, "{name}: {d:?}");
         }
     }

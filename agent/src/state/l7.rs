@@ -94,7 +94,7 @@ impl HttpMatch {
 impl Snapshot {
     /// The routes of `service`, if any are configured.
     pub fn http_route(&self, service: &Service) -> Option<&HttpRoute> {
-        self.mesh().http_routes.iter().find(|r| {
+        self.http_routes().iter().find(|r| {
             r.service_namespace == service.namespace && r.service_hostname == service.hostname
         })
     }
@@ -215,10 +215,10 @@ mod tests {
     }
 
     fn decide(snap: &Snapshot, r: &http::request::Parts) -> String {
-        let svc = snap.mesh().services[0].clone();
+        let svc = snap.to_mesh().services[0].clone();
         match snap.route_request(&svc, r) {
             L7Decision::Deny { rule } => format!("deny {rule}"),
-            L7Decision::Forward(w) => w.uid.clone(),
+            L7Decision::Forward(w) => w.uid.to_string(),
             L7Decision::NoBackend => "none".into(),
         }
     }

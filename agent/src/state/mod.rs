@@ -1,80 +1,147 @@
 //! What the agent knows about the mesh, and the lookups the proxy makes in it.
 //!
-//! A configuration source (local YAML, xDS) builds a [`Mesh`] and hands it to
-//! [`State::replace`]; readers take a [`Snapshot`] — an immutable, indexed
-//! view — so a connection decides against one consistent version.
+//! A configuration source (local YAML, xDS) says what changed as a
+//! [`Delta`] (or hands a whole [`Mesh`] to [`State::replace`], which works
+//! out the delta); readers take a [`Snapshot`], an immutable, indexed view,
+//! so a connection decides against one consistent version. A new version
+//! shares everything a change did not touch with the one before it
+//! ([`cow::CowMap`]), so a change costs what it changes, not what the mesh
+//! holds.
 
 pub mod authz;
+mod cow;
+mod delta;
 pub mod l7;
 pub mod model;
+mod name;
 mod route;
 
+pub use delta::Delta;
 pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
 pub use model::*;
+pub use name::{Interner, Name};
 pub use route::{Destination, Route};
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use hashbrown::Equivalent;
 use tokio::sync::watch;
 
+use cow::CowMap;
+
+/// A service's key: its namespace and hostname.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ServiceKey {
+    namespace: Name,
+    hostname: Name,
+}
+
+impl Equivalent<ServiceKey> for (&str, &str) {
+    fn equivalent(&self, k: &ServiceKey) -> bool {
+        self.0 == &*k.namespace && self.1 == &*k.hostname
+    }
+}
+
+/// A workload identity's parts: trust domain, namespace, service account.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct IdentityKey(Name, Name, Name);
+
+impl Equivalent<IdentityKey> for (&str, &str, &str) {
+    fn equivalent(&self, k: &IdentityKey) -> bool {
+        self.0 == &*k.0 && self.1 == &*k.1 && self.2 == &*k.2
+    }
+}
+
 /// An indexed, immutable version of the mesh.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    mesh: Mesh,
-    workload_by_uid: HashMap<String, Arc<Workload>>,
-    workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
-    service_by_vip: HashMap<IpAddr, Arc<Service>>,
-    service_by_host: HashMap<(String, String), Arc<Service>>,
+    workloads: CowMap<Name, Arc<Workload>>,
+    workload_by_ip: CowMap<IpAddr, Arc<Workload>>,
+    /// For naming a peer known only by its identity.
+    workloads_by_identity: CowMap<IdentityKey, Vec<Arc<Workload>>>,
+    services: CowMap<ServiceKey, Arc<Service>>,
+    service_by_vip: CowMap<IpAddr, Arc<Service>>,
     /// Services by lowercased hostname, over every namespace (DNS).
-    services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
+    services_by_hostname: CowMap<Name, Vec<Arc<Service>>>,
+    /// Services that have a waypoint, by the uid of each endpoint.
+    waypointed_by_endpoint: CowMap<Name, Vec<Arc<Service>>>,
+    policies: Arc<BTreeMap<String, Arc<Policy>>>,
+    /// `policies`' values, in key order, for evaluation.
+    policy_list: Arc<[Arc<Policy>]>,
+    http_routes: Arc<Vec<HttpRoute>>,
 }
 
 impl Snapshot {
     /// Indexes `mesh`. The mesh is assumed valid (sources validate).
     pub fn new(mesh: Mesh) -> Self {
         let mut snap = Snapshot::default();
-        for w in &mesh.workloads {
-            let w = Arc::new(w.clone());
-            for ip in &w.addresses {
-                snap.workload_by_ip.insert(*ip, w.clone());
-            }
-            snap.workload_by_uid.insert(w.uid.clone(), w);
-        }
-        for s in &mesh.services {
-            let s = Arc::new(s.clone());
-            for vip in &s.vips {
-                snap.service_by_vip.insert(*vip, s.clone());
-            }
-            snap.services_by_hostname
-                .entry(s.hostname.to_ascii_lowercase())
-                .or_default()
-                .push(s.clone());
-            snap.service_by_host
-                .insert((s.namespace.clone(), s.hostname.clone()), s);
-        }
-        snap.mesh = mesh;
+        let delta = snap.diff(mesh);
+        snap.apply(delta);
         snap
     }
 
-    pub fn mesh(&self) -> &Mesh {
-        &self.mesh
+    /// The whole mesh, in a stable order (workloads by uid, services by
+    /// namespace and hostname, policies by key). Copies everything: for
+    /// dumps and tests, not for the data path.
+    pub fn to_mesh(&self) -> Mesh {
+        let mut workloads: Vec<Workload> = self.workloads.values().map(|w| (**w).clone()).collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut services: Vec<Service> = self.services.values().map(|s| (**s).clone()).collect();
+        services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
+        Mesh {
+            workloads,
+            services,
+            policies: self.policy_list.iter().map(|p| (**p).clone()).collect(),
+            http_routes: (*self.http_routes).clone(),
+        }
+    }
+
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
-        self.workload_by_uid.get(uid)
+        self.workloads.get(uid)
     }
 
     /// Whether `w` is a workload of this mesh (by uid), rather than one
     /// served before the control plane described it.
     pub fn knows(&self, w: &Workload) -> bool {
-        self.workload_by_uid.contains_key(&w.uid)
+        self.workloads.contains_key(w.uid.as_str())
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workload_by_ip.get(&ip)
+    }
+
+    /// The workloads whose identity has these parts.
+    pub fn workloads_with_identity(
+        &self,
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> &[Arc<Workload>] {
+        self.workloads_by_identity
+            .get(&(trust_domain, namespace, service_account))
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -82,8 +149,7 @@ impl Snapshot {
     }
 
     pub fn service_by_host(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
-        self.service_by_host
-            .get(&(namespace.to_string(), hostname.to_string()))
+        self.services.get(&(namespace, hostname))
     }
 
     /// Every service named `hostname` (lowercase), whatever its namespace.
@@ -93,15 +159,30 @@ impl Snapshot {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// Workloads served by the agent of `node`.
-    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
-        self.workload_by_uid
-            .values()
-            .filter(move |w| w.node == node)
+    /// The services with a waypoint that workload `uid` backs.
+    pub fn waypointed_services_of(&self, uid: &str) -> &[Arc<Service>] {
+        self.waypointed_by_endpoint
+            .get(uid)
+            .map_or(&[], Vec::as_slice)
     }
 
-    pub fn policies(&self) -> &[Policy] {
-        &self.mesh.policies
+    /// Workloads served by the agent of `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// The policy with key `namespace/name`.
+    pub fn policy(&self, key: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(key)
+    }
+
+    /// The authorization policies, in key order.
+    pub fn policies(&self) -> &[Arc<Policy>] {
+        &self.policy_list
+    }
+
+    pub fn http_routes(&self) -> &[HttpRoute] {
+        &self.http_routes
     }
 }
 
@@ -125,7 +206,8 @@ pub struct UpdateStats {
 pub struct State {
     current: ArcSwap<Snapshot>,
     version: watch::Sender<u64>,
-    stats: std::sync::Mutex<UpdateStats>,
+    /// One writer at a time builds the next version.
+    stats: Mutex<UpdateStats>,
 }
 
 impl Default for State {
@@ -139,13 +221,8 @@ impl State {
         State {
             current: ArcSwap::from_pointee(Snapshot::new(mesh)),
             version: watch::channel(0).0,
-            stats: Default::default(),
+            stats: Mutex::default(),
         }
-    }
-
-    /// Updates installed so far and what the mesh holds.
-    pub fn stats(&self) -> UpdateStats {
-        *self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current version of the mesh.
@@ -153,33 +230,49 @@ impl State {
         self.current.load_full()
     }
 
-    /// Installs a new version and wakes everyone watching for changes.
-    pub fn replace(&self, mesh: Mesh) {
-        self.replace_since(mesh, std::time::Instant::now());
+    /// Updates installed so far and what the mesh holds.
+    pub fn stats(&self) -> UpdateStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `mesh` the current version (only what differs is changed)
+    /// and wakes everyone watching, unless nothing changed.
+    pub fn replace(&self, mesh: Mesh) -> bool {
+        self.replace_since(mesh, Instant::now())
     }
 
     /// [`State::replace`], counting the update's time from `started`
     /// (when the source got its input).
-    pub fn replace_since(&self, mesh: Mesh, started: std::time::Instant) {
-        let snap = Snapshot::new(mesh);
-        let (workloads, services, policies) = (
-            snap.workload_by_uid.len(),
-            snap.mesh.services.len(),
-            snap.mesh.policies.len(),
-        );
-        self.current.store(Arc::new(snap));
-        let took = started.elapsed().as_secs_f64();
-        {
-            let mut st = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.updates += 1;
-            st.last_seconds = took;
-            st.seconds_total += took;
-            (st.workloads, st.services, st.policies) = (workloads, services, policies);
-        }
-        self.version.send_modify(|v| *v += 1);
+    pub fn replace_since(&self, mesh: Mesh, started: Instant) -> bool {
+        let delta = self.snapshot().diff(mesh);
+        self.apply_since(delta, started)
     }
 
-    /// A receiver that sees a new value after every [`State::replace`].
+    /// Installs `delta` as a new version, unless it changes nothing.
+    pub fn apply_since(&self, delta: Delta, started: Instant) -> bool {
+        if delta.is_empty() {
+            return false;
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = Snapshot::clone(&self.current.load());
+        next.apply(delta);
+        let counts = (
+            next.workloads.len(),
+            next.services.len(),
+            next.policy_list.len(),
+        );
+        self.current.store(Arc::new(next));
+        let took = started.elapsed().as_secs_f64();
+        stats.updates += 1;
+        stats.last_seconds = took;
+        stats.seconds_total += took;
+        (stats.workloads, stats.services, stats.policies) = counts;
+        drop(stats);
+        self.version.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// A receiver that sees a new value after every installed change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
+use super::Name;
 use crate::identity::Identity;
 
 /// How traffic reaches a workload.
@@ -63,14 +64,14 @@ pub struct Waypoint {
 /// One workload (a pod, or anything with an identity and addresses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub trust_domain: String,
+    pub uid: Name,
+    pub name: Name,
+    pub namespace: Name,
+    pub service_account: Name,
+    pub trust_domain: Name,
     pub addresses: Vec<IpAddr>,
     /// The node whose agent serves this workload.
-    pub node: String,
+    pub node: Name,
     /// Network namespace to enter for this workload's listeners (local mode).
     pub netns: Option<PathBuf>,
     /// cgroup v2 directory holding the workload's processes (local mode;
@@ -93,9 +94,9 @@ impl Workload {
 
     /// Whether `id` is this workload's identity (without building ours).
     pub fn has_identity(&self, id: &Identity) -> bool {
-        self.namespace == id.namespace()
-            && self.service_account == id.service_account()
-            && self.trust_domain == id.trust_domain()
+        *self.namespace == *id.namespace()
+            && *self.service_account == *id.service_account()
+            && *self.trust_domain == *id.trust_domain()
     }
 }
 
@@ -137,15 +138,15 @@ pub struct ServicePort {
 /// A workload backing a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub workload_uid: String,
+    pub workload_uid: Name,
 }
 
 /// A service: virtual addresses in front of a set of workloads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub hostname: String,
+    pub name: Name,
+    pub namespace: Name,
+    pub hostname: Name,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
@@ -215,7 +216,7 @@ pub enum PolicyScope {
     Namespace,
     /// Workloads in the policy's namespace whose uid is listed (the local
     /// form of a label selector; xDS resolves selectors to workloads).
-    WorkloadSelector { workload_uids: Vec<String> },
+    WorkloadSelector { workload_uids: Vec<Name> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -159,10 +159,8 @@ impl Snapshot {
     /// own and those of the services it backs); empty when none.
     pub fn waypoint_identities(&self, w: &Workload) -> Vec<Identity> {
         let services = self
-            .mesh()
-            .services
+            .waypointed_services_of(&w.uid)
             .iter()
-            .filter(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid))
             .filter_map(|s| s.waypoint.as_ref());
         let mut ids: Vec<Identity> = w
             .waypoint
@@ -410,7 +408,7 @@ mod waypoint_tests {
         Service {
             name: name.into(),
             namespace: "ns".into(),
-            hostname: format!("{name}.ns"),
+            hostname: format!("{name}.ns").into(),
             vips: vec![vip.parse().unwrap()],
             ports: vec![ServicePort {
                 port: 80,

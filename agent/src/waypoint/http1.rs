@@ -144,7 +144,7 @@ impl Shared {
                 text(StatusCode::FORBIDDEN, "RBAC: access denied\n")
             }
             (L7Decision::Forward(w), Some(port)) => {
-                record.backend = Some(w.uid.clone());
+                record.backend = Some(w.uid.to_string());
                 match self
                     .forward(&snap, &w, port, t, Request::from_parts(parts, body))
                     .await

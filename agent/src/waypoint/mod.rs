@@ -138,7 +138,7 @@ impl Waypoint {
             .addresses
             .first()
             .copied()
-            .ok_or_else(|| WaypointError::NoAddress(workload.uid.clone()))?;
+            .ok_or_else(|| WaypointError::NoAddress(workload.uid.to_string()))?;
         // Fail now, not at the first connection, if no certificate comes.
         certs.fetch(&workload.identity()).await?;
         certs.track(workload.identity());

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let mut source = LocalSource::new(args.mesh.clone(), state.clone(), Duration::from_millis(500));
     source.load_initial().context("loading the mesh")?;
     let xds = TestXds::start(args.xds).await.context("starting xDS")?;
-    xds.set_mesh(state.snapshot().mesh());
+    xds.set_mesh(&state.snapshot().to_mesh());
 
     let root = Arc::new(LocalCa::generate("cluster.local").context("generating the root")?);
     let ca = TestCa::start(args.ca, root.clone(), &args.token)
@@ -86,13 +86,8 @@ async fn main() -> anyhow::Result<()> {
     loop {
         if let Some((cni, node)) = &cni {
             if cni.connected() {
-                for w in state
-                    .snapshot()
-                    .mesh()
-                    .workloads
-                    .iter()
-                    .filter(|w| &w.node == node)
-                {
+                let snap = state.snapshot();
+                for w in snap.local_workloads(node) {
                     let Some(netns) = &w.netns else { continue };
                     if handed.insert(w.uid.clone()) {
                         if let Err(e) = cni.add_pod(&w.uid, netns, None).await {
@@ -108,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
                 if changed.is_err() {
                     return Ok(());
                 }
-                xds.set_mesh(state.snapshot().mesh());
+                xds.set_mesh(&state.snapshot().to_mesh());
                 eprintln!("mesh changed; pushed to xDS clients");
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}

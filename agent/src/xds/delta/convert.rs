@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ambient_proto::prost_types::Any;
 use ambient_proto::unknown::{self, Unknown};
@@ -24,6 +25,7 @@ use crate::state::{
     ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget,
     Workload,
 };
+use crate::state::{Interner, Name};
 use crate::xds::local::Problem;
 
 use super::ignored::Ignored;
@@ -123,11 +125,12 @@ pub(super) enum AddressResource {
 /// A workload with the references istiod sends on the workload side.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct WorkloadResource {
-    pub workload: Workload,
-    /// Services it backs (`namespace/hostname`) and their ports.
-    pub services: BTreeMap<String, Vec<ServicePort>>,
+    /// Shared with the snapshots that hold it.
+    pub workload: Arc<Workload>,
+    /// Services it backs (`namespace/hostname`) and their ports, by key.
+    pub services: Vec<(Name, Arc<[ServicePort]>)>,
     /// Selector-scoped policies (`namespace/name`) that apply to it.
-    pub policies: Vec<String>,
+    pub policies: Vec<Name>,
 }
 
 /// A decoded resource of either type.
@@ -144,12 +147,13 @@ pub(super) fn decode(
     type_url: &str,
     name: &str,
     any: &Any,
+    names: &mut Interner,
 ) -> Result<(Decoded, Ignored), RejectReason> {
     let decode_error = |e: &dyn std::fmt::Display| RejectReason::Decode(e.to_string());
     if type_url == ADDRESS_TYPE_URL {
         let msg: pb::Address = any.to_msg().map_err(|e| decode_error(&e))?;
         let ignored = Ignored::of_address(&msg);
-        address(name, msg).map(|a| (Decoded::Address(Box::new(a)), ignored))
+        address(name, msg, names).map(|a| (Decoded::Address(Box::new(a)), ignored))
     } else {
         let msg: pb_sec::Authorization = any.to_msg().map_err(|e| decode_error(&e))?;
         // prost drops what our schema does not declare; a policy must not.
@@ -162,10 +166,18 @@ pub(super) fn decode(
 /// The full name of the message behind [`ambient_proto::AUTHORIZATION_TYPE_URL`].
 const AUTHORIZATION_MESSAGE: &str = "istio.security.Authorization";
 
-fn address(name: &str, a: pb::Address) -> Result<AddressResource, RejectReason> {
+fn address(
+    name: &str,
+    a: pb::Address,
+    names: &mut Interner,
+) -> Result<AddressResource, RejectReason> {
     match a.r#type {
-        Some(pb::address::Type::Workload(w)) => workload(name, w).map(AddressResource::Workload),
-        Some(pb::address::Type::Service(s)) => service(name, s).map(AddressResource::Service),
+        Some(pb::address::Type::Workload(w)) => {
+            workload(name, w, names).map(AddressResource::Workload)
+        }
+        Some(pb::address::Type::Service(s)) => {
+            service(name, s, names).map(AddressResource::Service)
+        }
         None => Err(RejectReason::EmptyAddress),
     }
 }
@@ -222,7 +234,11 @@ fn split_key(key: &str) -> Option<(&str, &str)> {
         .filter(|(ns, rest)| !ns.is_empty() && !rest.is_empty() && !rest.contains('/'))
 }
 
-fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReason> {
+fn workload(
+    name: &str,
+    w: pb::Workload,
+    names: &mut Interner,
+) -> Result<WorkloadResource, RejectReason> {
     let uid = required("uid", w.uid)?;
     if uid != name {
         return Err(RejectReason::Name { expected: uid });
@@ -263,7 +279,7 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
     };
     // Only a workload known to be healthy takes traffic.
     let healthy = pb::WorkloadStatus::try_from(w.status) == Ok(pb::WorkloadStatus::Healthy);
-    let mut services = BTreeMap::new();
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in &w.services {
         let at = format!("services[{key:?}]");
         if split_key(key).is_none() {
@@ -276,20 +292,26 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
                 target_port: target_port(&format!("{at}.ports[{j}].target_port"), p.target_port)?,
             });
         }
-        services.insert(key.clone(), ports);
+        services.push((names.intern(key), Arc::from(ports)));
     }
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    // An identity part is checked before it is interned.
+    let namespace = identity_part("namespace", w.namespace)?;
+    let service_account = identity_part_or(
+        "service_account",
+        w.service_account,
+        DEFAULT_SERVICE_ACCOUNT,
+    )?;
+    let trust_domain = identity_part_or("trust_domain", w.trust_domain, DEFAULT_TRUST_DOMAIN)?;
+    addresses.shrink_to_fit();
     let workload = Workload {
-        uid,
-        name: required("name", w.name)?,
-        namespace: identity_part("namespace", w.namespace)?,
-        service_account: identity_part_or(
-            "service_account",
-            w.service_account,
-            DEFAULT_SERVICE_ACCOUNT,
-        )?,
-        trust_domain: identity_part_or("trust_domain", w.trust_domain, DEFAULT_TRUST_DOMAIN)?,
+        uid: uid.into(),
+        name: required("name", w.name)?.into(),
+        namespace: names.intern(&namespace),
+        service_account: names.intern(&service_account),
+        trust_domain: names.intern(&trust_domain),
         addresses,
-        node: w.node,
+        node: names.intern(&w.node),
         // Pods reach the agent through ZDS, not xDS.
         netns: None,
         cgroup: None,
@@ -301,13 +323,17 @@ fn workload(name: &str, w: pb::Workload) -> Result<WorkloadResource, RejectReaso
         capacity: w.capacity.unwrap_or(1),
     };
     Ok(WorkloadResource {
-        workload,
+        workload: Arc::new(workload),
         services,
-        policies: w.authorization_policies,
+        policies: w
+            .authorization_policies
+            .iter()
+            .map(|p| names.intern(p))
+            .collect(),
     })
 }
 
-fn service(name: &str, s: pb::Service) -> Result<Service, RejectReason> {
+fn service(name: &str, s: pb::Service, names: &mut Interner) -> Result<Service, RejectReason> {
     let svc_name = required("name", s.name)?;
     let namespace = required("namespace", s.namespace)?;
     let hostname = required("hostname", s.hostname)?;
@@ -344,9 +370,9 @@ fn service(name: &str, s: pb::Service) -> Result<Service, RejectReason> {
         }
     }
     Ok(Service {
-        name: svc_name,
-        namespace,
-        hostname,
+        name: svc_name.into(),
+        namespace: names.intern(&namespace),
+        hostname: hostname.into(),
         vips,
         ports,
         endpoints: Vec::new(),

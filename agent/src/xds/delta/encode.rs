@@ -56,7 +56,7 @@ pub fn encode_mesh(mesh: &Mesh) -> Result<EncodedMesh, EncodeError> {
         let msg = pb::Address {
             r#type: Some(pb::address::Type::Workload(workload(mesh, w))),
         };
-        out.addresses.insert(w.uid.clone(), any(&w.uid, &msg)?);
+        out.addresses.insert(w.uid.to_string(), any(&w.uid, &msg)?);
     }
     for s in &mesh.services {
         let name = format!("{}/{}", s.namespace, s.hostname);
@@ -84,7 +84,7 @@ pub fn canonical(mesh: &Mesh) -> Mesh {
         w.cgroup = None;
     }
     m.services
-        .sort_by_key(|s| format!("{}/{}", s.namespace, s.hostname));
+        .sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
     for s in &mut m.services {
         s.endpoints
             .sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
@@ -146,19 +146,19 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
         .map(Policy::key)
         .collect();
     pb::Workload {
-        uid: w.uid.clone(),
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
+        uid: w.uid.to_string(),
+        name: w.name.to_string(),
+        namespace: w.namespace.to_string(),
         addresses: w.addresses.iter().map(|ip| ip_bytes(*ip)).collect(),
         tunnel_protocol: match w.protocol {
             TunnelProtocol::None => pb::TunnelProtocol::None as i32,
             TunnelProtocol::Hbone => pb::TunnelProtocol::Hbone as i32,
             TunnelProtocol::Unsupported(p) => p,
         },
-        trust_domain: w.trust_domain.clone(),
-        service_account: w.service_account.clone(),
+        trust_domain: w.trust_domain.to_string(),
+        service_account: w.service_account.to_string(),
         waypoint: w.waypoint.as_ref().map(gateway),
-        node: w.node.clone(),
+        node: w.node.to_string(),
         status: if w.healthy {
             pb::WorkloadStatus::Healthy
         } else {
@@ -183,9 +183,9 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
 
 fn service(s: &Service) -> pb::Service {
     pb::Service {
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        hostname: s.hostname.clone(),
+        name: s.name.to_string(),
+        namespace: s.namespace.to_string(),
+        hostname: s.hostname.to_string(),
         addresses: s
             .vips
             .iter()

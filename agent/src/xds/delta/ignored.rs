@@ -48,6 +48,7 @@ impl Ignored {
     }
 
     /// The names of the fields carried.
+    #[cfg(test)]
     pub(super) fn names(self) -> impl Iterator<Item = &'static str> {
         FIELDS
             .iter()
@@ -107,7 +108,37 @@ impl Ignored {
     }
 }
 
+/// How many held resources carry each field, kept up to date as
+/// resources come and go (not recounted per response).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Counts([usize; FIELDS.len()]);
+
+impl Counts {
+    pub(super) fn add(&mut self, i: Ignored) {
+        for (bit, n) in self.0.iter_mut().enumerate() {
+            *n += usize::from(i.0 & (1 << bit) != 0);
+        }
+    }
+
+    pub(super) fn remove(&mut self, i: Ignored) {
+        for (bit, n) in self.0.iter_mut().enumerate() {
+            *n -= usize::from(i.0 & (1 << bit) != 0);
+        }
+    }
+
+    /// Field name -> count, for the fields some resource carries.
+    pub(super) fn to_map(&self) -> BTreeMap<String, usize> {
+        FIELDS
+            .iter()
+            .zip(self.0)
+            .filter(|(_, n)| *n > 0)
+            .map(|(f, n)| (f.to_string(), n))
+            .collect()
+    }
+}
+
 /// Field name -> how many of `resources` carry it.
+#[cfg(test)]
 pub(super) fn count(resources: impl Iterator<Item = Ignored>) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for r in resources {
@@ -178,5 +209,12 @@ mod tests {
         let counted = count([i, i, Ignored::default()].into_iter());
         assert_eq!(counted.get("Service.canonical"), Some(&2));
         assert_eq!(counted.len(), 2);
+        let mut running = Counts::default();
+        for r in [i, i, Ignored::default()] {
+            running.add(r);
+        }
+        assert_eq!(running.to_map(), counted);
+        running.remove(i);
+        assert_eq!(running.to_map().get("Service.canonical"), Some(&1));
     }
 }

@@ -5,8 +5,8 @@
 //! `istio.security.Authorization` (L4 policies), as ztunnel makes them.
 //! Every response is applied resource by resource, as ztunnel does: its
 //! removals, and each resource that decodes and fits with the rest
-//! (`convert`); the result is joined into a [`Mesh`] and installed with
-//! [`State::replace`]. A bad resource is refused on its own: its last
+//! (`convert`); what changed becomes a [`Delta`](crate::state::Delta)
+//! installed with [`State::apply_since`]. A bad resource is refused on its own: its last
 //! good version (if any) keeps serving, and the response is NACKed with
 //! `INVALID_ARGUMENT` naming only the refused resources and what is wrong
 //! with them. A valid DENY is never held back by a bad neighbour.
@@ -377,10 +377,11 @@ impl XdsClient {
     /// Applies one response and returns its ACK, or a NACK naming the
     /// resources it refused (the rest of the response is applied).
     fn handle(&mut self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let started = std::time::Instant::now();
         let type_url = resp.type_url.clone();
         let nonce = resp.nonce.clone();
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
-        let (installed, error) = match self.apply(&resp) {
+        let (installed, error) = match self.apply(&resp, started) {
             Ok((installed, rejected)) => (installed, rejected),
             Err(e) => (false, Some(e)),
         };
@@ -426,6 +427,7 @@ impl XdsClient {
     fn apply(
         &mut self,
         resp: &DeltaDiscoveryResponse,
+        started: std::time::Instant,
     ) -> Result<(bool, Option<ResponseError>), ResponseError> {
         let applied = self.resources.apply(resp)?;
         // A type has answered once its first response is processed, even
@@ -437,12 +439,9 @@ impl XdsClient {
         if !self.unsynced.is_empty() {
             return Ok((false, rejected));
         }
-        let mesh = self.resources.build();
-        if *self.state.snapshot().mesh() == mesh {
-            return Ok((false, rejected));
-        }
-        self.state.replace(mesh);
-        Ok((true, rejected))
+        // Only what this response touched is compared and installed.
+        let delta = self.resources.delta(&self.state.snapshot());
+        Ok((self.state.apply_since(delta, started), rejected))
     }
 }
 

@@ -1,10 +1,15 @@
 //! The resources the client holds, and how a response changes them: each
 //! resource is applied on its own (a bad one is refused and keeps its last
-//! good version), addresses claimed twice are refused, and the set is
-//! joined into a [`Mesh`] ([`Resources::build`]), where the references
-//! istiod expresses from the workload side (the services it backs, the
-//! selector policies that apply to it) become the model's service
-//! endpoints and policy selectors.
+//! good version), addresses claimed twice are refused, and what changed is
+//! turned into a [`Delta`] against the installed snapshot
+//! ([`Resources::delta`]), where the references istiod expresses from the
+//! workload side (the services it backs, the selector policies that apply
+//! to it) become the model's service endpoints and policy selectors.
+//!
+//! Everything a response needs is kept indexed as resources come and go
+//! (who claims each address, which workloads back each service or list
+//! each policy, the ignored-field counts), so a response costs what it
+//! carries, not what the client holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -12,29 +17,50 @@ use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
 use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use tracing::warn;
 
 use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
-use super::ignored::{self, Ignored};
-use crate::state::{Endpoint, Mesh, Policy, PolicyScope, Service, ServicePort};
+use super::ignored::{Counts, Ignored};
+use crate::state::{
+    Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, ServicePort, Snapshot,
+};
 use crate::xds::local::Problem;
 
 /// One accepted resource and the version the server gave it.
 #[derive(Clone, Debug)]
 struct Entry<T> {
-    version: String,
+    version: Box<str>,
     value: Arc<T>,
     /// Fields it carries that the agent does not act on.
     ignored: Ignored,
 }
 
+/// Keys whose resources changed since the last [`Resources::delta`], or
+/// that depend on one that did.
+#[derive(Debug, Default)]
+struct Touched {
+    workloads: BTreeSet<Name>,
+    services: BTreeSet<Name>,
+    policies: BTreeSet<Name>,
+}
+
 /// Every accepted resource, by type and name: what the client holds.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Resources {
-    addresses: BTreeMap<String, Entry<AddressResource>>,
-    policies: BTreeMap<String, Entry<Policy>>,
+    /// Workloads by uid (their resource name), services by
+    /// `namespace/hostname`.
+    addresses: BTreeMap<Name, Entry<AddressResource>>,
+    policies: BTreeMap<Name, Entry<Policy>>,
+    /// Service key -> the workloads that back it, with their ports.
+    backing: HashMap<Name, BTreeMap<Name, Arc<[ServicePort]>>>,
+    /// Policy key -> the workloads that list it.
+    selected: HashMap<Name, BTreeSet<Name>>,
+    /// Address -> the resource that claims it.
+    claims: HashMap<IpAddr, Name>,
+    ignored: Counts,
+    names: Interner,
+    touched: Touched,
 }
 
 /// What applying one response did.
@@ -54,12 +80,37 @@ impl Applied {
     }
 }
 
+/// The addresses a resource claims.
+fn addresses_of(a: &AddressResource) -> &[IpAddr] {
+    match a {
+        AddressResource::Workload(w) => &w.workload.addresses,
+        AddressResource::Service(s) => &s.vips,
+    }
+}
+
+fn owner(name: &str, a: &AddressResource) -> String {
+    match a {
+        AddressResource::Workload(_) => format!("workload {name:?}"),
+        AddressResource::Service(_) => format!("service {name:?}"),
+    }
+}
+
+fn clash(name: &Name, i: usize, ip: IpAddr, first: String) -> Rejected {
+    Rejected {
+        name: name.to_string(),
+        reason: field(
+            format!("addresses[{i}]"),
+            Problem::DuplicateAddress { ip, first },
+        ),
+    }
+}
+
 impl Resources {
     /// Name -> version of the resources held of `type_url`.
     pub(super) fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
-        fn of<T>(m: &BTreeMap<String, Entry<T>>) -> BTreeMap<String, String> {
+        fn of<T>(m: &BTreeMap<Name, Entry<T>>) -> BTreeMap<String, String> {
             m.iter()
-                .map(|(k, e)| (k.clone(), e.version.clone()))
+                .map(|(k, e)| (k.to_string(), e.version.to_string()))
                 .collect()
         }
         match type_url {
@@ -76,8 +127,7 @@ impl Resources {
     /// Field name -> how many held resources carry it, for the fields the
     /// agent does not act on.
     pub(super) fn ignored_fields(&self) -> BTreeMap<String, usize> {
-        let addresses = self.addresses.values().map(|e| e.ignored);
-        ignored::count(addresses.chain(self.policies.values().map(|e| e.ignored)))
+        self.ignored.to_map()
     }
 
     /// Applies a response resource by resource, as ztunnel does: removals,
@@ -94,15 +144,16 @@ impl Resources {
         }
         for name in &resp.removed_resources {
             if type_url == ADDRESS_TYPE_URL {
-                self.addresses.remove(name);
+                self.take_address(name);
             } else {
-                self.policies.remove(name);
+                self.take_policy(name);
             }
         }
         let mut applied = Applied::default();
-        // The versions the accepted addresses replaced, to go back to when
+        // The versions the incoming addresses replace, to go back to when
         // one turns out to clash with the rest.
-        let mut replaced: BTreeMap<String, Option<Entry<AddressResource>>> = BTreeMap::new();
+        let mut replaced: BTreeMap<Name, Option<Entry<AddressResource>>> = BTreeMap::new();
+        let mut incoming: BTreeMap<Name, Entry<AddressResource>> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for r in &resp.resources {
             let reject = |reason| Rejected {
@@ -117,15 +168,22 @@ impl Resources {
                 applied.rejected.push(reject(RejectReason::MissingBody));
                 continue;
             };
-            match decode(type_url, &r.name, any) {
+            match decode(type_url, &r.name, any, &mut self.names) {
                 Ok((Decoded::Address(a), ignored)) => {
-                    let e = entry(&r.version, *a, ignored);
-                    let old = self.addresses.insert(r.name.clone(), e);
-                    replaced.insert(r.name.clone(), old);
+                    let key = match &*a {
+                        // The workload's uid is its name: share it.
+                        AddressResource::Workload(w) => w.workload.uid.clone(),
+                        AddressResource::Service(_) => self.names.intern(&r.name),
+                    };
+                    // Released now, so addresses passed between resources
+                    // of this response are free for their new owners.
+                    let old = self.take_address(&key);
+                    replaced.insert(key.clone(), old);
+                    incoming.insert(key, entry(&r.version, *a, ignored));
                 }
                 Ok((Decoded::Policy(p), ignored)) => {
-                    let e = entry(&r.version, p, ignored);
-                    self.policies.insert(r.name.clone(), e);
+                    let key = self.names.intern(&r.name);
+                    self.put_policy(key, entry(&r.version, p, ignored));
                 }
                 Err(reason) => {
                     applied.rejected.push(reject(reason));
@@ -134,100 +192,268 @@ impl Resources {
             }
             applied.changed.insert(r.name.clone());
         }
-        // Each round puts back at least one changed address, so this ends
-        // at the latest with the set held before (which was consistent).
-        loop {
-            let clashes = self.clashes(&applied.changed);
-            if clashes.is_empty() {
-                break;
+        // In name order, each newcomer takes its addresses if they are free.
+        let mut refused = Vec::new();
+        for (name, e) in incoming {
+            match self.first_clash(&name, &e.value) {
+                None => self.put_address(name, e),
+                Some(rejected) => {
+                    applied.rejected.push(rejected);
+                    refused.push(name);
+                }
             }
-            for c in clashes {
-                match replaced.remove(&c.name).flatten() {
-                    Some(old) => self.addresses.insert(c.name.clone(), old),
-                    None => self.addresses.remove(&c.name),
+        }
+        // A refused resource goes back to its last good version. Where a
+        // newcomer took one of that version's addresses, the newcomer is
+        // refused in turn (the set held before was consistent); each round
+        // turns one newcomer back, so this ends.
+        while let Some(name) = refused.pop() {
+            applied.changed.remove(name.as_str());
+            let Some(old) = replaced.get_mut(&name).and_then(Option::take) else {
+                continue;
+            };
+            for ip in addresses_of(&old.value) {
+                let Some(holder) = self.claims.get(ip).cloned() else {
+                    continue;
                 };
-                applied.changed.remove(&c.name);
-                applied.rejected.push(c);
+                if holder == name {
+                    continue;
+                }
+                if let Some(new) = self.take_address(&holder) {
+                    let i = addresses_of(&new.value)
+                        .iter()
+                        .position(|a| a == ip)
+                        .unwrap_or(0);
+                    applied
+                        .rejected
+                        .push(clash(&holder, i, *ip, owner(&name, &old.value)));
+                }
+                refused.push(holder);
             }
+            self.put_address(name, old);
         }
         Ok(applied)
     }
 
-    /// Addresses claimed twice, blamed on the resources in `changed` (the
-    /// others were accepted together before).
-    fn clashes(&self, changed: &BTreeSet<String>) -> Vec<Rejected> {
-        let mut rejected = Vec::new();
-        let mut claims: HashMap<IpAddr, String> = HashMap::new();
-        let mut order: Vec<(&String, &AddressResource)> = self
-            .addresses
-            .iter()
-            .map(|(name, e)| (name, &*e.value))
-            .collect();
-        order.sort_by_key(|(name, _)| changed.contains(*name));
-        for (name, a) in order {
-            let (owner, ips) = match a {
-                AddressResource::Workload(w) => {
-                    (format!("workload {name:?}"), &w.workload.addresses)
-                }
-                AddressResource::Service(s) => (format!("service {name:?}"), &s.vips),
-            };
-            for (i, ip) in ips.iter().enumerate() {
-                if let Some(first) = claims.get(ip) {
-                    if !changed.contains(name) {
-                        // Two resources held before clash: impossible, as
-                        // every accepted set was checked; never loop on it.
-                        warn!(%ip, %name, "two held resources claim one address");
-                        continue;
-                    }
-                    let problem = Problem::DuplicateAddress {
-                        ip: *ip,
-                        first: first.clone(),
-                    };
-                    rejected.push(Rejected {
-                        name: name.clone(),
-                        reason: field(format!("addresses[{i}]"), problem),
-                    });
-                    break;
-                } else {
-                    claims.insert(*ip, owner.clone());
-                }
+    /// The first of `a`'s addresses another resource (or `a` itself,
+    /// twice) claims, as the refusal to send.
+    fn first_clash(&self, name: &Name, a: &AddressResource) -> Option<Rejected> {
+        let ips = addresses_of(a);
+        for (i, ip) in ips.iter().enumerate() {
+            if let Some(holder) = self.claims.get(ip) {
+                let first = self
+                    .addresses
+                    .get(holder)
+                    .map_or_else(|| holder.to_string(), |e| owner(holder, &e.value));
+                return Some(clash(name, i, *ip, first));
+            }
+            if ips[..i].contains(ip) {
+                return Some(clash(name, i, *ip, owner(name, a)));
             }
         }
-        rejected
+        None
     }
 
-    /// Joins the resources into a mesh.
-    pub(super) fn build(&self) -> Mesh {
-        let mut mesh = Mesh::default();
-        // Service key -> its endpoints' uids and ports; policy key -> uids.
-        let mut backing: HashMap<&str, Vec<(&str, &[ServicePort])>> = HashMap::new();
-        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
-        for e in self.addresses.values() {
-            if let AddressResource::Workload(w) = &*e.value {
-                let uid = w.workload.uid.as_str();
+    /// Holds `e` as address resource `name`, indexing what it claims and
+    /// references. The caller made sure its addresses are free.
+    fn put_address(&mut self, name: Name, e: Entry<AddressResource>) {
+        for ip in addresses_of(&e.value) {
+            self.claims.insert(*ip, name.clone());
+        }
+        match &*e.value {
+            AddressResource::Workload(w) => {
+                let uid = &w.workload.uid;
                 for (key, ports) in &w.services {
-                    backing.entry(key).or_default().push((uid, ports));
+                    self.backing
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(uid.clone(), ports.clone());
+                    self.touched.services.insert(key.clone());
                 }
                 for key in &w.policies {
-                    selected.entry(key).or_default().push(uid.to_string());
+                    self.selected
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(uid.clone());
+                    self.touched.policies.insert(key.clone());
                 }
-                mesh.workloads.push(w.workload.clone());
+                self.touched.workloads.insert(uid.clone());
+            }
+            AddressResource::Service(_) => {
+                self.touched.services.insert(name.clone());
             }
         }
+        self.ignored.add(e.ignored);
+        self.addresses.insert(name, e);
+    }
+
+    /// Stops holding address resource `name`, undoing what
+    /// [`Resources::put_address`] indexed.
+    fn take_address(&mut self, name: &str) -> Option<Entry<AddressResource>> {
+        let (key, e) = self.addresses.remove_entry(name)?;
+        for ip in addresses_of(&e.value) {
+            if self.claims.get(ip) == Some(&key) {
+                self.claims.remove(ip);
+            }
+        }
+        match &*e.value {
+            AddressResource::Workload(w) => {
+                let uid = &w.workload.uid;
+                for (svc, _) in &w.services {
+                    if let Some(b) = self.backing.get_mut(svc) {
+                        b.remove(uid);
+                        if b.is_empty() {
+                            self.backing.remove(svc);
+                        }
+                    }
+                    self.touched.services.insert(svc.clone());
+                }
+                for p in &w.policies {
+                    if let Some(s) = self.selected.get_mut(p) {
+                        s.remove(uid);
+                        if s.is_empty() {
+                            self.selected.remove(p);
+                        }
+                    }
+                    self.touched.policies.insert(p.clone());
+                }
+                self.touched.workloads.insert(uid.clone());
+            }
+            AddressResource::Service(_) => {
+                self.touched.services.insert(key);
+            }
+        }
+        self.ignored.remove(e.ignored);
+        Some(e)
+    }
+
+    fn put_policy(&mut self, key: Name, e: Entry<Policy>) {
+        self.ignored.add(e.ignored);
+        if let Some(old) = self.policies.insert(key.clone(), e) {
+            self.ignored.remove(old.ignored);
+        }
+        self.touched.policies.insert(key);
+    }
+
+    fn take_policy(&mut self, name: &str) {
+        if let Some((key, old)) = self.policies.remove_entry(name) {
+            self.ignored.remove(old.ignored);
+            self.touched.policies.insert(key);
+        }
+    }
+
+    /// What turns `installed` into the mesh these resources describe, for
+    /// everything touched since the last call (the first call, everything).
+    pub(super) fn delta(&mut self, installed: &Snapshot) -> Delta {
+        let touched = std::mem::take(&mut self.touched);
+        let mut d = Delta::default();
+        for uid in touched.workloads {
+            match self.addresses.get(&uid).map(|e| &*e.value) {
+                Some(AddressResource::Workload(w)) => {
+                    let same = installed
+                        .workload_by_uid(&uid)
+                        .is_some_and(|held| Arc::ptr_eq(held, &w.workload));
+                    if !same {
+                        d.workloads.push(w.workload.clone());
+                    }
+                }
+                _ if installed.workload_by_uid(&uid).is_some() => d.removed_workloads.push(uid),
+                _ => {}
+            }
+        }
+        for key in touched.services {
+            let Some((ns, host)) = key.split_once('/') else {
+                continue;
+            };
+            let held = installed.service_by_host(ns, host);
+            match self.addresses.get(&key).map(|e| &*e.value) {
+                Some(AddressResource::Service(s)) => {
+                    let s = self.with_endpoints(&key, s);
+                    if held.is_none_or(|h| **h != s) {
+                        d.services.push(Arc::new(s));
+                    }
+                }
+                _ => {
+                    if let Some(h) = held {
+                        d.removed_services
+                            .push((h.namespace.clone(), h.hostname.clone()));
+                    }
+                }
+            }
+        }
+        for key in touched.policies {
+            let held = installed.policy(&key);
+            match self.policies.get(&key) {
+                Some(e) => {
+                    let p = self.with_selection(&key, &e.value);
+                    if held.is_none_or(|h| **h != p) {
+                        d.policies.push(Arc::new(p));
+                    }
+                }
+                None if held.is_some() => d.removed_policies.push(key.to_string()),
+                None => {}
+            }
+        }
+        d
+    }
+
+    /// Service `key` with its endpoints (in uid order). The model has one
+    /// target port per service port; where the service leaves it unset (a
+    /// named target port), the endpoints' port lists supply it if they
+    /// agree.
+    fn with_endpoints(&self, key: &str, s: &Service) -> Service {
+        let mut s = s.clone();
+        let Some(backers) = self.backing.get(key) else {
+            return s;
+        };
+        s.endpoints = backers
+            .keys()
+            .map(|uid| Endpoint {
+                workload_uid: uid.clone(),
+            })
+            .collect();
+        for p in s.ports.iter_mut().filter(|p| p.target_port == 0) {
+            let mut targets = backers
+                .values()
+                .flat_map(|ports| ports.iter())
+                .filter(|q| q.port == p.port && q.target_port != 0)
+                .map(|q| q.target_port);
+            if let Some(first) = targets.next() {
+                if targets.all(|t| t == first) {
+                    p.target_port = first;
+                }
+            }
+        }
+        s
+    }
+
+    /// Policy `key` with the workloads that list it as its selection.
+    fn with_selection(&self, key: &str, p: &Policy) -> Policy {
+        let mut p = p.clone();
+        if let PolicyScope::WorkloadSelector { workload_uids } = &mut p.scope {
+            // istiod lists a root-namespace policy on workloads of every
+            // namespace, so uids are not limited to the policy's.
+            *workload_uids = self
+                .selected
+                .get(key)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+        }
+        p
+    }
+
+    /// Joins every resource into a mesh, from scratch.
+    #[cfg(test)]
+    pub(super) fn build(&self) -> crate::state::Mesh {
+        let mut mesh = crate::state::Mesh::default();
         for (key, e) in &self.addresses {
-            if let AddressResource::Service(s) = &*e.value {
-                let backers = backing.get(key.as_str()).map_or(&[][..], |v| v.as_slice());
-                mesh.services.push(with_endpoints(s, backers));
+            match &*e.value {
+                AddressResource::Workload(w) => mesh.workloads.push((*w.workload).clone()),
+                AddressResource::Service(s) => mesh.services.push(self.with_endpoints(key, s)),
             }
         }
         for (key, e) in &self.policies {
-            let mut p = (*e.value).clone();
-            if let PolicyScope::WorkloadSelector { workload_uids } = &mut p.scope {
-                // istiod lists a root-namespace policy on workloads of every
-                // namespace, so uids are not limited to the policy's.
-                *workload_uids = selected.remove(key.as_str()).unwrap_or_default();
-            }
-            mesh.policies.push(p);
+            mesh.policies.push(self.with_selection(key, &e.value));
         }
         mesh
     }
@@ -235,34 +461,8 @@ impl Resources {
 
 fn entry<T>(version: &str, value: T, ignored: Ignored) -> Entry<T> {
     Entry {
-        version: version.to_string(),
+        version: version.into(),
         value: Arc::new(value),
         ignored,
     }
-}
-
-/// `s` with its endpoints (`backers`, in uid order). The model has one
-/// target port per service port; where the service leaves it unset (a
-/// named target port), the endpoints' port lists supply it if they agree.
-fn with_endpoints(s: &Service, backers: &[(&str, &[ServicePort])]) -> Service {
-    let mut s = s.clone();
-    s.endpoints = backers
-        .iter()
-        .map(|(uid, _)| Endpoint {
-            workload_uid: uid.to_string(),
-        })
-        .collect();
-    for p in s.ports.iter_mut().filter(|p| p.target_port == 0) {
-        let mut targets = backers
-            .iter()
-            .flat_map(|(_, ports)| ports.iter())
-            .filter(|q| q.port == p.port && q.target_port != 0)
-            .map(|q| q.target_port);
-        if let Some(first) = targets.next() {
-            if targets.all(|t| t == first) {
-                p.target_port = first;
-            }
-        }
-    }
-    s
 }

@@ -15,6 +15,7 @@ use super::schema::{
 };
 use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
+use crate::state::Interner;
 use crate::state::{
     ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute, HttpRule,
     Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch,
@@ -33,6 +34,7 @@ pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
         addresses: HashMap::new(),
         workloads: HashMap::new(),
         trust_domains: Vec::new(),
+        names: Interner::default(),
     };
     if raw.trust_domain.is_some() || !raw.trust_domain_aliases.is_empty() {
         let td = match &raw.trust_domain {
@@ -68,6 +70,8 @@ pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
 
 struct Converter<'a> {
     file: &'a str,
+    /// One copy of each uid, namespace, service account... in the mesh.
+    names: Interner,
     /// Every workload address and service VIP so far -> where it was first used.
     addresses: HashMap<IpAddr, String>,
     /// Workload uid -> (namespace, where it was defined).
@@ -217,13 +221,13 @@ impl Converter<'_> {
             (namespace.clone(), place(&f("uid"), w.uid.span())),
         );
         Ok(Workload {
-            uid,
-            name,
-            namespace,
-            service_account,
-            trust_domain,
+            uid: self.names.intern(&uid),
+            name: name.into(),
+            namespace: self.names.intern(&namespace),
+            service_account: self.names.intern(&service_account),
+            trust_domain: self.names.intern(&trust_domain),
             addresses,
-            node,
+            node: self.names.intern(&node),
             netns,
             cgroup,
             protocol: match w.protocol {
@@ -348,7 +352,7 @@ impl Converter<'_> {
                 return Err(self.err(field, uid.span(), problem));
             }
             endpoints.push(Endpoint {
-                workload_uid: uid.to_string(),
+                workload_uid: self.names.intern(uid),
             });
         }
 
@@ -363,9 +367,9 @@ impl Converter<'_> {
 
         let waypoint = self.waypoint(&f("waypoint"), s.waypoint.as_ref())?;
         Ok(Service {
-            name,
-            namespace,
-            hostname,
+            name: name.into(),
+            namespace: self.names.intern(&namespace),
+            hostname: hostname.into(),
             vips,
             ports,
             endpoints,
@@ -417,7 +421,7 @@ impl Converter<'_> {
                             workload_namespace: ns.clone(),
                         },
                         Some(_) => {
-                            workload_uids.push(uid.to_string());
+                            workload_uids.push(self.names.intern(uid));
                             continue;
                         }
                     };

@@ -1,29 +1,40 @@
 //! Keeps the shared state in step with the mesh file.
 
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::time::MissedTickBehavior;
+use std::time::{Duration, Instant};
 
 use super::{parse_mesh, LocalConfigError};
+use crate::fswatch::FileWatch;
 use crate::state::{Mesh, State};
 
 /// Watches the mesh file and installs each good version into the state.
 ///
-/// Polls and compares content rather than mtimes: a Kubernetes ConfigMap
-/// update is a symlink swap that may keep the old mtime, and two edits in the
-/// same second look identical by mtime.
+/// The file is read again only when inotify says it may have changed
+/// ([`FileWatch`]; polled every `poll_interval` where inotify cannot be
+/// had), and parsed only when its content differs from the last read: a
+/// Kubernetes ConfigMap update is a symlink swap that may keep the old
+/// mtime, and two edits in the same second look identical by mtime. What
+/// is installed is only what differs from the mesh in force
+/// ([`State::replace_since`]).
 pub struct LocalSource {
     path: PathBuf,
     state: Arc<State>,
     poll_interval: Duration,
-    /// The text last parsed, good or bad, so an unchanged file is neither
-    /// parsed nor logged again.
-    last_text: Option<String>,
-    /// The last read failure, so a missing file is logged once, not per poll.
+    /// A digest of the text last parsed, good or bad, so an unchanged file
+    /// is neither parsed nor logged again (the text itself is not kept:
+    /// it can be tens of megabytes).
+    last_digest: Option<u64>,
+    /// The last read failure, so a missing file is logged once, not per read.
     last_read_error: Option<String>,
+}
+
+fn digest(text: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl LocalSource {
@@ -31,40 +42,43 @@ impl LocalSource {
         LocalSource {
             path,
             state,
-            // tokio's interval panics on a zero period.
-            poll_interval: poll_interval.max(Duration::from_millis(1)),
-            last_text: None,
+            poll_interval,
+            last_digest: None,
             last_read_error: None,
         }
     }
 
     /// Loads the file once; the agent refuses to start on error.
     pub fn load_initial(&mut self) -> Result<(), LocalConfigError> {
+        let started = Instant::now();
         let text = std::fs::read_to_string(&self.path).map_err(|source| LocalConfigError::Io {
             path: self.path.clone(),
             source,
         })?;
         let mesh = parse_mesh(&self.source_name(), &text)?;
-        self.last_text = Some(text);
-        self.install(mesh);
+        self.last_digest = Some(digest(&text));
+        drop(text);
+        self.install(mesh, started);
         Ok(())
     }
 
-    /// Re-reads the file whenever its content changes, until `shutdown`
+    /// Re-reads the file whenever it may have changed, until `shutdown`
     /// resolves. A bad version is logged and the last good one keeps serving.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut ticker = tokio::time::interval(self.poll_interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut watch = FileWatch::new(&self.path, self.poll_interval);
+        // It may have changed between the first read and the watch.
+        self.reload().await;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
-                _ = ticker.tick() => self.poll().await,
+                () = watch.changed() => self.reload().await,
             }
         }
     }
 
-    async fn poll(&mut self) {
+    async fn reload(&mut self) {
+        let started = Instant::now();
         let text = match tokio::fs::read_to_string(&self.path).await {
             Ok(text) => text,
             Err(e) => {
@@ -81,32 +95,40 @@ impl LocalSource {
             }
         };
         self.last_read_error = None;
-        if self.last_text.as_ref() == Some(&text) {
+        let d = digest(&text);
+        if self.last_digest == Some(d) {
             return;
         }
+        self.last_digest = Some(d);
         let parsed = parse_mesh(&self.source_name(), &text);
-        self.last_text = Some(text);
+        drop(text);
         match parsed {
-            Ok(mesh) => self.install(mesh),
+            Ok(mesh) => self.install(mesh, started),
             Err(e) => tracing::warn!("ignoring invalid mesh file, keeping the last good mesh: {e}"),
         }
     }
 
-    /// Replaces the state unless nothing changed (e.g. only comments), so
-    /// watchers such as policy re-checks are not woken for nothing.
-    fn install(&self, mesh: Mesh) {
-        if *self.state.snapshot().mesh() == mesh {
+    /// Installs what differs from the mesh in force, unless nothing does
+    /// (e.g. only comments changed), so watchers such as policy re-checks
+    /// are not woken for nothing.
+    fn install(&self, mesh: Mesh, started: Instant) {
+        let (workloads, services, policies) = (
+            mesh.workloads.len(),
+            mesh.services.len(),
+            mesh.policies.len(),
+        );
+        if !self.state.replace_since(mesh, started) {
             tracing::debug!(path = %self.path.display(), "mesh file changed, mesh did not");
             return;
         }
         tracing::info!(
             path = %self.path.display(),
-            workloads = mesh.workloads.len(),
-            services = mesh.services.len(),
-            policies = mesh.policies.len(),
+            workloads,
+            services,
+            policies,
+            took = ?started.elapsed(),
             "applied mesh file"
         );
-        self.state.replace(mesh);
     }
 
     fn source_name(&self) -> String {
@@ -144,7 +166,7 @@ mod tests {
 
     fn addresses(state: &State) -> Vec<IpAddr> {
         let snap = state.snapshot();
-        snap.mesh()
+        snap.to_mesh()
             .workloads
             .iter()
             .flat_map(|w| w.addresses.clone())
@@ -274,7 +296,7 @@ mod tests {
         let err = source.load_initial().unwrap_err().to_string();
         let want = format!("{}:2:8: workloads[0]: missing field `name`", path.display());
         assert_eq!(err, want);
-        assert_eq!(*state.snapshot().mesh(), Mesh::default());
+        assert_eq!(state.snapshot().to_mesh(), Mesh::default());
 
         std::fs::remove_file(&path).unwrap();
         let err = source.load_initial().unwrap_err();

@@ -34,7 +34,7 @@ fn client_installs_after_both_types_then_acks_and_nacks_per_resource() {
     c.handle(resps[1].clone());
     assert!(changes.has_changed().unwrap());
     changes.mark_unchanged();
-    assert_eq!(*state.snapshot().mesh(), canonical(&m));
+    assert_eq!(state.snapshot().to_mesh(), canonical(&m));
     assert!(status.borrow().synced);
 
     // The same again changes nothing: no new version.

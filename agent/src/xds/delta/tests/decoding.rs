@@ -270,7 +270,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
         ),
     ];
     for (what, type_url, name, any, want) in cases {
-        let got = decode(type_url, name, &any);
+        let got = decode_one(type_url, name, &any);
         let err = match got {
             Err(e) => e.to_string(),
             Ok(d) => panic!("{what}: accepted as {d:?}"),
@@ -281,7 +281,7 @@ fn bad_resources_are_rejected_with_the_field_and_problem() {
 
 #[test]
 fn good_resources_convert_with_istio_defaults() {
-    let decode_workload = |any: Any| match decode(ADDRESS_TYPE_URL, "w", &any) {
+    let decode_workload = |any: Any| match decode_one(ADDRESS_TYPE_URL, "w", &any) {
         Ok((Decoded::Address(a), _)) => match *a {
             crate::xds::delta::convert::AddressResource::Workload(w) => w,
             other => panic!("{other:?}"),
@@ -359,7 +359,7 @@ fn good_resources_convert_with_istio_defaults() {
                 );
             }),
             Box::new(|w| {
-                w.services[SVC]
+                *w.services[0].1
                     == [ServicePort {
                         port: 80,
                         target_port: 0,
@@ -371,7 +371,7 @@ fn good_resources_convert_with_istio_defaults() {
         assert!(check(&decode_workload(any)), "{what}");
     }
 
-    let Ok((Decoded::Policy(p), _)) = decode(
+    let Ok((Decoded::Policy(p), _)) = decode_one(
         AUTHORIZATION_TYPE_URL,
         "ns/p",
         &policy_any(|p| {
@@ -430,7 +430,7 @@ fn raw_policy(action: pb_sec::Action, m: Vec<u8>, clause_extra: &[u8], policy_ex
 }
 
 fn decode_policy(any: &Any) -> Result<crate::state::Policy, RejectReason> {
-    match decode(AUTHORIZATION_TYPE_URL, "ns/p", any)? {
+    match decode_one(AUTHORIZATION_TYPE_URL, "ns/p", any)? {
         (Decoded::Policy(p), _) => Ok(p),
         other => panic!("not a policy: {other:?}"),
     }
@@ -547,7 +547,7 @@ fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
         dst: "10.0.0.2:80".parse().unwrap(),
     };
     let decide = |p: &crate::state::Policy| {
-        crate::state::authz::authorize(std::slice::from_ref(p), &dst, &conn)
+        crate::state::authz::authorize(&[std::sync::Arc::new(p.clone())], &dst, &conn)
             .0
             .is_allowed()
     };
@@ -590,7 +590,7 @@ fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
 /// unknown action denies.
 #[test]
 fn unknown_enum_values_take_the_meaning_that_trusts_least() {
-    let w = |f: fn(&mut pb::Workload)| match decode(ADDRESS_TYPE_URL, "w", &workload_any(f)) {
+    let w = |f: fn(&mut pb::Workload)| match decode_one(ADDRESS_TYPE_URL, "w", &workload_any(f)) {
         Ok((Decoded::Address(a), _)) => match *a {
             crate::xds::delta::convert::AddressResource::Workload(w) => w.workload,
             other => panic!("not a workload: {other:?}"),
@@ -635,7 +635,7 @@ fn unknown_enum_values_take_the_meaning_that_trusts_least() {
 #[test]
 fn service_families_and_visibility_decode() {
     use crate::state::{IpFamilies, Visibility};
-    let s = |f: &dyn Fn(&mut pb::Service)| match decode(
+    let s = |f: &dyn Fn(&mut pb::Service)| match decode_one(
         ADDRESS_TYPE_URL,
         "ns/svc.ns.svc.cluster.local",
         &service_any(f),
@@ -664,4 +664,13 @@ fn service_families_and_visibility_decode() {
     for (value, want) in visibility {
         assert_eq!(s(&|s| s.visibility = value).visibility, want, "{value}");
     }
+}
+
+/// [`decode`] with an interner of its own.
+fn decode_one(
+    type_url: &str,
+    name: &str,
+    any: &Any,
+) -> Result<(Decoded, super::super::ignored::Ignored), RejectReason> {
+    decode(type_url, name, any, &mut crate::state::Interner::default())
 }
