@@ -248,6 +248,54 @@ mod tests {
             .unwrap();
     }
 
+    fn three_workloads(b_ip: &str) -> String {
+        ["a:10.0.0.1", &format!("b:{b_ip}"), "c:10.0.0.3"]
+            .iter()
+            .map(|e| {
+                let (uid, ip) = e.split_once(':').unwrap();
+                format!(
+                    "  - uid: {uid}\n    name: {uid}\n    namespace: default\n    \
+                     addresses: [{ip}]\n    node: n\n"
+                )
+            })
+            .fold("workloads:\n".to_string(), |acc, w| acc + &w)
+    }
+
+    // With polling an hour away, only inotify can notice the edit; what is
+    // installed is the one workload that changed, the others are the very
+    // copies the version before holds.
+    #[tokio::test]
+    async fn an_edit_is_noticed_without_polling_and_changes_only_its_workload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        write_atomic(&path, &three_workloads("10.0.0.2"));
+        let state = Arc::new(State::default());
+        let mut source = LocalSource::new(path.clone(), state.clone(), Duration::from_secs(3600));
+        source.load_initial().unwrap();
+        let before = state.snapshot();
+        let updates = state.stats().updates;
+        let mut versions = state.subscribe();
+        versions.borrow_and_update();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(source.run(async {
+            let _ = stopped.await;
+        }));
+
+        write_atomic(&path, &three_workloads("10.0.0.22"));
+        next_version(&mut versions).await;
+        let after = state.snapshot();
+        assert_eq!(state.stats().updates, updates + 1);
+        let b = after.workload_by_uid("b").unwrap();
+        assert_eq!(b.addresses, [ip("10.0.0.22")]);
+        assert!(after.workload_by_ip(ip("10.0.0.2")).is_none());
+        for uid in ["a", "c"] {
+            let (old, new) = (before.workload_by_uid(uid), after.workload_by_uid(uid));
+            assert!(Arc::ptr_eq(old.unwrap(), new.unwrap()), "{uid} was copied");
+        }
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+
     /// A ConfigMap volume swaps a `..data` symlink; the file's path, size and
     /// mtime second may all stay the same.
     #[tokio::test]

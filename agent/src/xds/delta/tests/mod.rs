@@ -20,6 +20,7 @@ use crate::xds::local::parse_mesh;
 mod applying;
 mod client;
 mod decoding;
+mod incremental;
 
 const MESH: &str = r#"
 workloads:
