@@ -53,7 +53,9 @@ pub struct Config {
     /// Local mode: the YAML file describing the mesh. Relative paths are
     /// relative to the config file. Default: none (an empty mesh).
     pub mesh_file: Option<PathBuf>,
-    /// How often the mesh file is checked for changes. Default: 1s.
+    /// The mesh file is re-read when inotify reports a change; this is how
+    /// often it is polled instead where inotify cannot watch it (no such
+    /// directory yet, the watch limit reached). Default: 1s.
     #[serde(with = "humantime_serde")]
     pub mesh_poll_interval: Duration,
     pub ca: CaConfig,

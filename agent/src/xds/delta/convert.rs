@@ -118,8 +118,9 @@ pub(super) fn field(field: impl Into<String>, invalid: impl Into<Invalid>) -> Re
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum AddressResource {
     Workload(WorkloadResource),
-    /// Endpoints are filled in by [`Resources::build`].
-    Service(Service),
+    /// Endpoints are filled in by the resource set. Boxed: most address
+    /// resources are workloads, and the enum is as large as its largest.
+    Service(Box<Service>),
 }
 
 /// A workload with the references istiod sends on the workload side.
@@ -176,7 +177,7 @@ fn address(
             workload(name, w, names).map(AddressResource::Workload)
         }
         Some(pb::address::Type::Service(s)) => {
-            service(name, s, names).map(AddressResource::Service)
+            service(name, s, names).map(|s| AddressResource::Service(Box::new(s)))
         }
         None => Err(RejectReason::EmptyAddress),
     }

@@ -31,6 +31,19 @@ pub struct LocalSource {
     last_read_error: Option<String>,
 }
 
+/// Hands what a parse freed back to the OS now. Parsing the YAML takes
+/// tens of bytes per byte of text for a moment; glibc keeps freed memory
+/// in the arena of whichever thread freed it, so without this each reload
+/// leaves the agent larger (measured: +130 MiB after 100 reloads of a
+/// 10,000-workload file).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory of glibc's heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn digest(text: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
@@ -106,6 +119,7 @@ impl LocalSource {
             Ok(mesh) => self.install(mesh, started),
             Err(e) => tracing::warn!("ignoring invalid mesh file, keeping the last good mesh: {e}"),
         }
+        release_freed_memory();
     }
 
     /// Installs what differs from the mesh in force, unless nothing does

@@ -641,7 +641,7 @@ fn service_families_and_visibility_decode() {
         &service_any(f),
     ) {
         Ok((Decoded::Address(a), _)) => match *a {
-            crate::xds::delta::convert::AddressResource::Service(s) => s,
+            crate::xds::delta::convert::AddressResource::Service(s) => *s,
             other => panic!("not a service: {other:?}"),
         },
         other => panic!("refused: {other:?}"),
