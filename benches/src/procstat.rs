@@ -7,13 +7,24 @@ use std::time::Duration;
 
 /// Resident set size of `pid` in bytes (`VmRSS`).
 pub fn rss(pid: u32) -> io::Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// The most `pid` has had resident since it started, in bytes (`VmHWM`,
+/// the high-water mark of its RSS).
+pub fn peak_rss(pid: u32) -> io::Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .ok_or_else(|| io::Error::other(format!("no VmRSS for pid {pid}")))
+        .ok_or_else(|| io::Error::other(format!("no {field} for pid {pid}")))
 }
 
 /// User + system CPU time of every thread of `pid`.

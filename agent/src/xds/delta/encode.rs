@@ -5,7 +5,7 @@
 //! (`Workload.services["namespace/hostname"]`), and selector-scoped
 //! policies are listed in `Workload.authorization_policies`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ambient_proto::prost_types::Any;
 use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -52,9 +52,25 @@ impl EncodedMesh {
 /// Encodes `mesh` as istiod would serve it.
 pub fn encode_mesh(mesh: &Mesh) -> Result<EncodedMesh, EncodeError> {
     let mut out = EncodedMesh::default();
+    // What each workload refers to, found once rather than per workload.
+    let mut refs: HashMap<&str, Refs<'_>> = HashMap::new();
+    for s in &mesh.services {
+        for e in &s.endpoints {
+            refs.entry(&e.workload_uid).or_default().services.push(s);
+        }
+    }
+    for p in &mesh.policies {
+        if let PolicyScope::WorkloadSelector { workload_uids } = &p.scope {
+            for uid in workload_uids {
+                refs.entry(uid).or_default().policies.push(p);
+            }
+        }
+    }
+    let none = Refs::default();
     for w in &mesh.workloads {
+        let r = refs.get(w.uid.as_str()).unwrap_or(&none);
         let msg = pb::Address {
-            r#type: Some(pb::address::Type::Workload(workload(mesh, w))),
+            r#type: Some(pb::address::Type::Workload(workload(r, w))),
         };
         out.addresses.insert(w.uid.to_string(), any(&w.uid, &msg)?);
     }
@@ -116,11 +132,17 @@ fn ip_bytes(ip: std::net::IpAddr) -> Vec<u8> {
     }
 }
 
-fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
-    let services = mesh
+/// The services a workload backs and the selector policies naming it.
+#[derive(Default)]
+struct Refs<'a> {
+    services: Vec<&'a Service>,
+    policies: Vec<&'a Policy>,
+}
+
+fn workload(refs: &Refs<'_>, w: &Workload) -> pb::Workload {
+    let services = refs
         .services
         .iter()
-        .filter(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid))
         .map(|s| {
             let ports = s.ports.iter().map(|p| pb::Port {
                 service_port: p.port.into(),
@@ -136,15 +158,7 @@ fn workload(mesh: &Mesh, w: &Workload) -> pb::Workload {
             )
         })
         .collect();
-    let authorization_policies = mesh
-        .policies
-        .iter()
-        .filter(|p| match &p.scope {
-            PolicyScope::WorkloadSelector { workload_uids } => workload_uids.contains(&w.uid),
-            _ => false,
-        })
-        .map(Policy::key)
-        .collect();
+    let authorization_policies = refs.policies.iter().map(|p| p.key()).collect();
     pb::Workload {
         uid: w.uid.to_string(),
         name: w.name.to_string(),

@@ -72,6 +72,7 @@ impl LocalSource {
         self.last_digest = Some(digest(&text));
         drop(text);
         self.install(mesh, started);
+        release_freed_memory();
         Ok(())
     }
 
