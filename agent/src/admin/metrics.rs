@@ -206,7 +206,7 @@ impl Metrics {
             "Connections a dry-run policy matched (evaluated, never enforced), by policy and its action",
             m.dry_run_matches.clone(),
         );
-        let xds_gauges = [
+        let gauges = [
             (
                 "ambient_xds_connected",
                 "1 while a stream to the control plane is open",
@@ -222,8 +222,23 @@ impl Metrics {
                 "xDS resources held",
                 &m.xds_resources,
             ),
+            (
+                "ambient_mesh_workloads",
+                "Workloads in the mesh",
+                &m.mesh_workloads,
+            ),
+            (
+                "ambient_mesh_services",
+                "Services in the mesh",
+                &m.mesh_services,
+            ),
+            (
+                "ambient_mesh_policies",
+                "Authorization policies in the mesh",
+                &m.mesh_policies,
+            ),
         ];
-        for (name, help, gauge) in xds_gauges {
+        for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
         }
         registry.register(
@@ -241,26 +256,6 @@ impl Metrics {
             "Time the last mesh update took, from the source's input to serving",
             m.mesh_update_last.clone(),
         );
-        let mesh_gauges = [
-            (
-                "ambient_mesh_workloads",
-                "Workloads in the mesh",
-                &m.mesh_workloads,
-            ),
-            (
-                "ambient_mesh_services",
-                "Services in the mesh",
-                &m.mesh_services,
-            ),
-            (
-                "ambient_mesh_policies",
-                "Authorization policies in the mesh",
-                &m.mesh_policies,
-            ),
-        ];
-        for (name, help, gauge) in mesh_gauges {
-            registry.register(name, help, gauge.clone());
-        }
         let xds_counters = [
             (
                 "ambient_xds_connections",
