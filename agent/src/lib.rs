@@ -13,9 +13,13 @@ pub mod demo;
 pub mod dns;
 pub mod fswatch;
 pub mod hbone;
+pub mod heap;
 pub mod identity;
 pub mod proxy;
 pub mod socket;
 pub mod state;
 pub mod waypoint;
 pub mod xds;
+
+#[cfg(test)]
+mod test_heap;

@@ -30,7 +30,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tune_allocator();
+    ambient_agent::heap::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(overrides) => {
@@ -104,20 +104,6 @@ async fn main() -> anyhow::Result<()> {
         Command::PodClient { addr, len, seed } => {
             ambient_agent::demo::client::main(addr, len, seed)
         }
-    }
-}
-
-/// Keeps glibc from handing the copy path's large buffers (HTTP/2 frames up
-/// to 1 MiB, 256 KiB socket reads) back to the kernel after every use: with
-/// the default, adaptive thresholds each one is mapped, page-faulted in and
-/// unmapped again, a few percent of the agent's CPU under load. Free memory
-/// above 4 MiB at the top of a heap is still returned.
-fn tune_allocator() {
-    // SAFETY: mallopt only sets allocator parameters; called before the
-    // agent allocates in earnest.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 

@@ -52,7 +52,7 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
             "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
             "endpoints": s.endpoints.iter().map(|e| e.workload_uid.as_str()).collect::<Vec<_>>(),
             "subjectAltNames": s.subject_alt_names,
-            "waypoint": s.waypoint.as_ref().map(waypoint),
+            "waypoint": s.waypoint.as_deref().map(waypoint),
         })).collect::<Vec<_>>(),
         "policies": mesh.policies.iter().map(|p| json!({
             "name": p.name,
@@ -178,7 +178,7 @@ fn workload(w: &Workload) -> Value {
         "namespace": w.namespace,
         "serviceAccount": w.service_account,
         "identity": w.identity().to_string(),
-        "addresses": w.addresses,
+        "addresses": w.addresses.as_slice(),
         "node": w.node,
         "protocol": match w.protocol {
             TunnelProtocol::None => json!("none"),
@@ -191,7 +191,7 @@ fn workload(w: &Workload) -> Value {
             ApplicationTunnel::Unsupported(p) => json!({"protocol": "unsupported", "value": p}),
         },
         "capacity": w.capacity,
-        "waypoint": w.waypoint.as_ref().map(waypoint),
+        "waypoint": w.waypoint.as_deref().map(waypoint),
         "healthy": w.healthy,
     })
 }

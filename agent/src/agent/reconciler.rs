@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, warn};
@@ -171,7 +171,9 @@ impl Reconciler {
                 .local_workloads(&self.cfg.node)
                 .filter(|w| w.protocol == TunnelProtocol::Hbone)
                 .map(|w| {
-                    let source = w.netns.clone().map_or(NetnsSource::Host, NetnsSource::Path);
+                    let source = w
+                        .netns()
+                        .map_or(NetnsSource::Host, |p| NetnsSource::Path(p.to_path_buf()));
                     let wanted = Wanted {
                         workload: w.clone(),
                         source,
@@ -207,10 +209,9 @@ impl Reconciler {
             namespace: info.namespace.as_str().into(),
             service_account: service_account.into(),
             trust_domain: self.cfg.ca.trust_domain.as_str().into(),
-            addresses: pod.addresses.clone(),
+            addresses: pod.addresses.iter().copied().collect(),
             node: self.cfg.node.as_str().into(),
-            netns: None,
-            cgroup: None,
+            local: None,
             protocol: TunnelProtocol::Hbone,
             application_tunnel: ApplicationTunnel::None,
             waypoint: None,
@@ -329,7 +330,9 @@ impl Reconciler {
                 } = old;
                 drop(old_proxy);
                 if let Some(e) = &mut enrollment {
-                    if before.addresses != workload.addresses || before.cgroup != workload.cgroup {
+                    if before.addresses != workload.addresses
+                        || before.cgroup() != workload.cgroup()
+                    {
                         if let Err(err) = e.capture(&self.backend, self.spec(&workload)).await {
                             warn!(uid = %workload.uid, error = %err, "updating capture");
                         }
@@ -401,8 +404,8 @@ impl Reconciler {
                 redirect: true,
                 dns_port: cfg.dns_enabled().then_some(cfg.dns.port),
             },
-            addresses: w.addresses.clone(),
-            cgroup: w.cgroup.clone(),
+            addresses: w.addresses.to_vec(),
+            cgroup: w.cgroup().map(Path::to_path_buf),
             interface: cfg.pod_interface.clone(),
         }
     }

@@ -235,9 +235,11 @@ mod tests {
                 })
                 .collect(),
             subject_alt_names: vec![],
-            waypoint: waypoint.then(|| Waypoint {
-                target: WaypointTarget::Address("10.9.9.9".parse().unwrap()),
-                hbone_port: 15008,
+            waypoint: waypoint.then(|| {
+                Box::new(Waypoint {
+                    target: WaypointTarget::Address("10.9.9.9".parse().unwrap()),
+                    hbone_port: 15008,
+                })
             }),
             visibility: Default::default(),
             ip_families: Default::default(),
@@ -324,7 +326,7 @@ mod tests {
         let mut m = mesh();
         // One workload moves address and identity, one goes, one comes;
         // a service loses its waypoint and an endpoint; a policy changes.
-        m.workloads[5].addresses = vec!["10.0.1.5".parse().unwrap()];
+        m.workloads[5].addresses = smallvec::smallvec!["10.0.1.5".parse().unwrap()];
         m.workloads[5].service_account = "other".into();
         m.workloads.remove(7);
         m.workloads
@@ -362,8 +364,8 @@ mod tests {
         let base = Snapshot::new(mesh());
         let mut m = mesh();
         // w1 gives 10.0.0.1 to w2, and w2 gives its address to w1.
-        m.workloads[1].addresses = vec!["10.0.0.2".parse().unwrap()];
-        m.workloads[2].addresses = vec!["10.0.0.1".parse().unwrap()];
+        m.workloads[1].addresses = smallvec::smallvec!["10.0.0.2".parse().unwrap()];
+        m.workloads[2].addresses = smallvec::smallvec!["10.0.0.1".parse().unwrap()];
         let mut next = base.clone();
         next.apply(base.diff(m));
         assert_same_as_fresh(&next);

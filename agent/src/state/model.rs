@@ -2,9 +2,10 @@
 //! and authorization policies. Plain, validated data; no I/O.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use super::Name;
 use crate::identity::Identity;
@@ -51,7 +52,7 @@ pub enum WaypointTarget {
     /// A workload address.
     Address(IpAddr),
     /// A service, by `namespace/hostname`.
-    Service { namespace: String, hostname: String },
+    Service { namespace: Name, hostname: Name },
 }
 
 /// A waypoint reference, as Istio's `GatewayAddress`.
@@ -61,6 +62,10 @@ pub struct Waypoint {
     pub hbone_port: u16,
 }
 
+/// A workload's addresses: nearly always one (or two, dual stack), so the
+/// first is kept inline rather than in an allocation of its own.
+pub type Addresses = SmallVec<[IpAddr; 1]>;
+
 /// One workload (a pod, or anything with an identity and addresses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -69,17 +74,17 @@ pub struct Workload {
     pub namespace: Name,
     pub service_account: Name,
     pub trust_domain: Name,
-    pub addresses: Vec<IpAddr>,
+    pub addresses: Addresses,
     /// The node whose agent serves this workload.
     pub node: Name,
-    /// Network namespace to enter for this workload's listeners (local mode).
-    pub netns: Option<PathBuf>,
-    /// cgroup v2 directory holding the workload's processes (local mode;
-    /// eBPF capture hooks the workload's outbound connects there).
-    pub cgroup: Option<PathBuf>,
+    /// Where its pod is on this host, when the mesh file says (local
+    /// mode). Out of line: most workloads are elsewhere, and every byte
+    /// here is paid once per workload in the mesh.
+    pub local: Option<Box<LocalPod>>,
     pub protocol: TunnelProtocol,
     pub application_tunnel: ApplicationTunnel,
-    pub waypoint: Option<Waypoint>,
+    /// Out of line for the same reason as `local`.
+    pub waypoint: Option<Box<Waypoint>>,
     /// Unhealthy workloads are not chosen as service endpoints.
     pub healthy: bool,
     /// Relative weight among a service's endpoints (Istio's `capacity`,
@@ -87,7 +92,28 @@ pub struct Workload {
     pub capacity: u32,
 }
 
+/// A pod's place on this host, as the mesh file gives it (local mode; in
+/// Istio mode pods arrive over ZDS instead).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalPod {
+    /// Network namespace to enter for the workload's listeners.
+    pub netns: Option<PathBuf>,
+    /// cgroup v2 directory holding the workload's processes (eBPF capture
+    /// hooks the workload's outbound connects there).
+    pub cgroup: Option<PathBuf>,
+}
+
 impl Workload {
+    /// The network namespace of its pod on this host, if the mesh says.
+    pub fn netns(&self) -> Option<&Path> {
+        self.local.as_ref()?.netns.as_deref()
+    }
+
+    /// The cgroup of its pod on this host, if the mesh says.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.local.as_ref()?.cgroup.as_deref()
+    }
+
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
@@ -116,8 +142,7 @@ impl Workload {
                 .into_iter()
                 .collect(),
             node: "n".into(),
-            netns: None,
-            cgroup: None,
+            local: None,
             protocol: TunnelProtocol::Hbone,
             application_tunnel: ApplicationTunnel::None,
             waypoint: None,
@@ -128,7 +153,7 @@ impl Workload {
 }
 
 /// A service port and the workload port it maps to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     pub port: u16,
     /// 0 means "same as `port`".
@@ -152,7 +177,7 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// Extra identities a client accepts from this service's endpoints.
     pub subject_alt_names: Vec<String>,
-    pub waypoint: Option<Waypoint>,
+    pub waypoint: Option<Box<Waypoint>>,
     /// Who may see it by name (Istio's `exportTo`).
     pub visibility: Visibility,
     /// The address families it serves.

@@ -4,12 +4,17 @@
 //! accounts, trust domains and node names; [`Name`] lets every workload
 //! point at one copy ([`Interner`]), and lets indexes and the control
 //! plane's resource store share a workload's uid instead of copying it.
+//! The interner shares the other thing workloads repeat, their services'
+//! port lists, the same way.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::Hash;
 use std::ops::Deref;
 use std::sync::Arc;
+
+use super::ServicePort;
 
 /// An immutable string; cloning it shares it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,40 +135,79 @@ impl fmt::Debug for Name {
     }
 }
 
-/// Hands out one shared copy of each string it is asked for.
+/// One shared copy of each value asked for. Forgets the values nobody
+/// else holds whenever it has doubled since it last did.
+#[derive(Debug)]
+struct Pool<T: ?Sized> {
+    set: HashSet<Arc<T>>,
+    /// Size after the last prune.
+    pruned_at: usize,
+}
+
+impl<T: ?Sized> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            set: HashSet::new(),
+            pruned_at: 0,
+        }
+    }
+}
+
+impl<T: ?Sized + Eq + Hash> Pool<T>
+where
+    for<'a> Arc<T>: From<&'a T>,
+{
+    fn get(&mut self, v: &T) -> Arc<T> {
+        if let Some(shared) = self.set.get(v) {
+            return shared.clone();
+        }
+        if self.set.len() >= 2 * self.pruned_at.max(512) {
+            self.prune();
+        }
+        let shared = Arc::from(v);
+        self.set.insert(shared.clone());
+        shared
+    }
+
+    fn prune(&mut self) {
+        self.set.retain(|v| Arc::strong_count(v) > 1);
+        self.pruned_at = self.set.len();
+    }
+}
+
+/// Hands out one shared copy of each string (and port list) it is asked
+/// for.
 #[derive(Debug, Default)]
 pub struct Interner {
-    names: HashSet<Name>,
-    /// Size after the last prune; the set is pruned when it doubles.
-    pruned_at: usize,
+    names: Pool<str>,
+    port_lists: Pool<[ServicePort]>,
 }
 
 impl Interner {
     /// The shared copy of `s`.
     pub fn intern(&mut self, s: &str) -> Name {
-        if let Some(n) = self.names.get(s) {
-            return n.clone();
-        }
-        if self.names.len() >= 2 * self.pruned_at.max(512) {
-            self.prune();
-        }
-        let n = Name::from(s);
-        self.names.insert(n.clone());
-        n
+        Name(self.names.get(s))
     }
 
-    /// Forgets the strings nothing else holds any more.
+    /// The shared copy of a port list (most workloads of a service back
+    /// it with the same ports).
+    pub fn ports(&mut self, ports: &[ServicePort]) -> Arc<[ServicePort]> {
+        self.port_lists.get(ports)
+    }
+
+    /// Forgets what nothing else holds any more.
     pub fn prune(&mut self) {
-        self.names.retain(|n| Arc::strong_count(&n.0) > 1);
-        self.pruned_at = self.names.len();
+        self.names.prune();
+        self.port_lists.prune();
     }
 
+    /// Strings held.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.names.set.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.names.set.is_empty()
     }
 }
 
@@ -183,5 +227,17 @@ mod tests {
         i.prune();
         assert_eq!(i.len(), 1, "only the name still held stays");
         assert!(i.intern("ns-1").same_copy(&a));
+    }
+
+    #[test]
+    fn port_lists_are_shared_too() {
+        let mut i = Interner::default();
+        let p = [ServicePort {
+            port: 80,
+            target_port: 8080,
+        }];
+        let a = i.ports(&p);
+        assert!(Arc::ptr_eq(&a, &i.ports(&p)));
+        assert!(!Arc::ptr_eq(&a, &i.ports(&p[..0])));
     }
 }

@@ -399,7 +399,7 @@ mod waypoint_tests {
         };
         Workload {
             application_tunnel,
-            waypoint,
+            waypoint: waypoint.map(Box::new),
             ..Workload::for_test(uid, "ns", Some(ip))
         }
     }
@@ -423,7 +423,7 @@ mod waypoint_tests {
             subject_alt_names: vec![],
             visibility: Default::default(),
             ip_families: Default::default(),
-            waypoint,
+            waypoint: waypoint.map(Box::new),
         }
     }
 

@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
             if cni.connected() {
                 let snap = state.snapshot();
                 for w in snap.local_workloads(node) {
-                    let Some(netns) = &w.netns else { continue };
+                    let Some(netns) = w.netns() else { continue };
                     if handed.insert(w.uid.clone()) {
                         if let Err(e) = cni.add_pod(&w.uid, netns, None).await {
                             eprintln!("handing over {}: {e}", w.uid);

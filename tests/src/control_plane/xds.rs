@@ -155,10 +155,15 @@ impl Inner {
     }
 }
 
-/// A short content hash: the version changes exactly when the body does.
+/// A content hash written as istiod writes its address versions (a 64-bit
+/// hash in lowercase hex, no leading zeros: `strconv.FormatUint(h, 16)`
+/// in `pilot/pkg/model/service.go`): the version changes exactly when the
+/// body does.
 fn version(any: &ambient_proto::prost_types::Any) -> String {
     let digest = Sha256::digest(&any.value);
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    format!("{:x}", u64::from_be_bytes(first))
 }
 
 impl TestXds {

@@ -21,7 +21,7 @@ use ipnet::IpNet;
 
 use crate::identity::Identity;
 use crate::state::{
-    ApplicationTunnel, Clause, Match, Policy, PolicyAction, PolicyScope, Rule, Service,
+    Addresses, ApplicationTunnel, Clause, Match, Policy, PolicyAction, PolicyScope, Rule, Service,
     ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget,
     Workload,
 };
@@ -129,9 +129,9 @@ pub(super) struct WorkloadResource {
     /// Shared with the snapshots that hold it.
     pub workload: Arc<Workload>,
     /// Services it backs (`namespace/hostname`) and their ports, by key.
-    pub services: Vec<(Name, Arc<[ServicePort]>)>,
+    pub services: Box<[(Name, Arc<[ServicePort]>)]>,
     /// Selector-scoped policies (`namespace/name`) that apply to it.
-    pub policies: Vec<Name>,
+    pub policies: Box<[Name]>,
 }
 
 /// A decoded resource of either type.
@@ -247,7 +247,7 @@ fn workload(
     // An enum value newer than this agent is never refused (istiod is
     // often newer than its proxies); it takes the meaning that trusts
     // least.
-    let mut addresses = Vec::with_capacity(w.addresses.len());
+    let mut addresses = Addresses::with_capacity(w.addresses.len());
     for (i, a) in w.addresses.iter().enumerate() {
         addresses.push(ip_from_bytes(a).map_err(|e| field(format!("addresses[{i}]"), e))?);
     }
@@ -293,7 +293,7 @@ fn workload(
                 target_port: target_port(&format!("{at}.ports[{j}].target_port"), p.target_port)?,
             });
         }
-        services.push((names.intern(key), Arc::from(ports)));
+        services.push((names.intern(key), names.ports(&ports)));
     }
     services.sort_by(|a, b| a.0.cmp(&b.0));
     // An identity part is checked before it is interned.
@@ -314,18 +314,17 @@ fn workload(
         addresses,
         node: names.intern(&w.node),
         // Pods reach the agent through ZDS, not xDS.
-        netns: None,
-        cgroup: None,
+        local: None,
         protocol,
         application_tunnel,
-        waypoint: waypoint("waypoint", w.waypoint)?,
+        waypoint: waypoint("waypoint", w.waypoint, names)?,
         healthy,
         // Unset means one instance.
         capacity: w.capacity.unwrap_or(1),
     };
     Ok(WorkloadResource {
         workload: Arc::new(workload),
-        services,
+        services: services.into_boxed_slice(),
         policies: w
             .authorization_policies
             .iter()
@@ -391,11 +390,15 @@ fn service(name: &str, s: pb::Service, names: &mut Interner) -> Result<Service, 
             Ok(pb::IpFamilies::Dual) => crate::state::IpFamilies::Dual,
             Ok(pb::IpFamilies::Automatic) | Err(_) => crate::state::IpFamilies::Automatic,
         },
-        waypoint: waypoint("waypoint", s.waypoint)?,
+        waypoint: waypoint("waypoint", s.waypoint, names)?,
     })
 }
 
-fn waypoint(at: &str, g: Option<pb::GatewayAddress>) -> Result<Option<Waypoint>, RejectReason> {
+fn waypoint(
+    at: &str,
+    g: Option<pb::GatewayAddress>,
+    names: &mut Interner,
+) -> Result<Option<Box<Waypoint>>, RejectReason> {
     let Some(g) = g else { return Ok(None) };
     let target = match g.destination {
         Some(pb::gateway_address::Destination::Address(a)) => WaypointTarget::Address(
@@ -407,8 +410,8 @@ fn waypoint(at: &str, g: Option<pb::GatewayAddress>) -> Result<Option<Waypoint>,
                 return Err(field(format!("{at}.hostname"), problem));
             }
             WaypointTarget::Service {
-                namespace: h.namespace,
-                hostname: h.hostname,
+                namespace: names.intern(&h.namespace),
+                hostname: names.intern(&h.hostname),
             }
         }
         None => return Err(field(at, Invalid::WaypointNoDestination)),
@@ -418,7 +421,7 @@ fn waypoint(at: &str, g: Option<pb::GatewayAddress>) -> Result<Option<Waypoint>,
         0 => DEFAULT_HBONE_PORT,
         p => port(&format!("{at}.hbone_mtls_port"), p)?,
     };
-    Ok(Some(Waypoint { target, hbone_port }))
+    Ok(Some(Box::new(Waypoint { target, hbone_port })))
 }
 
 fn policy(

@@ -96,8 +96,7 @@ pub fn canonical(mesh: &Mesh) -> Mesh {
     let mut m = mesh.clone();
     m.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
     for w in &mut m.workloads {
-        w.netns = None;
-        w.cgroup = None;
+        w.local = None;
     }
     m.services
         .sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
@@ -171,7 +170,7 @@ fn workload(refs: &Refs<'_>, w: &Workload) -> pb::Workload {
         },
         trust_domain: w.trust_domain.to_string(),
         service_account: w.service_account.to_string(),
-        waypoint: w.waypoint.as_ref().map(gateway),
+        waypoint: w.waypoint.as_deref().map(gateway),
         node: w.node.to_string(),
         status: if w.healthy {
             pb::WorkloadStatus::Healthy
@@ -219,7 +218,7 @@ fn service(s: &Service) -> pb::Service {
             })
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
-        waypoint: s.waypoint.as_ref().map(gateway),
+        waypoint: s.waypoint.as_deref().map(gateway),
         visibility: match s.visibility {
             crate::state::Visibility::Public => pb::service::Visibility::Public,
             crate::state::Visibility::Namespace => pb::service::Visibility::Namespace,
@@ -247,8 +246,8 @@ fn gateway(w: &Waypoint) -> pb::GatewayAddress {
                 namespace,
                 hostname,
             } => Destination::Hostname(pb::NamespacedHostname {
-                namespace: namespace.clone(),
-                hostname: hostname.clone(),
+                namespace: namespace.to_string(),
+                hostname: hostname.to_string(),
             }),
         }),
         hbone_mtls_port: w.hbone_port.into(),

@@ -23,6 +23,7 @@ mod ignored;
 mod resources;
 #[cfg(test)]
 mod tests;
+mod version;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -61,6 +62,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs find a dead control plane connection that TCP would not.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response with at least this many resources (added or removed) is
+/// followed by handing what its decoding freed back to the OS.
+const LARGE_RESPONSE: usize = 1_000;
 
 /// How to reach the control plane.
 #[derive(Clone, Debug)]
@@ -277,7 +281,12 @@ impl XdsClient {
             .map_err(|s| XdsError::Stream(Box::new(s)))?
         {
             *received = true;
+            let large = resp.resources.len() + resp.removed_resources.len() >= LARGE_RESPONSE;
             let reply = self.handle(resp);
+            if large {
+                // The response and its decoding are freed by now.
+                crate::heap::release_freed();
+            }
             if tx.send(reply).await.is_err() {
                 // The request stream is gone: so is the call.
                 return Err(XdsError::Closed);

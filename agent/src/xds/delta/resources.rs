@@ -22,16 +22,15 @@ use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
 use super::ignored::{Counts, Ignored};
-use crate::state::{
-    Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, ServicePort, Snapshot,
-};
+use super::version::Version;
+use crate::state::{Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot};
 use crate::xds::local::Problem;
 
 /// One accepted resource and the version the server gave it.
 #[derive(Clone, Debug)]
 struct Entry<T> {
-    version: Box<str>,
-    value: Arc<T>,
+    version: Version,
+    value: T,
     /// Fields it carries that the agent does not act on.
     ignored: Ignored,
 }
@@ -50,10 +49,12 @@ struct Touched {
 pub(super) struct Resources {
     /// Workloads by uid (their resource name), services by
     /// `namespace/hostname`.
-    addresses: BTreeMap<Name, Entry<AddressResource>>,
+    /// (A hash table: a B-tree filled in key order is half empty.)
+    addresses: HashMap<Name, Entry<AddressResource>>,
     policies: BTreeMap<Name, Entry<Policy>>,
-    /// Service key -> the workloads that back it, with their ports.
-    backing: HashMap<Name, BTreeMap<Name, Arc<[ServicePort]>>>,
+    /// Service key -> the workloads that back it (their ports are in
+    /// their resources).
+    backing: HashMap<Name, BTreeSet<Name>>,
     /// Policy key -> the workloads that list it.
     selected: HashMap<Name, BTreeSet<Name>>,
     /// Address -> the resource that claims it.
@@ -108,8 +109,10 @@ fn clash(name: &Name, i: usize, ip: IpAddr, first: String) -> Rejected {
 impl Resources {
     /// Name -> version of the resources held of `type_url`.
     pub(super) fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
-        fn of<T>(m: &BTreeMap<Name, Entry<T>>) -> BTreeMap<String, String> {
-            m.iter()
+        fn of<'a, T: 'a>(
+            m: impl IntoIterator<Item = (&'a Name, &'a Entry<T>)>,
+        ) -> BTreeMap<String, String> {
+            m.into_iter()
                 .map(|(k, e)| (k.to_string(), e.version.to_string()))
                 .collect()
         }
@@ -260,14 +263,14 @@ impl Resources {
         for ip in addresses_of(&e.value) {
             self.claims.insert(*ip, name.clone());
         }
-        match &*e.value {
+        match &e.value {
             AddressResource::Workload(w) => {
                 let uid = &w.workload.uid;
-                for (key, ports) in &w.services {
+                for (key, _) in &w.services {
                     self.backing
                         .entry(key.clone())
                         .or_default()
-                        .insert(uid.clone(), ports.clone());
+                        .insert(uid.clone());
                     self.touched.services.insert(key.clone());
                 }
                 for key in &w.policies {
@@ -296,7 +299,7 @@ impl Resources {
                 self.claims.remove(ip);
             }
         }
-        match &*e.value {
+        match &e.value {
             AddressResource::Workload(w) => {
                 let uid = &w.workload.uid;
                 for (svc, _) in &w.services {
@@ -348,7 +351,7 @@ impl Resources {
         let touched = std::mem::take(&mut self.touched);
         let mut d = Delta::default();
         for uid in touched.workloads {
-            match self.addresses.get(&uid).map(|e| &*e.value) {
+            match self.addresses.get(&uid).map(|e| &e.value) {
                 Some(AddressResource::Workload(w)) => {
                     let same = installed
                         .workload_by_uid(&uid)
@@ -366,7 +369,7 @@ impl Resources {
                 continue;
             };
             let held = installed.service_by_host(ns, host);
-            match self.addresses.get(&key).map(|e| &*e.value) {
+            match self.addresses.get(&key).map(|e| &e.value) {
                 Some(AddressResource::Service(s)) => {
                     let s = self.with_endpoints(&key, s);
                     if held.is_none_or(|h| **h != s) {
@@ -407,14 +410,23 @@ impl Resources {
             return s;
         };
         s.endpoints = backers
-            .keys()
+            .iter()
             .map(|uid| Endpoint {
                 workload_uid: uid.clone(),
             })
             .collect();
+        let ports_of = |uid: &Name| match self.addresses.get(uid).map(|e| &e.value) {
+            Some(AddressResource::Workload(w)) => w
+                .services
+                .iter()
+                .find(|(k, _)| **k == *key)
+                .map(|(_, ports)| &ports[..]),
+            _ => None,
+        };
         for p in s.ports.iter_mut().filter(|p| p.target_port == 0) {
             let mut targets = backers
-                .values()
+                .iter()
+                .filter_map(ports_of)
                 .flat_map(|ports| ports.iter())
                 .filter(|q| q.port == p.port && q.target_port != 0)
                 .map(|q| q.target_port);
@@ -446,8 +458,10 @@ impl Resources {
     #[cfg(test)]
     pub(super) fn build(&self) -> crate::state::Mesh {
         let mut mesh = crate::state::Mesh::default();
-        for (key, e) in &self.addresses {
-            match &*e.value {
+        let mut addresses: Vec<_> = self.addresses.iter().collect();
+        addresses.sort_by_key(|(key, _)| *key);
+        for (key, e) in addresses {
+            match &e.value {
                 AddressResource::Workload(w) => mesh.workloads.push((*w.workload).clone()),
                 AddressResource::Service(s) => mesh.services.push(self.with_endpoints(key, s)),
             }
@@ -462,7 +476,7 @@ impl Resources {
 fn entry<T>(version: &str, value: T, ignored: Ignored) -> Entry<T> {
     Entry {
         version: version.into(),
-        value: Arc::new(value),
+        value,
         ignored,
     }
 }

@@ -17,9 +17,10 @@ use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
 use crate::state::Interner;
 use crate::state::{
-    ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute, HttpRule,
-    Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch,
-    ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    Addresses, ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute,
+    HttpRule, LocalPod, Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service,
+    ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget,
+    Workload,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -185,7 +186,7 @@ impl Converter<'_> {
         if w.addresses.is_empty() {
             return Err(self.err(f("addresses"), w.addresses.span(), Problem::Empty));
         }
-        let mut addresses = Vec::with_capacity(w.addresses.len());
+        let mut addresses = Addresses::with_capacity(w.addresses.len());
         for (j, a) in w.addresses.iter().enumerate() {
             let field = f(&format!("addresses[{j}]"));
             let ip = self.ip(&field, a)?;
@@ -228,8 +229,8 @@ impl Converter<'_> {
             trust_domain: self.names.intern(&trust_domain),
             addresses,
             node: self.names.intern(&node),
-            netns,
-            cgroup,
+            local: (netns.is_some() || cgroup.is_some())
+                .then(|| Box::new(LocalPod { netns, cgroup })),
             protocol: match w.protocol {
                 Protocol::Hbone => TunnelProtocol::Hbone,
                 Protocol::None => TunnelProtocol::None,
@@ -242,10 +243,10 @@ impl Converter<'_> {
     }
 
     fn waypoint(
-        &self,
+        &mut self,
         field: &str,
         w: Option<&Spanned<WaypointEntry>>,
-    ) -> Result<Option<Waypoint>> {
+    ) -> Result<Option<Box<Waypoint>>> {
         let Some(w) = w else { return Ok(None) };
         let target = match (&w.address, &w.service) {
             (Some(a), None) => WaypointTarget::Address(self.ip(&format!("{field}.address"), a)?),
@@ -256,8 +257,8 @@ impl Converter<'_> {
                         if !ns.is_empty() && !host.is_empty() && !host.contains('/') =>
                     {
                         WaypointTarget::Service {
-                            namespace: ns.to_string(),
-                            hostname: host.to_string(),
+                            namespace: self.names.intern(ns),
+                            hostname: self.names.intern(host),
                         }
                     }
                     _ => {
@@ -282,7 +283,7 @@ impl Converter<'_> {
             Some(p) => self.port(&format!("{field}.hbonePort"), p)?,
             None => DEFAULT_HBONE_PORT,
         };
-        Ok(Some(Waypoint { target, hbone_port }))
+        Ok(Some(Box::new(Waypoint { target, hbone_port })))
     }
 
     fn service(

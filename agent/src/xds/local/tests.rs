@@ -136,10 +136,9 @@ fn expected_full() -> Mesh {
         namespace: "default".into(),
         service_account: "default".into(),
         trust_domain: "cluster.local".into(),
-        addresses,
+        addresses: addresses.into(),
         node: node.into(),
-        netns: None,
-        cgroup: None,
+        local: None,
         protocol: TunnelProtocol::Hbone,
         application_tunnel: ApplicationTunnel::None,
         waypoint: None,
@@ -148,8 +147,10 @@ fn expected_full() -> Mesh {
     };
     let client = Workload {
         service_account: "client".into(),
-        netns: Some(PathBuf::from("/var/run/netns/client")),
-        cgroup: None,
+        local: Some(Box::new(LocalPod {
+            netns: Some(PathBuf::from("/var/run/netns/client")),
+            cgroup: None,
+        })),
         ..workload(
             "node-a/client",
             "client",
@@ -163,10 +164,10 @@ fn expected_full() -> Mesh {
         application_tunnel: ApplicationTunnel::Proxy { port: Some(15088) },
         capacity: 3,
         healthy: false,
-        waypoint: Some(Waypoint {
+        waypoint: Some(Box::new(Waypoint {
             target: WaypointTarget::Address(ip("10.0.0.9")),
             hbone_port: 15008,
-        }),
+        })),
         ..workload("node-b/echo", "echo", vec![ip("10.0.2.2")], "node-b")
     };
     let waypoint = workload(
@@ -229,13 +230,13 @@ fn expected_full() -> Mesh {
                 subject_alt_names: vec!["spiffe://example.org/ns/default/sa/echo".into()],
                 visibility: Default::default(),
                 ip_families: Default::default(),
-                waypoint: Some(Waypoint {
+                waypoint: Some(Box::new(Waypoint {
                     target: WaypointTarget::Service {
                         namespace: "default".into(),
                         hostname: "waypoint.default.svc.cluster.local".into(),
                     },
                     hbone_port: 15009,
-                }),
+                })),
             },
             Service {
                 name: "other".into(),

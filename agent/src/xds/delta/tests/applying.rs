@@ -99,11 +99,11 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
     let mesh = res.build();
     let by_uid = |uid: &str| mesh.workloads.iter().find(|w| w.uid == uid).cloned();
     assert_eq!(
-        by_uid("new").unwrap().addresses,
+        by_uid("new").unwrap().addresses.as_slice(),
         ["10.0.0.9".parse::<IpAddr>().unwrap()]
     );
     assert_eq!(
-        by_uid("bad").unwrap().addresses,
+        by_uid("bad").unwrap().addresses.as_slice(),
         ["10.0.0.7".parse::<IpAddr>().unwrap()],
         "the refused resource keeps its last good version"
     );
@@ -187,7 +187,10 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         .into_iter()
         .find(|w| w.uid == "c")
         .unwrap();
-    assert_eq!(c.addresses, ["10.0.0.3".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        c.addresses.as_slice(),
+        ["10.0.0.3".parse::<IpAddr>().unwrap()]
+    );
 
     // Removing a and adding b in one response is fine.
     let swap = response(

@@ -294,7 +294,7 @@ fn good_resources_convert_with_istio_defaults() {
     assert_eq!(w.workload.protocol, TunnelProtocol::Hbone);
     assert!(w.workload.healthy);
     assert_eq!(
-        w.workload.addresses,
+        w.workload.addresses.as_slice(),
         ["10.0.0.1".parse::<IpAddr>().unwrap()]
     );
 
@@ -308,7 +308,7 @@ fn good_resources_convert_with_istio_defaults() {
         (
             "IPv6",
             workload_any(|w| w.addresses = vec![[0u8; 16].to_vec()]),
-            Box::new(|w| w.workload.addresses == ["::".parse::<IpAddr>().unwrap()]),
+            Box::new(|w| w.workload.addresses.as_slice() == ["::".parse::<IpAddr>().unwrap()]),
         ),
         (
             "host network: known by uid only",
@@ -334,8 +334,8 @@ fn good_resources_convert_with_istio_defaults() {
                 })
             }),
             Box::new(|w| {
-                w.workload.waypoint
-                    == Some(Waypoint {
+                w.workload.waypoint.as_deref()
+                    == Some(&Waypoint {
                         target: WaypointTarget::Service {
                             namespace: "ns".into(),
                             hostname: "wp".into(),

@@ -21,6 +21,7 @@ mod applying;
 mod client;
 mod decoding;
 mod incremental;
+mod memory;
 
 const MESH: &str = r#"
 workloads:
