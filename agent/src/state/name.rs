@@ -8,27 +8,66 @@
 //! port lists, the same way.
 
 use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 use std::sync::Arc;
 
+use triomphe::ThinArc;
+
 use super::ServicePort;
 
-/// An immutable string; cloning it shares it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Name(Arc<str>);
+/// An immutable string; cloning it shares it. One pointer wide (the
+/// length lives with the bytes), so the model's many names and the indexes
+/// keyed by them cost half what `Arc<str>` would.
+#[derive(Clone)]
+pub struct Name(ThinArc<(), u8>);
 
 impl Name {
     pub fn as_str(&self) -> &str {
-        &self.0
+        // SAFETY: a `Name` is only ever made from a `&str` (`From<&str>`,
+        // which the other constructors call) and its bytes never change.
+        unsafe { std::str::from_utf8_unchecked(&self.0.slice) }
     }
 
     /// Whether `self` and `other` are the same copy (a cheap equality
     /// that may say "no" for equal strings).
     pub fn same_copy(&self, other: &Name) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.0.ptr() == other.0.ptr()
+    }
+
+    /// How many copies share this one.
+    fn holders(&self) -> usize {
+        ThinArc::strong_count(&self.0)
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.same_copy(other) || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Name {}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // As `str` hashes, so lookups by `&str` find it (`Borrow<str>`).
+        self.as_str().hash(h)
+    }
+}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Name) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Name) -> Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
@@ -41,110 +80,128 @@ impl Default for Name {
 impl Deref for Name {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl AsRef<str> for Name {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl Borrow<str> for Name {
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl From<&str> for Name {
     fn from(s: &str) -> Self {
-        Name(Arc::from(s))
+        Name(ThinArc::from_header_and_slice((), s.as_bytes()))
     }
 }
 
 impl From<String> for Name {
     fn from(s: String) -> Self {
-        Name(Arc::from(s))
+        Name::from(s.as_str())
     }
 }
 
 impl From<&String> for Name {
     fn from(s: &String) -> Self {
-        Name(Arc::from(s.as_str()))
+        Name::from(s.as_str())
     }
 }
 
 impl From<Name> for String {
     fn from(n: Name) -> Self {
-        n.0.to_string()
+        n.as_str().to_string()
     }
 }
 
 impl PartialEq<str> for Name {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for Name {
     fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
+        self.as_str() == *other
     }
 }
 
 impl PartialEq<String> for Name {
     fn eq(&self, other: &String) -> bool {
-        &*self.0 == other.as_str()
+        self.as_str() == other.as_str()
     }
 }
 
 impl PartialEq<Name> for str {
     fn eq(&self, other: &Name) -> bool {
-        self == &*other.0
+        self == other.as_str()
     }
 }
 
 impl PartialEq<Name> for &str {
     fn eq(&self, other: &Name) -> bool {
-        *self == &*other.0
+        *self == other.as_str()
     }
 }
 
 impl PartialEq<Name> for String {
     fn eq(&self, other: &Name) -> bool {
-        self.as_str() == &*other.0
+        self.as_str() == other.as_str()
     }
 }
 
 impl serde::Serialize for Name {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.as_str())
     }
 }
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// A value the [`Pool`] can hand out copies of.
+trait Shared: Clone + Eq + Hash {
+    /// How many copies exist, the pool's own included.
+    fn holders(&self) -> usize;
+}
+
+impl Shared for Name {
+    fn holders(&self) -> usize {
+        Name::holders(self)
+    }
+}
+
+impl Shared for Arc<[ServicePort]> {
+    fn holders(&self) -> usize {
+        Arc::strong_count(self)
     }
 }
 
 /// One shared copy of each value asked for. Forgets the values nobody
 /// else holds whenever it has doubled since it last did.
 #[derive(Debug)]
-struct Pool<T: ?Sized> {
-    set: HashSet<Arc<T>>,
+struct Pool<S> {
+    set: HashSet<S>,
     /// Size after the last prune.
     pruned_at: usize,
 }
 
-impl<T: ?Sized> Default for Pool<T> {
+impl<S> Default for Pool<S> {
     fn default() -> Self {
         Pool {
             set: HashSet::new(),
@@ -153,24 +210,25 @@ impl<T: ?Sized> Default for Pool<T> {
     }
 }
 
-impl<T: ?Sized + Eq + Hash> Pool<T>
-where
-    for<'a> Arc<T>: From<&'a T>,
-{
-    fn get(&mut self, v: &T) -> Arc<T> {
+impl<S: Shared> Pool<S> {
+    fn get<Q>(&mut self, v: &Q) -> S
+    where
+        Q: ?Sized + Eq + Hash,
+        S: Borrow<Q> + for<'a> From<&'a Q>,
+    {
         if let Some(shared) = self.set.get(v) {
             return shared.clone();
         }
         if self.set.len() >= 2 * self.pruned_at.max(512) {
             self.prune();
         }
-        let shared = Arc::from(v);
+        let shared = S::from(v);
         self.set.insert(shared.clone());
         shared
     }
 
     fn prune(&mut self) {
-        self.set.retain(|v| Arc::strong_count(v) > 1);
+        self.set.retain(|v| v.holders() > 1);
         self.pruned_at = self.set.len();
     }
 }
@@ -179,14 +237,14 @@ where
 /// for.
 #[derive(Debug, Default)]
 pub struct Interner {
-    names: Pool<str>,
-    port_lists: Pool<[ServicePort]>,
+    names: Pool<Name>,
+    port_lists: Pool<Arc<[ServicePort]>>,
 }
 
 impl Interner {
     /// The shared copy of `s`.
     pub fn intern(&mut self, s: &str) -> Name {
-        Name(self.names.get(s))
+        self.names.get(s)
     }
 
     /// The shared copy of a port list (most workloads of a service back

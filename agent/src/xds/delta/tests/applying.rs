@@ -39,8 +39,7 @@ fn applied(changed: &[&str], rejected: &[&str]) -> (Vec<String>, Vec<String>) {
 
 impl PartialEq<(Vec<String>, Vec<String>)> for crate::xds::delta::resources::Applied {
     fn eq(&self, (changed, rejected): &(Vec<String>, Vec<String>)) -> bool {
-        self.accepted == changed.len()
-            && self.rejected.iter().map(|r| &r.name).eq(rejected.iter())
+        self.accepted == changed.len() && self.rejected.iter().map(|r| &r.name).eq(rejected.iter())
     }
 }
 

@@ -95,44 +95,5 @@ fn a_workload_costs_a_bounded_number_of_bytes() {
         "per workload: {total} B ({resources} B client resources, {} B snapshot)",
         total - resources
     );
-    assert!(total <= 800, "{total} B per workload");
-}
-
-/// Experiment: process RSS growth vs counted heap when the responses are
-/// decoded from bytes (as the client gets them) and dropped after.
-#[test]
-#[ignore]
-fn rss_probe() {
-    use ambient_proto::prost::Message;
-    fn rss() -> isize {
-        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-        s.split_whitespace().nth(1).unwrap().parse::<isize>().unwrap() * 4096
-    }
-    let n = 100_000;
-    let bytes: Vec<Vec<u8>> = responses(&encode_mesh(&generated(n)).expect("encodable"))
-        .iter()
-        .map(|r| r.encode_to_vec())
-        .collect();
-    crate::heap::release_freed();
-    let (r0, l0) = (rss(), live());
-    let mut res = Resources::default();
-    let mut snap = Snapshot::default();
-    for b in &bytes {
-        let resp = DeltaDiscoveryResponse::decode(&b[..]).unwrap();
-        res.apply(&resp).expect("a subscribed type");
-    }
-    let d = res.delta(&snap);
-    snap.apply(d);
-    crate::heap::release_freed();
-    // SAFETY: reads allocator statistics.
-    let mi = unsafe { libc::mallinfo2() };
-    eprintln!(
-        "arena {} MiB, hblkhd {} MiB, in use {} MiB, free {} MiB, free chunks {}, fastbin free {} KiB, top {} KiB",
-        mi.arena >> 20, mi.hblkhd >> 20, mi.uordblks >> 20, mi.fordblks >> 20, mi.ordblks, mi.fsmblks >> 10, mi.keepcost >> 10
-    );
-    eprintln!(
-        "rss +{} B/workload, counted +{} B/workload",
-        (rss() - r0) / n as isize,
-        (live() - l0) / n as isize
-    );
+    assert!(total <= 700, "{total} B per workload");
 }
