@@ -390,7 +390,7 @@ impl XdsClient {
         let type_url = resp.type_url.clone();
         let nonce = resp.nonce.clone();
         let (added, removed) = (resp.resources.len(), resp.removed_resources.len());
-        let (installed, error) = match self.apply(&resp, started) {
+        let (installed, error) = match self.apply(resp, started) {
             Ok((installed, rejected)) => (installed, rejected),
             Err(e) => (false, Some(e)),
         };
@@ -435,13 +435,14 @@ impl XdsClient {
     /// installed and what was refused; an error refuses the whole response.
     fn apply(
         &mut self,
-        resp: &DeltaDiscoveryResponse,
+        resp: DeltaDiscoveryResponse,
         started: std::time::Instant,
     ) -> Result<(bool, Option<ResponseError>), ResponseError> {
+        let type_url = resp.type_url.clone();
         let applied = self.resources.apply(resp)?;
         // A type has answered once its first response is processed, even
         // if some of it was refused: the server will not send it again.
-        if let Some(t) = TYPE_URLS.iter().find(|t| **t == resp.type_url) {
+        if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
             self.unsynced.remove(t);
         }
         let rejected = applied.into_error();

@@ -152,10 +152,10 @@ impl Resources {
     /// then every resource that decodes and fits with the rest; a bad one
     /// is refused and named, and its last good version keeps serving.
     /// Only a response of a type not subscribed to is refused whole.
-    pub(super) fn apply(
-        &mut self,
-        resp: &DeltaDiscoveryResponse,
-    ) -> Result<Applied, ResponseError> {
+    ///
+    /// Each body is dropped once decoded, so the response shrinks while
+    /// the state grows (the load-time peak is the two together).
+    pub(super) fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Result<Applied, ResponseError> {
         let type_url = resp.type_url.as_str();
         if type_url != ADDRESS_TYPE_URL && type_url != AUTHORIZATION_TYPE_URL {
             return Err(ResponseError::UnknownType(type_url.to_string()));
@@ -183,35 +183,37 @@ impl Resources {
         let mut replaced: HashMap<Name, Option<Entry<AddressResource>>> = HashMap::with_capacity(n);
         let mut incoming: Vec<(Name, Entry<AddressResource>)> = Vec::with_capacity(n);
         let mut seen = HashSet::with_capacity(n);
-        for r in &resp.resources {
+        let mut resources = resp.resources;
+        for r in &mut resources {
+            let (name, version): (&String, &String) = (&r.name, &r.version);
             let reject = |reason| Rejected {
-                name: r.name.clone(),
+                name: name.clone(),
                 reason,
             };
-            if !seen.insert(r.name.as_str()) {
+            if !seen.insert(name.as_str()) {
                 applied.rejected.push(reject(RejectReason::DuplicateName));
                 continue;
             }
-            let Some(any) = &r.resource else {
+            let Some(any) = r.resource.take() else {
                 applied.rejected.push(reject(RejectReason::MissingBody));
                 continue;
             };
-            match decode(type_url, &r.name, any, &mut self.names) {
+            match decode(type_url, name, &any, &mut self.names) {
                 Ok((Decoded::Address(a), ignored)) => {
                     let key = match &*a {
                         // The workload's uid is its name: share it.
                         AddressResource::Workload(w) => w.workload.uid.clone(),
-                        AddressResource::Service(_) => self.names.intern(&r.name),
+                        AddressResource::Service(_) => self.names.intern(name),
                     };
                     // Released now, so addresses passed between resources
                     // of this response are free for their new owners.
                     let old = self.take_address(&key);
                     replaced.insert(key.clone(), old);
-                    incoming.push((key, entry(&r.version, *a, ignored)));
+                    incoming.push((key, entry(version, *a, ignored)));
                 }
                 Ok((Decoded::Policy(p), ignored)) => {
-                    let key = self.names.intern(&r.name);
-                    self.put_policy(key, entry(&r.version, p, ignored));
+                    let key = self.names.intern(name);
+                    self.put_policy(key, entry(version, p, ignored));
                 }
                 Err(reason) => {
                     applied.rejected.push(reject(reason));

@@ -72,7 +72,7 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
         &[],
     );
     assert_eq!(
-        res.apply(&first).unwrap(),
+        res.apply(first.clone()).unwrap(),
         applied(&["bad", "gone", "w"], &[])
     );
     let resp = response(
@@ -88,7 +88,7 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
         ],
         &["gone"],
     );
-    let got = res.apply(&resp).unwrap();
+    let got = res.apply(resp.clone()).unwrap();
     assert_eq!(got, applied(&["new"], &["bad", "new", "nobody"]));
     assert_eq!(
         got.into_error().unwrap().to_string(),
@@ -114,7 +114,7 @@ fn a_bad_resource_is_refused_alone_and_keeps_its_last_good_version() {
 
     let unknown = response("type.googleapis.com/other", vec![], &[]);
     assert_eq!(
-        res.apply(&unknown).unwrap_err(),
+        res.apply(unknown.clone()).unwrap_err(),
         ResponseError::UnknownType("type.googleapis.com/other".into())
     );
 }
@@ -127,7 +127,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("a", workload_any(|w| w.uid = "a".into()))],
         &[],
     );
-    assert_eq!(res.apply(&first).unwrap(), applied(&["a"], &[]));
+    assert_eq!(res.apply(first.clone()).unwrap(), applied(&["a"], &[]));
 
     // "b" (sorted after "a") takes a's address: b is named, a is kept.
     let clash = response(
@@ -135,7 +135,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("b", workload_any(|w| w.uid = "b".into()))],
         &[],
     );
-    let got = res.apply(&clash).unwrap();
+    let got = res.apply(clash.clone()).unwrap();
     assert_eq!(
         got.into_error().unwrap().to_string(),
         "rejected 1: b: addresses[0]: address 10.0.0.1 is already used by workload \"a\""
@@ -160,7 +160,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         &[],
     );
     assert!(res
-        .apply(&vip)
+        .apply(vip.clone())
         .unwrap()
         .into_error()
         .unwrap()
@@ -173,13 +173,13 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![workload_at("c", vec![10, 0, 0, 3])],
         &[],
     );
-    assert_eq!(res.apply(&a2).unwrap(), applied(&["c"], &[]));
+    assert_eq!(res.apply(a2.clone()).unwrap(), applied(&["c"], &[]));
     let onto_a = response(
         ADDRESS_TYPE_URL,
         vec![resource("c", workload_any(|w| w.uid = "c".into()))],
         &[],
     );
-    assert_eq!(res.apply(&onto_a).unwrap(), applied(&[], &["c"]));
+    assert_eq!(res.apply(onto_a.clone()).unwrap(), applied(&[], &["c"]));
     let c = res
         .build()
         .workloads
@@ -197,7 +197,7 @@ fn duplicate_address_blames_the_newcomer_and_removal_frees_it() {
         vec![resource("b", workload_any(|w| w.uid = "b".into()))],
         &["a", "never-held"],
     );
-    assert_eq!(res.apply(&swap).unwrap(), applied(&["b"], &[]));
+    assert_eq!(res.apply(swap.clone()).unwrap(), applied(&["b"], &[]));
     let uids: Vec<_> = res.build().workloads.into_iter().map(|w| w.uid).collect();
     assert_eq!(uids, ["b", "c"]);
 }
@@ -271,7 +271,7 @@ fn endpoints_target_ports_and_selectors_come_from_the_workload_side() {
         vec![resource("w2", with_service("w2", 2, 9091))],
         &[],
     );
-    assert_eq!(res.apply(&disagree).unwrap(), applied(&["w2"], &[]));
+    assert_eq!(res.apply(disagree.clone()).unwrap(), applied(&["w2"], &[]));
     assert_eq!(res.build().services[0].target_port(80), Some(80));
 }
 

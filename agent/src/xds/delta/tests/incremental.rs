@@ -60,7 +60,7 @@ fn selector_policy(name: &str) -> Resource {
 
 /// Applies `resp` to `res` and its delta to `snap`; returns the delta.
 fn step(res: &mut Resources, snap: &mut Snapshot, resp: &DeltaDiscoveryResponse) -> Delta {
-    res.apply(resp).expect("a subscribed type");
+    res.apply(resp.clone()).expect("a subscribed type");
     let d = res.delta(snap);
     snap.apply(d.clone());
     d
@@ -139,7 +139,7 @@ fn one_changed_workload_is_all_a_response_installs() {
 
     // The same workload again: nothing to install.
     let again = workload("w7", 7, "other", &["ns/s8"], &["ns/q"]);
-    res.apply(&response(ADDRESS_TYPE_URL, vec![again], &[]))
+    res.apply(response(ADDRESS_TYPE_URL, vec![again], &[]))
         .unwrap();
     let d = res.delta(&snap);
     assert_eq!(d.workloads.len(), 1, "a re-sent resource is a new copy");

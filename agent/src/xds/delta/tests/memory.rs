@@ -70,7 +70,7 @@ fn held(n: usize) -> (isize, isize) {
     let mut res = Resources::default();
     let mut snap = Snapshot::default();
     for r in &resps {
-        res.apply(r).expect("a subscribed type");
+        res.apply(r.clone()).expect("a subscribed type");
     }
     let resources = live() - start;
     let d = res.delta(&snap);

@@ -134,7 +134,7 @@ fn responses(enc: &EncodedMesh) -> Vec<DeltaDiscoveryResponse> {
 /// Applies `resps`, each of which must be accepted whole.
 fn apply_all(res: &mut Resources, resps: &[DeltaDiscoveryResponse]) -> Mesh {
     for r in resps {
-        let applied = res.apply(r).expect("a subscribed type");
+        let applied = res.apply(r.clone()).expect("a subscribed type");
         assert_eq!(applied.rejected, [], "nothing refused");
     }
     res.build()
