@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use hashbrown::Equivalent;
 use tokio::sync::watch;
 
-use cow::CowMap;
+use cow::{AddrMap, CowMap};
 
 /// A service's key: its namespace and hostname.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,7 +60,7 @@ impl Equivalent<IdentityKey> for (&str, &str, &str) {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     workloads: CowMap<Name, Arc<Workload>>,
-    workload_by_ip: CowMap<IpAddr, Arc<Workload>>,
+    workload_by_ip: AddrMap<Arc<Workload>>,
     /// For naming a peer known only by its identity.
     workloads_by_identity: CowMap<IdentityKey, Vec<Arc<Workload>>>,
     services: CowMap<ServiceKey, Arc<Service>>,

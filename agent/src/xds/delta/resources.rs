@@ -12,7 +12,7 @@
 //! carries, not what the client holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
@@ -73,10 +73,46 @@ pub(super) struct Resources {
     /// Policy key -> the workloads that list it.
     selected: HashMap<Name, BTreeSet<Name>>,
     /// Address -> the resource that claims it.
-    claims: HashMap<IpAddr, Name>,
+    claims: Claims,
     ignored: Counts,
     names: Interner,
     touched: Touched,
+}
+
+/// Address -> the resource that claims it, one map per family (an IPv4
+/// entry is then 16 bytes, not 32).
+#[derive(Debug, Default)]
+struct Claims {
+    v4: HashMap<Ipv4Addr, Name>,
+    v6: HashMap<Ipv6Addr, Name>,
+}
+
+impl Claims {
+    fn get(&self, ip: &IpAddr) -> Option<&Name> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(a),
+            IpAddr::V6(a) => self.v6.get(a),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, name: Name) {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(a, name),
+            IpAddr::V6(a) => self.v6.insert(a, name),
+        };
+    }
+
+    fn remove(&mut self, ip: &IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(a),
+            IpAddr::V6(a) => self.v6.remove(a),
+        };
+    }
+
+    /// Room for `n` more IPv4 addresses (the common case).
+    fn reserve(&mut self, n: usize) {
+        self.v4.reserve(n);
+    }
 }
 
 /// What applying one response did.

@@ -95,5 +95,5 @@ fn a_workload_costs_a_bounded_number_of_bytes() {
         "per workload: {total} B ({resources} B client resources, {} B snapshot)",
         total - resources
     );
-    assert!(total <= 700, "{total} B per workload");
+    assert!(total <= 650, "{total} B per workload");
 }
