@@ -295,6 +295,9 @@ impl Bench<'_> {
                 }
             }
         }
+        // As after the load: what the last change freed is handed back
+        // just after it is installed, so RSS is read once that is done.
+        sc::nap(Duration::from_secs(self.args.settle_secs))?;
         let (rss_changed, peak_end) = (self.agent.rss()?, self.agent.peak_rss()?);
         let f3 = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.3} s", secs(d)));
         let per_change = series
