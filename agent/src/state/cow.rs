@@ -96,6 +96,16 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         old
     }
 
+    /// Room for about `n` more entries, spread over the shards (copying
+    /// any a snapshot shares), so a large load does not grow the tables
+    /// step by step.
+    pub fn reserve(&mut self, n: usize) {
+        let per_shard = n.div_ceil(SHARDS) + n.div_ceil(SHARDS) / 8;
+        for shard in Arc::make_mut(&mut self.shards).iter_mut() {
+            Arc::make_mut(shard).reserve(per_shard);
+        }
+    }
+
     /// The value at `key`, made (with `make`) if absent, to change in place.
     pub fn entry_mut(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
         if !self.contains_key(&key) {
@@ -159,6 +169,18 @@ impl<V: Clone> AddrMap<V> {
             IpAddr::V4(a) => self.v4.insert(a, value),
             IpAddr::V6(a) => self.v6.insert(a, value),
         }
+    }
+
+    pub fn remove(&mut self, ip: &IpAddr) -> Option<V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(a),
+            IpAddr::V6(a) => self.v6.remove(a),
+        }
+    }
+
+    /// Room for about `n` more IPv4 addresses (the common case).
+    pub fn reserve(&mut self, n: usize) {
+        self.v4.reserve(n);
     }
 
     /// As [`CowMap::update`].

@@ -31,7 +31,8 @@ use arc_swap::ArcSwap;
 use hashbrown::Equivalent;
 use tokio::sync::watch;
 
-use cow::{AddrMap, CowMap};
+pub use cow::AddrMap;
+use cow::CowMap;
 
 /// A service's key: its namespace and hostname.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

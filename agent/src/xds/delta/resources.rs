@@ -12,7 +12,7 @@
 //! carries, not what the client holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
@@ -23,7 +23,9 @@ use super::convert::{
 };
 use super::ignored::{Counts, Ignored};
 use super::version::Version;
-use crate::state::{Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot};
+use crate::state::{
+    AddrMap, Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot,
+};
 use crate::xds::local::Problem;
 
 /// One accepted resource and the version the server gave it.
@@ -73,46 +75,10 @@ pub(super) struct Resources {
     /// Policy key -> the workloads that list it.
     selected: HashMap<Name, BTreeSet<Name>>,
     /// Address -> the resource that claims it.
-    claims: Claims,
+    claims: AddrMap<Name>,
     ignored: Counts,
     names: Interner,
     touched: Touched,
-}
-
-/// Address -> the resource that claims it, one map per family (an IPv4
-/// entry is then 16 bytes, not 32).
-#[derive(Debug, Default)]
-struct Claims {
-    v4: HashMap<Ipv4Addr, Name>,
-    v6: HashMap<Ipv6Addr, Name>,
-}
-
-impl Claims {
-    fn get(&self, ip: &IpAddr) -> Option<&Name> {
-        match ip {
-            IpAddr::V4(a) => self.v4.get(a),
-            IpAddr::V6(a) => self.v6.get(a),
-        }
-    }
-
-    fn insert(&mut self, ip: IpAddr, name: Name) {
-        match ip {
-            IpAddr::V4(a) => self.v4.insert(a, name),
-            IpAddr::V6(a) => self.v6.insert(a, name),
-        };
-    }
-
-    fn remove(&mut self, ip: &IpAddr) {
-        match ip {
-            IpAddr::V4(a) => self.v4.remove(a),
-            IpAddr::V6(a) => self.v6.remove(a),
-        };
-    }
-
-    /// Room for `n` more IPv4 addresses (the common case).
-    fn reserve(&mut self, n: usize) {
-        self.v4.reserve(n);
-    }
 }
 
 /// What applying one response did.
