@@ -153,7 +153,7 @@ impl<V> Default for AddrMap<V> {
 
 impl<V: Clone> AddrMap<V> {
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
 
