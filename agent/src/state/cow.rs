@@ -98,8 +98,12 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
 
     /// Room for about `n` more entries, spread over the shards (copying
     /// any a snapshot shares), so a large load does not grow the tables
-    /// step by step.
+    /// step by step. Fewer than one per shard is left to grow as it goes:
+    /// a table per shard for a handful of entries would cost more.
     pub fn reserve(&mut self, n: usize) {
+        if n < SHARDS {
+            return;
+        }
         let per_shard = n.div_ceil(SHARDS) + n.div_ceil(SHARDS) / 8;
         for shard in Arc::make_mut(&mut self.shards).iter_mut() {
             Arc::make_mut(shard).reserve(per_shard);
