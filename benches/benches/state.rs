@@ -36,6 +36,7 @@ fn workload(i: usize) -> Workload {
         waypoint: None,
         healthy: true,
         capacity: 1,
+        telemetry: Default::default(),
     }
 }
 

@@ -89,11 +89,112 @@ async fn scrape_until(agent: &Agent, want: &[String]) -> String {
     }
 }
 
+/// The standard mesh with telemetry names: the client as a pod of
+/// Deployment `client` labelled `app`/`version` in cluster `cluster-a`,
+/// zone `eu-west-1a`; the server with explicit canonical names, which win
+/// over its labels, and no cluster (Istio's default, `Kubernetes`).
+fn mesh_with_telemetry(w: &World) -> String {
+    w.standard_mesh("server")
+        .replace(
+            "    name: client\n",
+            "    name: client-5d8f9-x2x7q\n    workloadName: client\n    \
+             labels: {app: client-app, version: v1}\n    clusterId: cluster-a\n    \
+             locality: eu-west/eu-west-1a/rack-1\n",
+        )
+        .replace(
+            "    name: server\n",
+            "    name: server\n    labels: {app: not-this, version: nor-this}\n    \
+             canonicalName: server-canonical\n    canonicalRevision: v2\n",
+        )
+}
+
+/// The value of each of Istio's TCP labels for the client -> service
+/// connection of [`mesh_with_telemetry`], as the source (client's agent)
+/// reports it, in ztunnel's order (`CommonTrafficLabels`,
+/// istio/ztunnel@62d82653 `src/proxy/metrics.rs`). The facts behind each:
+/// `*_workload` is the workload name (the Deployment), not the pod's;
+/// `*_app`/`*_version` repeat the canonical service/revision; istiod takes
+/// those from `service.istio.io/canonical-*`, `app.kubernetes.io/*` or
+/// `app`/`version` labels, else the workload name and `latest`
+/// (istio/istio `pkg/kube/labels/labels.go`), explicit values first;
+/// a workload without a cluster is in `Kubernetes` (ztunnel
+/// `src/state/workload.rs`); `request_protocol` is always `tcp`; missing
+/// values are `unknown`; the four locality labels come last.
+const SOURCE_LABELS: [(&str, &str); 27] = [
+    ("reporter", "source"),
+    ("source_workload", "client"),
+    ("source_canonical_service", "client-app"),
+    ("source_canonical_revision", "v1"),
+    ("source_workload_namespace", "test"),
+    (
+        "source_principal",
+        "spiffe://cluster.local/ns/test/sa/client",
+    ),
+    ("source_app", "client-app"),
+    ("source_version", "v1"),
+    ("source_cluster", "cluster-a"),
+    ("destination_service", "server.test.svc.cluster.local"),
+    ("destination_service_namespace", "test"),
+    ("destination_service_name", "server"),
+    ("destination_workload", "server"),
+    ("destination_canonical_service", "server-canonical"),
+    ("destination_canonical_revision", "v2"),
+    ("destination_workload_namespace", "test"),
+    (
+        "destination_principal",
+        "spiffe://cluster.local/ns/test/sa/server",
+    ),
+    ("destination_app", "server-canonical"),
+    ("destination_version", "v2"),
+    ("destination_cluster", "Kubernetes"),
+    ("request_protocol", "tcp"),
+    ("response_flags", "-"),
+    ("connection_security_policy", "mutual_tls"),
+    ("source_region", "eu-west"),
+    ("source_zone", "eu-west-1a"),
+    ("destination_region", "unknown"),
+    ("destination_zone", "unknown"),
+];
+
+/// `{k="v",...}` for `labels`.
+fn label_set(labels: &[(&str, &str)]) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{{{}}}", pairs.join(","))
+}
+
+/// The labels as `reporter` reports the connection. The destination's agent
+/// knows the connection by its pod address only: ztunnel guesses the
+/// service from the destination port there; this agent does not, so the
+/// three `destination_service*` labels are `unknown` on that side (a
+/// difference the README lists).
+fn tcp_labels(reporter: &str) -> String {
+    tcp_labels_to(reporter, true)
+}
+
+/// As [`tcp_labels`], for a connection to the service's VIP or (not
+/// `via_service`) straight to the server's pod address, which names no
+/// service on either side.
+fn tcp_labels_to(reporter: &str, via_service: bool) -> String {
+    let mut labels = SOURCE_LABELS;
+    labels[0].1 = if reporter == "source" {
+        "source"
+    } else {
+        "destination"
+    };
+    if reporter == "destination" || !via_service {
+        for l in &mut labels[9..12] {
+            l.1 = "unknown";
+        }
+    }
+    label_set(&labels)
+}
+
 #[tokio::test]
 async fn tcp_metrics_count_tunneled_connections_and_bytes() {
     const REQUEST: usize = 100_000;
     const RESPONSE: usize = 7_777;
     let w = World::new(71);
+    w.write_mesh(&mesh_with_telemetry(&w));
     let (a, b) = agents_with_endpoints(&w).await;
     let app = TcpListener::bind(w.server_app()).await.unwrap();
     let server = tokio::spawn(async move {
@@ -112,13 +213,8 @@ async fn tcp_metrics_count_tunneled_connections_and_bytes() {
     assert_eq!(back.len(), RESPONSE);
     assert_eq!(server.await.unwrap(), REQUEST);
 
-    let rest = "source_workload=\"client\",source_workload_namespace=\"test\",\
-        source_principal=\"spiffe://cluster.local/ns/test/sa/client\",\
-        destination_workload=\"server\",destination_workload_namespace=\"test\",\
-        destination_principal=\"spiffe://cluster.local/ns/test/sa/server\",\
-        connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
     for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
-        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        let labels = tcp_labels(reporter);
         let want = [
             format!("istio_tcp_connections_opened_total{labels} 1"),
             format!("istio_tcp_connections_closed_total{labels} 1"),
@@ -131,12 +227,29 @@ async fn tcp_metrics_count_tunneled_connections_and_bytes() {
             "ambient_trust_roots 1".to_string(),
             "ambient_trust_untrusted_connections_closed_total 0".to_string(),
             format!("istio_crl_policy_rejections_total{{reporter=\"{reporter}\"}} 0"),
+            // ztunnel's build metric (`src/metrics/meta.rs`): component
+            // `ztunnel`, tag from ISTIO_META_ISTIO_VERSION, else `unknown`.
+            "istio_build{component=\"ztunnel\",tag=\"unknown\"} 1".to_string(),
         ];
         let body = scrape_until(agent, &want).await;
         assert!(
             body.contains("# TYPE istio_tcp_sent_bytes counter"),
             "{body}"
         );
+        // The process metrics Prometheus users expect, with live values.
+        let value = |name: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {body}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6, "{body}");
+        assert!(value("process_cpu_seconds_total") > 0.0, "{body}");
+        assert!(value("process_open_fds") >= 3.0, "{body}");
+        assert!(
+            value("process_max_fds") >= value("process_open_fds"),
+            "{body}"
+        );
+        assert!(value("process_start_time_seconds") > 1.6e9, "{body}");
         let sa = if reporter == "source" {
             "client"
         } else {
@@ -311,6 +424,7 @@ async fn logging_level_changes_at_run_time() {
 #[tokio::test]
 async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
     let w = World::new(75);
+    w.write_mesh(&mesh_with_telemetry(&w));
     let (a, b) = agents_with_endpoints(&w).await;
     let _echo = Echo::start(w.server_app()).await;
     let mut c = a.connect_as("client", w.server_app()).await.unwrap();
@@ -322,13 +436,8 @@ async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
         .unwrap();
     assert_eq!(&buf, b"ping");
 
-    let rest = "source_workload=\"client\",source_workload_namespace=\"test\",\
-        source_principal=\"spiffe://cluster.local/ns/test/sa/client\",\
-        destination_workload=\"server\",destination_workload_namespace=\"test\",\
-        destination_principal=\"spiffe://cluster.local/ns/test/sa/server\",\
-        connection_security_policy=\"mutual_tls\",response_flags=\"-\"";
     for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
-        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        let labels = tcp_labels_to(reporter, false);
         let opened = format!("istio_tcp_connections_opened_total{labels} 1");
         let body = scrape_until(agent, std::slice::from_ref(&opened)).await;
         assert!(
@@ -339,7 +448,7 @@ async fn opened_counts_while_a_tunnel_is_open_and_closed_after() {
 
     drop(c);
     for (agent, reporter) in [(&a, "source"), (&b, "destination")] {
-        let labels = format!("{{reporter=\"{reporter}\",{rest}}}");
+        let labels = tcp_labels_to(reporter, false);
         scrape_until(
             agent,
             &[

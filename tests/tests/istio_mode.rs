@@ -451,7 +451,8 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
         serde_json::from_str(&get(admin, "/config_dump").await).expect("JSON");
     let ignored = &dump["xds"]["ignoredFields"];
     assert_eq!(ignored["Workload.network"], 1, "{dump}");
-    assert_eq!(ignored["Workload.locality"], 1, "{dump}");
+    // Locality is decoded now (metric labels): no longer reported.
+    assert!(ignored.get("Workload.locality").is_none(), "{dump}");
     assert_eq!(ignored["Service.ingress_use_waypoint"], 1, "{dump}");
     assert_eq!(dump["xds"]["nacks"], 0);
 }

@@ -23,23 +23,45 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::process::{self, ProcessMetrics};
 use crate::hbone::pool::PoolStats;
 use crate::identity::{Identity, WorkloadCert};
 use crate::proxy::record::{ConnectionRecord, Direction};
+use crate::state::{Name, Telemetry};
 use crate::xds::delta::XdsStatus;
 
-/// The labels of Istio's TCP metrics.
+/// The labels of Istio's TCP metrics: ztunnel's 27, in its order
+/// (`CommonTrafficLabels`, `src/proxy/metrics.rs`), so Istio's dashboards
+/// and alerts read ours as theirs.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub reporter: String,
+    pub reporter: &'static str,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    pub connection_security_policy: String,
-    pub response_flags: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,6 +97,14 @@ pub struct AgentGauges {
     pub revoked: [u64; 2],
     /// Changes installed into the mesh state, and its size.
     pub mesh: crate::state::UpdateStats,
+}
+
+/// `istio_build`'s labels: ztunnel's (`src/metrics/meta.rs`), so
+/// dashboards that list the mesh's ztunnels by version list this agent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +147,8 @@ pub struct Metrics {
     mesh_workloads: Gauge,
     mesh_services: Gauge,
     mesh_policies: Gauge,
+    build: Family<BuildLabels, Gauge>,
+    process: ProcessMetrics,
     /// One scrape at a time updates the gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -162,6 +194,8 @@ impl Metrics {
             mesh_policies: Gauge::default(),
             untrusted_closed: Counter::default(),
             crl_rejections: Family::default(),
+            build: Family::default(),
+            process: ProcessMetrics::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -191,6 +225,12 @@ impl Metrics {
         for (name, help, family) in counters {
             registry.register(name, help, family.clone());
         }
+        // ztunnel's name for it (marked unstable there), and ours.
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that ended in an error or were refused",
+            m.failed.clone(),
+        );
         registry.register(
             "ambient_tcp_connections_failed",
             "TCP connections that ended in an error or were refused (Istio's labels; response_flags says why)",
@@ -328,7 +368,10 @@ impl Metrics {
             "Peers refused at the handshake, or connections closed, for a revoked certificate",
             m.crl_rejections.clone(),
         );
+        registry.register("istio_build", "Istio component build info", m.build.clone());
+        m.process.register(&mut registry);
         m.dns.register(&mut registry);
+        m.set_build_tag(None);
         Metrics { registry, ..m }
     }
 
@@ -355,6 +398,19 @@ impl Metrics {
         }
         self.received.get_or_create(&labels).inc_by(r.sent);
         self.sent.get_or_create(&labels).inc_by(r.received);
+    }
+
+    /// Sets `istio_build`'s `tag`: the Istio version the agent is deployed
+    /// as (`ISTIO_META_ISTIO_VERSION`, as ztunnel), else `unknown`.
+    pub fn set_build_tag(&self, tag: Option<&str>) {
+        self.build.clear();
+        let tag = known(tag);
+        self.build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag,
+            })
+            .set(1);
     }
 
     /// Counts an inbound handshake that did not complete, by reason.
@@ -434,6 +490,7 @@ impl Metrics {
             .set(to_i64(gauges.mesh.workloads as u64));
         self.mesh_services.set(to_i64(gauges.mesh.services as u64));
         self.mesh_policies.set(to_i64(gauges.mesh.policies as u64));
+        self.process.set(&process::Reading::now());
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -452,26 +509,67 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The labels for a record: the reporter is the side that proxied it;
-/// names are the record's, `unknown` where it has none.
+/// The labels for a record, filled as ztunnel fills them: the reporter is
+/// the side that proxied it; a workload's names come from the mesh (its
+/// `workload_name`, canonical service and revision, cluster, locality);
+/// the source principal only from a proved identity (none for plain TCP
+/// out); the destination principal from the proved identity, else the
+/// destination workload's; anything missing or empty is `unknown`.
 pub fn labels(r: &ConnectionRecord) -> TcpLabels {
     let reporter = match r.direction {
         Direction::Outbound => "source",
         Direction::Inbound | Direction::InboundPlaintext => "destination",
     };
-    let known = |s: &Option<String>| s.clone().unwrap_or_else(|| UNKNOWN.into());
+    let (src, dst) = (&r.src_workload, &r.dst_workload);
+    let (st, dt) = (src.telemetry.as_deref(), dst.telemetry.as_deref());
+    let tel = |t: Option<&Telemetry>, f: fn(&Telemetry) -> &Name| known(t.map(|t| f(t).as_str()));
     let principal = |id: Option<&Identity>| id.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
+    // Outbound, the agent speaks for its workload only inside a tunnel:
+    // a passthrough connection proves no identity.
+    let src_principal = match r.direction {
+        Direction::Outbound if !r.encrypted && r.dst_identity.is_none() => None,
+        _ => r.src_identity.as_ref(),
+    };
+    let service = r.service.as_deref();
     TcpLabels {
-        reporter: reporter.into(),
-        source_workload: known(&r.src_workload.name),
-        source_workload_namespace: known(&r.src_workload.namespace),
-        source_principal: principal(r.src_identity.as_ref()),
-        destination_workload: known(&r.dst_workload.name),
-        destination_workload_namespace: known(&r.dst_workload.namespace),
-        destination_principal: principal(r.dst_identity.as_ref()),
+        reporter,
+        source_workload: tel(st, |t| &t.workload_name),
+        source_canonical_service: tel(st, |t| &t.canonical_name),
+        source_canonical_revision: tel(st, |t| &t.canonical_revision),
+        source_workload_namespace: known(src.namespace.as_deref()),
+        source_principal: principal(src_principal),
+        source_app: tel(st, |t| &t.canonical_name),
+        source_version: tel(st, |t| &t.canonical_revision),
+        source_cluster: tel(st, |t| &t.cluster),
+        destination_service: known(service.map(|s| s.hostname.as_str())),
+        destination_service_namespace: known(service.map(|s| s.namespace.as_str())),
+        destination_service_name: known(service.map(|s| s.name.as_str())),
+        destination_workload: tel(dt, |t| &t.workload_name),
+        destination_canonical_service: tel(dt, |t| &t.canonical_name),
+        destination_canonical_revision: tel(dt, |t| &t.canonical_revision),
+        destination_workload_namespace: known(dst.namespace.as_deref()),
+        destination_principal: principal(r.dst_identity.as_ref().or(dst.identity.as_ref())),
+        destination_app: tel(dt, |t| &t.canonical_name),
+        destination_version: tel(dt, |t| &t.canonical_revision),
+        destination_cluster: tel(dt, |t| &t.cluster),
+        // ztunnel proxies bytes: always `tcp`.
+        request_protocol: "tcp",
+        response_flags: r.response_flags(),
         // Istio's metrics say `unknown`, not `none`, for plaintext.
-        connection_security_policy: if r.encrypted { "mutual_tls" } else { UNKNOWN }.into(),
-        response_flags: r.response_flags().into(),
+        connection_security_policy: if r.encrypted { "mutual_tls" } else { UNKNOWN },
+        source_region: tel(st, |t| &t.region),
+        source_zone: tel(st, |t| &t.zone),
+        destination_region: tel(dt, |t| &t.region),
+        destination_zone: tel(dt, |t| &t.zone),
+    }
+}
+
+/// A label value: `unknown` when missing or empty (ztunnel's
+/// `DefaultedUnknown`).
+fn known(s: Option<&str>) -> String {
+    match s {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => UNKNOWN.into(),
     }
 }
 
@@ -498,12 +596,22 @@ mod tests {
             dst_identity: Some(Identity::new("td", "other", "server")),
             service: None,
             src_workload: WorkloadName {
-                name: Some("client".into()),
+                name: Some("client-7d9f-abcde".into()),
                 namespace: Some("test".into()),
+                telemetry: Some(Arc::new(Telemetry {
+                    workload_name: "client".into(),
+                    canonical_name: "client-app".into(),
+                    canonical_revision: "v1".into(),
+                    cluster: "Kubernetes".into(),
+                    region: "eu".into(),
+                    zone: "eu-1".into(),
+                    subzone: "".into(),
+                })),
+                identity: Some(Identity::new("td", "test", "client")),
             },
             dst_workload: WorkloadName {
-                name: None,
                 namespace: Some("other".into()),
+                ..WorkloadName::default()
             },
             sent: 5,
             received: 7,
@@ -515,10 +623,27 @@ mod tests {
         }
     }
 
-    const LABELS: &str = "reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"test\",\
-        source_principal=\"spiffe://td/ns/test/sa/client\",destination_workload=\"unknown\",\
-        destination_workload_namespace=\"other\",destination_principal=\"spiffe://td/ns/other/sa/server\",\
-        connection_security_policy=\"mutual_tls\"";
+    /// ztunnel's label keys in its order (`CommonTrafficLabels`,
+    /// istio/ztunnel `src/proxy/metrics.rs`), for `record`: a known source
+    /// (labelled by its workload name, canonical service and revision,
+    /// cluster and locality, not its pod name) and an unknown destination
+    /// workload in namespace `other`; `unknown` for every missing value.
+    fn labels_text(flags: &str) -> String {
+        format!(
+            "reporter=\"source\",source_workload=\"client\",source_canonical_service=\"client-app\",\
+             source_canonical_revision=\"v1\",source_workload_namespace=\"test\",\
+             source_principal=\"spiffe://td/ns/test/sa/client\",source_app=\"client-app\",\
+             source_version=\"v1\",source_cluster=\"Kubernetes\",destination_service=\"unknown\",\
+             destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",\
+             destination_workload=\"unknown\",destination_canonical_service=\"unknown\",\
+             destination_canonical_revision=\"unknown\",destination_workload_namespace=\"other\",\
+             destination_principal=\"spiffe://td/ns/other/sa/server\",destination_app=\"unknown\",\
+             destination_version=\"unknown\",destination_cluster=\"unknown\",request_protocol=\"tcp\",\
+             response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\",\
+             source_region=\"eu\",source_zone=\"eu-1\",destination_region=\"unknown\",\
+             destination_zone=\"unknown\""
+        )
+    }
 
     #[test]
     fn opened_counts_at_open_and_closed_at_close() {
@@ -526,8 +651,10 @@ mod tests {
         let r = record(None, true);
         m.opened(&r);
         let text = m.encode(&AgentGauges::default()).expect("encode");
-        let opened =
-            format!("istio_tcp_connections_opened_total{{{LABELS},response_flags=\"-\"}} 1");
+        let opened = format!(
+            "istio_tcp_connections_opened_total{{{}}} 1",
+            labels_text("-")
+        );
         assert!(text.contains(&opened), "{opened}\nnot in\n{text}");
         assert!(
             !text.contains("istio_tcp_connections_closed_total{"),
@@ -536,7 +663,7 @@ mod tests {
 
         m.closed(&r);
         let text = m.encode(&AgentGauges::default()).expect("encode");
-        let want = format!("{LABELS},response_flags=\"-\"");
+        let want = labels_text("-");
         for line in [
             format!("istio_tcp_connections_opened_total{{{want}}} 1"),
             format!("istio_tcp_connections_closed_total{{{want}}} 1"),
@@ -552,7 +679,7 @@ mod tests {
         let m = Metrics::new();
         m.closed(&record(Some("destination unreachable: gone"), false));
         let text = m.encode(&AgentGauges::default()).expect("encode");
-        let want = format!("{LABELS},response_flags=\"NR\"");
+        let want = labels_text("NR");
         for line in [
             format!("istio_tcp_connections_opened_total{{{want}}} 1"),
             format!("istio_tcp_connections_closed_total{{{want}}} 1"),

@@ -9,6 +9,7 @@ pub mod config_dump;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod readiness;
 
 pub use logging::{LogError, LogHandle};

@@ -32,6 +32,10 @@ use crate::xds::local::{LocalConfigError, LocalSource};
 /// How often workloads that could not be started are tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The proxy metadata key (env `ISTIO_META_ISTIO_VERSION`) Istio's images
+/// set to the release; ztunnel tags `istio_build` with it.
+const ISTIO_VERSION_METADATA: &str = "ISTIO_VERSION";
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -139,6 +143,12 @@ impl Agent {
             tracker: Arc::default(),
             reporter: Reporter::new(state.clone(), 1024),
         };
+        ctx.reporter.metrics().set_build_tag(
+            cfg.control_plane
+                .proxy_metadata
+                .get(ISTIO_VERSION_METADATA)
+                .map(String::as_str),
+        );
         let zds =
             (cfg.mode == Mode::Istio).then(|| ZdsClient::new(cfg.control_plane.cni_socket.clone()));
         let cni_synced = zds.as_ref().map(ZdsClient::synced);

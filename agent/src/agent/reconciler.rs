@@ -217,6 +217,8 @@ impl Reconciler {
             waypoint: None,
             healthy: true,
             capacity: 1,
+            // Telemetry names come from istiod's listing.
+            telemetry: Default::default(),
         }
     }
 

@@ -89,7 +89,7 @@ impl Outbound {
             .start(Direction::Outbound, peer.ip(), Some(peer.port()), target)
             .src_identity(Some(self.source_identity.clone()))
             .dst_identity(dst_identity)
-            .service(service.map(|s| s.hostname.to_string()));
+            .service(service.cloned());
         // Setup is boxed, and made out here so the future below does not
         // capture its inputs: its state (the route, connect, TLS and HTTP/2
         // handshakes) is large and needed only until the ends are joined,

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::admin::Metrics;
 use crate::identity::Identity;
-use crate::state::{Snapshot, State};
+use crate::state::{Service, Snapshot, State, Telemetry};
 
 /// The `tracing` target of access-log lines.
 pub const ACCESS_TARGET: &str = "access";
@@ -44,11 +44,15 @@ impl Direction {
     }
 }
 
-/// A workload as the mesh names it; either part may be unknown.
+/// A workload as the mesh names it; any part may be unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadName {
     pub name: Option<String>,
     pub namespace: Option<String>,
+    /// Its telemetry names, when the mesh knows the workload.
+    pub telemetry: Option<Arc<Telemetry>>,
+    /// Its identity in the mesh, when the mesh knows the workload.
+    pub identity: Option<Identity>,
 }
 
 impl WorkloadName {
@@ -58,6 +62,8 @@ impl WorkloadName {
         let named = |w: &crate::state::Workload| WorkloadName {
             name: Some(w.name.to_string()),
             namespace: Some(w.namespace.to_string()),
+            telemetry: Some(w.telemetry.clone()),
+            identity: Some(w.identity()),
         };
         if let Some(w) = snap.workload_by_ip(ip) {
             return named(w);
@@ -70,8 +76,8 @@ impl WorkloadName {
         match same {
             [w] => named(w),
             _ => WorkloadName {
-                name: None,
                 namespace: Some(id.namespace().to_string()),
+                ..WorkloadName::default()
             },
         }
     }
@@ -91,8 +97,8 @@ pub struct ConnectionRecord {
     pub src_identity: Option<Identity>,
     /// The server's identity, when it proved one.
     pub dst_identity: Option<Identity>,
-    /// The service the client addressed (its hostname), when it did.
-    pub service: Option<String>,
+    /// The service the client addressed, when it did.
+    pub service: Option<Arc<Service>>,
     /// The client's workload, from the mesh when the record was made.
     pub src_workload: WorkloadName,
     /// The server's workload, from the mesh when the record was made.
@@ -165,7 +171,7 @@ impl ConnectionRecord {
             dst = %self.dst,
             src_identity = %id(&self.src_identity),
             dst_identity = %id(&self.dst_identity),
-            dst_service = %or_dash(&self.service),
+            dst_service = %self.service.as_ref().map_or("-", |s| s.hostname.as_str()),
             src_workload = %or_dash(&self.src_workload.name),
             src_namespace = %or_dash(&self.src_workload.namespace),
             dst_workload = %or_dash(&self.dst_workload.name),
@@ -275,8 +281,8 @@ impl Connection {
         self
     }
 
-    pub fn service(mut self, hostname: Option<String>) -> Self {
-        self.record.service = hostname;
+    pub fn service(mut self, service: Option<Arc<Service>>) -> Self {
+        self.record.service = service;
         self
     }
 

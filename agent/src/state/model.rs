@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use smallvec::SmallVec;
@@ -66,6 +67,51 @@ pub struct Waypoint {
 /// first is kept inline rather than in an allocation of its own.
 pub type Addresses = SmallVec<[IpAddr; 1]>;
 
+/// How Istio's telemetry names a workload: the `*_workload`,
+/// `*_canonical_service`, `*_canonical_revision`, `*_app`, `*_version`,
+/// `*_cluster`, `*_region` and `*_zone` labels of its metrics. Replicas of
+/// one deployment share all of it, so workloads hold an interned copy
+/// ([`Interner::telemetry`](super::Interner::telemetry)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Telemetry {
+    /// The workload's owner, e.g. its Deployment (Istio's `workload_name`).
+    pub workload_name: Name,
+    /// istiod derives it from the `service.istio.io/canonical-name`,
+    /// `app.kubernetes.io/name` or `app` label, else the workload name.
+    pub canonical_name: Name,
+    /// From `service.istio.io/canonical-revision`, `app.kubernetes.io/version`
+    /// or `version`, else `latest`.
+    pub canonical_revision: Name,
+    /// The cluster it runs in (Istio's `cluster_id`).
+    pub cluster: Name,
+    pub region: Name,
+    pub zone: Name,
+    pub subzone: Name,
+}
+
+/// The labels istiod takes a workload's canonical service from, first
+/// present first (`istio/istio` `pkg/kube/labels/labels.go`).
+pub const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+
+/// The labels istiod takes a workload's canonical revision from.
+pub const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+
+/// istiod's canonical revision when no label gives one.
+pub const DEFAULT_CANONICAL_REVISION: &str = "latest";
+
+/// ztunnel's cluster for a workload whose cluster is not given
+/// (`src/state/workload.rs`, conversion from xDS), and Istio's default
+/// `CLUSTER_ID`.
+pub const DEFAULT_CLUSTER: &str = "Kubernetes";
+
 /// One workload (a pod, or anything with an identity and addresses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -90,6 +136,8 @@ pub struct Workload {
     /// Relative weight among a service's endpoints (Istio's `capacity`,
     /// default 1); 0 is chosen only when every candidate has 0.
     pub capacity: u32,
+    /// What its metrics are labelled with.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// A pod's place on this host, as the mesh file gives it (local mode; in
@@ -148,6 +196,7 @@ impl Workload {
             waypoint: None,
             healthy: true,
             capacity: 1,
+            telemetry: Arc::default(),
         }
     }
 }

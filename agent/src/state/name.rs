@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use triomphe::ThinArc;
 
-use super::ServicePort;
+use super::{ServicePort, Telemetry};
 
 /// An immutable string; cloning it shares it. One pointer wide (the
 /// length lives with the bytes), so the model's many names and the indexes
@@ -192,6 +192,18 @@ impl Shared for Arc<[ServicePort]> {
     }
 }
 
+impl Shared for Arc<Telemetry> {
+    fn holders(&self) -> usize {
+        Arc::strong_count(self)
+    }
+}
+
+impl From<&Telemetry> for Arc<Telemetry> {
+    fn from(t: &Telemetry) -> Self {
+        Arc::new(t.clone())
+    }
+}
+
 /// One shared copy of each value asked for. Forgets the values nobody
 /// else holds whenever it has doubled since it last did.
 #[derive(Debug)]
@@ -239,6 +251,7 @@ impl<S: Shared> Pool<S> {
 pub struct Interner {
     names: Pool<Name>,
     port_lists: Pool<Arc<[ServicePort]>>,
+    telemetry: Pool<Arc<Telemetry>>,
 }
 
 impl Interner {
@@ -253,10 +266,17 @@ impl Interner {
         self.port_lists.get(ports)
     }
 
+    /// The shared copy of a workload's telemetry names (replicas of a
+    /// deployment have the same).
+    pub fn telemetry(&mut self, t: &Telemetry) -> Arc<Telemetry> {
+        self.telemetry.get(t)
+    }
+
     /// Forgets what nothing else holds any more.
     pub fn prune(&mut self) {
         self.names.prune();
         self.port_lists.prune();
+        self.telemetry.prune();
     }
 
     /// Strings held.

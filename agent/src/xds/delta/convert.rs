@@ -22,8 +22,8 @@ use ipnet::IpNet;
 use crate::identity::Identity;
 use crate::state::{
     Addresses, ApplicationTunnel, Clause, Match, Policy, PolicyAction, PolicyScope, Rule, Service,
-    ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget,
-    Workload,
+    ServiceAccountMatch, ServicePort, StringMatch, Telemetry, TunnelProtocol, Waypoint,
+    WaypointTarget, Workload, DEFAULT_CLUSTER,
 };
 use crate::state::{Interner, Name};
 use crate::xds::local::Problem;
@@ -321,6 +321,14 @@ fn workload(
         healthy,
         // Unset means one instance.
         capacity: w.capacity.unwrap_or(1),
+        telemetry: telemetry(
+            &w.workload_name,
+            &w.canonical_name,
+            &w.canonical_revision,
+            &w.cluster_id,
+            w.locality.as_ref(),
+            names,
+        ),
     };
     Ok(WorkloadResource {
         workload: Arc::new(workload),
@@ -331,6 +339,35 @@ fn workload(
             .map(|p| names.intern(p))
             .collect(),
     })
+}
+
+/// A workload's telemetry names as ztunnel reads them: verbatim, but an
+/// empty cluster is [`DEFAULT_CLUSTER`] (ztunnel's conversion does the
+/// same, so its `*_cluster` labels say `Kubernetes`, not `unknown`).
+fn telemetry(
+    workload_name: &str,
+    canonical_name: &str,
+    canonical_revision: &str,
+    cluster: &str,
+    locality: Option<&pb::Locality>,
+    names: &mut Interner,
+) -> Arc<Telemetry> {
+    let cluster = if cluster.is_empty() {
+        DEFAULT_CLUSTER
+    } else {
+        cluster
+    };
+    let at = |f: fn(&pb::Locality) -> &str| locality.map_or("", f);
+    let t = Telemetry {
+        workload_name: names.intern(workload_name),
+        canonical_name: names.intern(canonical_name),
+        canonical_revision: names.intern(canonical_revision),
+        cluster: names.intern(cluster),
+        region: names.intern(at(|l| &l.region)),
+        zone: names.intern(at(|l| &l.zone)),
+        subzone: names.intern(at(|l| &l.subzone)),
+    };
+    names.telemetry(&t)
 }
 
 fn service(name: &str, s: pb::Service, names: &mut Interner) -> Result<Service, RejectReason> {

@@ -6,6 +6,7 @@
 //! policies are listed in `Workload.authorization_policies`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use ambient_proto::prost_types::Any;
 use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -13,7 +14,8 @@ use ipnet::IpNet;
 
 use crate::state::{
     ApplicationTunnel, Match, Mesh, Policy, PolicyAction, PolicyScope, Service,
-    ServiceAccountMatch, StringMatch, TunnelProtocol, Waypoint, WaypointTarget, Workload,
+    ServiceAccountMatch, StringMatch, Telemetry, TunnelProtocol, Waypoint, WaypointTarget,
+    Workload, DEFAULT_CLUSTER,
 };
 
 /// Why a mesh cannot be served over xDS.
@@ -97,6 +99,9 @@ pub fn canonical(mesh: &Mesh) -> Mesh {
     m.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
     for w in &mut m.workloads {
         w.local = None;
+        if w.telemetry.cluster.is_empty() {
+            Arc::make_mut(&mut w.telemetry).cluster = DEFAULT_CLUSTER.into();
+        }
     }
     m.services
         .sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
@@ -190,8 +195,21 @@ fn workload(refs: &Refs<'_>, w: &Workload) -> pb::Workload {
             }
         },
         capacity: (w.capacity != 1).then_some(w.capacity),
+        workload_name: w.telemetry.workload_name.to_string(),
+        canonical_name: w.telemetry.canonical_name.to_string(),
+        canonical_revision: w.telemetry.canonical_revision.to_string(),
+        cluster_id: w.telemetry.cluster.to_string(),
+        locality: locality(&w.telemetry),
         ..Default::default()
     }
+}
+
+fn locality(t: &Telemetry) -> Option<pb::Locality> {
+    (!t.region.is_empty() || !t.zone.is_empty() || !t.subzone.is_empty()).then(|| pb::Locality {
+        region: t.region.to_string(),
+        zone: t.zone.to_string(),
+        subzone: t.subzone.to_string(),
+    })
 }
 
 fn service(s: &Service) -> pb::Service {

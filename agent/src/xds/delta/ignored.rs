@@ -14,17 +14,12 @@ use ambient_proto::workload as pb;
 
 /// The fields, by the bit each gets. Names are `Message.field` as in the
 /// upstream .proto files.
-const FIELDS: [&str; 17] = [
+const FIELDS: [&str; 12] = [
     "Workload.network",
-    "Workload.canonical_name",
-    "Workload.canonical_revision",
     "Workload.workload_type",
-    "Workload.workload_name",
     "Workload.native_tunnel",
-    "Workload.cluster_id",
     "Workload.network_gateway",
     "Workload.hostname",
-    "Workload.locality",
     "Workload.extensions",
     "Port.app_protocol",
     "Service.load_balancing",
@@ -68,18 +63,10 @@ impl Ignored {
     fn of_workload(w: &pb::Workload) -> Ignored {
         let mut i = Ignored::default();
         i.set("Workload.network", !w.network.is_empty());
-        i.set("Workload.canonical_name", !w.canonical_name.is_empty());
-        i.set(
-            "Workload.canonical_revision",
-            !w.canonical_revision.is_empty(),
-        );
         i.set("Workload.workload_type", w.workload_type != 0);
-        i.set("Workload.workload_name", !w.workload_name.is_empty());
         i.set("Workload.native_tunnel", w.native_tunnel);
-        i.set("Workload.cluster_id", !w.cluster_id.is_empty());
         i.set("Workload.network_gateway", w.network_gateway.is_some());
         i.set("Workload.hostname", !w.hostname.is_empty());
-        i.set("Workload.locality", w.locality.is_some());
         i.set("Workload.extensions", !w.extensions.is_empty());
         let app_protocol = w
             .services
@@ -171,6 +158,7 @@ mod tests {
         let w = pb::Workload {
             uid: "u".into(),
             network: "net-1".into(),
+            // Decoded (telemetry): not reported.
             locality: Some(pb::Locality::default()),
             services: [(
                 "ns/svc".to_string(),
@@ -189,10 +177,7 @@ mod tests {
             r#type: Some(pb::address::Type::Workload(w)),
         };
         let got: Vec<_> = Ignored::of_address(&a).names().collect();
-        assert_eq!(
-            got,
-            ["Workload.network", "Workload.locality", "Port.app_protocol"]
-        );
+        assert_eq!(got, ["Workload.network", "Port.app_protocol"]);
         let s = pb::Service {
             canonical: true,
             ingress_use_waypoint: true,

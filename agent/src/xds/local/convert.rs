@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use marked_yaml::{Span, Spanned};
@@ -19,8 +20,9 @@ use crate::state::Interner;
 use crate::state::{
     Addresses, ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute,
     HttpRule, LocalPod, Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service,
-    ServiceAccountMatch, ServicePort, StringMatch, TunnelProtocol, Waypoint, WaypointTarget,
-    Workload,
+    ServiceAccountMatch, ServicePort, StringMatch, Telemetry, TunnelProtocol, Waypoint,
+    WaypointTarget, Workload, CANONICAL_NAME_LABELS, CANONICAL_REVISION_LABELS,
+    DEFAULT_CANONICAL_REVISION, DEFAULT_CLUSTER,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -221,6 +223,7 @@ impl Converter<'_> {
             uid.clone(),
             (namespace.clone(), place(&f("uid"), w.uid.span())),
         );
+        let telemetry = self.telemetry(w, &name);
         Ok(Workload {
             uid: self.names.intern(&uid),
             name: name.into(),
@@ -239,7 +242,42 @@ impl Converter<'_> {
             waypoint,
             healthy: w.healthy,
             capacity: w.capacity,
+            telemetry,
         })
+    }
+
+    /// What the workload's metrics are labelled with, defaulted as istiod
+    /// does (`pkg/kube/labels` `CanonicalService`: the first label present
+    /// of each list, else the workload name and `latest`).
+    fn telemetry(&mut self, w: &WorkloadEntry, name: &str) -> Arc<Telemetry> {
+        let given = |t: &Option<Text>| {
+            t.as_ref()
+                .map(|t| t.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let label = |keys: [&str; 3]| keys.iter().find_map(|k| w.labels.get(*k).cloned());
+        let workload_name = given(&w.workload_name).unwrap_or_else(|| name.to_string());
+        let canonical_name = given(&w.canonical_name)
+            .or_else(|| label(CANONICAL_NAME_LABELS))
+            .unwrap_or_else(|| workload_name.clone());
+        let canonical_revision = given(&w.canonical_revision)
+            .or_else(|| label(CANONICAL_REVISION_LABELS))
+            .unwrap_or_else(|| DEFAULT_CANONICAL_REVISION.to_string());
+        let cluster = given(&w.cluster_id).unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
+        let locality = given(&w.locality).unwrap_or_default();
+        let mut parts = locality.splitn(3, '/');
+        let mut next = || parts.next().unwrap_or("");
+        let (region, zone, subzone) = (next(), next(), next());
+        let t = Telemetry {
+            workload_name: self.names.intern(&workload_name),
+            canonical_name: self.names.intern(&canonical_name),
+            canonical_revision: self.names.intern(&canonical_revision),
+            cluster: self.names.intern(&cluster),
+            region: self.names.intern(region),
+            zone: self.names.intern(zone),
+            subzone: self.names.intern(subzone),
+        };
+        self.names.telemetry(&t)
     }
 
     fn waypoint(
@@ -624,5 +662,99 @@ impl Converter<'_> {
             });
         }
         Ok(backends)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::Telemetry;
+
+    /// The telemetry names of the one workload of a mesh file whose entry
+    /// ends with `extra` (YAML flow-map fields).
+    fn telemetry(extra: &str) -> Telemetry {
+        let text = format!(
+            "workloads:\n  - {{uid: u, name: pod-1, namespace: ns, addresses: [10.0.0.1], \
+             node: n{extra}}}\n"
+        );
+        let mesh = super::super::parse_mesh("mesh.yaml", &text).expect("valid");
+        (*mesh.workloads[0].telemetry).clone()
+    }
+
+    fn names(t: &Telemetry) -> [&str; 7] {
+        [
+            &t.workload_name,
+            &t.canonical_name,
+            &t.canonical_revision,
+            &t.cluster,
+            &t.region,
+            &t.zone,
+            &t.subzone,
+        ]
+    }
+
+    /// istiod's rules (istio/istio `pkg/kube/labels/labels.go`
+    /// `CanonicalService`): the canonical name is the first present of the
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name` and `app`
+    /// labels, else the workload name; the revision the first present of
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`
+    /// and `version`, else `latest`. A workload without a cluster is in
+    /// `Kubernetes` (ztunnel, `src/state/workload.rs`); a WorkloadEntry's
+    /// locality is `region/zone/subzone`.
+    #[test]
+    fn defaults_and_precedence_follow_istiod() {
+        let cases: &[(&str, [&str; 7])] = &[
+            ("", ["pod-1", "pod-1", "latest", "Kubernetes", "", "", ""]),
+            (
+                ", workloadName: web",
+                ["web", "web", "latest", "Kubernetes", "", "", ""],
+            ),
+            (
+                ", labels: {app: a, version: v3}",
+                ["pod-1", "a", "v3", "Kubernetes", "", "", ""],
+            ),
+            (
+                ", labels: {app: a, app.kubernetes.io/name: k, version: v3, \
+                 app.kubernetes.io/version: kv}",
+                ["pod-1", "k", "kv", "Kubernetes", "", "", ""],
+            ),
+            (
+                ", labels: {app: a, app.kubernetes.io/name: k, \
+                 service.istio.io/canonical-name: c, service.istio.io/canonical-revision: cr}",
+                ["pod-1", "c", "cr", "Kubernetes", "", "", ""],
+            ),
+            (
+                ", labels: {app: a}, canonicalName: explicit, canonicalRevision: r9",
+                ["pod-1", "explicit", "r9", "Kubernetes", "", "", ""],
+            ),
+            (
+                ", clusterId: east, locality: us-west/us-west-2a/rack-7",
+                [
+                    "pod-1",
+                    "pod-1",
+                    "latest",
+                    "east",
+                    "us-west",
+                    "us-west-2a",
+                    "rack-7",
+                ],
+            ),
+            (
+                ", locality: us-west",
+                ["pod-1", "pod-1", "latest", "Kubernetes", "us-west", "", ""],
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(names(&telemetry(extra)), *want, "{extra}");
+        }
+    }
+
+    #[test]
+    fn replicas_share_one_copy() {
+        let text = "workloads:\n\
+            \x20 - {uid: a, name: web-1, workloadName: web, namespace: ns, addresses: [10.0.0.1], node: n}\n\
+            \x20 - {uid: b, name: web-2, workloadName: web, namespace: ns, addresses: [10.0.0.2], node: n}\n";
+        let mesh = super::super::parse_mesh("mesh.yaml", text).expect("valid");
+        let (a, b) = (&mesh.workloads[0].telemetry, &mesh.workloads[1].telemetry);
+        assert!(std::sync::Arc::ptr_eq(a, b));
     }
 }

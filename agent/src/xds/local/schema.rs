@@ -2,6 +2,8 @@
 //! are kept as text and wrapped in `Spanned` so the error can name their
 //! line; `convert` checks them and builds the model.
 
+use std::collections::BTreeMap;
+
 use marked_yaml::Spanned;
 use serde::Deserialize;
 
@@ -51,6 +53,19 @@ pub(super) struct WorkloadEntry {
     #[serde(default = "default_capacity")]
     pub capacity: u32,
     pub waypoint: Option<Spanned<WaypointEntry>>,
+    /// The workload's owner, e.g. its Deployment (default: `name`).
+    pub workload_name: Option<Text>,
+    /// The pod's labels: the canonical service and revision are derived
+    /// from them as istiod does.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Overrides what `labels` give.
+    pub canonical_name: Option<Text>,
+    pub canonical_revision: Option<Text>,
+    /// Default `Kubernetes`, as Istio's `CLUSTER_ID`.
+    pub cluster_id: Option<Text>,
+    /// `region/zone/subzone`, as an Istio WorkloadEntry's.
+    pub locality: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! Parsing and validation tests; `watch.rs` tests the file watcher.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -144,6 +145,14 @@ fn expected_full() -> Mesh {
         waypoint: None,
         healthy: true,
         capacity: 1,
+        // istiod's defaults without labels: the workload's own name, `latest`.
+        telemetry: Arc::new(Telemetry {
+            workload_name: name.into(),
+            canonical_name: name.into(),
+            canonical_revision: "latest".into(),
+            cluster: "Kubernetes".into(),
+            ..Telemetry::default()
+        }),
     };
     let client = Workload {
         service_account: "client".into(),
@@ -457,8 +466,8 @@ fn bad_files_name_file_line_and_field() {
         ),
         (
             "unknown field",
-            with_base(4, "labels: {app: a}"),
-            "mesh.yaml:7:5: workloads[0].labels: Unknown field `labels`",
+            with_base(4, "annotations: {a: b}"),
+            "mesh.yaml:7:5: workloads[0].annotations: Unknown field `annotations`",
         ),
         (
             "unknown field in a match",

@@ -104,11 +104,21 @@ impl LocalSource {
             return;
         }
         self.last_digest = Some(d);
-        let parsed = parse_mesh(&self.source_name(), &text);
-        drop(text);
+        // Parsing takes seconds for a file of 100,000 workloads (~1.4 s of
+        // it in the YAML parser alone): off the runtime's workers, which
+        // are carrying traffic meanwhile.
+        let name = self.source_name();
+        let parsed = tokio::task::spawn_blocking(move || parse_mesh(&name, &text)).await;
         match parsed {
-            Ok(mesh) => self.install(mesh, started),
-            Err(e) => tracing::warn!("ignoring invalid mesh file, keeping the last good mesh: {e}"),
+            Ok(Ok(mesh)) => self.install(mesh, started),
+            Ok(Err(e)) => {
+                tracing::warn!("ignoring invalid mesh file, keeping the last good mesh: {e}")
+            }
+            Err(e) => tracing::error!(
+                path = %self.path.display(),
+                error = %e,
+                "mesh file parser failed; keeping the last good mesh"
+            ),
         }
         crate::heap::release_freed();
     }

@@ -674,3 +674,44 @@ fn decode_one(
 ) -> Result<(Decoded, super::super::ignored::Ignored), RejectReason> {
     decode(type_url, name, any, &mut crate::state::Interner::default())
 }
+
+/// The telemetry fields ztunnel copies verbatim from a Workload
+/// (`workload_name` 13, `canonical_name` 10, `canonical_revision` 11,
+/// `cluster_id` 18, `locality` 24 in `workload.proto`), with an empty
+/// `cluster_id` read as `Kubernetes` (ztunnel `src/state/workload.rs`).
+#[test]
+fn telemetry_names_are_decoded_as_ztunnel_reads_them() {
+    let decode = |f: fn(&mut pb::Workload)| {
+        let mut res = Resources::default();
+        let r = response(ADDRESS_TYPE_URL, vec![resource("w", workload_any(f))], &[]);
+        apply_all(&mut res, &[r]).workloads[0].telemetry.clone()
+    };
+    let t = decode(|w| {
+        w.workload_name = "reviews-v1".into();
+        w.canonical_name = "reviews".into();
+        w.canonical_revision = "v1".into();
+        w.cluster_id = "east".into();
+        w.locality = Some(pb::Locality {
+            region: "us-east".into(),
+            zone: "us-east-1b".into(),
+            subzone: "rack-2".into(),
+        });
+    });
+    assert_eq!(
+        (
+            t.workload_name.as_str(),
+            t.canonical_name.as_str(),
+            t.canonical_revision.as_str(),
+            t.cluster.as_str(),
+        ),
+        ("reviews-v1", "reviews", "v1", "east")
+    );
+    assert_eq!(
+        (t.region.as_str(), t.zone.as_str(), t.subzone.as_str()),
+        ("us-east", "us-east-1b", "rack-2")
+    );
+    let bare = decode(|_| {});
+    assert_eq!(bare.cluster.as_str(), "Kubernetes");
+    assert!(bare.workload_name.is_empty() && bare.canonical_name.is_empty());
+    assert!(bare.region.is_empty() && bare.zone.is_empty());
+}
