@@ -1,6 +1,10 @@
 //! The admin `GET /config_dump` document: what the agent knows and holds —
 //! workloads, services, policies, certificates, pool and served workloads —
-//! as JSON, for people and scripts debugging a node.
+//! as JSON, for people and scripts debugging a node. The mesh and the
+//! certificates are in ztunnel's shape ([`ztunnel`]), so `istioctl
+//! ztunnel-config` reads them; the other sections are this agent's own.
+
+mod ztunnel;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -9,9 +13,7 @@ use serde_json::{json, Value};
 
 use crate::hbone::pool::PoolStats;
 use crate::identity::WorkloadCert;
-use crate::state::{
-    ApplicationTunnel, PolicyScope, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload,
-};
+use crate::state::{Snapshot, Workload};
 use crate::xds::delta::XdsStatus;
 
 use super::metrics::epoch_seconds;
@@ -43,37 +45,18 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
     served.sort_unstable();
     json!({
         "node": input.node,
-        "workloads": mesh.workloads.iter().map(workload).collect::<Vec<_>>(),
-        "services": mesh.services.iter().map(|s| json!({
-            "name": s.name,
-            "namespace": s.namespace,
-            "hostname": s.hostname,
-            "vips": s.vips,
-            "ports": s.ports.iter().map(|p| json!({"port": p.port, "targetPort": p.target_port})).collect::<Vec<_>>(),
-            "endpoints": s.endpoints.iter().map(|e| e.workload_uid.as_str()).collect::<Vec<_>>(),
-            "subjectAltNames": s.subject_alt_names,
-            "waypoint": s.waypoint.as_deref().map(waypoint),
-        })).collect::<Vec<_>>(),
-        "policies": mesh.policies.iter().map(|p| json!({
-            "name": p.name,
-            "namespace": p.namespace,
-            "scope": match &p.scope {
-                PolicyScope::Global => json!("global"),
-                PolicyScope::Namespace => json!("namespace"),
-                PolicyScope::WorkloadSelector { workload_uids } => json!({"workloads": workload_uids}),
-            },
-            "action": format!("{:?}", p.action).to_lowercase(),
-            "dryRun": p.dry_run,
-            "unsupported": p.unsupported,
-            "rules": p.rules.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "certificates": input.certificates.iter().map(|c| json!({
+        // What istioctl ztunnel-config reads, in ztunnel's shape.
+        "workloads": ztunnel::workloads(&mesh),
+        "services": ztunnel::services(&mesh),
+        "policies": ztunnel::policies(&mesh),
+        "certificates": ztunnel::certificates(input.certificates, &input.trust.roots, input.now),
+        // Ours.
+        "certificateExpiry": input.certificates.iter().map(|c| json!({
             "identity": c.identity.to_string(),
             "notBefore": epoch_seconds(c.not_before),
             "notAfter": epoch_seconds(c.not_after),
             "expiresInSeconds": c.not_after.duration_since(input.now).map_or(0, |d| d.as_secs()),
             "valid": c.is_valid_at(input.now),
-            "chainLength": c.chain.len(),
         })).collect::<Vec<_>>(),
         "pool": {
             "connectionsOpened": input.pool.connections_opened,
@@ -169,40 +152,4 @@ fn dns(d: &crate::dns::DnsSettings, mesh: &crate::state::Mesh) -> Value {
         "clusterDomain": d.cluster_domain,
         "names": names,
     })
-}
-
-fn workload(w: &Workload) -> Value {
-    json!({
-        "uid": w.uid,
-        "name": w.name,
-        "namespace": w.namespace,
-        "serviceAccount": w.service_account,
-        "identity": w.identity().to_string(),
-        "addresses": w.addresses.as_slice(),
-        "node": w.node,
-        "protocol": match w.protocol {
-            TunnelProtocol::None => json!("none"),
-            TunnelProtocol::Hbone => json!("hbone"),
-            TunnelProtocol::Unsupported(p) => json!({"unsupported": p}),
-        },
-        "applicationTunnel": match w.application_tunnel {
-            ApplicationTunnel::None => json!("none"),
-            ApplicationTunnel::Proxy { port } => json!({"protocol": "proxy", "port": port}),
-            ApplicationTunnel::Unsupported(p) => json!({"protocol": "unsupported", "value": p}),
-        },
-        "capacity": w.capacity,
-        "waypoint": w.waypoint.as_deref().map(waypoint),
-        "healthy": w.healthy,
-    })
-}
-
-fn waypoint(w: &Waypoint) -> Value {
-    let target = match &w.target {
-        WaypointTarget::Address(ip) => ip.to_string(),
-        WaypointTarget::Service {
-            namespace,
-            hostname,
-        } => format!("{namespace}/{hostname}"),
-    };
-    json!({"target": target, "hbonePort": w.hbone_port})
 }
