@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use super::process::{self, ProcessMetrics};
 use crate::hbone::pool::PoolStats;
 use crate::identity::{Identity, WorkloadCert};
-use crate::proxy::record::{ConnectionRecord, Direction};
+use crate::proxy::record::{ConnectionRecord, Direction, WorkloadName};
 use crate::state::{Name, Telemetry};
 use crate::xds::delta::XdsStatus;
 
@@ -521,7 +521,7 @@ pub fn labels(r: &ConnectionRecord) -> TcpLabels {
         Direction::Inbound | Direction::InboundPlaintext => "destination",
     };
     let (src, dst) = (&r.src_workload, &r.dst_workload);
-    let (st, dt) = (src.telemetry.as_deref(), dst.telemetry.as_deref());
+    let (st, dt) = (telemetry_of(src), telemetry_of(dst));
     let tel = |t: Option<&Telemetry>, f: fn(&Telemetry) -> &Name| known(t.map(|t| f(t).as_str()));
     let principal = |id: Option<&Identity>| id.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
     // Outbound, the agent speaks for its workload only inside a tunnel:
@@ -548,7 +548,11 @@ pub fn labels(r: &ConnectionRecord) -> TcpLabels {
         destination_canonical_service: tel(dt, |t| &t.canonical_name),
         destination_canonical_revision: tel(dt, |t| &t.canonical_revision),
         destination_workload_namespace: known(dst.namespace.as_deref()),
-        destination_principal: principal(r.dst_identity.as_ref().or(dst.identity.as_ref())),
+        destination_principal: match (&r.dst_identity, &dst.workload) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(w)) => w.identity().to_string(),
+            (None, None) => UNKNOWN.into(),
+        },
         destination_app: tel(dt, |t| &t.canonical_name),
         destination_version: tel(dt, |t| &t.canonical_revision),
         destination_cluster: tel(dt, |t| &t.cluster),
@@ -562,6 +566,10 @@ pub fn labels(r: &ConnectionRecord) -> TcpLabels {
         destination_region: tel(dt, |t| &t.region),
         destination_zone: tel(dt, |t| &t.zone),
     }
+}
+
+fn telemetry_of(n: &WorkloadName) -> Option<&Telemetry> {
+    n.workload.as_ref().map(|w| &*w.telemetry)
 }
 
 /// A label value: `unknown` when missing or empty (ztunnel's
@@ -598,16 +606,18 @@ mod tests {
             src_workload: WorkloadName {
                 name: Some("client-7d9f-abcde".into()),
                 namespace: Some("test".into()),
-                telemetry: Some(Arc::new(Telemetry {
-                    workload_name: "client".into(),
-                    canonical_name: "client-app".into(),
-                    canonical_revision: "v1".into(),
-                    cluster: "Kubernetes".into(),
-                    region: "eu".into(),
-                    zone: "eu-1".into(),
-                    subzone: "".into(),
+                workload: Some(Arc::new(crate::state::Workload {
+                    telemetry: Arc::new(Telemetry {
+                        workload_name: "client".into(),
+                        canonical_name: "client-app".into(),
+                        canonical_revision: "v1".into(),
+                        cluster: "Kubernetes".into(),
+                        region: "eu".into(),
+                        zone: "eu-1".into(),
+                        subzone: "".into(),
+                    }),
+                    ..crate::state::Workload::for_test("client", "test", Some("10.0.0.1"))
                 })),
-                identity: Some(Identity::new("td", "test", "client")),
             },
             dst_workload: WorkloadName {
                 namespace: Some("other".into()),

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::admin::Metrics;
 use crate::identity::Identity;
-use crate::state::{Service, Snapshot, State, Telemetry};
+use crate::state::{Service, Snapshot, State, Workload};
 
 /// The `tracing` target of access-log lines.
 pub const ACCESS_TARGET: &str = "access";
@@ -49,21 +49,19 @@ impl Direction {
 pub struct WorkloadName {
     pub name: Option<String>,
     pub namespace: Option<String>,
-    /// Its telemetry names, when the mesh knows the workload.
-    pub telemetry: Option<Arc<Telemetry>>,
-    /// Its identity in the mesh, when the mesh knows the workload.
-    pub identity: Option<Identity>,
+    /// The workload, when the mesh knows it (its telemetry names and
+    /// identity label the metrics; read only where needed).
+    pub workload: Option<Arc<Workload>>,
 }
 
 impl WorkloadName {
     /// The workload at `ip`; else the one workload with identity `id`; else
     /// unnamed, in the identity's namespace if there is one.
     pub fn resolve(snap: &Snapshot, ip: IpAddr, id: Option<&Identity>) -> WorkloadName {
-        let named = |w: &crate::state::Workload| WorkloadName {
+        let named = |w: &Arc<Workload>| WorkloadName {
             name: Some(w.name.to_string()),
             namespace: Some(w.namespace.to_string()),
-            telemetry: Some(w.telemetry.clone()),
-            identity: Some(w.identity()),
+            workload: Some(w.clone()),
         };
         if let Some(w) = snap.workload_by_ip(ip) {
             return named(w);
