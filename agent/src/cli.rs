@@ -23,6 +23,16 @@ pub enum Command {
     /// With no configuration at all the agent runs on its embedded default:
     /// local mode, an empty mesh and a freshly generated CA.
     Run(Overrides),
+    /// ztunnel's command line (`proxy ztunnel`, as Istio's ztunnel chart
+    /// runs it): the agent in Istio mode, configured by ztunnel's
+    /// environment variables.
+    Proxy {
+        /// The proxy role; only ztunnel's is served.
+        #[arg(value_enum, default_value_t = ProxyRole::Ztunnel)]
+        role: ProxyRole,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Build a small mesh on this machine (2 node and 6 pod network
     /// namespaces, needs root), send traffic between pods through the
     /// agents and HTTP through a waypoint, print who talked to whom and
@@ -71,6 +81,12 @@ pub enum Command {
     },
 }
 
+/// The roles `ambient-agent proxy` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyRole {
+    Ztunnel,
+}
+
 /// Every environment variable `ambient-agent run` reads: its flags' own
 /// and those configuration defaults come from.
 pub fn run_env_vars() -> Vec<String> {
@@ -100,6 +116,20 @@ mod tests {
         };
         assert_eq!(o.config, Some("/etc/a.yaml".into()));
         assert!(Cli::try_parse_from(["ambient-agent", "run", "--confg", "x"]).is_err());
+    }
+
+    #[test]
+    fn ztunnels_arguments_parse() {
+        // Istio's ztunnel chart: `args: ["proxy", "ztunnel"]`.
+        let cli = Cli::try_parse_from(["ambient-agent", "proxy", "ztunnel"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Proxy {
+                role: ProxyRole::Ztunnel,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["ambient-agent", "proxy", "waypoint"]).is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@ use anyhow::Context;
 use clap::Parser as _;
 
 use ambient_agent::admin::LogHandle;
-use ambient_agent::cli::{Cli, Command};
-use ambient_agent::config::{Config, LogFormat};
+use ambient_agent::cli::{Cli, Command, ProxyRole};
+use ambient_agent::config::{Config, LogFormat, Mode};
 
 /// Installs the logger; the handle changes its filter at run time.
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogHandle> {
@@ -28,27 +28,63 @@ pub static MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     ambient_agent::heap::tune();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(overrides) => {
-            let cfg = Config::load(&overrides).context("loading configuration")?;
-            let log = init_logging(&cfg.log.level, cfg.log.format)?;
-            let agent = ambient_agent::agent::Agent::start(cfg)
-                .await
-                .context("starting the agent")?;
-            agent.admin().set_log_handle(log);
-            // SIGTERM, ctrl-c or POST /quitquitquit.
-            tokio::select! {
-                r = wait_for_signal() => r?,
-                () = agent.stopped() => {}
-            }
-            let deadline = agent.config().drain_timeout;
-            agent.drain(deadline).await;
-            Ok(())
+    let overrides = match cli.command {
+        Command::Run(overrides) => overrides,
+        Command::Proxy {
+            role: ProxyRole::Ztunnel,
+            mut overrides,
+        } => {
+            overrides.mode.get_or_insert(Mode::Istio);
+            overrides
         }
+        other => return runtime(None)?.block_on(other_command(other)),
+    };
+    let env = std::env::vars().collect();
+    let (cfg, ignored) =
+        Config::load_with_env(&overrides, &env).context("loading configuration")?;
+    let log = init_logging(&cfg.log.level, cfg.log.format)?;
+    for i in &ignored {
+        tracing::warn!(var = %i.var, why = i.why, "ztunnel setting has no effect here");
+    }
+    runtime(cfg.worker_threads)?.block_on(run(cfg, log))
+}
+
+/// The multi-threaded runtime, with `workers` threads (else one per core).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build().context("starting the runtime")
+}
+
+/// The agent, until SIGTERM, ctrl-c or POST /quitquitquit; then drains.
+async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
+    tracing::info!(
+        mode = ?cfg.mode,
+        node = %cfg.node,
+        workers = ?cfg.worker_threads,
+        "starting"
+    );
+    let agent = ambient_agent::agent::Agent::start(cfg)
+        .await
+        .context("starting the agent")?;
+    agent.admin().set_log_handle(log);
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        () = agent.stopped() => {}
+    }
+    let deadline = agent.config().drain_timeout;
+    agent.drain(deadline).await;
+    Ok(())
+}
+
+async fn other_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(_) | Command::Proxy { .. } => unreachable!("handled by main"),
         Command::Waypoint {
             workload,
             overrides,

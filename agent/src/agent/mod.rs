@@ -386,7 +386,7 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetu
                     .clone()
                     .unwrap_or_else(|| cp.xds_address.clone()),
                 root_cert: cp.root_cert.clone(),
-                server_name: cp.server_name.clone(),
+                server_name: cp.ca_server_name.clone().or(cp.server_name.clone()),
                 token_path: Some(cp.token_path.clone()),
                 cluster_id: cp.cluster_id.clone(),
                 request_timeout: cfg.connect_timeout,
@@ -457,8 +457,8 @@ fn xds_config(cfg: &Config) -> XdsConfig {
         root_cert: cp
             .xds_address
             .starts_with("https://")
-            .then(|| cp.root_cert.clone()),
-        server_name: cp.server_name.clone(),
+            .then(|| cp.xds_root_cert.clone().unwrap_or(cp.root_cert.clone())),
+        server_name: cp.xds_server_name.clone().or(cp.server_name.clone()),
         token_path: Some(cp.token_path.clone()),
         cluster_id: Some(cp.cluster_id.clone()),
         node_id: format!(

@@ -11,7 +11,9 @@ use serde::Deserialize;
 use crate::hbone::H2Settings;
 
 mod sections;
+pub mod ztunnel_env;
 pub use sections::*;
+pub use ztunnel_env::Ignored;
 
 /// Default for `node`, as the Kubernetes downward API sets it.
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
@@ -105,6 +107,9 @@ pub struct Config {
     pub readiness_port: u16,
     /// Address the readiness endpoint binds. Default: 0.0.0.0.
     pub readiness_address: IpAddr,
+    /// Threads carrying traffic. Default: one per core (in Istio mode,
+    /// ztunnel's `ZTUNNEL_*` CPU variables set it as ztunnel would).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -133,6 +138,7 @@ impl Default for Config {
             metrics_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             readiness_port: 15021,
             readiness_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            worker_threads: None,
         }
     }
 }
@@ -183,20 +189,43 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// ztunnel's wording, so that operators find it the same way.
+    #[error("invalid env var {var}={value} ({reason})")]
+    Env {
+        var: String,
+        value: String,
+        reason: String,
+    },
 }
 
 impl Config {
     /// Defaults, then the file named by `--config`, then flags/env.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env = std::env::vars().collect();
+        Config::load_with_env(overrides, &env).map(|(cfg, _)| cfg)
+    }
+
+    /// Defaults, then the file named by `--config`, then (Istio mode)
+    /// ztunnel's variables in `env`, then `ISTIO_META_*` node metadata, then
+    /// flags. Also returns the ztunnel variables that were set but have no
+    /// effect, for the caller to warn about once logging is up.
+    pub fn load_with_env(
+        overrides: &Overrides,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(Config, Vec<Ignored>), ConfigError> {
         let mut cfg = match &overrides.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(node) = &overrides.node {
-            cfg.node = node.clone();
-        }
         if let Some(mode) = overrides.mode {
             cfg.mode = mode;
+        }
+        let ignored = match cfg.mode {
+            Mode::Istio => ztunnel_env::apply(&mut cfg, env)?,
+            Mode::Local => Vec::new(),
+        };
+        if let Some(node) = &overrides.node {
+            cfg.node = node.clone();
         }
         if let Some(mesh) = &overrides.mesh_file {
             cfg.mesh_file = Some(mesh.clone());
@@ -209,7 +238,7 @@ impl Config {
         }
         cfg.control_plane
             .proxy_metadata
-            .extend(istio_meta(std::env::vars()));
+            .extend(istio_meta(env.iter().map(|(k, v)| (k.clone(), v.clone()))));
         if let Some(level) = &overrides.log_level {
             cfg.log.level = level.clone();
         }
@@ -217,7 +246,7 @@ impl Config {
             cfg.log.format = format;
         }
         cfg.validate()?;
-        Ok(cfg)
+        Ok((cfg, ignored))
     }
 
     /// Parses a config file; errors name the line and field.
@@ -305,6 +334,11 @@ impl Config {
         }
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node must not be empty".into()));
+        }
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "workerThreads must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -506,7 +540,8 @@ mod tests {
         let cfg = Config::parse("mode: istio\n").unwrap();
         assert_eq!(cfg.mode, Mode::Istio);
         let cp = &cfg.control_plane;
-        assert_eq!(cp.xds_address, "https://istiod.istio-system.svc:15012");
+        let k8s = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        assert_eq!(cp.xds_address, ztunnel_env::default_istiod_address(k8s));
         assert_eq!(
             cp.cni_socket,
             PathBuf::from("/var/run/ztunnel/ztunnel.sock")

@@ -53,15 +53,24 @@ pub enum Mode {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
-    /// istiod's xDS address. Default: https://istiod.istio-system.svc:15012.
+    /// istiod's xDS address. Default (ztunnel's):
+    /// https://istiod.istio-system.svc:15012 when `$KUBERNETES_SERVICE_HOST`
+    /// is set, else https://localhost:15012.
     pub xds_address: String,
     /// The Istio CA's address. Default: the xDS address.
     pub ca_address: Option<String>,
-    /// Root that signed istiod's serving certificate, and the mesh root.
+    /// Root that signed the CA's serving certificate, and the mesh root.
     /// Default: /var/run/secrets/istio/root-cert.pem.
     pub root_cert: PathBuf,
-    /// Name in istiod's certificate. Default: the host of the address.
+    /// Root that signed istiod's xDS serving certificate. Default: `rootCert`.
+    pub xds_root_cert: Option<PathBuf>,
+    /// Name in the control plane's certificates. Default: the host of
+    /// each address.
     pub server_name: Option<String>,
+    /// Name in istiod's xDS certificate. Default: `serverName`.
+    pub xds_server_name: Option<String>,
+    /// Name in the CA's certificate. Default: `serverName`.
+    pub ca_server_name: Option<String>,
     /// Service-account token sent as the bearer credential.
     /// Default: /var/run/secrets/tokens/istio-token.
     pub token_path: PathBuf,
@@ -87,10 +96,16 @@ pub struct ControlPlaneConfig {
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
         ControlPlaneConfig {
-            xds_address: "https://istiod.istio-system.svc:15012".into(),
+            xds_address: super::ztunnel_env::default_istiod_address(
+                std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            )
+            .into(),
             ca_address: None,
             root_cert: "/var/run/secrets/istio/root-cert.pem".into(),
+            xds_root_cert: None,
             server_name: None,
+            xds_server_name: None,
+            ca_server_name: None,
             token_path: "/var/run/secrets/tokens/istio-token".into(),
             cluster_id: std::env::var(ENV_META_CLUSTER_ID)
                 .ok()
