@@ -66,7 +66,7 @@ async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     tracing::info!(
         mode = ?cfg.mode,
         node = %cfg.node,
-        workers = ?cfg.worker_threads,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "starting"
     );
     let agent = ambient_agent::agent::Agent::start(cfg)

@@ -100,6 +100,7 @@ impl IstioWorld {
                     pod_ip: format!("10.255.0.{}", i + 1),
                     // As Istio's default: the DNS proxy on.
                     proxy_metadata: [("DNS_CAPTURE".to_string(), "true".to_string())].into(),
+                    ..ControlPlaneConfig::default()
                 },
                 // Metrics and admin on an address of each agent's own, to
                 // read the xDS state.

@@ -193,6 +193,25 @@ pub async fn next_record_where(
 }
 
 /// Logs to the test output when `RUST_LOG` is set.
+/// The `ambient-agent` binary of this build (cargo puts it beside the
+/// `deps/` directory of test binaries; `cargo test --workspace` builds it,
+/// as the agent package's own integration tests need it).
+pub fn agent_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("ambient-agent"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p ambient-agent), or run the suite \
+         with cargo test --workspace",
+        bin.display()
+    );
+    bin
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -112,6 +112,17 @@ impl TestCa {
         self.root_pem.clone()
     }
 
+    /// The CA service, for a server that carries it beside others
+    /// (istiod's 15012 serves xDS and the CA).
+    pub fn service(&self) -> IstioCertificateServiceServer<impl IstioCertificateService> {
+        IstioCertificateServiceServer::from_arc(self.service.clone())
+    }
+
+    /// The serving certificate and key (signed by [`TestCa::root_pem`]).
+    pub fn serving_identity(&self) -> TlsIdentity {
+        TlsIdentity::from_pem(&self.tls_cert, &self.tls_key)
+    }
+
     /// The DNS name in the serving certificate.
     pub fn server_name(&self) -> &str {
         SERVER_NAME

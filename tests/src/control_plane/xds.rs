@@ -199,6 +199,19 @@ impl TestXds {
         self.addr
     }
 
+    /// The ADS service on this server's state, for a server that carries
+    /// it beside others (istiod's 15012 serves xDS and the CA).
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<impl AggregatedDiscoveryService> {
+        let stop = match &self.running {
+            Some(r) => r.stop.subscribe(),
+            None => watch::channel(false).1,
+        };
+        AggregatedDiscoveryServiceServer::new(Ads {
+            shared: self.shared.clone(),
+            stop,
+        })
+    }
+
     /// `http://<addr>` (or `https://`), for an `XdsConfig`.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
