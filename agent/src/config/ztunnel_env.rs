@@ -129,14 +129,21 @@ pub fn apply(
     }
 
     let cp = &mut cfg.control_plane;
+    let xds_before = cp.xds_address.clone();
     if let Some(addr) = e
         .address("XDS_ADDRESS")?
         .or(pc.discovery_address.map(with_scheme))
     {
         cp.xds_address = addr;
     }
-    if let Some(addr) = e.address("CA_ADDRESS")? {
-        cp.ca_address = Some(addr);
+    match e.address("CA_ADDRESS")? {
+        Some(addr) => cp.ca_address = Some(addr),
+        // ztunnel's CA default is istiod's address, not XDS_ADDRESS.
+        None if cp.ca_address.is_none() && cp.xds_address != xds_before => {
+            let k8s = e.get("KUBERNETES_SERVICE_HOST").is_some();
+            cp.ca_address = Some(default_istiod_address(k8s).to_string());
+        }
+        None => {}
     }
     if let Some(root) = e.root_cert("XDS_ROOT_CA")? {
         cp.xds_root_cert = Some(root);

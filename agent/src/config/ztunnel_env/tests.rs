@@ -217,6 +217,20 @@ fn precedence_between_variables() {
     ])
     .unwrap();
     assert_eq!(cfg.control_plane.xds_address, "https://istiod-a:15012");
+    // CA_ADDRESS unset: ztunnel's default istiod address, not XDS_ADDRESS.
+    assert_eq!(
+        cfg.control_plane.ca_address.as_deref(),
+        Some("https://localhost:15012")
+    );
+    let (cfg, _) = load(&[
+        ("XDS_ADDRESS", "istiod-a:15012"),
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+    ])
+    .unwrap();
+    assert_eq!(
+        cfg.control_plane.ca_address.as_deref(),
+        Some("https://istiod.istio-system.svc:15012")
+    );
     // ISTIO_META_* over ProxyConfig's proxyMetadata.
     let (cfg, _) = load(&[
         ("ISTIO_META_DNS_CAPTURE", "true"),
