@@ -19,10 +19,12 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's settings: a background thread returns dirty pages after a
 /// second, so memory freed after a burst goes back without waiting for
-/// the next allocation.
+/// the next allocation; heap profiling built in but inactive until
+/// `/debug/pprof/heap/profiling?activate=true`.
 #[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static MALLOC_CONF: &[u8] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,prof:true,prof_active:false\0";
 
 #[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
 #[global_allocator]

@@ -1,6 +1,6 @@
 //! The admin, metrics and readiness endpoints of agents on loopback: TCP
 //! metrics after tunneled traffic, the config dump, readiness, run-time log
-//! level changes and `/quitquitquit`.
+//! level changes, `/quitquitquit` and the CPU and heap profiles.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ use tokio::time::{sleep, timeout, Instant};
 
 #[path = "admin/istioctl.rs"]
 mod istioctl;
+#[path = "admin/profile_proto.rs"]
+mod profile_proto;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -48,6 +50,12 @@ async fn agents_with_endpoints(w: &World) -> (Agent, Agent) {
 
 /// Status and body of one HTTP/1.1 request.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, body) = request_bytes(addr, method, path).await;
+    (status, String::from_utf8(body).expect("a text body"))
+}
+
+/// As [`request`], for a body that need not be text.
+async fn request_bytes(addr: SocketAddr, method: &str, path: &str) -> (u16, Vec<u8>) {
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
@@ -55,21 +63,25 @@ async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
                 .as_bytes(),
         )
         .await?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
         std::io::Result::Ok(raw)
     };
     let raw = timeout(LIMIT, exchange)
         .await
         .expect("answer in time")
         .expect("HTTP exchange");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
+    let head = std::str::from_utf8(&raw[..end]).expect("a text head");
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status code");
-    (status, body.to_string())
+    (status, raw[end + 4..].to_vec())
 }
 
 fn addr(agent: &Agent, e: Endpoint) -> SocketAddr {
@@ -602,4 +614,182 @@ async fn refused_connections_are_counted_as_failed() {
             sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Keeps one core busy in a function the CPU profile must name.
+#[inline(never)]
+fn burn_cpu(stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut x = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    x
+}
+
+/// The profiles at ztunnel's paths, with its answers (istio/ztunnel@62d82653
+/// `src/admin.rs`, `handle_pprof` and `handle_jemalloc_pprof_heapgen`):
+/// `/debug/pprof/profile` takes `seconds` (u64, 1-300, default 10) and
+/// `frequency` (Hz, i32, 1-1000, default 100); a value out of range or
+/// not a number is a 400 `invalid seconds value; expected 1-300\n` or
+/// `invalid frequency value; expected 1-1000\n`. Else it samples for
+/// `seconds` with pprof-rs and answers 200 with the pprof `Profile`
+/// protobuf, not gzipped (pprof-rs's `Report::pprof`): sample types
+/// `samples`/`count` and `cpu`/`nanoseconds`, period `cpu`/`nanoseconds`
+/// of 1e9 / frequency. Built without jemalloc, `/debug/pprof/heap` answers
+/// 500 `jemalloc not enabled` (no newline), and so does
+/// `/debug/pprof/heap/profiling`. Ours adds one rule: pprof-rs's profiler
+/// is process-global, so a profile asked for while another runs is a 409
+/// (ztunnel has no such check).
+#[tokio::test]
+async fn cpu_profile_is_a_pprof_profile_and_bad_queries_are_refused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let w = World::new(77);
+    let (a, _b) = agents_with_endpoints(&w).await;
+    let admin = addr(&a, Endpoint::Admin);
+
+    for (query, answer) in [
+        ("seconds=0", "invalid seconds value; expected 1-300\n"),
+        ("seconds=301", "invalid seconds value; expected 1-300\n"),
+        ("seconds=ten", "invalid seconds value; expected 1-300\n"),
+        ("frequency=0", "invalid frequency value; expected 1-1000\n"),
+        (
+            "frequency=1001",
+            "invalid frequency value; expected 1-1000\n",
+        ),
+    ] {
+        let path = format!("/debug/pprof/profile?{query}");
+        assert_eq!(
+            request(admin, "GET", &path).await,
+            (400, answer.to_string()),
+            "{path}"
+        );
+    }
+    for path in [
+        "/debug/pprof/heap",
+        "/debug/pprof/heap/profiling?activate=true",
+    ] {
+        assert_eq!(
+            request(admin, "GET", path).await,
+            (500, "jemalloc not enabled".to_string()),
+            "{path}"
+        );
+    }
+    let (status, _) = request(admin, "POST", "/debug/pprof/profile?seconds=1").await;
+    assert_eq!(status, 405);
+
+    // Work while sampling: tunneled echo traffic through both agents (which
+    // must not suffer from SIGPROF interrupting their system calls), and a
+    // thread that keeps a core busy, so that there are samples to check.
+    // Linux sends ITIMER_PROF's signal to whichever thread is running when
+    // the process's timer expires, so the busy thread takes most samples;
+    // the agents' bursts of work may take none.
+    let _echo = Echo::start(w.server_app()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let burner = std::thread::spawn({
+        let stop = stop.clone();
+        move || burn_cpu(&stop)
+    });
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        let mut c = a.connect_as("client", w.server_app()).await.unwrap();
+        async move {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut back = vec![0u8; chunk.len()];
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                c.write_all(&chunk).await.unwrap();
+                c.read_exact(&mut back).await.unwrap();
+                rounds += 1;
+            }
+            rounds
+        }
+    });
+
+    // Two at once: one profiles, the other is told to wait its turn.
+    let path = "/debug/pprof/profile?seconds=1&frequency=200";
+    let started = Instant::now();
+    let (one, other) = tokio::join!(
+        request_bytes(admin, "GET", path),
+        request_bytes(admin, "GET", path)
+    );
+    let (body, refused) = match (one, other) {
+        ((200, body), (409, refused)) | ((409, refused), (200, body)) => (body, refused),
+        (one, other) => panic!(
+            "want one 200 and one 409, got {} {:?} and {} {:?}",
+            one.0,
+            String::from_utf8_lossy(&one.1),
+            other.0,
+            String::from_utf8_lossy(&other.1)
+        ),
+    };
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused),
+        "a CPU profile is already being taken; try again when it ends\n"
+    );
+    stop.store(true, Ordering::Relaxed);
+    burner.join().unwrap();
+    let rounds = traffic.await.unwrap();
+    assert!(rounds > 0, "traffic flowed while profiling");
+
+    let p: profile_proto::Profile =
+        prost::Message::decode(body.as_slice()).expect("a pprof Profile");
+    assert_eq!(p.string(0), "", "the string table starts with \"\"");
+    let types: Vec<(&str, &str)> = p
+        .sample_type
+        .iter()
+        .map(|t| (p.string(t.r#type), p.string(t.unit)))
+        .collect();
+    assert_eq!(types, [("samples", "count"), ("cpu", "nanoseconds")]);
+    let period = p.period_type.as_ref().expect("period type");
+    assert_eq!(
+        (p.string(period.r#type), p.string(period.unit)),
+        ("cpu", "nanoseconds")
+    );
+    assert_eq!(p.period, 1_000_000_000 / 200);
+    assert!(
+        (1_000_000_000..LIMIT.as_nanos() as i64).contains(&p.duration_nanos),
+        "sampled for {} ns",
+        p.duration_nanos
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert!(
+        (now - LIMIT.as_nanos() as i64..now).contains(&p.time_nanos),
+        "started at {} ns, now {now}",
+        p.time_nanos
+    );
+
+    // Samples point at locations, locations at named functions.
+    assert!(!p.sample.is_empty(), "a busy core was sampled");
+    let function_names: std::collections::HashMap<u64, &str> = p
+        .function
+        .iter()
+        .map(|f| (f.id, p.string(f.name)))
+        .collect();
+    let locations: std::collections::HashMap<u64, &profile_proto::Location> =
+        p.location.iter().map(|l| (l.id, l)).collect();
+    let mut names = std::collections::HashSet::new();
+    for s in &p.sample {
+        assert_eq!(s.value.len(), 2, "{s:?}");
+        assert_eq!(s.value[1], s.value[0] * p.period, "{s:?}");
+        for id in &s.location_id {
+            for line in &locations.get(id).expect("a known location").line {
+                names.insert(
+                    *function_names
+                        .get(&line.function_id)
+                        .expect("a known function"),
+                );
+            }
+        }
+    }
+    assert!(
+        names.contains("burn_cpu"),
+        "the busy thread's function is named: {names:?}"
+    );
 }

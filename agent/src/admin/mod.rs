@@ -1,14 +1,15 @@
 //! The agent's HTTP endpoints (DESIGN §2): readiness on 15021
 //! (`/healthz/ready`), Prometheus metrics on 15020 (`/metrics`), and the
 //! local admin endpoint on 15000 (`/config_dump`, `/logging`,
-//! `/quitquitquit`). [`AdminServer`] is started by the agent; an endpoint
-//! that cannot bind is logged and left out rather than stopping the data
-//! plane (see [`AdminServer::failures`]).
+//! `/quitquitquit`, `/debug/pprof/*`). [`AdminServer`] is started by the
+//! agent; an endpoint that cannot bind is logged and left out rather than
+//! stopping the data plane (see [`AdminServer::failures`]).
 
 pub mod config_dump;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod pprof;
 pub mod process;
 pub mod readiness;
 
@@ -303,9 +304,16 @@ impl Shared {
                 self.shutdown.send_replace(true);
                 text(StatusCode::OK, "shutting down")
             }),
+            (Endpoint::Admin, pprof::PROFILE_PATH) => pprof::profile(method, query).await,
+            (Endpoint::Admin, pprof::HEAP_PATH) => pprof::heap(method).await,
+            (Endpoint::Admin, pprof::HEAP_PROFILING_PATH) => {
+                pprof::heap_profiling(method, query).await
+            }
             (Endpoint::Admin, "/") => text(
                 StatusCode::OK,
-                "GET /config_dump\nGET /logging\nPOST /logging?level=<filter>\nPOST /quitquitquit",
+                "GET /config_dump\nGET /logging\nPOST /logging?level=<filter>\nPOST /quitquitquit\n\
+                 GET /debug/pprof/profile?seconds=<1-300, 10>&frequency=<1-1000 Hz, 100>\n\
+                 GET /debug/pprof/heap\nGET /debug/pprof/heap/profiling?activate=<true|false>",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found"),
         }
