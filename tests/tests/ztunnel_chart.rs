@@ -216,6 +216,42 @@ async fn istios_ztunnel_chart_runs_the_agent_with_only_the_image_swapped() {
     let metrics = get(SocketAddr::from(([127, 0, 0, 1], 15020)), "/metrics").await;
     assert!(metrics.contains("istio_build{"), "{metrics}");
 
+    // The admin port's config dump shows the settings under ztunnel's
+    // names and shapes (`config`, as ztunnel's `Config` serializes).
+    let dump: serde_json::Value =
+        serde_json::from_str(&get(SocketAddr::from(([127, 0, 0, 1], 15000)), "/config_dump").await)
+            .expect("config_dump is JSON");
+    let config = &dump["config"];
+    for (key, want) in [
+        (
+            "xdsAddress",
+            serde_json::json!("https://istiod.istio-system.svc:15012"),
+        ),
+        (
+            "caAddress",
+            serde_json::json!("https://istiod.istio-system.svc:15012"),
+        ),
+        ("localNode", serde_json::json!(NODE)),
+        ("clusterId", serde_json::json!("Kubernetes")),
+        (
+            "selfTerminationDeadline",
+            serde_json::json!({"secs": 25, "nanos": 0}),
+        ),
+        ("numWorkerThreads", serde_json::json!(2)),
+        ("packetMark", serde_json::json!(1337)),
+        (
+            "inpodUds",
+            serde_json::json!("/var/run/ztunnel/ztunnel.sock"),
+        ),
+        (
+            "caRootCert",
+            serde_json::json!({"File": "/var/run/secrets/istio/root-cert.pem"}),
+        ),
+        ("proxyArgs", serde_json::json!("proxy ztunnel")),
+    ] {
+        assert_eq!(config[key], want, "config.{key} in {config:#}");
+    }
+
     // SIGTERM: the agent drains and exits; its log says once which of the
     // chart's variables have no effect (SERVICE_ACCOUNT: ztunnel's
     // self-proxy identity), and nothing about those neither reads.

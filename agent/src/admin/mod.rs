@@ -115,6 +115,8 @@ pub struct Sources {
     pub shutdown: watch::Sender<bool>,
     /// The DNS proxy's settings, if it runs.
     pub dns: Option<crate::dns::DnsSettings>,
+    /// The dump's `config` and `version` sections (fixed at start).
+    pub settings: config_dump::Settings,
 }
 
 struct Shared {
@@ -127,6 +129,7 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     dns: Option<crate::dns::DnsSettings>,
+    settings: config_dump::Settings,
     log: Mutex<Option<LogHandle>>,
 }
 
@@ -159,6 +162,7 @@ impl AdminServer {
             readiness,
             shutdown,
             dns,
+            settings,
         } = sources;
         let shared = Arc::new(Shared {
             node,
@@ -170,6 +174,7 @@ impl AdminServer {
             shutdown,
             metrics,
             dns,
+            settings,
             log: Mutex::new(None),
         });
         let mut server = AdminServer {
@@ -335,6 +340,7 @@ impl Shared {
             trust: &self.certs.trust_bundle(),
             trust_peers: self.certs.trust().peers(),
             untrusted_closed: self.certs.trust().untrusted_closed(),
+            settings: &self.settings,
         });
         match serde_json::to_vec_pretty(&doc) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),

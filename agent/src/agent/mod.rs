@@ -143,11 +143,16 @@ impl Agent {
             tracker: Arc::default(),
             reporter: Reporter::new(state.clone(), 1024),
         };
-        ctx.reporter.metrics().set_build_tag(
-            cfg.control_plane
-                .proxy_metadata
-                .get(ISTIO_VERSION_METADATA)
-                .map(String::as_str),
+        let istio_version = cfg
+            .control_plane
+            .proxy_metadata
+            .get(ISTIO_VERSION_METADATA)
+            .map(String::as_str);
+        ctx.reporter.metrics().set_build_tag(istio_version);
+        let settings = crate::admin::config_dump::Settings::new(
+            &cfg,
+            tokio::runtime::Handle::current().metrics().num_workers(),
+            istio_version.unwrap_or("unknown"),
         );
         let zds =
             (cfg.mode == Mode::Istio).then(|| ZdsClient::new(cfg.control_plane.cni_socket.clone()));
@@ -171,6 +176,7 @@ impl Agent {
                 readiness: readiness.clone(),
                 shutdown: shutdown.clone(),
                 dns: ctx.settings.dns.clone(),
+                settings,
             },
         )
         .await;

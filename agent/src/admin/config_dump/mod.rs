@@ -4,6 +4,7 @@
 //! certificates are in ztunnel's shape ([`ztunnel`]), so `istioctl
 //! ztunnel-config` reads them; the other sections are this agent's own.
 
+mod settings;
 mod ztunnel;
 
 use std::sync::Arc;
@@ -36,6 +37,25 @@ pub struct DumpInput<'a> {
     /// were closed for an untrusted root.
     pub trust_peers: usize,
     pub untrusted_closed: u64,
+    pub settings: &'a Settings,
+}
+
+/// The `config` and `version` sections, in ztunnel's shape: built once at
+/// start, since neither changes while the agent runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    config: Value,
+    version: Value,
+}
+
+impl Settings {
+    /// From the agent's configuration and its runtime's worker count.
+    pub fn new(cfg: &crate::config::Config, workers: usize, istio_version: &str) -> Settings {
+        Settings {
+            config: settings::config(cfg, workers),
+            version: settings::version(istio_version),
+        }
+    }
 }
 
 /// Builds the config dump.
@@ -50,6 +70,8 @@ pub fn dump(input: &DumpInput<'_>) -> Value {
         "services": ztunnel::services(&mesh),
         "policies": ztunnel::policies(&mesh),
         "certificates": ztunnel::certificates(input.certificates, &input.trust.roots, input.now),
+        "config": input.settings.config,
+        "version": input.settings.version,
         // Ours.
         "certificateExpiry": input.certificates.iter().map(|c| json!({
             "identity": c.identity.to_string(),
