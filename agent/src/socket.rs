@@ -1,5 +1,6 @@
 //! How the agent makes its sockets: in which network namespace, with which
-//! mark, and whether they may borrow another address (transparent).
+//! mark, whether they may borrow another address (transparent), and how
+//! they notice a peer that vanished (TCP keepalive).
 //!
 //! A workload enrolled through capture has its sockets made inside its own
 //! network namespace, so its traffic leaves from its own address; a
@@ -8,6 +9,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +36,42 @@ pub struct ConnectOpts {
     pub transparent: bool,
     /// SO_MARK, so capture does not redirect the agent's own traffic.
     pub mark: Option<u32>,
+    /// Probe an idle connection so a vanished peer is noticed.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive on a connection: after `time` idle, a probe every
+/// `interval`; `retries` unanswered probes and the kernel closes it (reads
+/// fail with ETIMEDOUT, so the proxy closes the other side). With
+/// `user_timeout`, also TCP_USER_TIMEOUT = time + retries x interval: data
+/// left unacknowledged that long closes it too, where keepalive alone
+/// waits for the retransmissions to give up (~15 minutes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub retries: u32,
+    pub user_timeout: bool,
+}
+
+impl Keepalive {
+    /// How long a dead peer can go unnoticed on an idle connection.
+    pub fn bound(&self) -> Duration {
+        self.time + self.interval * self.retries
+    }
+
+    /// Sets the options on `socket` (any TCP socket, connected or not).
+    pub fn apply(&self, socket: socket2::SockRef<'_>) -> io::Result<()> {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(self.time)
+            .with_interval(self.interval)
+            .with_retries(self.retries);
+        socket.set_tcp_keepalive(&ka)?;
+        if self.user_timeout {
+            socket.set_tcp_user_timeout(Some(self.bound()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Options for a listener.
@@ -181,6 +219,9 @@ fn tcp_socket(dst: SocketAddr, opts: ConnectOpts) -> io::Result<Socket> {
     if let Some(m) = opts.mark {
         s.set_mark(m)?;
     }
+    if let Some(ka) = opts.keepalive {
+        ka.apply(socket2::SockRef::from(&s))?;
+    }
     if let Some(bind) = opts.bind {
         if bind.is_ipv4() == dst.is_ipv4() {
             if opts.transparent {
@@ -219,5 +260,46 @@ mod tests {
         let local = stream.local_addr().expect("local");
         assert_eq!(local.ip(), bound.ip());
         assert_ne!(local.port(), 0, "connect chose the port");
+    }
+
+    #[tokio::test]
+    async fn keepalive_and_user_timeout_are_set_on_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let dst = listener.local_addr().expect("addr");
+        let ka = Keepalive {
+            time: Duration::from_secs(7),
+            interval: Duration::from_secs(3),
+            retries: 4,
+            user_timeout: true,
+        };
+        let opts = ConnectOpts {
+            keepalive: Some(ka),
+            ..Default::default()
+        };
+        let stream = Sockets::Host.connect(dst, opts).await.expect("connect");
+        let s = socket2::SockRef::from(&stream);
+        assert!(s.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(s.tcp_keepalive_time().expect("idle"), ka.time);
+        assert_eq!(s.tcp_keepalive_interval().expect("interval"), ka.interval);
+        assert_eq!(s.tcp_keepalive_retries().expect("count"), ka.retries);
+        assert_eq!(
+            s.tcp_user_timeout().expect("user timeout"),
+            Some(ka.bound())
+        );
+        assert_eq!(ka.bound(), Duration::from_secs(19));
+
+        // Without user_timeout the kernel's default (none) stays.
+        let (accepted, _) = listener.accept().await.expect("accept");
+        Keepalive {
+            user_timeout: false,
+            ..ka
+        }
+        .apply(socket2::SockRef::from(&accepted))
+        .expect("apply");
+        let a = socket2::SockRef::from(&accepted);
+        assert!(a.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(a.tcp_user_timeout().expect("user timeout"), None);
     }
 }

@@ -108,12 +108,13 @@ impl Agent {
                 max_streams: cfg.pool.max_streams,
                 idle_timeout: cfg.pool.idle_timeout,
                 keepalive_interval: cfg.pool.keepalive_interval,
+                keepalive_timeout: cfg.pool.keepalive_timeout,
                 connect_timeout: cfg.connect_timeout,
                 h2: cfg.h2(),
                 socket_mark: cfg.socket_mark(),
+                tcp_keepalive: cfg.keepalive.socket(),
                 streams_per_connection: cfg.pool.streams_per_connection,
                 spread: cfg.pool.spread_connections.max(1),
-                ..Default::default()
             },
         );
         let ctx = ProxyContext {
@@ -126,6 +127,7 @@ impl Agent {
                 inbound_plaintext_port: cfg.ports.inbound_plaintext,
                 socket_mark: cfg.socket_mark(),
                 connect_timeout: cfg.connect_timeout,
+                keepalive: cfg.keepalive.socket(),
                 handshakes: cfg.handshakes.limits(),
                 h2: cfg.h2(),
                 dns: cfg.dns()?,

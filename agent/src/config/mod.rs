@@ -78,6 +78,8 @@ pub struct Config {
     /// Budget for connecting to an application or a peer agent. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TCP keepalive on the agent's connections.
+    pub keepalive: KeepaliveConfig,
     /// Inbound mTLS handshakes, per HBONE listener (one per local workload).
     pub handshakes: HandshakeSettings,
     /// The DNS proxy on 15053.
@@ -127,6 +129,7 @@ impl Default for Config {
             capture: None,
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
+            keepalive: KeepaliveConfig::default(),
             handshakes: HandshakeSettings::default(),
             dns: DnsConfig::default(),
             crl: None,
@@ -334,6 +337,20 @@ impl Config {
         }
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node must not be empty".into()));
+        }
+        // The kernel's limits (TCP_KEEPIDLE/TCP_KEEPINTVL, TCP_KEEPCNT).
+        let ka = &self.keepalive;
+        let secs = 1..=32_767;
+        if ka.enabled
+            && !(secs.contains(&ka.time.as_secs())
+                && secs.contains(&ka.interval.as_secs())
+                && (1..=127).contains(&ka.retries))
+        {
+            return Err(ConfigError::Invalid(
+                "keepalive: time and interval must be within 1s..=32767s and retries within \
+                 1..=127 (or keepalive.enabled: false)"
+                    .into(),
+            ));
         }
         if self.worker_threads == Some(0) {
             return Err(ConfigError::Invalid(

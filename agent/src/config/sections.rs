@@ -144,6 +144,10 @@ pub struct PoolSettings {
     /// HTTP/2 PING interval. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the connection and every stream
+    /// on it (their connections are closed both ends). Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// Per-stream window in bytes. Default: 4 MiB.
     pub stream_window: u32,
     /// Per-connection window; must exceed the stream window. Default: 16 MiB.
@@ -231,6 +235,53 @@ impl HandshakeSettings {
     }
 }
 
+/// TCP keepalive on the agent's connections (to and from applications,
+/// to and from peer agents), so a peer that vanished without closing is
+/// noticed and its connection closed (with the other side). The defaults
+/// are ztunnel's: a dead peer on an idle connection is noticed within
+/// time + retries x interval = 30 minutes.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// Default: true.
+    pub enabled: bool,
+    /// Idle time before the first probe. Default: 180s.
+    #[serde(with = "humantime_serde")]
+    pub time: Duration,
+    /// Between probes. Default: 180s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Unanswered probes before the connection is closed. Default: 9.
+    pub retries: u32,
+    /// Also close a connection whose sent data stays unacknowledged for
+    /// time + retries x interval (TCP_USER_TIMEOUT). Default: false.
+    pub user_timeout: bool,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            enabled: true,
+            time: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            retries: 9,
+            user_timeout: false,
+        }
+    }
+}
+
+impl KeepaliveConfig {
+    /// The socket options, or `None` when disabled.
+    pub fn socket(&self) -> Option<crate::socket::Keepalive> {
+        self.enabled.then_some(crate::socket::Keepalive {
+            time: self.time,
+            interval: self.interval,
+            retries: self.retries,
+            user_timeout: self.user_timeout,
+        })
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -279,6 +330,7 @@ impl Default for PoolSettings {
             max_streams: 100,
             idle_timeout: Duration::from_secs(60),
             keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
             stream_window: h2.stream_window,
             connection_window: h2.connection_window,
             max_frame_size: h2.max_frame_size,

@@ -62,26 +62,6 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "PREFERED_SERVICE_NAMESPACE",
         "no preferred-namespace service lookup",
     ),
-    (
-        "KEEPALIVE_TIME",
-        "TCP keepalive on application sockets is not implemented yet",
-    ),
-    (
-        "KEEPALIVE_INTERVAL",
-        "TCP keepalive on application sockets is not implemented yet",
-    ),
-    (
-        "KEEPALIVE_RETRIES",
-        "TCP keepalive on application sockets is not implemented yet",
-    ),
-    (
-        "KEEPALIVE_ENABLED",
-        "TCP keepalive on application sockets is not implemented yet",
-    ),
-    (
-        "USER_TIMEOUT_ENABLED",
-        "TCP_USER_TIMEOUT is not implemented yet",
-    ),
     ("LOCALHOST_APP_TUNNEL", "not configurable here"),
     ("ENABLE_RESPONSE_BAGGAGE", "no baggage is read or sent"),
     (
@@ -207,6 +187,21 @@ pub fn apply(
     }
     if let Some(d) = e.termination_deadline()? {
         cfg.drain_timeout = d;
+    }
+    if let Some(on) = e.parse::<bool>("KEEPALIVE_ENABLED")? {
+        cfg.keepalive.enabled = on;
+    }
+    if let Some(d) = e.duration("KEEPALIVE_TIME")? {
+        cfg.keepalive.time = d;
+    }
+    if let Some(d) = e.duration("KEEPALIVE_INTERVAL")? {
+        cfg.keepalive.interval = d;
+    }
+    if let Some(n) = e.parse::<u32>("KEEPALIVE_RETRIES")? {
+        cfg.keepalive.retries = n;
+    }
+    if let Some(on) = e.parse::<bool>("USER_TIMEOUT_ENABLED")? {
+        cfg.keepalive.user_timeout = on;
     }
     if let Some(d) = e.duration("SECRET_TTL")? {
         cfg.ca.cert_ttl = d;

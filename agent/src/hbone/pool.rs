@@ -49,6 +49,10 @@ pub struct PoolConfig {
     pub h2: H2Settings,
     /// SO_MARK on the agent's own sockets, so capture skips them.
     pub socket_mark: Option<u32>,
+    /// TCP keepalive under the PINGs (default none): the PINGs notice a
+    /// dead peer of a busy or idle connection; this also covers the
+    /// handshake and a peer that answers PINGs but not data.
+    pub tcp_keepalive: Option<crate::socket::Keepalive>,
     /// Streams a connection carries over its whole life before it takes no
     /// more and closes once they end; 0 = no limit (default). 1 gives every
     /// tunnel its own mTLS handshake (benchmarks, rotation drills).
@@ -68,6 +72,7 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(10),
             h2: H2Settings::default(),
             socket_mark: None,
+            tcp_keepalive: None,
             streams_per_connection: 0,
             spread: 2,
         }
@@ -469,6 +474,7 @@ impl Pool {
             bind: key.src_ip.map(|ip| SocketAddr::new(ip, 0)),
             transparent: false,
             mark: cfg.socket_mark,
+            keepalive: cfg.tcp_keepalive,
         };
         let tcp = sockets
             .connect(key.dst, opts)

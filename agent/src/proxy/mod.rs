@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::hbone::{H2Settings, Pool};
 use crate::identity::CertManager;
@@ -39,6 +39,8 @@ pub struct ProxySettings {
     pub socket_mark: Option<u32>,
     /// Budget for connecting to a destination application.
     pub connect_timeout: Duration,
+    /// TCP keepalive on connections to and from applications.
+    pub keepalive: Option<crate::socket::Keepalive>,
     /// Bounds on each HBONE listener's inbound handshakes.
     pub handshakes: crate::hbone::server::HandshakeLimits,
     pub h2: H2Settings,
@@ -206,14 +208,11 @@ impl WorkloadProxy {
         ));
         let tasks = vec![
             tokio::spawn(
-                accept_loop(outbound, ob, ctx.active.clone(), "outbound").instrument(span.clone()),
+                accept_loop(outbound, ob, ctx.clone(), "outbound").instrument(span.clone()),
             ),
+            tokio::spawn(accept_loop(hbone, ib, ctx.clone(), "hbone").instrument(span.clone())),
             tokio::spawn(
-                accept_loop(hbone, ib, ctx.active.clone(), "hbone").instrument(span.clone()),
-            ),
-            tokio::spawn(
-                accept_loop(inbound_plain, ip, ctx.active.clone(), "inbound_plaintext")
-                    .instrument(span),
+                accept_loop(inbound_plain, ip, ctx.clone(), "inbound_plaintext").instrument(span),
             ),
         ];
         Ok(WorkloadProxy { addrs, tasks, dns })
@@ -262,6 +261,7 @@ async fn connect_app(
             .then_some(SocketAddr::new(client, 0)),
         transparent: true,
         mark: ctx.settings.socket_mark,
+        keepalive: ctx.settings.keepalive,
     };
     tokio::time::timeout(ctx.settings.connect_timeout, sockets.connect(target, opts))
         .await
@@ -342,13 +342,21 @@ impl Active {
 async fn accept_loop<A: Accept>(
     listener: TcpListener,
     handler: Arc<A>,
-    active: Arc<Active>,
+    ctx: ProxyContext,
     name: &'static str,
 ) {
+    let active = ctx.active.clone();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                // A client that vanishes (pod gone, node down, peer agent
+                // lost) is noticed and its connection closed end to end.
+                if let Some(ka) = ctx.settings.keepalive {
+                    if let Err(e) = ka.apply(socket2::SockRef::from(&stream)) {
+                        debug!(listener = name, error = %e, "setting keepalive failed");
+                    }
+                }
                 let guard = active.enter();
                 let handler = handler.clone();
                 let mut terminated = active.terminate.subscribe();

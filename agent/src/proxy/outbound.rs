@@ -123,6 +123,7 @@ impl Outbound {
             Route::Passthrough { target, .. } => {
                 let opts = ConnectOpts {
                     mark: self.ctx.settings.socket_mark,
+                    keepalive: self.ctx.settings.keepalive,
                     ..Default::default()
                 };
                 let upstream = self

@@ -5,8 +5,8 @@
 //! (README, "Istio's ztunnel chart, image swapped"). Durations are serde's
 //! `{"secs","nanos"}`, addresses `{"SocketAddr": "ip:port"}`, roots
 //! `{"File": path}`, as ztunnel writes them. ztunnel's keys for what this
-//! agent does not have (TCP keepalive `socketConfig`, DNS resolver options)
-//! are left out rather than given values that are not in force.
+//! agent does not have (DNS resolver options) are left out rather than
+//! given values that are not in force.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -108,6 +108,16 @@ pub fn config(cfg: &Config, workers: usize) -> Value {
         ("inpodUds", json!(cp.cni_socket)),
         ("inpodPortReuse", json!(true)),
         ("packetMark", json!(cfg.socket_mark())),
+        (
+            "socketConfig",
+            json!({
+                "keepaliveTime": duration(cfg.keepalive.time),
+                "keepaliveInterval": duration(cfg.keepalive.interval),
+                "keepaliveRetries": cfg.keepalive.retries,
+                "keepaliveEnabled": cfg.keepalive.enabled,
+                "userTimeoutEnabled": cfg.keepalive.user_timeout,
+            }),
+        ),
         ("xdsHeaders", json!([])),
         ("caHeaders", json!([])),
         ("localhostAppTunnel", json!(true)),
@@ -190,8 +200,10 @@ mod tests {
         assert_eq!(v["illegalPorts"], json!([15008, 15006, 15001]));
         assert_eq!(v["windowSize"], 4 << 20);
         assert_eq!(v["clusterId"], cfg.control_plane.cluster_id);
+        assert_eq!(v["socketConfig"]["keepaliveTime"]["secs"], 180);
+        assert_eq!(v["socketConfig"]["keepaliveRetries"], 9);
         // What ztunnel has and this agent does not is absent, not invented.
-        assert!(v.get("socketConfig").is_none());
+        assert!(v.get("dnsResolverOpts").is_none());
 
         let local = config(&Config::default(), 1);
         assert!(local["xdsAddress"].is_null() && local["caAddress"].is_null());

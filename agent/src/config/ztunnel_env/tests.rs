@@ -100,6 +100,12 @@ fn the_charts_environment_configures_istio_mode_as_ztunnel() {
     );
     assert!(cfg.dns_enabled());
     assert_eq!(cfg.capture(), crate::capture::CaptureMode::None);
+    // Keepalive: ztunnel's defaults, 180s/180s/9, no user timeout.
+    let ka = cfg.keepalive.socket().expect("keepalive on");
+    assert_eq!(
+        (ka.time, ka.interval, ka.retries, ka.user_timeout),
+        (Duration::from_secs(180), Duration::from_secs(180), 9, false)
+    );
     // INPOD_ENABLED and RUST_BACKTRACE are set by the chart but read by
     // neither ztunnel nor us: not reported. SERVICE_ACCOUNT names
     // ztunnel's self-proxy identity, which we do not serve.
@@ -165,6 +171,17 @@ fn each_variable_maps_to_its_setting() {
         ("SECRET_TTL", "12h", |c| {
             c.ca.cert_ttl == Duration::from_secs(12 * 3600)
         }),
+        ("KEEPALIVE_ENABLED", "false", |c| {
+            c.keepalive.socket().is_none()
+        }),
+        ("KEEPALIVE_TIME", "60s", |c| {
+            c.keepalive.time == Duration::from_secs(60)
+        }),
+        ("KEEPALIVE_INTERVAL", "20", |c| {
+            c.keepalive.interval == Duration::from_secs(20)
+        }),
+        ("KEEPALIVE_RETRIES", "3", |c| c.keepalive.retries == 3),
+        ("USER_TIMEOUT_ENABLED", "true", |c| c.keepalive.user_timeout),
         ("CRL_PATH", "/var/run/secrets/istio/crl/ca-crl.pem", |c| {
             c.crl.as_deref() == Some("/var/run/secrets/istio/crl/ca-crl.pem".as_ref())
         }),
@@ -378,6 +395,11 @@ fn bad_values_are_refused_in_ztunnels_words() {
             &[("HTTP2_CONNECTION_WINDOW_SIZE", "1024")],
             "connectionWindow",
         ),
+        (&[("KEEPALIVE_RETRIES", "0")], "retries within"),
+        (
+            &[("KEEPALIVE_ENABLED", "yes")],
+            "invalid env var KEEPALIVE_ENABLED=yes",
+        ),
     ];
     for (vars, want) in cases {
         let err = load(vars)
@@ -391,6 +413,7 @@ fn bad_values_are_refused_in_ztunnels_words() {
 fn variables_without_effect_are_reported_once_each() {
     let (_, ignored) = load(&[
         ("NETWORK", "net-1"),
+        // Honoured: not reported.
         ("KEEPALIVE_TIME", "60s"),
         ("XDS_HEADER_X_ORG", "acme"),
         ("XDS_ON_DEMAND", "true"),
@@ -406,7 +429,6 @@ fn variables_without_effect_are_reported_once_each() {
         ignored,
         [
             "ENABLE_ORIG_SRC",
-            "KEEPALIVE_TIME",
             "NETWORK",
             "XDS_HEADER_X_ORG",
             "XDS_ON_DEMAND"
