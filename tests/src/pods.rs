@@ -76,6 +76,29 @@ impl PodMesh {
     pub fn server_app(&self, port: u16) -> SocketAddr {
         self.server.addr(port)
     }
+
+    /// A connection from `client` to the server's echo on 8080 (which the
+    /// test starts), checked to carry a message both ways.
+    pub async fn connect_echo(&self) -> std::io::Result<tokio::net::TcpStream> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = self
+            .client
+            .sockets()
+            .connect(self.server.addr(8080), Default::default())
+            .await?;
+        conn.write_all(b"ping").await?;
+        let mut back = [0u8; 4];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.read_exact(&mut back),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
+        if &back != b"ping" {
+            return Err(std::io::Error::other("wrong echo"));
+        }
+        Ok(conn)
+    }
 }
 
 /// Whether `from` gets its message echoed by `dst`.

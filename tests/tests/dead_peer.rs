@@ -11,11 +11,10 @@ use ambient_agent::admin::metrics::AgentGauges;
 use ambient_agent::agent::Agent;
 use ambient_agent::config::{Config, KeepaliveConfig};
 use ambient_agent::proxy::record::Direction;
-use ambient_agent::socket::ConnectOpts;
 use ambient_tests::netns::{in_ns, Pod};
 use ambient_tests::pods::PodMesh;
 use ambient_tests::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
 /// Short keepalive: a dead peer is noticed after 1 + 2 x 1 = 3 s idle.
@@ -38,25 +37,6 @@ async fn agent(m: &PodMesh, node: &str, tune: impl FnOnce(&mut Config)) -> Agent
     };
     tune(&mut cfg);
     m.world.agent_with(cfg).await
-}
-
-/// A connection from `client` to the server's echo on 8080, checked to
-/// work end to end.
-async fn open(m: &PodMesh) -> TcpStream {
-    let mut conn = m
-        .client
-        .sockets()
-        .connect(m.server.addr(8080), ConnectOpts::default())
-        .await
-        .expect("connect from the client pod");
-    conn.write_all(b"ping").await.expect("write");
-    let mut back = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&back, b"ping");
-    conn
 }
 
 /// Drops the packets matching any of `rules` entering or leaving `pod`'s
@@ -123,7 +103,7 @@ async fn a_vanished_application_is_noticed_by_tcp_keepalive() {
     let b = agent(&m, "node-b", long_pings).await;
     let _echo = PodEcho::start(&m.server, 8080).await;
     let mut records_b = b.connections();
-    let mut conn = open(&m).await;
+    let mut conn = m.connect_echo().await.expect("echo through the mesh");
 
     blackhole(&m.server, &["tcp dport 8080", "tcp sport 8080"]);
     let bound = KEEPALIVE.socket().expect("on").bound();
@@ -159,7 +139,7 @@ async fn a_vanished_peer_agent_is_noticed_by_http2_pings() {
     let _b = agent(&m, "node-b", pings).await;
     let _echo = PodEcho::start(&m.server, 8080).await;
     let mut records_a = a.connections();
-    let mut conn = open(&m).await;
+    let mut conn = m.connect_echo().await.expect("echo through the mesh");
 
     blackhole(
         &m.server,

@@ -128,6 +128,7 @@ impl Agent {
                 socket_mark: cfg.socket_mark(),
                 connect_timeout: cfg.connect_timeout,
                 keepalive: cfg.keepalive.socket(),
+                limits: cfg.limits.workload(),
                 handshakes: cfg.handshakes.limits(),
                 h2: cfg.h2(),
                 dns: cfg.dns()?,
@@ -301,7 +302,12 @@ impl Agent {
         let (captured, peer) = listener.accept().await?;
         captured.set_nodelay(true)?;
         app.set_nodelay(true)?;
-        let outbound = Outbound::new(self.ctx.clone(), source, Sockets::Host);
+        let outbound = Outbound::new(
+            self.ctx.clone(),
+            source,
+            Sockets::Host,
+            crate::proxy::limits::Budget::new(self.ctx.settings.limits),
+        );
         tokio::spawn(async move { outbound.proxy(captured, peer, dst).await });
         Ok(app)
     }

@@ -80,6 +80,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// TCP keepalive on the agent's connections.
     pub keepalive: KeepaliveConfig,
+    /// Per-workload caps.
+    pub limits: LimitsConfig,
     /// Inbound mTLS handshakes, per HBONE listener (one per local workload).
     pub handshakes: HandshakeSettings,
     /// The DNS proxy on 15053.
@@ -130,6 +132,7 @@ impl Default for Config {
             pod_interface: "eth0".into(),
             connect_timeout: Duration::from_secs(10),
             keepalive: KeepaliveConfig::default(),
+            limits: LimitsConfig::default(),
             handshakes: HandshakeSettings::default(),
             dns: DnsConfig::default(),
             crl: None,

@@ -282,6 +282,38 @@ impl KeepaliveConfig {
     }
 }
 
+/// What one workload may hold open in the agent, so a noisy pod cannot
+/// exhaust it for the others; over a cap, a connection is refused (HBONE:
+/// 503) and recorded with response flag `UO`. 0 = no cap.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections open through the agent, in and out together.
+    /// Default: 65536.
+    pub connections_per_workload: usize,
+    /// Inbound HBONE streams being admitted (policy, connecting to the
+    /// application) at once. Default: 1024.
+    pub pending_streams_per_workload: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connections_per_workload: 65_536,
+            pending_streams_per_workload: 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn workload(&self) -> crate::proxy::limits::WorkloadLimits {
+        crate::proxy::limits::WorkloadLimits {
+            connections: self.connections_per_workload,
+            pending_streams: self.pending_streams_per_workload,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

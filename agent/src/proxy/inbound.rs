@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn, Instrument};
 
+use super::limits::{Budget, Slot};
 use super::record::{Connection, Direction};
 use super::tracker::Registration;
 use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Accept, ProxyContext};
@@ -34,6 +35,8 @@ pub struct Inbound {
     tls: tls::ServerConfigCache,
     /// The handshakes in progress on this workload's HBONE listener.
     handshakes: server::HandshakeGate,
+    /// What the workload may hold open (shared with its other proxies).
+    budget: Arc<Budget>,
 }
 
 impl Accept for Inbound {
@@ -77,13 +80,19 @@ impl Accept for Inbound {
 }
 
 impl Inbound {
-    pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
+    pub fn new(
+        ctx: ProxyContext,
+        workload: Arc<Workload>,
+        sockets: Sockets,
+        budget: Arc<Budget>,
+    ) -> Self {
         Inbound {
             handshakes: server::HandshakeGate::new(ctx.settings.handshakes),
             ctx,
             identity: workload.identity(),
             workload,
             sockets,
+            budget,
             tls: tls::ServerConfigCache::default(),
         }
     }
@@ -210,7 +219,7 @@ impl Handler for Inbound {
         let admit =
             Box::pin(async move { self.admit(req, src, &waypoints, responder, record).await });
         async move {
-            let Some((tunnel, upstream, registration, mut record)) = admit.await else {
+            let Some((tunnel, upstream, registration, mut record, _slot)) = admit.await else {
                 return;
             };
             record.opened();
@@ -238,7 +247,21 @@ impl Inbound {
         waypoints: &[Identity],
         responder: Responder,
         record: Connection,
-    ) -> Option<(H2Stream, TcpStream, Registration, Connection)> {
+    ) -> Option<(H2Stream, TcpStream, Registration, Connection, Slot)> {
+        // Over a cap: refused before any work is done for it.
+        let places = self
+            .budget
+            .pending_stream()
+            .and_then(|pending| Ok((pending, self.budget.connection()?)));
+        let (_pending, slot) = match places {
+            Ok(places) => places,
+            Err(over) => {
+                warn!("{over}; 503");
+                record.finish(Err(over));
+                responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                return None;
+            }
+        };
         // A pod the CNI handed over before istiod listed it: the policies
         // that select it are not known yet, so nothing may come in.
         if !self.ctx.state.snapshot().knows(&self.workload) {
@@ -309,7 +332,7 @@ impl Inbound {
                 return None;
             }
         };
-        Some((tunnel, upstream, registration, record))
+        Some((tunnel, upstream, registration, record, slot))
     }
 }
 

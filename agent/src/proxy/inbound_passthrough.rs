@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::warn;
 
+use super::limits::Budget;
 use super::record::Direction;
 use super::{
     addressed_to_listener, authorize, connect_app, orig_dst::original_dst, Accept, ProxyContext,
@@ -23,15 +24,22 @@ pub struct InboundPassthrough {
     /// `workload`'s identity, made once: each connection shares it.
     identity: Identity,
     sockets: Sockets,
+    budget: Arc<Budget>,
 }
 
 impl InboundPassthrough {
-    pub fn new(ctx: ProxyContext, workload: Arc<Workload>, sockets: Sockets) -> Self {
+    pub fn new(
+        ctx: ProxyContext,
+        workload: Arc<Workload>,
+        sockets: Sockets,
+        budget: Arc<Budget>,
+    ) -> Self {
         InboundPassthrough {
             ctx,
             identity: workload.identity(),
             workload,
             sockets,
+            budget,
         }
     }
 }
@@ -52,6 +60,14 @@ impl Accept for InboundPassthrough {
                 dst,
             )
             .dst_identity(Some(self.identity.clone()));
+        // Held until the connection ends.
+        let _slot = match self.budget.connection() {
+            Ok(slot) => slot,
+            Err(over) => {
+                warn!(%peer, %dst, "{over}; closing");
+                return record.finish(Err(over));
+            }
+        };
         let own = addressed_to_listener(&stream, dst, self.ctx.settings.inbound_plaintext_port);
         if own || self.ctx.settings.reserved_ports.contains(dst.port()) {
             warn!(%peer, %dst, "plaintext connection to a port the agent serves; closing");

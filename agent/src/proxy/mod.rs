@@ -6,6 +6,7 @@
 
 mod inbound;
 mod inbound_passthrough;
+pub mod limits;
 pub mod orig_dst;
 mod outbound;
 pub mod proxy_protocol;
@@ -41,6 +42,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// TCP keepalive on connections to and from applications.
     pub keepalive: Option<crate::socket::Keepalive>,
+    /// What each workload may hold open.
+    pub limits: limits::WorkloadLimits,
     /// Bounds on each HBONE listener's inbound handshakes.
     pub handshakes: crate::hbone::server::HandshakeLimits,
     pub h2: H2Settings,
@@ -195,16 +198,25 @@ impl WorkloadProxy {
         // its whole life, and idle connections are many.
         let span = tracing::info_span!("workload", uid = %workload.uid, id = %workload.identity());
         info!(parent: &span, ?addrs, "listening");
+        // One budget for the workload's connections in and out.
+        let budget = limits::Budget::new(s.limits);
         let ob = Arc::new(Outbound::new(
             ctx.clone(),
             workload.clone(),
             sockets.clone(),
+            budget.clone(),
         ));
-        let ib = Arc::new(Inbound::new(ctx.clone(), workload.clone(), sockets.clone()));
+        let ib = Arc::new(Inbound::new(
+            ctx.clone(),
+            workload.clone(),
+            sockets.clone(),
+            budget.clone(),
+        ));
         let ip = Arc::new(InboundPassthrough::new(
             ctx.clone(),
             workload.clone(),
             sockets,
+            budget,
         ));
         let tasks = vec![
             tokio::spawn(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{warn, Instrument};
 
+use super::limits::{Budget, Overloaded};
 use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
 use crate::copy::{copy_tcp, CopyError};
@@ -22,6 +23,7 @@ pub struct Outbound {
     /// `source`'s identity, made once: each connection shares it.
     source_identity: Identity,
     sockets: Sockets,
+    budget: Arc<Budget>,
 }
 
 impl Accept for Outbound {
@@ -42,12 +44,18 @@ impl Accept for Outbound {
 }
 
 impl Outbound {
-    pub fn new(ctx: ProxyContext, source: Arc<Workload>, sockets: Sockets) -> Self {
+    pub fn new(
+        ctx: ProxyContext,
+        source: Arc<Workload>,
+        sockets: Sockets,
+        budget: Arc<Budget>,
+    ) -> Self {
         Outbound {
             ctx,
             source_identity: source.identity(),
             source,
             sockets,
+            budget,
         }
     }
 
@@ -94,17 +102,27 @@ impl Outbound {
         // capture its inputs: its state (the route, connect, TLS and HTTP/2
         // handshakes) is large and needed only until the ends are joined,
         // while the future below lives as long as the connection.
+        let slot = self.budget.connection();
         let establish = Box::pin(async move {
-            let ends = self.establish(stream, peer, &route, &mut conn).await;
-            (conn, ends)
+            let ends = match &slot {
+                Ok(_) => self.establish(stream, peer, &route, &mut conn).await,
+                Err(over) => Err(OutboundError::Overloaded(*over)),
+            };
+            (conn, slot, ends)
         });
         async move {
             match establish.await {
-                (conn, Ok(ends)) => match ends.copy().await {
+                // The slot is held until the connection ends.
+                (conn, _slot, Ok(ends)) => match ends.copy().await {
                     Ok((sent, received)) => conn.copied(sent, received, None::<&str>),
                     Err(e) => conn.copied(e.moved.0, e.moved.1, Some(e.error)),
                 },
-                (conn, Err(e)) => conn.finish(Err(e)),
+                (conn, _, Err(e)) => {
+                    if let OutboundError::Overloaded(_) = e {
+                        warn!("{e}; closing");
+                    }
+                    conn.finish(Err(e))
+                }
             }
         }
         .instrument(span)
@@ -202,4 +220,6 @@ enum OutboundError {
     Request(String),
     #[error(transparent)]
     Hbone(#[from] hbone::PoolError),
+    #[error(transparent)]
+    Overloaded(Overloaded),
 }

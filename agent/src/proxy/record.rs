@@ -137,8 +137,8 @@ impl ConnectionRecord {
 
     /// Envoy-style response flags: `-` for none, `DENY` for a policy
     /// refusal (ours or the peer's 401/403), `NR` when there was no route,
-    /// `UF` when the upstream could not be reached, `UC` when it failed
-    /// mid-connection.
+    /// `UO` when a per-workload limit refused it, `UF` when the upstream
+    /// could not be reached, `UC` when it failed mid-connection.
     pub fn response_flags(&self) -> &'static str {
         let Some(e) = self.error.as_deref() else {
             return "-";
@@ -147,6 +147,8 @@ impl ConnectionRecord {
             "DENY"
         } else if e.starts_with("destination unreachable") {
             "NR"
+        } else if e.starts_with("overloaded") {
+            "UO"
         } else if e.starts_with("copying") || self.opened {
             "UC"
         } else {
