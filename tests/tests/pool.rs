@@ -181,6 +181,37 @@ async fn idle_connections_are_released() {
     assert_eq!(s.pool.stats().connections_opened, 2);
 }
 
+/// What a burst opened is closed as soon as the burst ends, long before
+/// the idle timeout: connections left without a stream beyond the
+/// `spread` kept for reuse go at once (with the memory they hold).
+#[tokio::test]
+async fn a_bursts_surplus_connections_close_when_it_ends() {
+    let cfg = PoolConfig {
+        max_streams: 10,
+        spread: 2,
+        idle_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let s = setup(25, cfg).await;
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        streams.push(s.open().await);
+    }
+    assert_eq!(s.pool.stats().connections_open, 4);
+    drop(streams);
+    timeout(Duration::from_secs(5), async {
+        while s.pool.stats().connections_open != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("surplus connections closed before the idle timeout");
+    // The two kept are reused.
+    let _st = s.open().await;
+    let stats = s.pool.stats();
+    assert_eq!((stats.connections_open, stats.connections_opened), (2, 4));
+}
+
 #[tokio::test]
 async fn keepalive_pings_keep_a_connection_usable() {
     let cfg = PoolConfig {

@@ -196,6 +196,12 @@ impl Agent {
         }));
         let r = reconciler.clone();
         tasks.push(tokio::spawn(async move { r.retry(RETRY_INTERVAL).await }));
+        tasks.push(tokio::spawn(
+            ctx.reporter
+                .heap()
+                .clone()
+                .run(stopped(shutdown.subscribe())),
+        ));
         if let Some(zds) = zds {
             let r = reconciler.clone();
             let handler = move |event| {

@@ -198,6 +198,9 @@ struct Conn {
     budget: AtomicU64,
     /// Wakes the connection's driver once it is closed and has no stream.
     retired: Arc<tokio::sync::Notify>,
+    /// Wakes the driver when the connection's last stream ends, to close
+    /// it at once if its key has idle connections to spare.
+    idle: Arc<tokio::sync::Notify>,
 }
 
 impl Conn {
@@ -246,6 +249,8 @@ impl Conn {
             *lock(&self.idle_since) = Instant::now();
             if before & CLOSED != 0 {
                 self.retired.notify_one();
+            } else {
+                self.idle.notify_one();
             }
         }
     }
@@ -432,6 +437,7 @@ impl Pool {
             idle_since: Mutex::new(Instant::now()),
             budget: AtomicU64::new(budget),
             retired: Arc::default(),
+            idle: Arc::default(),
         });
         // The first stream is taken here, not through `try_reserve`.
         if conn.take_budget() == Some(true) {
@@ -444,7 +450,7 @@ impl Pool {
             drive(
                 connection,
                 guard,
-                conn.retired.clone(),
+                [conn.retired.clone(), conn.idle.clone()],
                 Arc::downgrade(&conn),
                 Arc::downgrade(entry),
                 Arc::downgrade(&self.inner),
@@ -558,6 +564,10 @@ enum Ending {
     Closed,
     Failed,
     Idle,
+    /// Idle while its key had more idle connections than it spreads over:
+    /// what a burst opened is closed as soon as the burst ends, with the
+    /// memory it holds (its TLS and HTTP/2 buffers, on both agents).
+    Surplus,
     Released,
     Retired,
     KeepAliveFailed,
@@ -565,12 +575,24 @@ enum Ending {
     Untrusted,
 }
 
+/// Whether `entry` has more connections without a stream than `spread`
+/// (which stay, for the next streams to reuse).
+fn surplus(entry: &Weak<Entry>, spread: usize) -> bool {
+    entry.upgrade().is_some_and(|e| {
+        lock(&e.conns)
+            .iter()
+            .filter(|c| c.state.load(Ordering::Acquire) == 0)
+            .count()
+            > spread.max(1)
+    })
+}
+
 /// Drives one connection: polls it, PINGs it, releases it when idle, and
 /// removes it from the pool when it ends.
 async fn drive(
     mut connection: h2::client::Connection<TlsConn, Bytes>,
     peer: PeerGuard,
-    retired: Arc<tokio::sync::Notify>,
+    [retired, idle]: [Arc<tokio::sync::Notify>; 2],
     conn: Weak<Conn>,
     entry: Weak<Entry>,
     pool: Weak<Inner>,
@@ -587,11 +609,20 @@ async fn drive(
     let maintain = async {
         let mut since_ping = Duration::ZERO;
         loop {
-            tokio::time::sleep(tick).await;
-            since_ping += tick;
+            let woke = tokio::select! {
+                () = tokio::time::sleep(tick) => false,
+                () = idle.notified() => true,
+            };
             let Some(c) = conn.upgrade() else {
                 return Ending::Released;
             };
+            if woke {
+                if surplus(&entry, cfg.spread) && c.close_if_idle(Duration::ZERO) {
+                    return Ending::Surplus;
+                }
+                continue;
+            }
+            since_ping += tick;
             if c.close_if_idle(cfg.idle_timeout) {
                 return Ending::Idle;
             }
@@ -641,7 +672,10 @@ async fn drive(
     }
     // A released connection has no streams left; let it say goodbye. A dead
     // one is dropped at once, so a black-holed peer cannot hold the task.
-    if matches!(why, Ending::Idle | Ending::Released | Ending::Retired) {
+    if matches!(
+        why,
+        Ending::Idle | Ending::Surplus | Ending::Released | Ending::Retired
+    ) {
         let _ = tokio::time::timeout(cfg.keepalive_timeout, connection).await;
     }
 }

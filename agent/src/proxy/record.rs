@@ -193,6 +193,8 @@ impl ConnectionRecord {
 pub struct Reporter {
     state: Arc<State>,
     metrics: Arc<Metrics>,
+    /// Connections open, for giving their memory back after a burst.
+    heap: Arc<crate::heap::BurstRelease>,
     opened: broadcast::Sender<Arc<ConnectionRecord>>,
     closed: broadcast::Sender<Arc<ConnectionRecord>>,
 }
@@ -204,9 +206,16 @@ impl Reporter {
         Reporter {
             state,
             metrics: Arc::new(Metrics::new()),
+            heap: Arc::default(),
             opened: broadcast::channel(capacity).0,
             closed: broadcast::channel(capacity).0,
         }
+    }
+
+    /// What counts connections open for the allocator's sake (its
+    /// [`run`](crate::heap::BurstRelease::run) task is the agent's to spawn).
+    pub fn heap(&self) -> &Arc<crate::heap::BurstRelease> {
+        &self.heap
     }
 
     /// The metrics records are counted in.
@@ -232,6 +241,7 @@ impl Reporter {
         src_port: Option<u16>,
         dst: SocketAddr,
     ) -> Connection {
+        self.heap.opened();
         Connection {
             reporter: self.clone(),
             start: Instant::now(),
@@ -356,6 +366,7 @@ impl Connection {
         r.log();
         self.reporter.metrics.closed(&r);
         let _ = self.reporter.closed.send(Arc::new(r));
+        self.reporter.heap.closed();
     }
 }
 

@@ -496,6 +496,9 @@ fn main() -> anyhow::Result<()> {
     // allocator kept from earlier runs would hide the cost.
     let mut per_conn = [None, None, None];
     let mut per_conn_b = None;
+    // RSS above the pre-burst value once the connections closed: after 2 s
+    // and after 10 s, both well inside the pool's idle timeout (60 s).
+    let mut left = [[None; 3]; 2];
     let mut held = [0; 3];
     let mut b = b;
     let memory_paths = args.cases(Part::Memory, &[Via::Proxy, Via::Hbone]);
@@ -538,6 +541,25 @@ fn main() -> anyhow::Result<()> {
         let after = [a.rss(), b.rss()];
         let _ = tx.send(());
         let _ = holder.join();
+        std::thread::sleep(Duration::from_secs(2));
+        let closed_2s = [a.rss(), b.rss()];
+        std::thread::sleep(Duration::from_secs(8));
+        let closed_10s = [a.rss(), b.rss()];
+        let grew = |now: [u64; 2], i: usize| now[i].saturating_sub(before[i]) as f64 / 1024.0;
+        eprintln!(
+            "{p:?}: after closing them, RSS above before: +2 s node-a {:.0} KiB, node-b {:.0} KiB; \
+             +10 s node-a {:.0} KiB, node-b {:.0} KiB",
+            grew(closed_2s, 0),
+            grew(closed_2s, 1),
+            grew(closed_10s, 0),
+            grew(closed_10s, 1)
+        );
+        let col = match p {
+            Via::Proxy => 1,
+            _ => 2,
+        };
+        left[0][col] = Some(grew(closed_2s, 0));
+        left[1][col] = Some(grew(closed_10s, 0));
         let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
         eprintln!(
             "{p:?}: {n} idle connections: node-a +{:.0} B/conn, node-b +{:.0} B/conn",
@@ -552,10 +574,18 @@ fn main() -> anyhow::Result<()> {
                 per_conn_b = Some(per(1));
             }
         }
-        // Let the closed connections drain from both agents.
-        std::thread::sleep(Duration::from_secs(2));
     }
     if args.runs(Part::Memory) {
+        for (i, when) in ["2 s", "10 s"].into_iter().enumerate() {
+            rows.push(Row {
+                name: format!(
+                    "agent RSS above its pre-burst value {when} after the held connections closed (node-a)"
+                ),
+                unit: "KiB",
+                values: left[i],
+                target: "<= 2048".into(),
+            });
+        }
         rows.push(Row {
             name: format!(
                 "agent memory per idle connection, {} (proxy) / {} (HBONE) held (node-a, log {})",
