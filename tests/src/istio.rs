@@ -187,6 +187,22 @@ pub async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// The string values of an xDS node's metadata.
+pub fn node_metadata(
+    node: &ambient_proto::core::Node,
+) -> std::collections::BTreeMap<String, String> {
+    node.metadata
+        .iter()
+        .flat_map(|m| m.fields.iter())
+        .filter_map(|(k, v)| match &v.kind {
+            Some(ambient_proto::prost_types::value::Kind::StringValue(s)) => {
+                Some((k.clone(), s.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether the agent's own nft table is in `pod`.
 pub fn has_agent_capture(pod: &Pod) -> bool {
     in_ns(&pod.netns, "nft", &["list", "tables"]).is_ok_and(|t| t.contains("ambient_agent"))

@@ -212,6 +212,20 @@ pub fn agent_binary() -> std::path::PathBuf {
     bin
 }
 
+/// The sum of `istio_tcp_connections_failed_total` over the series of
+/// `agent`'s metrics whose labels contain `label` (e.g.
+/// `response_flags="UO"`).
+pub fn failed_connections(agent: &ambient_agent::agent::Agent, label: &str) -> u64 {
+    let text = agent
+        .metrics()
+        .encode(&ambient_agent::admin::metrics::AgentGauges::default())
+        .expect("metrics encode");
+    text.lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

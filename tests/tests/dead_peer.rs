@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use ambient_agent::admin::metrics::AgentGauges;
 use ambient_agent::agent::Agent;
 use ambient_agent::config::{Config, KeepaliveConfig};
 use ambient_agent::proxy::record::Direction;
@@ -72,20 +71,6 @@ async fn ended(conn: &mut TcpStream, limit: Duration) -> Duration {
     }
 }
 
-fn failed_total(a: &Agent, reporter: &str) -> u64 {
-    let text = a
-        .metrics()
-        .encode(&AgentGauges::default())
-        .expect("metrics");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("istio_tcp_connections_failed_total{")
-                && l.contains(&format!("reporter=\"{reporter}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// The server application stops answering (its packets dropped): the
 /// server agent's keepalive on its socket to the application gives up
 /// after time + retries x interval, and the close travels back through the
@@ -115,7 +100,7 @@ async fn a_vanished_application_is_noticed_by_tcp_keepalive() {
         record.error.is_some(),
         "the inbound record says why it ended: {record:?}"
     );
-    assert!(failed_total(&b, "destination") >= 1);
+    assert!(failed_connections(&b, "reporter=\"destination\"") >= 1);
     drop(a);
 }
 
@@ -154,5 +139,5 @@ async fn a_vanished_peer_agent_is_noticed_by_http2_pings() {
         record.error.is_some(),
         "the outbound record says why it ended: {record:?}"
     );
-    assert!(failed_total(&a, "source") >= 1);
+    assert!(failed_connections(&a, "reporter=\"source\"") >= 1);
 }

@@ -133,17 +133,7 @@ async fn the_agent_introduces_itself_to_istiod_as_ztunnel_does() {
         node.id,
         format!("ztunnel~{ip}~ztunnel-{name}.istio-system~istio-system.svc.cluster.local")
     );
-    let metadata: std::collections::BTreeMap<String, String> = node
-        .metadata
-        .iter()
-        .flat_map(|m| m.fields.iter())
-        .filter_map(|(k, v)| match &v.kind {
-            Some(ambient_proto::prost_types::value::Kind::StringValue(s)) => {
-                Some((k.clone(), s.clone()))
-            }
-            _ => None,
-        })
-        .collect();
+    let metadata = node_metadata(&node);
     let expected: std::collections::BTreeMap<String, String> = [
         ("NAME", format!("ztunnel-{name}")),
         ("NAMESPACE", "istio-system".into()),

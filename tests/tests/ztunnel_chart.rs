@@ -21,7 +21,7 @@ use std::time::Duration;
 use ambient_agent::identity::LocalCa;
 use ambient_agent::xds::local::parse_mesh;
 use ambient_tests::control_plane::{ca::TestCa, istiod::TestIstiod, xds::TestXds, zds::TestCni};
-use ambient_tests::istio::{get, info, mesh_of, netns, wait_for, TOKEN};
+use ambient_tests::istio::{get, info, mesh_of, netns, node_metadata, wait_for, TOKEN};
 use ambient_tests::istio_cni;
 use ambient_tests::netns::Topology;
 use tokio::io::AsyncReadExt as _;
@@ -158,17 +158,7 @@ async fn istios_ztunnel_chart_runs_the_agent_with_only_the_image_swapped() {
         node.id,
         format!("ztunnel~{POD_IP}~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local")
     );
-    let metadata: std::collections::BTreeMap<String, String> = node
-        .metadata
-        .iter()
-        .flat_map(|m| m.fields.iter())
-        .filter_map(|(k, v)| match &v.kind {
-            Some(ambient_proto::prost_types::value::Kind::StringValue(s)) => {
-                Some((k.clone(), s.clone()))
-            }
-            _ => None,
-        })
-        .collect();
+    let metadata = node_metadata(&node);
     for (k, v) in [
         ("NAME", "ztunnel-x7k2p"),
         ("NAMESPACE", "istio-system"),
