@@ -197,17 +197,7 @@ fn load_config(v: Variant, m: &Manifests) -> Config {
     });
     // Paths relative to the config file are relative to where the pod has it.
     let config_dir = config_path.parent().expect("a directory");
-    for p in [
-        &mut cfg.mesh_file,
-        &mut cfg.ca.root_cert,
-        &mut cfg.ca.root_key,
-        &mut cfg.ca.cert_chain,
-        &mut cfg.ca.trust_bundle,
-        &mut cfg.crl,
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for p in cfg.file_relative_paths() {
         if let Ok(rest) = p.strip_prefix(dir.path()) {
             *p = config_dir.join(rest);
         }

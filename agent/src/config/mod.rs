@@ -265,24 +265,27 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
-        if let (Some(mesh), Some(dir)) = (&cfg.mesh_file, path.parent()) {
-            cfg.mesh_file = Some(dir.join(mesh));
-        }
-        for p in [
-            &mut cfg.ca.root_cert,
-            &mut cfg.ca.root_key,
-            &mut cfg.ca.cert_chain,
-            &mut cfg.ca.trust_bundle,
-            &mut cfg.crl,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent() {
+            for p in cfg.file_relative_paths() {
                 *p = dir.join(&*p);
             }
         }
         Ok(cfg)
+    }
+
+    /// The settings a config file gives relative to itself (those that are
+    /// set): the mesh file, the local CA's files, the CRL.
+    pub fn file_relative_paths(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        [
+            &mut self.mesh_file,
+            &mut self.ca.root_cert,
+            &mut self.ca.root_key,
+            &mut self.ca.cert_chain,
+            &mut self.ca.trust_bundle,
+            &mut self.crl,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// Parses config text (YAML).
