@@ -608,9 +608,16 @@ async fn drive(
         .max(Duration::from_millis(10));
     let maintain = async {
         let mut since_ping = Duration::ZERO;
+        // Its own deadline: idle wake-ups in between do not postpone the
+        // PINGs and the idle check.
+        let sleep = tokio::time::sleep(tick);
+        tokio::pin!(sleep);
         loop {
             let woke = tokio::select! {
-                () = tokio::time::sleep(tick) => false,
+                () = &mut sleep => {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + tick);
+                    false
+                }
                 () = idle.notified() => true,
             };
             let Some(c) = conn.upgrade() else {
