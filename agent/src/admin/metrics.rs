@@ -86,6 +86,8 @@ pub struct AgentGauges {
     pub pool: PoolStats,
     pub certificates: Vec<Arc<WorkloadCert>>,
     pub enrolled: usize,
+    /// Workloads that should be served and are not yet (being retried).
+    pub pending: usize,
     /// The xDS client's status (Istio mode only).
     pub xds: Option<XdsStatus>,
     /// Trust anchors in the live set.
@@ -137,6 +139,10 @@ pub struct Metrics {
     dns: crate::dns::metrics::DnsMetrics,
     certificates: Gauge,
     enrolled: Gauge,
+    /// ztunnel's names for the served and not-yet-served pods, which its
+    /// Grafana dashboard's "Workload Manager" panel reads.
+    proxies_active: Gauge,
+    proxies_pending: Gauge,
     trust_roots: Gauge,
     certificates_invalid: Gauge,
     untrusted_closed: Counter,
@@ -184,6 +190,8 @@ impl Metrics {
             dns: Default::default(),
             certificates: Gauge::default(),
             enrolled: Gauge::default(),
+            proxies_active: Gauge::default(),
+            proxies_pending: Gauge::default(),
             trust_roots: Gauge::default(),
             certificates_invalid: Gauge::default(),
             mesh_updates: Counter::default(),
@@ -347,6 +355,17 @@ impl Metrics {
             "Local workloads being served",
             m.enrolled.clone(),
         );
+        // ztunnel registers these at the root, without the istio_ prefix.
+        registry.register(
+            "workload_manager_active_proxy_count",
+            "Pods the agent serves",
+            m.proxies_active.clone(),
+        );
+        registry.register(
+            "workload_manager_pending_proxy_count",
+            "Pods handed to the agent that it does not serve yet (retried)",
+            m.proxies_pending.clone(),
+        );
         registry.register(
             "ambient_certificates_invalid",
             "Workload certificates held that are expired or not yet valid (their workloads are refused until renewed)",
@@ -460,6 +479,8 @@ impl Metrics {
         self.certificates
             .set(to_i64(gauges.certificates.len() as u64));
         self.enrolled.set(to_i64(gauges.enrolled as u64));
+        self.proxies_active.set(to_i64(gauges.enrolled as u64));
+        self.proxies_pending.set(to_i64(gauges.pending as u64));
         self.trust_roots.set(to_i64(gauges.trust_roots as u64));
         let now = std::time::SystemTime::now();
         let invalid = gauges
@@ -681,6 +702,26 @@ mod tests {
             format!("istio_tcp_sent_bytes_total{{{want}}} 7"),
         ] {
             assert!(text.contains(&line), "{line}\nnot in\n{text}");
+        }
+    }
+
+    #[test]
+    fn ztunnels_workload_manager_gauges() {
+        // istio/ztunnel src/inpod/metrics.rs: gauges on the root registry
+        // (no istio_ prefix), read by Istio's Ztunnel dashboard.
+        let m = Metrics::new();
+        let text = m
+            .encode(&AgentGauges {
+                enrolled: 3,
+                pending: 1,
+                ..Default::default()
+            })
+            .expect("encode");
+        for line in [
+            "workload_manager_active_proxy_count 3",
+            "workload_manager_pending_proxy_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\nnot in\n{text}");
         }
     }
 

@@ -272,6 +272,7 @@ impl Shared {
             pool: self.pool.stats(),
             certificates: self.certs.certificates(),
             enrolled: self.workloads.served().len(),
+            pending: self.workloads.pending().len(),
             xds: self.readiness.xds_status(),
             trust_roots: self.certs.trust_bundle().roots.len(),
             untrusted_closed: self.certs.trust().untrusted_closed(),
