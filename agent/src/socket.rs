@@ -79,6 +79,9 @@ impl Keepalive {
 pub struct ListenOpts {
     pub transparent: bool,
     pub mark: Option<u32>,
+    /// Set once on the listener: Linux copies keepalive (and
+    /// TCP_USER_TIMEOUT) to every socket it accepts.
+    pub keepalive: Option<Keepalive>,
 }
 
 impl Sockets {
@@ -109,6 +112,9 @@ impl Sockets {
                 }
                 if let Some(m) = opts.mark {
                     s.set_mark(m)?;
+                }
+                if let Some(ka) = opts.keepalive {
+                    ka.apply(socket2::SockRef::from(&s))?;
                 }
                 s.set_nonblocking(true)?;
                 s.bind(&addr.into())?;
@@ -264,16 +270,24 @@ mod tests {
 
     #[tokio::test]
     async fn keepalive_and_user_timeout_are_set_on_connections() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("listen");
-        let dst = listener.local_addr().expect("addr");
         let ka = Keepalive {
             time: Duration::from_secs(7),
             interval: Duration::from_secs(3),
             retries: 4,
             user_timeout: true,
         };
+        // Set on the listener, inherited by what it accepts.
+        let listener = Sockets::Host
+            .listen(
+                "127.0.0.1:0".parse().expect("addr"),
+                ListenOpts {
+                    keepalive: Some(ka),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("listen");
+        let dst = listener.local_addr().expect("addr");
         let opts = ConnectOpts {
             keepalive: Some(ka),
             ..Default::default()
@@ -290,16 +304,28 @@ mod tests {
         );
         assert_eq!(ka.bound(), Duration::from_secs(19));
 
-        // Without user_timeout the kernel's default (none) stays.
         let (accepted, _) = listener.accept().await.expect("accept");
-        Keepalive {
-            user_timeout: false,
-            ..ka
-        }
-        .apply(socket2::SockRef::from(&accepted))
-        .expect("apply");
         let a = socket2::SockRef::from(&accepted);
-        assert!(a.keepalive().expect("SO_KEEPALIVE"));
-        assert_eq!(a.tcp_user_timeout().expect("user timeout"), None);
+        assert!(a.keepalive().expect("SO_KEEPALIVE"), "inherited");
+        assert_eq!(a.tcp_keepalive_time().expect("idle"), ka.time);
+        assert_eq!(a.tcp_keepalive_interval().expect("interval"), ka.interval);
+        assert_eq!(a.tcp_keepalive_retries().expect("count"), ka.retries);
+        assert_eq!(
+            a.tcp_user_timeout().expect("user timeout"),
+            Some(ka.bound())
+        );
+
+        // Without user_timeout the kernel's default (none) stays.
+        let opts = ConnectOpts {
+            keepalive: Some(Keepalive {
+                user_timeout: false,
+                ..ka
+            }),
+            ..Default::default()
+        };
+        let plain = Sockets::Host.connect(dst, opts).await.expect("connect");
+        let p = socket2::SockRef::from(&plain);
+        assert!(p.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(p.tcp_user_timeout().expect("user timeout"), None);
     }
 }

@@ -102,8 +102,8 @@ impl DnsServer {
         let udp = sockets.udp(addr, mark, true).await?;
         let addr = udp.local_addr()?;
         let opts = ListenOpts {
-            transparent: false,
             mark,
+            ..Default::default()
         };
         let tcp = sockets.listen(addr, opts).await?;
         let loopback6 = if let Sockets::Netns(_) = &sockets {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::hbone::{H2Settings, Pool};
 use crate::identity::CertManager;
@@ -161,9 +161,16 @@ impl WorkloadProxy {
                 ListenOpts {
                     transparent: true,
                     mark: s.socket_mark,
+                    keepalive: s.keepalive,
                 },
             ),
-            Sockets::Host => (ip, ListenOpts::default()),
+            Sockets::Host => (
+                ip,
+                ListenOpts {
+                    keepalive: s.keepalive,
+                    ..Default::default()
+                },
+            ),
         };
         let outbound = sockets
             .listen(SocketAddr::new(ip, s.outbound_port), opts)
@@ -220,11 +227,14 @@ impl WorkloadProxy {
         ));
         let tasks = vec![
             tokio::spawn(
-                accept_loop(outbound, ob, ctx.clone(), "outbound").instrument(span.clone()),
+                accept_loop(outbound, ob, ctx.active.clone(), "outbound").instrument(span.clone()),
             ),
-            tokio::spawn(accept_loop(hbone, ib, ctx.clone(), "hbone").instrument(span.clone())),
             tokio::spawn(
-                accept_loop(inbound_plain, ip, ctx.clone(), "inbound_plaintext").instrument(span),
+                accept_loop(hbone, ib, ctx.active.clone(), "hbone").instrument(span.clone()),
+            ),
+            tokio::spawn(
+                accept_loop(inbound_plain, ip, ctx.active.clone(), "inbound_plaintext")
+                    .instrument(span),
             ),
         ];
         Ok(WorkloadProxy { addrs, tasks, dns })
@@ -354,21 +364,13 @@ impl Active {
 async fn accept_loop<A: Accept>(
     listener: TcpListener,
     handler: Arc<A>,
-    ctx: ProxyContext,
+    active: Arc<Active>,
     name: &'static str,
 ) {
-    let active = ctx.active.clone();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                // A client that vanishes (pod gone, node down, peer agent
-                // lost) is noticed and its connection closed end to end.
-                if let Some(ka) = ctx.settings.keepalive {
-                    if let Err(e) = ka.apply(socket2::SockRef::from(&stream)) {
-                        debug!(listener = name, error = %e, "setting keepalive failed");
-                    }
-                }
                 let guard = active.enter();
                 let handler = handler.clone();
                 let mut terminated = active.terminate.subscribe();
