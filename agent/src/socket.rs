@@ -84,6 +84,13 @@ pub struct ListenOpts {
     pub keepalive: Option<Keepalive>,
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how a
+/// dual-stack socket shows an IPv4 peer) written as the IPv4 address it is,
+/// so a workload, policy or record sees one form of each address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 impl Sockets {
     /// Whether connections to applications can keep the client's address:
     /// only inside a captured workload's namespace, where replies to the
@@ -99,10 +106,17 @@ impl Sockets {
             .await
     }
 
+    /// A listener on `addr`. `[::]` is dual stack: it accepts IPv4 too
+    /// (peers then show as IPv4-mapped; see [`canonical`]).
     pub async fn listen(&self, addr: SocketAddr, opts: ListenOpts) -> io::Result<TcpListener> {
         let socket = self
             .make(move || {
                 let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                if addr.is_ipv6() && addr.ip().is_unspecified() {
+                    // `[::]` takes IPv4 too, whatever the namespace's
+                    // net.ipv6.bindv6only says.
+                    s.set_only_v6(false)?;
+                }
                 s.set_reuse_address(true)?;
                 // A workload's new listeners open beside its old ones before
                 // those close: no moment with nothing listening behind capture.

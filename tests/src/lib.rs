@@ -391,16 +391,18 @@ impl Drop for PodEcho {
 }
 
 impl PodEcho {
+    /// On `port` of every address of `pod` (`[::]` when it has IPv6).
     pub async fn start(pod: &netns::Pod, port: u16) -> PodEcho {
         let listener = pod
             .sockets()
-            .listen(pod.addr(port), Default::default())
+            .listen(pod.any_addr(port), Default::default())
             .await
             .expect("listen in pod");
         let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = peers.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut s, peer)) = listener.accept().await {
+                let peer = ambient_agent::socket::canonical(peer);
                 seen.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                 tokio::spawn(async move {
                     let (mut rd, mut wr) = s.split();

@@ -1,7 +1,8 @@
 //! Waypoints end to end in network namespaces: a client pod's requests to
 //! a service go through the reference waypoint (L7 routes: 403, header
 //! routing, weights) and on to the chosen workload; going around the
-//! waypoint is refused; PROXY-tunnel workloads get a PROXY v2 header.
+//! waypoint is refused; PROXY-tunnel workloads get a PROXY v2 header
+//! (IPv4 and IPv6).
 //! Needs root (fails, never skips, without it).
 
 use std::collections::HashMap;
@@ -17,7 +18,7 @@ use ambient_agent::identity::{CertManager, Identity};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
 use ambient_agent::socket::ConnectOpts;
 use ambient_agent::waypoint::RequestRecord;
-use ambient_tests::netns::{Pod, Topology};
+use ambient_tests::netns::{Pod, Stack, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -213,10 +214,20 @@ async fn requests_go_through_the_waypoint_and_its_routes() {
 
 #[tokio::test]
 async fn proxy_tunnel_workloads_get_a_proxy_v2_header() {
+    proxy_v2_header(Stack::V4, "pp").await;
+}
+
+/// The header's addresses are IPv6 (family AF_INET6) between IPv6 pods.
+#[tokio::test]
+async fn proxy_tunnel_workloads_get_a_proxy_v2_header_over_ipv6() {
+    proxy_v2_header(Stack::V6, "pp6").await;
+}
+
+async fn proxy_v2_header(stack: Stack, tag: &str) {
     init_tracing();
-    let topo = Topology::new("pp").expect("topology");
-    let client = topo.add_pod("client", 0).expect("pod");
-    let proxy = topo.add_pod("proxy", 1).expect("pod");
+    let topo = Topology::new(tag).expect("topology");
+    let client = topo.add_pod_with("client", 0, stack).expect("pod");
+    let proxy = topo.add_pod_with("proxy", 1, stack).expect("pod");
     let world = World::new(0);
     let mut yaml = String::from("workloads:\n");
     yaml += &client.workload_yaml("test", "node-a", "client");
@@ -266,7 +277,7 @@ async fn proxy_tunnel_workloads_get_a_proxy_v2_header() {
         line,
         format!(
             "src={} dst={} id=spiffe://cluster.local/ns/test/sa/client\n",
-            client.ip,
+            client.addr(0).ip(),
             proxy.addr(8080)
         )
     );

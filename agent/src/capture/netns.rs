@@ -120,6 +120,21 @@ impl Netns {
             .map_err(|_| io::Error::other("netns thread went away"))?
     }
 
+    /// Whether IPv6 works in the namespace: the kernel has it and the
+    /// namespace's loopback has not had it disabled (`disable_ipv6`, as on
+    /// an IPv4-only node). istio-cni reads the same file to skip its IPv6
+    /// loopback route. An unreadable file for another reason counts as
+    /// IPv6 present, so a real failure is reported, not skipped.
+    pub fn has_ipv6(&self) -> io::Result<bool> {
+        self.run_blocking(|| {
+            match std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6") {
+                Ok(v) => Ok(v.trim() != "1"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(_) => Ok(true),
+            }
+        })
+    }
+
     /// Runs `f` inside the namespace, blocking the caller.
     pub fn run_blocking<T, F>(&self, f: F) -> io::Result<T>
     where

@@ -24,6 +24,8 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use tracing::info;
+
 use super::netns::Netns;
 
 /// The nft table the agent owns in each captured namespace.
@@ -158,10 +160,18 @@ table inet {TABLE} {{
         r
     }
 
-    /// Installs (or replaces) capture in `ns`.
+    /// Installs (or replaces) capture in `ns`. The IPv6 return path is
+    /// skipped, with one log line, where the namespace has no IPv6 (an
+    /// IPv4-only node); the ruleset, of the `inet` family, is the same.
     pub fn install(&self, ns: &Netns) -> Result<(), NftError> {
         run(ns.command("nft").args(["-f", "-"]), Some(&self.ruleset()))?;
-        for family in ["-4", "-6"] {
+        let families: &[&str] = if ns.has_ipv6().unwrap_or(true) {
+            &["-4", "-6"]
+        } else {
+            info!(netns = %ns.path().display(), "IPv6 is disabled in the namespace; capturing IPv4 only");
+            &["-4"]
+        };
+        for &family in families {
             // The route first (replace is atomic), then the rule pointing at
             // it. A rule already there (an earlier agent's) stays: deleting
             // and adding it again would leave the return path missing for

@@ -7,7 +7,7 @@
 //! namespaces; tests turn that into a failure, never a silent skip.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -111,12 +111,30 @@ pub fn cgroup2_root() -> Result<PathBuf, TopologyError> {
         })
 }
 
-/// A pod namespace and its address.
+/// Which addresses a pod has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv4 (IPv6 enabled but link-local only), as most tests use.
+    #[default]
+    V4,
+    /// IPv4 and IPv6.
+    Dual,
+    /// IPv6 only.
+    V6,
+    /// IPv4, with IPv6 disabled in the namespace (`disable_ipv6`), as on
+    /// an IPv4-only node.
+    V4NoIpv6,
+}
+
+/// A pod namespace and its addresses.
 #[derive(Clone)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
+    /// Its IPv4 address; `0.0.0.0` for an IPv6-only pod.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it has one.
+    pub ip6: Option<Ipv6Addr>,
     pub node: usize,
     /// The pod's cgroup v2 directory: its processes go here.
     pub cgroup: PathBuf,
@@ -134,17 +152,49 @@ impl Pod {
         Sockets::Netns(self.ns.clone())
     }
 
+    /// Its IPv4 address (its IPv6 one if it has no IPv4) and `port`.
     pub fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.ip), port)
+        match self.ip6 {
+            Some(v6) if self.ip.is_unspecified() => SocketAddr::new(IpAddr::V6(v6), port),
+            _ => SocketAddr::new(IpAddr::V4(self.ip), port),
+        }
+    }
+
+    /// Its IPv6 address and `port`; panics for a pod without one.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        let v6 = self
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", self.name));
+        SocketAddr::new(IpAddr::V6(v6), port)
+    }
+
+    /// `port` on every address it has: `[::]` (dual stack) with IPv6, else
+    /// its IPv4 address.
+    pub fn any_addr(&self, port: u16) -> SocketAddr {
+        match self.ip6 {
+            Some(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            None => self.addr(port),
+        }
+    }
+
+    /// Every address it has, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let v4 = (!self.ip.is_unspecified()).then_some(IpAddr::V4(self.ip));
+        v4.into_iter().chain(self.ip6.map(IpAddr::V6)).collect()
     }
 
     /// This pod as a workload entry of a local-mode mesh file, served by
     /// the agent of `node`.
     pub fn workload_yaml(&self, namespace: &str, node: &str, service_account: &str) -> String {
         format!(
-            "  - uid: {name}\n    name: {name}\n    namespace: {namespace}\n    serviceAccount: {service_account}\n    addresses: [{ip}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
+            "  - uid: {name}\n    name: {name}\n    namespace: {namespace}\n    serviceAccount: {service_account}\n    addresses: [{ips}]\n    node: {node}\n    netns: {path}\n    cgroup: {cgroup}\n",
             name = self.name,
-            ip = self.ip,
+            ips = self
+                .addresses()
+                .iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             path = self.netns_path(),
             cgroup = self.cgroup.display()
         )
@@ -192,8 +242,8 @@ impl Drop for Topology {
 pub const WIRE: &str = "wire";
 
 impl Topology {
-    /// Node `i` (0-based) is `10.0.0.(i+1)` on the wire; its pods are in
-    /// `10.(i+1).0.0/16`.
+    /// Node `i` (0-based) is `10.0.0.(i+1)` and `fd00::(i+1)` on the wire;
+    /// its pods are in `10.(i+1).0.0/16` and `fd10:(i+1)::/32`.
     pub fn new(tag: &str) -> Result<Topology, TopologyError> {
         check_root().map_err(TopologyError)?;
         let prefix = format!("amb{}-{tag}", std::process::id());
@@ -211,6 +261,8 @@ impl Topology {
                 .map_err(|e| TopologyError(format!("lo up: {e}")))?;
             in_ns(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])
                 .map_err(|e| TopologyError(format!("forwarding: {e}")))?;
+            in_ns(n, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
+                .map_err(|e| TopologyError(format!("IPv6 forwarding: {e}")))?;
         }
         let (n1, n2) = (&topo.nodes[0], &topo.nodes[1]);
         ip(&[
@@ -233,6 +285,24 @@ impl Topology {
             };
             in_ns(ns, "ip", &["route", "add", other_net, "via", other_gw])
                 .map_err(|e| TopologyError(format!("route to other node: {e}")))?;
+            let addr6 = format!("fd00::{}/64", i + 1);
+            in_ns(
+                ns,
+                "ip",
+                &["-6", "addr", "add", &addr6, "dev", WIRE, "nodad"],
+            )
+            .map_err(|e| TopologyError(format!("wire IPv6 addr: {e}")))?;
+            let (other_net6, other_gw6) = if i == 0 {
+                ("fd10:2::/32", "fd00::2")
+            } else {
+                ("fd10:1::/32", "fd00::1")
+            };
+            in_ns(
+                ns,
+                "ip",
+                &["-6", "route", "add", other_net6, "via", other_gw6],
+            )
+            .map_err(|e| TopologyError(format!("IPv6 route to other node: {e}")))?;
         }
         Ok(topo)
     }
@@ -246,8 +316,19 @@ impl Topology {
         Ok(())
     }
 
-    /// Adds a pod named `name` on node `node` (0-based).
+    /// Adds an IPv4 pod named `name` on node `node` (0-based).
     pub fn add_pod(&self, name: &str, node: usize) -> Result<Pod, TopologyError> {
+        self.add_pod_with(name, node, Stack::V4)
+    }
+
+    /// Adds a pod with the addresses `stack` says: pod `i` of node `n` is
+    /// `10.n.i.2/30` and `fd10:n:i::2/64`, its node side `.1` and `::1`.
+    pub fn add_pod_with(
+        &self,
+        name: &str,
+        node: usize,
+        stack: Stack,
+    ) -> Result<Pod, TopologyError> {
         let i = self.pod_count.fetch_add(1, Ordering::SeqCst) + 1;
         let netns = format!("{}-{name}", self.prefix);
         self.add_ns(&netns)?;
@@ -255,37 +336,67 @@ impl Topology {
         let host_dev = format!("veth{i}");
         let ip_addr = Ipv4Addr::new(10, node as u8 + 1, i as u8, 2);
         let gw = Ipv4Addr::new(10, node as u8 + 1, i as u8, 1);
+        let ip6 = Ipv6Addr::new(0xfd10, node as u16 + 1, i as u16, 0, 0, 0, 0, 2);
+        let gw6 = Ipv6Addr::new(0xfd10, node as u16 + 1, i as u16, 0, 0, 0, 0, 1);
+        let (has4, has6) = match stack {
+            Stack::V4 | Stack::V4NoIpv6 => (true, false),
+            Stack::Dual => (true, true),
+            Stack::V6 => (false, true),
+        };
         ip(&[
             "link", "add", "amb-p", "netns", &netns, "type", "veth", "peer", "name", &host_dev,
             "netns", node_ns,
         ])
         .map_err(|e| TopologyError(format!("pod veth: {e}")))?;
-        in_ns(&netns, "ip", &["link", "set", "amb-p", "name", "eth0"])
-            .map_err(|e| TopologyError(format!("rename: {e}")))?;
-        in_ns(
-            &netns,
-            "ip",
-            &["addr", "add", &format!("{ip_addr}/30"), "dev", "eth0"],
-        )
-        .map_err(|e| TopologyError(format!("pod addr: {e}")))?;
-        in_ns(&netns, "ip", &["link", "set", "eth0", "up"])
-            .map_err(|e| TopologyError(format!("eth0 up: {e}")))?;
-        in_ns(&netns, "ip", &["link", "set", "lo", "up"])
-            .map_err(|e| TopologyError(format!("lo up: {e}")))?;
-        in_ns(
-            &netns,
-            "ip",
-            &["route", "add", "default", "via", &gw.to_string()],
-        )
-        .map_err(|e| TopologyError(format!("default route: {e}")))?;
-        in_ns(
-            node_ns,
-            "ip",
-            &["addr", "add", &format!("{gw}/30"), "dev", &host_dev],
-        )
-        .map_err(|e| TopologyError(format!("node side addr: {e}")))?;
-        in_ns(node_ns, "ip", &["link", "set", &host_dev, "up"])
-            .map_err(|e| TopologyError(format!("node side up: {e}")))?;
+        let step = |ns: &str, args: &[&str], what: &str| {
+            in_ns(ns, "ip", args).map_err(|e| TopologyError(format!("{what}: {e}")))
+        };
+        step(&netns, &["link", "set", "amb-p", "name", "eth0"], "rename")?;
+        if stack == Stack::V4NoIpv6 {
+            for key in ["all", "default", "lo", "eth0"] {
+                in_ns(
+                    &netns,
+                    "sysctl",
+                    &["-qw", &format!("net.ipv6.conf.{key}.disable_ipv6=1")],
+                )
+                .map_err(|e| TopologyError(format!("disabling IPv6: {e}")))?;
+            }
+        }
+        step(&netns, &["link", "set", "eth0", "up"], "eth0 up")?;
+        step(&netns, &["link", "set", "lo", "up"], "lo up")?;
+        step(node_ns, &["link", "set", &host_dev, "up"], "node side up")?;
+        if has4 {
+            let (pod, node_side) = (format!("{ip_addr}/30"), format!("{gw}/30"));
+            step(&netns, &["addr", "add", &pod, "dev", "eth0"], "pod addr")?;
+            step(
+                &netns,
+                &["route", "add", "default", "via", &gw.to_string()],
+                "default route",
+            )?;
+            step(
+                node_ns,
+                &["addr", "add", &node_side, "dev", &host_dev],
+                "node side addr",
+            )?;
+        }
+        if has6 {
+            let (pod, node_side) = (format!("{ip6}/64"), format!("{gw6}/64"));
+            step(
+                &netns,
+                &["-6", "addr", "add", &pod, "dev", "eth0", "nodad"],
+                "pod IPv6 addr",
+            )?;
+            step(
+                node_ns,
+                &["-6", "addr", "add", &node_side, "dev", &host_dev, "nodad"],
+                "node side IPv6 addr",
+            )?;
+            step(
+                &netns,
+                &["-6", "route", "add", "default", "via", &gw6.to_string()],
+                "IPv6 default route",
+            )?;
+        }
         let ns = Arc::new(
             Netns::open(std::path::Path::new(&format!("/var/run/netns/{netns}")))
                 .map_err(|e| TopologyError(format!("open pod netns: {e}")))?,
@@ -301,7 +412,8 @@ impl Topology {
             cgroup,
             name: name.into(),
             netns,
-            ip: ip_addr,
+            ip: if has4 { ip_addr } else { Ipv4Addr::UNSPECIFIED },
+            ip6: has6.then_some(ip6),
             node,
             ns,
         };
@@ -435,26 +547,37 @@ impl Drop for Sniffer {
     }
 }
 
-/// Ethernet + IPv4 + TCP, else None.
+/// Ethernet + IPv4 or IPv6 (no extension headers) + TCP, else None.
 fn parse_frame(f: &[u8]) -> Option<Segment> {
-    if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &f[14..];
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if ip[9] != 6 || ip.len() < ihl + 20 || total > ip.len() {
-        return None;
-    }
-    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let tcp = &ip[ihl..total];
-    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let doff = usize::from(tcp[12] >> 4) * 4;
+    let ip = f.get(14..)?;
+    let (src_ip, dst_ip, tcp): (IpAddr, IpAddr, &[u8]) = match f.get(12..14)? {
+        [0x08, 0x00] => {
+            let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            if *ip.get(9)? != 6 || ip.len() < ihl + 20 || total > ip.len() || total < ihl {
+                return None;
+            }
+            let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            (src.into(), dst.into(), &ip[ihl..total])
+        }
+        [0x86, 0xdd] => {
+            let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            if *ip.get(6)? != 6 || ip.len() < 40 + payload || payload < 20 {
+                return None;
+            }
+            let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            (src.into(), dst.into(), &ip[40..40 + payload])
+        }
+        _ => return None,
+    };
+    let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
+    let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
+    let doff = usize::from(*tcp.get(12)? >> 4) * 4;
     Some(Segment {
-        src: SocketAddr::new(src_ip.into(), sport),
-        dst: SocketAddr::new(dst_ip.into(), dport),
+        src: SocketAddr::new(src_ip, sport),
+        dst: SocketAddr::new(dst_ip, dport),
         payload: tcp.get(doff..).unwrap_or_default().to_vec(),
     })
 }

@@ -32,21 +32,24 @@ pub fn reviews_yaml(
     wp: &Pod,
     vip: IpAddr,
 ) -> String {
-    let behind = format!("    waypoint: {{address: {}}}\n", wp.ip);
+    // The waypoint's first address (IPv6 for an IPv6-only pod), quoted
+    // for YAML's sake.
+    let wp_ip = wp.addr(0).ip();
+    let behind = format!("    waypoint: {{address: \"{wp_ip}\"}}\n");
     format!(
         r#"{v1_entry}{behind}{v2_entry}{behind}  - uid: {WAYPOINT_UID}
     name: waypoint
     namespace: {namespace}
     serviceAccount: waypoint
-    addresses: [{wp}]
+    addresses: [{wp_all}]
     node: waypoints
 services:
   - name: reviews
     namespace: {namespace}
-    vips: [{vip}]
+    vips: ["{vip}"]
     ports: [{{port: 80, targetPort: 8080}}]
     endpoints: [{v1}, {v2}]
-    waypoint: {{address: {wp}}}
+    waypoint: {{address: "{wp_ip}"}}
 httpRoutes:
   - name: reviews
     namespace: {namespace}
@@ -62,7 +65,12 @@ httpRoutes:
         v2_entry = v2.workload_yaml(namespace, node, "reviews"),
         v1 = v1.name,
         v2 = v2.name,
-        wp = wp.ip,
+        wp_all = wp
+            .addresses()
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
     )
 }
 
@@ -93,7 +101,7 @@ pub async fn http_app(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = pod
         .sockets()
-        .listen(pod.addr(8080), Default::default())
+        .listen(pod.any_addr(8080), Default::default())
         .await?;
     Ok(super::serve_http(listener, name))
 }

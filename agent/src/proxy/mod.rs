@@ -17,7 +17,7 @@ pub use inbound::Inbound;
 pub use inbound_passthrough::InboundPassthrough;
 pub use outbound::Outbound;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::hbone::{H2Settings, Pool};
 use crate::identity::CertManager;
-use crate::socket::{ConnectOpts, ListenOpts, Sockets};
+use crate::socket::{canonical, ConnectOpts, ListenOpts, Sockets};
 use crate::state::{authz, State, Workload};
 
 /// Settings every proxy shares.
@@ -156,8 +156,9 @@ impl WorkloadProxy {
         })?;
         let s = &ctx.settings;
         let (ip, opts) = match sockets {
+            // Dual stack: the workload's IPv6 and IPv4 connections alike.
             Sockets::Netns(_) => (
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 ListenOpts {
                     transparent: true,
                     mark: s.socket_mark,
@@ -172,15 +173,9 @@ impl WorkloadProxy {
                 },
             ),
         };
-        let outbound = sockets
-            .listen(SocketAddr::new(ip, s.outbound_port), opts)
-            .await?;
-        let inbound_plain = sockets
-            .listen(SocketAddr::new(ip, s.inbound_plaintext_port), opts)
-            .await?;
-        let hbone = sockets
-            .listen(SocketAddr::new(ip, s.hbone_port), opts)
-            .await?;
+        let outbound = listen(&sockets, ip, s.outbound_port, opts).await?;
+        let inbound_plain = listen(&sockets, ip, s.inbound_plaintext_port, opts).await?;
+        let hbone = listen(&sockets, ip, s.hbone_port, opts).await?;
         let addrs = ListenerAddrs {
             outbound: outbound.local_addr()?,
             inbound_plaintext: inbound_plain.local_addr()?,
@@ -241,6 +236,32 @@ impl WorkloadProxy {
     }
 }
 
+/// A listener on `ip:port`; `[::]` becomes `0.0.0.0` on a kernel built
+/// without IPv6, where no IPv6 socket can be made (a namespace with IPv6
+/// disabled still takes `[::]`, and serves its IPv4 through it).
+async fn listen(
+    sockets: &Sockets,
+    ip: IpAddr,
+    port: u16,
+    opts: ListenOpts,
+) -> std::io::Result<TcpListener> {
+    match sockets.listen(SocketAddr::new(ip, port), opts).await {
+        Err(e)
+            if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            info!(port, "no IPv6 in this kernel; listening on IPv4 only");
+            sockets
+                .listen(
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                    opts,
+                )
+                .await
+        }
+        other => other,
+    }
+}
+
 /// Applies the L4 policies of the current mesh to a connection for
 /// `workload`; logs dry-run matches and denials.
 fn authorize(
@@ -266,7 +287,7 @@ fn authorize(
 /// original destination looks like when nothing redirected the connection.
 /// Following it would connect the proxy to itself forever.
 fn addressed_to_listener(stream: &TcpStream, dst: SocketAddr, listener_port: u16) -> bool {
-    dst.port() == listener_port && stream.local_addr().ok() == Some(dst)
+    dst.port() == listener_port && stream.local_addr().ok().map(canonical) == Some(dst)
 }
 
 /// Connects to a local application on behalf of `client`: as `client`
@@ -370,6 +391,7 @@ async fn accept_loop<A: Accept>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let peer = canonical(peer);
                 let _ = stream.set_nodelay(true);
                 let guard = active.enter();
                 let handler = handler.clone();

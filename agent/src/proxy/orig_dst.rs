@@ -9,21 +9,25 @@ use std::os::fd::AsRawFd;
 
 use tokio::net::TcpStream;
 
+use crate::socket::canonical;
+
 /// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h).
 const SO_ORIGINAL_DST: libc::c_int = 80;
 /// `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h).
 const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
 
 /// Where the client meant to connect.
+/// An IPv4 connection accepted by a dual-stack listener answers in IPv4
+/// (the kernel looks it up by its IPv4 tuple) or, for the local address,
+/// as IPv4-mapped; either way the result is the plain IPv4 address.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
-    if let Some(a) = getsockopt_addr(fd, libc::SOL_IP, SO_ORIGINAL_DST) {
-        return Ok(a);
+    let found = getsockopt_addr(fd, libc::SOL_IP, SO_ORIGINAL_DST)
+        .or_else(|| getsockopt_addr(fd, libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST));
+    match found {
+        Some(a) => Ok(canonical(a)),
+        None => stream.local_addr().map(canonical),
     }
-    if let Some(a) = getsockopt_addr(fd, libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST) {
-        return Ok(a);
-    }
-    stream.local_addr()
 }
 
 fn getsockopt_addr(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Option<SocketAddr> {
@@ -69,5 +73,24 @@ mod tests {
         let (accepted, _) = listener.accept().await.unwrap();
         assert_eq!(original_dst(&accepted).unwrap(), addr);
         client.await.unwrap().unwrap();
+    }
+
+    /// A dual-stack listener (as in-pod listeners are) shows an IPv4
+    /// connection's addresses as `::ffff:a.b.c.d`; what the proxy sees is
+    /// the IPv4 address, so it matches workloads and policies.
+    #[tokio::test]
+    async fn an_ipv4_connection_to_a_dual_stack_listener_reads_as_ipv4() {
+        let listener = crate::socket::Sockets::Host
+            .listen("[::]:0".parse().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await });
+        let (accepted, peer) = listener.accept().await.unwrap();
+        assert!(peer.is_ipv6(), "the kernel reports {peer}");
+        assert_eq!(original_dst(&accepted).unwrap(), addr);
+        let client = client.await.unwrap().unwrap();
+        assert_eq!(crate::socket::canonical(peer), client.local_addr().unwrap());
     }
 }

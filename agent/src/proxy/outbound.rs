@@ -163,7 +163,12 @@ impl Outbound {
                     src_identity: self.source_identity.clone(),
                     dst_identity: identities[0].clone(),
                     dst: *gateway,
-                    src_ip: self.source.addresses.first().copied(),
+                    // From the source's address of the gateway's family.
+                    src_ip: w
+                        .addresses
+                        .iter()
+                        .find(|a| a.is_ipv4() == gateway.is_ipv4())
+                        .copied(),
                 };
                 let request = hbone::connect_request(*target, peer.ip(), &hbone::baggage(w))
                     .map_err(|e| OutboundError::Request(e.to_string()))?;

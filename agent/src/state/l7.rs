@@ -100,7 +100,13 @@ impl Snapshot {
     }
 
     /// Decides where request `req` to `service` goes.
-    pub fn route_request(&self, service: &Service, req: &http::request::Parts) -> L7Decision {
+    /// `dialed` is the address the client asked the waypoint for.
+    pub fn route_request(
+        &self,
+        service: &Service,
+        dialed: std::net::IpAddr,
+        req: &http::request::Parts,
+    ) -> L7Decision {
         let rule = self.http_route(service).and_then(|route| {
             route
                 .rules
@@ -133,7 +139,7 @@ impl Snapshot {
                 .choose_weighted(&mut rand::rng(), |b| b.weight)
                 .ok()
                 .and_then(|b| self.choose_among(&b.workload_uids)),
-            None => self.choose_endpoint(service, true),
+            None => self.choose_endpoint(service, dialed),
         };
         chosen.map_or(L7Decision::NoBackend, L7Decision::Forward)
     }
@@ -216,7 +222,7 @@ mod tests {
 
     fn decide(snap: &Snapshot, r: &http::request::Parts) -> String {
         let svc = snap.to_mesh().services[0].clone();
-        match snap.route_request(&svc, r) {
+        match snap.route_request(&svc, svc.vips[0], r) {
             L7Decision::Deny { rule } => format!("deny {rule}"),
             L7Decision::Forward(w) => w.uid.to_string(),
             L7Decision::NoBackend => "none".into(),

@@ -20,7 +20,7 @@ pub use delta::Delta;
 pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
 pub use model::*;
 pub use name::{Interner, Name};
-pub use route::{Destination, Route};
+pub use route::{pick_address, Destination, Route};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

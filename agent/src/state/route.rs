@@ -1,12 +1,12 @@
 //! Deciding where an outbound connection goes: which workload, over which
 //! tunnel, expecting which identities.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 
-use super::{Service, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload};
+use super::{IpFamilies, Service, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload};
 use crate::identity::Identity;
 
 /// What the original destination address names.
@@ -84,9 +84,9 @@ impl Snapshot {
                 };
                 if let Some(wp) = s.waypoint.clone().filter(|wp| via(wp)) {
                     // The waypoint picks the endpoint; it is asked for the VIP.
-                    return self.waypoint_route(&wp, dst, Some(s), dst.ip().is_ipv4());
+                    return self.waypoint_route(&wp, dst, Some(s), dst.ip());
                 }
-                match self.choose_endpoint(&s, dst.ip().is_ipv4()) {
+                match self.choose_endpoint(&s, dst.ip()) {
                     Some(w) => (w, target_port, Some(s)),
                     None => {
                         return Route::Unreachable(format!(
@@ -97,26 +97,34 @@ impl Snapshot {
                 }
             }
         };
+        let families = service
+            .as_ref()
+            .map_or(IpFamilies::Automatic, |s| s.ip_families);
+        let Some(ip) = pick_address(&w, dst.ip(), families) else {
+            return Route::Unreachable(format!(
+                "workload {} has no address{}",
+                w.uid,
+                service.as_ref().map_or(String::new(), |s| format!(
+                    " that service {}/{} serves",
+                    s.namespace, s.hostname
+                ))
+            ));
+        };
+        let target = SocketAddr::new(ip, port);
         if let Some(wp) = w.waypoint.clone().filter(|wp| via(wp)) {
-            if let Some(ip) = pick_address(&w, dst.ip().is_ipv4()) {
-                return self.waypoint_route(
-                    &wp,
-                    SocketAddr::new(ip, port),
-                    service,
-                    dst.ip().is_ipv4(),
-                );
-            }
+            return self.waypoint_route(&wp, target, service, dst.ip());
         }
-        workload_route(w, port, service, hbone_port)
+        workload_route(w, target, service, hbone_port)
     }
 
-    /// A tunnel to waypoint `wp` asking it for `target`.
+    /// A tunnel to waypoint `wp` asking it for `target`; the waypoint is
+    /// reached in the family of `dialed` where it has such an address.
     fn waypoint_route(
         &self,
         wp: &Waypoint,
         target: SocketAddr,
         service: Option<Arc<Service>>,
-        want_v4: bool,
+        dialed: IpAddr,
     ) -> Route {
         let waypoint = match &wp.target {
             WaypointTarget::Address(ip) => self.workload_by_ip(*ip).cloned(),
@@ -125,12 +133,19 @@ impl Snapshot {
                 hostname,
             } => self
                 .service_by_host(namespace, hostname)
-                .and_then(|s| self.choose_endpoint(s, want_v4)),
+                .and_then(|s| self.choose_endpoint(s, dialed)),
         };
         let Some(waypoint) = waypoint else {
             return Route::Unreachable(format!("waypoint {:?} has no healthy workload", wp.target));
         };
-        let Some(ip) = pick_address(&waypoint, want_v4) else {
+        let ip = match wp.target {
+            // The address the waypoint is named by, whatever its family.
+            WaypointTarget::Address(ip) => Some(ip),
+            WaypointTarget::Service { .. } => {
+                pick_address(&waypoint, dialed, IpFamilies::Automatic)
+            }
+        };
+        let Some(ip) = ip else {
             return Route::Unreachable(format!("waypoint {} has no address", waypoint.uid));
         };
         Route::Hbone {
@@ -192,14 +207,15 @@ impl Snapshot {
         }
     }
 
-    /// A healthy endpoint of `service` with an address of the wanted family,
-    /// chosen at random so load spreads across endpoints.
-    pub fn choose_endpoint(&self, service: &Service, want_v4: bool) -> Option<Arc<Workload>> {
+    /// A healthy endpoint of `service` with an address the service serves,
+    /// chosen at random so load spreads across endpoints; `dialed` is the
+    /// address the client used (its family is preferred, see [`pick_address`]).
+    pub fn choose_endpoint(&self, service: &Service, dialed: IpAddr) -> Option<Arc<Workload>> {
         let candidates: Vec<&Arc<Workload>> = service
             .endpoints
             .iter()
             .filter_map(|e| self.workload_by_uid(&e.workload_uid))
-            .filter(|w| w.healthy && pick_address(w, want_v4).is_some())
+            .filter(|w| w.healthy && pick_address(w, dialed, service.ip_families).is_some())
             .collect();
         choose_weighted(&candidates)
     }
@@ -216,25 +232,30 @@ pub(super) fn choose_weighted(candidates: &[&Arc<Workload>]) -> Option<Arc<Workl
         .map(|w| (*w).clone())
 }
 
-/// The workload's first address of the wanted family, else its first.
-fn pick_address(w: &Workload, want_v4: bool) -> Option<std::net::IpAddr> {
-    w.addresses
-        .iter()
-        .find(|a| a.is_ipv4() == want_v4)
-        .or_else(|| w.addresses.first())
+/// Which of `w`'s addresses a connection the client dialed to `dialed`
+/// goes to, as ztunnel chooses (state.rs `pick_workload_destination`):
+/// `dialed` itself when it is one of them; else, among those `families`
+/// admits, the first of `dialed`'s family, else the first of any (so a
+/// single-stack endpoint of a dual-stack service is still reached).
+pub fn pick_address(w: &Workload, dialed: IpAddr, families: IpFamilies) -> Option<IpAddr> {
+    if w.addresses.contains(&dialed) {
+        return Some(dialed);
+    }
+    let mut admitted = w.addresses.iter().filter(|a| families.admits(a));
+    let first = admitted.clone().next();
+    admitted
+        .find(|a| a.is_ipv4() == dialed.is_ipv4())
+        .or(first)
         .copied()
 }
 
 fn workload_route(
     w: Arc<Workload>,
-    port: u16,
+    target: SocketAddr,
     service: Option<Arc<Service>>,
     hbone_port: u16,
 ) -> Route {
-    let Some(ip) = pick_address(&w, true) else {
-        return Route::Unreachable(format!("workload {} has no address", w.uid));
-    };
-    let target = SocketAddr::new(ip, port);
+    let ip = target.ip();
     match w.protocol {
         TunnelProtocol::None => Route::Passthrough {
             target,
@@ -383,6 +404,126 @@ mod tests {
             snap.route(sa("10.96.0.2:80"), 15008),
             Route::Unreachable(_)
         ));
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+    use crate::state::{Endpoint, Mesh, ServicePort};
+
+    fn dual(uid: &str, addrs: &[&str]) -> Workload {
+        Workload {
+            addresses: addrs.iter().map(|a| a.parse().expect("ip")).collect(),
+            ..Workload::for_test(uid, "ns", None)
+        }
+    }
+
+    /// ztunnel (state.rs, `pick_workload_destination_or_resolve`): the
+    /// dialed address itself when the workload has it; else the first
+    /// address of the dialed family among those the service's
+    /// `ip_families` admits; else the first admitted, of either family.
+    #[test]
+    fn the_dialed_family_is_kept_where_the_workload_has_it() {
+        use IpFamilies::*;
+        let cases: &[(&[&str], &str, IpFamilies, Option<&str>)] = &[
+            (
+                &["10.1.0.2", "fd10::2"],
+                "fd10::2",
+                Automatic,
+                Some("fd10::2"),
+            ),
+            (
+                &["10.1.0.2", "fd10::2"],
+                "10.1.0.2",
+                Automatic,
+                Some("10.1.0.2"),
+            ),
+            // A VIP: the family of the VIP.
+            (
+                &["10.1.0.2", "fd10::2"],
+                "fd96::1",
+                Automatic,
+                Some("fd10::2"),
+            ),
+            (
+                &["fd10::2", "10.1.0.2"],
+                "10.96.0.1",
+                Automatic,
+                Some("10.1.0.2"),
+            ),
+            // No address of that family: the other one.
+            (&["10.1.0.2"], "fd96::1", Automatic, Some("10.1.0.2")),
+            (&["fd10::2"], "10.96.0.1", Automatic, Some("fd10::2")),
+            // The service's families restrict the choice.
+            (
+                &["10.1.0.2", "fd10::2"],
+                "fd96::1",
+                V4Only,
+                Some("10.1.0.2"),
+            ),
+            (
+                &["10.1.0.2", "fd10::2"],
+                "10.96.0.1",
+                V6Only,
+                Some("fd10::2"),
+            ),
+            (&["10.1.0.2"], "fd96::1", V6Only, None),
+            (&[], "10.96.0.1", Automatic, None),
+            // The dialed address of the workload wins over the families.
+            (
+                &["10.1.0.2", "fd10::2"],
+                "10.1.0.2",
+                V6Only,
+                Some("10.1.0.2"),
+            ),
+        ];
+        for (addrs, dialed, families, want) in cases {
+            let w = dual("w", addrs);
+            let got = pick_address(&w, dialed.parse().expect("ip"), *families);
+            let want = want.map(|a| a.parse::<IpAddr>().expect("ip"));
+            assert_eq!(got, want, "{addrs:?} dialed {dialed} {families:?}");
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_reached_in_the_family_dialed() {
+        let snap = Snapshot::new(Mesh {
+            workloads: vec![dual("a", &["10.1.0.2", "fd10::2"])],
+            services: vec![Service {
+                name: "svc".into(),
+                namespace: "ns".into(),
+                hostname: "svc.ns.svc.cluster.local".into(),
+                vips: vec!["10.96.0.1".parse().unwrap(), "fd96::1".parse().unwrap()],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec![Endpoint {
+                    workload_uid: "a".into(),
+                }],
+                subject_alt_names: vec![],
+                visibility: Default::default(),
+                ip_families: IpFamilies::Dual,
+                waypoint: None,
+            }],
+            ..Mesh::default()
+        });
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (dialed, gateway, target) in [
+            ("[fd96::1]:80", "[fd10::2]:15008", "[fd10::2]:8080"),
+            ("10.96.0.1:80", "10.1.0.2:15008", "10.1.0.2:8080"),
+            ("[fd10::2]:9000", "[fd10::2]:15008", "[fd10::2]:9000"),
+        ] {
+            match snap.route(sa(dialed), 15008) {
+                Route::Hbone {
+                    gateway: g,
+                    target: t,
+                    ..
+                } => assert_eq!((g, t), (sa(gateway), sa(target)), "{dialed}"),
+                r => panic!("{dialed}: unexpected {r:?}"),
+            }
+        }
     }
 }
 

@@ -21,7 +21,9 @@ use crate::hbone::server::{ConnectRequest, Handler, Responder};
 use crate::hbone::{self, PoolKey};
 use crate::identity::Identity;
 use crate::socket::ConnectOpts;
-use crate::state::{authz, Destination, L7Decision, Route, Snapshot, Workload};
+use crate::state::{
+    authz, pick_address, Destination, IpFamilies, L7Decision, Route, Snapshot, Workload,
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -122,7 +124,7 @@ impl Shared {
         let snap = self.state.snapshot();
         let (decision, port) = match snap.destination(t.target) {
             Destination::Service(s) => (
-                snap.route_request(&s, &parts),
+                snap.route_request(&s, t.target.ip(), &parts),
                 s.target_port(t.target.port()),
             ),
             Destination::Workload(w) => (L7Decision::Forward(w), Some(t.target.port())),
@@ -184,10 +186,7 @@ impl Shared {
         t: &Tunnel,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let ip = w
-            .addresses
-            .first()
-            .copied()
+        let ip = pick_address(w, t.target.ip(), IpFamilies::Automatic)
             .ok_or_else(|| ForwardError::Unreachable(format!("{} has no address", w.uid)))?;
         let route = snap.route_from(
             Some(&self.workload),

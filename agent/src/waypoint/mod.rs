@@ -84,10 +84,14 @@ pub struct RequestRecord {
 
 /// A running waypoint; dropping it stops it.
 pub struct Waypoint {
+    /// Where it listens: its workload's first address.
     pub addr: SocketAddr,
+    /// Every address it listens on: one per address of its workload (a
+    /// dual-stack waypoint is reached in the family its clients dialed).
+    pub addrs: Vec<SocketAddr>,
     records: broadcast::Sender<Arc<RequestRecord>>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     /// What keeps the mesh current, when the waypoint owns it.
     sources: Vec<tokio::task::JoinHandle<()>>,
     sources_stop: Option<watch::Sender<bool>>,
@@ -96,7 +100,9 @@ pub struct Waypoint {
 impl Drop for Waypoint {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Some(stop) = &self.sources_stop {
             let _ = stop.send(true);
         }
@@ -120,7 +126,7 @@ pub(crate) struct Shared {
 }
 
 impl Waypoint {
-    /// Listens on the waypoint workload's address inside `sockets` and
+    /// Listens on the waypoint workload's addresses inside `sockets` and
     /// serves until dropped.
     pub async fn start(
         state: Arc<State>,
@@ -134,22 +140,24 @@ impl Waypoint {
             .workload_by_uid(&cfg.workload_uid)
             .cloned()
             .ok_or_else(|| WaypointError::UnknownWorkload(cfg.workload_uid.clone()))?;
-        let ip = workload
-            .addresses
-            .first()
-            .copied()
-            .ok_or_else(|| WaypointError::NoAddress(workload.uid.to_string()))?;
+        if workload.addresses.is_empty() {
+            return Err(WaypointError::NoAddress(workload.uid.to_string()));
+        }
         // Fail now, not at the first connection, if no certificate comes.
         certs.fetch(&workload.identity()).await?;
         certs.track(workload.identity());
-        let addr = SocketAddr::new(ip, cfg.hbone_port);
-        let listener = sockets
-            .listen(addr, ListenOpts::default())
-            .await
-            .map_err(|e| WaypointError::Listen(addr, e))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| WaypointError::Listen(addr, e))?;
+        let mut listeners = Vec::new();
+        for ip in &workload.addresses {
+            let addr = SocketAddr::new(*ip, cfg.hbone_port);
+            let listener = sockets
+                .listen(addr, ListenOpts::default())
+                .await
+                .map_err(|e| WaypointError::Listen(addr, e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| WaypointError::Listen(addr, e))?;
+            listeners.push((listener, addr));
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
         let shared = Arc::new(Shared {
@@ -163,46 +171,23 @@ impl Waypoint {
             records: records.clone(),
             tls: tls::ServerConfigCache::default(),
         });
-        let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
-        info!(parent: &span, "waypoint listening");
-        let task = tokio::spawn(
-            async move {
-                loop {
-                    let (stream, peer) = match listener.accept().await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let shared = shared.clone();
-                    let shutdown = shutdown_rx.clone();
-                    tokio::spawn(
-                        async move {
-                            match shared.serve(stream, peer, shutdown).await {
-                                Ok(()) => {}
-                                // The peer went away (e.g. its agent stopped).
-                                Err(ConnectionError::H2(e)) if e.is_io() => {
-                                    debug!(%peer, error = %e, "HBONE connection closed")
-                                }
-                                Err(e) => {
-                                    warn!(%peer, error = %e, "HBONE connection refused or failed")
-                                }
-                            }
-                        }
-                        .in_current_span(),
-                    );
-                }
-            }
-            .instrument(span),
-        );
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+        let tasks = listeners
+            .into_iter()
+            .map(|(listener, addr)| {
+                let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
+                info!(parent: &span, "waypoint listening");
+                tokio::spawn(
+                    accept_loop(listener, shared.clone(), shutdown_rx.clone()).instrument(span),
+                )
+            })
+            .collect();
         Ok(Waypoint {
-            addr,
+            addr: addrs[0],
+            addrs,
             records,
             shutdown,
-            task,
+            tasks,
             sources: Vec::new(),
             sources_stop: None,
         })
@@ -250,6 +235,42 @@ impl Waypoint {
     /// A record of every request handled from now on.
     pub fn requests(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
         self.records.subscribe()
+    }
+}
+
+/// Serves the tunnels `listener` accepts until the waypoint stops.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            async move {
+                match shared.serve(stream, peer, shutdown).await {
+                    Ok(()) => {}
+                    // The peer went away (e.g. its agent stopped).
+                    Err(ConnectionError::H2(e)) if e.is_io() => {
+                        debug!(%peer, error = %e, "HBONE connection closed")
+                    }
+                    Err(e) => {
+                        warn!(%peer, error = %e, "HBONE connection refused or failed")
+                    }
+                }
+            }
+            .in_current_span(),
+        );
     }
 }
 
