@@ -8,5 +8,6 @@
 
 pub mod apps;
 pub mod meshgen;
+pub mod nodes;
 pub mod procstat;
 pub mod scale;

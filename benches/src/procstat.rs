@@ -27,6 +27,11 @@ fn status_bytes(pid: u32, field: &str) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("no {field} for pid {pid}")))
 }
 
+/// How many file descriptors `pid` has open.
+pub fn fds(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
 /// User + system CPU time of every thread of `pid`.
 pub fn cpu(pid: u32) -> io::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
