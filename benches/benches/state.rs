@@ -37,6 +37,7 @@ fn workload(i: usize) -> Workload {
         healthy: true,
         capacity: 1,
         telemetry: Default::default(),
+        network: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn authorization(c: &mut Criterion) {
 fn mesh(n: usize) -> Mesh {
     let services = (0..n / 10)
         .map(|s| Service {
+            load_balancing: None,
             name: format!("svc{s}").into(),
             namespace: format!("ns-{}", s % NAMESPACES).into(),
             hostname: format!("svc{s}.ns-{}.svc.cluster.local", s % NAMESPACES).into(),

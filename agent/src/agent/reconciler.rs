@@ -219,6 +219,7 @@ impl Reconciler {
             capacity: 1,
             // Telemetry names come from istiod's listing.
             telemetry: Default::default(),
+            network: None,
         }
     }
 

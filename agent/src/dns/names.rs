@@ -198,6 +198,7 @@ mod tests {
 
     fn service(ns: &str, hostname: &str, vips: &[&str]) -> Service {
         Service {
+            load_balancing: None,
             name: hostname.split('.').next().unwrap_or_default().into(),
             namespace: ns.into(),
             hostname: hostname.into(),

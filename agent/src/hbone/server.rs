@@ -468,9 +468,12 @@ fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
             let v = v
                 .strip_prefix('[')
                 .map_or(v, |s| s.split(']').next().unwrap_or(s));
-            v.parse()
+            v.parse::<IpAddr>()
                 .ok()
                 .or_else(|| v.parse::<SocketAddr>().ok().map(|s| s.ip()))
+                // `::ffff:10.0.0.1` is 10.0.0.1: policies on IPv4 ranges
+                // must see it as such.
+                .map(|ip| ip.to_canonical())
         })
 }
 
@@ -485,6 +488,7 @@ mod tests {
             ("for=10.0.0.1;proto=http", Some("10.0.0.1")),
             (r#"proto=http;For="[2001:db8::1]""#, Some("2001:db8::1")),
             (r#"for="10.0.0.1:4711""#, Some("10.0.0.1")),
+            (r#"for="[::ffff:10.0.0.1]""#, Some("10.0.0.1")),
             ("for=unknown", None),
             ("by=10.0.0.1", None),
         ];

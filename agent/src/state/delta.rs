@@ -219,10 +219,11 @@ fn identity_key(w: &Workload) -> IdentityKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Endpoint, PolicyAction, PolicyScope, Waypoint, WaypointTarget};
+    use crate::state::{Endpoint, GatewayAddress, GatewayTarget, PolicyAction, PolicyScope};
 
     fn service(name: &str, vip: &str, endpoints: &[&str], waypoint: bool) -> Service {
         Service {
+            load_balancing: None,
             name: name.into(),
             namespace: "ns".into(),
             hostname: format!("{name}.ns.svc.cluster.local").into(),
@@ -236,8 +237,8 @@ mod tests {
                 .collect(),
             subject_alt_names: vec![],
             waypoint: waypoint.then(|| {
-                Box::new(Waypoint {
-                    target: WaypointTarget::Address("10.9.9.9".parse().unwrap()),
+                Box::new(GatewayAddress {
+                    target: GatewayTarget::Address("10.9.9.9".parse().unwrap()),
                     hbone_port: 15008,
                 })
             }),

@@ -139,7 +139,7 @@ impl Snapshot {
                 .choose_weighted(&mut rand::rng(), |b| b.weight)
                 .ok()
                 .and_then(|b| self.choose_among(&b.workload_uids)),
-            None => self.choose_endpoint(service, dialed),
+            None => self.choose_endpoint(service, dialed, None),
         };
         chosen.map_or(L7Decision::NoBackend, L7Decision::Forward)
     }
@@ -169,6 +169,7 @@ mod tests {
         Snapshot::new(Mesh {
             workloads,
             services: vec![Service {
+                load_balancing: None,
                 name: "svc".into(),
                 namespace: "ns".into(),
                 hostname: "svc.ns".into(),

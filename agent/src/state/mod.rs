@@ -9,6 +9,7 @@
 //! holds.
 
 pub mod authz;
+mod balance;
 mod cow;
 mod delta;
 pub mod l7;

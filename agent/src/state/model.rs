@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use smallvec::SmallVec;
 
+pub use super::balance::{HealthPolicy, LbMode, LbScope, LoadBalancing};
 use super::Name;
 use crate::identity::Identity;
 
@@ -47,20 +48,30 @@ impl ApplicationTunnel {
     }
 }
 
-/// Where a waypoint is found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WaypointTarget {
+/// Where a waypoint or network gateway is found.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum GatewayTarget {
     /// A workload address.
     Address(IpAddr),
     /// A service, by `namespace/hostname`.
     Service { namespace: Name, hostname: Name },
 }
 
-/// A waypoint reference, as Istio's `GatewayAddress`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Waypoint {
-    pub target: WaypointTarget,
+/// A waypoint or network gateway reference, as Istio's `GatewayAddress`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GatewayAddress {
+    pub target: GatewayTarget,
     pub hbone_port: u16,
+}
+
+/// The network a workload is on, and the east-west gateway through which
+/// callers on other networks reach it (Istio's `network` and
+/// `network_gateway`). Shared by the workloads of a network
+/// ([`Interner::network`](super::Interner::network)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Network {
+    pub name: Name,
+    pub gateway: Option<GatewayAddress>,
 }
 
 /// A workload's addresses: nearly always one (or two, dual stack), so the
@@ -130,14 +141,17 @@ pub struct Workload {
     pub protocol: TunnelProtocol,
     pub application_tunnel: ApplicationTunnel,
     /// Out of line for the same reason as `local`.
-    pub waypoint: Option<Box<Waypoint>>,
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// Unhealthy workloads are not chosen as service endpoints.
     pub healthy: bool,
     /// Relative weight among a service's endpoints (Istio's `capacity`,
     /// default 1); 0 is chosen only when every candidate has 0.
     pub capacity: u32,
-    /// What its metrics are labelled with.
+    /// What its metrics are labelled with (and its cluster and locality).
     pub telemetry: Arc<Telemetry>,
+    /// Its network; `None` is the default network (named ``) with no
+    /// gateway, as in a single-network mesh.
+    pub network: Option<Arc<Network>>,
 }
 
 /// A pod's place on this host, as the mesh file gives it (local mode; in
@@ -164,6 +178,16 @@ impl Workload {
 
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The name of its network (empty: the default network).
+    pub fn network_name(&self) -> &str {
+        self.network.as_ref().map_or("", |n| n.name.as_str())
+    }
+
+    /// Its network's east-west gateway, if it has one.
+    pub fn network_gateway(&self) -> Option<&GatewayAddress> {
+        self.network.as_ref()?.gateway.as_ref()
     }
 
     /// Whether `id` is this workload's identity (without building ours).
@@ -197,6 +221,7 @@ impl Workload {
             healthy: true,
             capacity: 1,
             telemetry: Arc::default(),
+            network: None,
         }
     }
 }
@@ -226,11 +251,14 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// Extra identities a client accepts from this service's endpoints.
     pub subject_alt_names: Vec<String>,
-    pub waypoint: Option<Box<Waypoint>>,
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// Who may see it by name (Istio's `exportTo`).
     pub visibility: Visibility,
     /// The address families it serves.
     pub ip_families: IpFamilies,
+    /// How an endpoint is chosen (Istio's `load_balancing`); `None`: any
+    /// healthy endpoint, by capacity.
+    pub load_balancing: Option<Box<LoadBalancing>>,
 }
 
 /// The address families a service serves (istiod's `Service.ip_families`,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use triomphe::ThinArc;
 
-use super::{ServicePort, Telemetry};
+use super::{Network, ServicePort, Telemetry};
 
 /// An immutable string; cloning it shares it. One pointer wide (the
 /// length lives with the bytes), so the model's many names and the indexes
@@ -198,6 +198,18 @@ impl Shared for Arc<Telemetry> {
     }
 }
 
+impl Shared for Arc<Network> {
+    fn holders(&self) -> usize {
+        Arc::strong_count(self)
+    }
+}
+
+impl From<&Network> for Arc<Network> {
+    fn from(n: &Network) -> Self {
+        Arc::new(n.clone())
+    }
+}
+
 impl From<&Telemetry> for Arc<Telemetry> {
     fn from(t: &Telemetry) -> Self {
         Arc::new(t.clone())
@@ -252,6 +264,7 @@ pub struct Interner {
     names: Pool<Name>,
     port_lists: Pool<Arc<[ServicePort]>>,
     telemetry: Pool<Arc<Telemetry>>,
+    networks: Pool<Arc<Network>>,
 }
 
 impl Interner {
@@ -272,8 +285,14 @@ impl Interner {
         self.telemetry.get(t)
     }
 
+    /// The shared copy of a network (its workloads all have the same).
+    pub fn network(&mut self, n: &Network) -> Arc<Network> {
+        self.networks.get(n)
+    }
+
     /// Forgets what nothing else holds any more.
     pub fn prune(&mut self) {
+        self.networks.prune();
         self.names.prune();
         self.port_lists.prune();
         self.telemetry.prune();

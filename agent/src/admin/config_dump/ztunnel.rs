@@ -15,9 +15,9 @@ use serde_json::{json, Map, Value};
 
 use crate::identity::WorkloadCert;
 use crate::state::{
-    ApplicationTunnel, IpFamilies, Match, Mesh, Policy, PolicyAction, PolicyScope, Service,
-    ServiceAccountMatch, StringMatch, TunnelProtocol, Visibility, Waypoint, WaypointTarget,
-    Workload,
+    ApplicationTunnel, GatewayAddress, GatewayTarget, IpFamilies, LbScope, Match, Mesh, Policy,
+    PolicyAction, PolicyScope, Service, ServiceAccountMatch, StringMatch, TunnelProtocol,
+    Visibility, Workload,
 };
 
 /// Workloads, sorted by uid as ztunnel's are.
@@ -94,6 +94,12 @@ fn workload(w: &Workload, services: Option<&Vec<String>>, policies: Option<&Vec<
     if let Some(wp) = &w.waypoint {
         put("waypoint", gateway(wp));
     }
+    if !w.network_name().is_empty() {
+        put("network", json!(w.network_name()));
+    }
+    if let Some(gw) = w.network_gateway() {
+        put("networkGateway", gateway(gw));
+    }
     match w.application_tunnel {
         ApplicationTunnel::None => {}
         ApplicationTunnel::Proxy { port } => put(
@@ -126,10 +132,10 @@ fn protocol(p: TunnelProtocol) -> String {
 
 /// `GatewayAddress`: `destination` is `namespace/hostname` or
 /// `network/ip` (the network empty here: one network).
-fn gateway(w: &Waypoint) -> Value {
+fn gateway(w: &GatewayAddress) -> Value {
     let destination = match &w.target {
-        WaypointTarget::Address(ip) => format!("/{ip}"),
-        WaypointTarget::Service {
+        GatewayTarget::Address(ip) => format!("/{ip}"),
+        GatewayTarget::Service {
             namespace,
             hostname,
         } => format!("{namespace}/{hostname}"),
@@ -197,6 +203,24 @@ fn service(s: &Service, health: &HashMap<&str, bool>) -> Value {
     }
     if let Some(wp) = &s.waypoint {
         o.insert("waypoint".into(), gateway(wp));
+    }
+    if let Some(lb) = &s.load_balancing {
+        let scopes: Vec<String> = lb
+            .routing_preference
+            .iter()
+            .map(|s| match s {
+                LbScope::Unknown(v) => format!("Unknown({v})"),
+                known => format!("{known:?}"),
+            })
+            .collect();
+        o.insert(
+            "loadBalancer".into(),
+            json!({
+                "routingPreferences": scopes,
+                "mode": format!("{:?}", lb.mode),
+                "healthPolicy": format!("{:?}", lb.health_policy),
+            }),
+        );
     }
     Value::Object(o)
 }

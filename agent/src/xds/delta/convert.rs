@@ -21,9 +21,10 @@ use ipnet::IpNet;
 
 use crate::identity::Identity;
 use crate::state::{
-    Addresses, ApplicationTunnel, Clause, Match, Policy, PolicyAction, PolicyScope, Rule, Service,
-    ServiceAccountMatch, ServicePort, StringMatch, Telemetry, TunnelProtocol, Waypoint,
-    WaypointTarget, Workload, DEFAULT_CLUSTER,
+    Addresses, ApplicationTunnel, Clause, GatewayAddress, GatewayTarget, HealthPolicy, LbMode,
+    LbScope, LoadBalancing, Match, Network, Policy, PolicyAction, PolicyScope, Rule, Service,
+    ServiceAccountMatch, ServicePort, StringMatch, Telemetry, TunnelProtocol, Workload,
+    DEFAULT_CLUSTER,
 };
 use crate::state::{Interner, Name};
 use crate::xds::local::Problem;
@@ -329,6 +330,7 @@ fn workload(
             w.locality.as_ref(),
             names,
         ),
+        network: network(&w.network, w.network_gateway, names)?,
     };
     Ok(WorkloadResource {
         workload: Arc::new(workload),
@@ -428,6 +430,56 @@ fn service(name: &str, s: pb::Service, names: &mut Interner) -> Result<Service, 
             Ok(pb::IpFamilies::Automatic) | Err(_) => crate::state::IpFamilies::Automatic,
         },
         waypoint: waypoint("waypoint", s.waypoint, names)?,
+        load_balancing: s.load_balancing.map(load_balancing),
+    })
+}
+
+/// A workload's network; `None` for the default one without a gateway.
+fn network(
+    name: &str,
+    gateway: Option<pb::GatewayAddress>,
+    names: &mut Interner,
+) -> Result<Option<Arc<Network>>, RejectReason> {
+    let gateway = waypoint("network_gateway", gateway, names)?.map(|g| *g);
+    if name.is_empty() && gateway.is_none() {
+        return Ok(None);
+    }
+    let name = names.intern(name);
+    Ok(Some(names.network(&Network { name, gateway })))
+}
+
+/// A service's load balancing. Values newer than this agent take the
+/// meaning that reaches least far: an unknown scope is never shared, an
+/// unknown mode is `STRICT`, an unknown health policy only healthy.
+fn load_balancing(lb: pb::LoadBalancing) -> Box<LoadBalancing> {
+    use pb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    let routing_preference = lb
+        .routing_preference
+        .iter()
+        .map(|s| match S::try_from(*s) {
+            Ok(S::Region) => LbScope::Region,
+            Ok(S::Zone) => LbScope::Zone,
+            Ok(S::Subzone) => LbScope::Subzone,
+            Ok(S::Node) => LbScope::Node,
+            Ok(S::Cluster) => LbScope::Cluster,
+            Ok(S::Network) => LbScope::Network,
+            Ok(S::UnspecifiedScope) | Err(_) => LbScope::Unknown(*s),
+        })
+        .collect();
+    let mode = match M::try_from(lb.mode) {
+        Ok(M::UnspecifiedMode) => LbMode::Standard,
+        Ok(M::Failover) => LbMode::Failover,
+        Ok(M::Passthrough) => LbMode::Passthrough,
+        Ok(M::Strict) | Err(_) => LbMode::Strict,
+    };
+    let health_policy = match H::try_from(lb.health_policy) {
+        Ok(H::AllowAll) => HealthPolicy::AllowAll,
+        Ok(H::OnlyHealthy) | Err(_) => HealthPolicy::OnlyHealthy,
+    };
+    Box::new(LoadBalancing {
+        routing_preference,
+        mode,
+        health_policy,
     })
 }
 
@@ -435,10 +487,10 @@ fn waypoint(
     at: &str,
     g: Option<pb::GatewayAddress>,
     names: &mut Interner,
-) -> Result<Option<Box<Waypoint>>, RejectReason> {
+) -> Result<Option<Box<GatewayAddress>>, RejectReason> {
     let Some(g) = g else { return Ok(None) };
     let target = match g.destination {
-        Some(pb::gateway_address::Destination::Address(a)) => WaypointTarget::Address(
+        Some(pb::gateway_address::Destination::Address(a)) => GatewayTarget::Address(
             ip_from_bytes(&a.address).map_err(|e| field(format!("{at}.address.address"), e))?,
         ),
         Some(pb::gateway_address::Destination::Hostname(h)) => {
@@ -446,7 +498,7 @@ fn waypoint(
                 let problem = Problem::WaypointService(format!("{}/{}", h.namespace, h.hostname));
                 return Err(field(format!("{at}.hostname"), problem));
             }
-            WaypointTarget::Service {
+            GatewayTarget::Service {
                 namespace: names.intern(&h.namespace),
                 hostname: names.intern(&h.hostname),
             }
@@ -458,7 +510,7 @@ fn waypoint(
         0 => DEFAULT_HBONE_PORT,
         p => port(&format!("{at}.hbone_mtls_port"), p)?,
     };
-    Ok(Some(Box::new(Waypoint { target, hbone_port })))
+    Ok(Some(Box::new(GatewayAddress { target, hbone_port })))
 }
 
 fn policy(

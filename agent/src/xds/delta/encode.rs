@@ -13,9 +13,9 @@ use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHOR
 use ipnet::IpNet;
 
 use crate::state::{
-    ApplicationTunnel, Match, Mesh, Policy, PolicyAction, PolicyScope, Service,
-    ServiceAccountMatch, StringMatch, Telemetry, TunnelProtocol, Waypoint, WaypointTarget,
-    Workload, DEFAULT_CLUSTER,
+    ApplicationTunnel, GatewayAddress, GatewayTarget, HealthPolicy, LbMode, LbScope, LoadBalancing,
+    Match, Mesh, Policy, PolicyAction, PolicyScope, Service, ServiceAccountMatch, StringMatch,
+    Telemetry, TunnelProtocol, Workload, DEFAULT_CLUSTER,
 };
 
 /// Why a mesh cannot be served over xDS.
@@ -200,6 +200,8 @@ fn workload(refs: &Refs<'_>, w: &Workload) -> pb::Workload {
         canonical_revision: w.telemetry.canonical_revision.to_string(),
         cluster_id: w.telemetry.cluster.to_string(),
         locality: locality(&w.telemetry),
+        network: w.network_name().to_string(),
+        network_gateway: w.network_gateway().map(gateway),
         ..Default::default()
     }
 }
@@ -247,20 +249,50 @@ fn service(s: &Service) -> pb::Service {
             crate::state::IpFamilies::V6Only => pb::IpFamilies::Ipv6Only,
             crate::state::IpFamilies::Dual => pb::IpFamilies::Dual,
         } as i32,
+        load_balancing: s.load_balancing.as_deref().map(load_balancing),
         ..Default::default()
     }
 }
 
-fn gateway(w: &Waypoint) -> pb::GatewayAddress {
+fn load_balancing(lb: &LoadBalancing) -> pb::LoadBalancing {
+    use pb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    pb::LoadBalancing {
+        routing_preference: lb
+            .routing_preference
+            .iter()
+            .map(|s| match s {
+                LbScope::Region => S::Region as i32,
+                LbScope::Zone => S::Zone as i32,
+                LbScope::Subzone => S::Subzone as i32,
+                LbScope::Node => S::Node as i32,
+                LbScope::Cluster => S::Cluster as i32,
+                LbScope::Network => S::Network as i32,
+                LbScope::Unknown(v) => *v,
+            })
+            .collect(),
+        mode: match lb.mode {
+            LbMode::Standard => M::UnspecifiedMode,
+            LbMode::Strict => M::Strict,
+            LbMode::Failover => M::Failover,
+            LbMode::Passthrough => M::Passthrough,
+        } as i32,
+        health_policy: match lb.health_policy {
+            HealthPolicy::OnlyHealthy => H::OnlyHealthy,
+            HealthPolicy::AllowAll => H::AllowAll,
+        } as i32,
+    }
+}
+
+fn gateway(w: &GatewayAddress) -> pb::GatewayAddress {
     use pb::gateway_address::Destination;
     pb::GatewayAddress {
         destination: Some(match &w.target {
-            WaypointTarget::Address(ip) => Destination::Address(pb::NetworkAddress {
+            GatewayTarget::Address(ip) => Destination::Address(pb::NetworkAddress {
                 network: String::new(),
                 address: ip_bytes(*ip),
                 ..Default::default()
             }),
-            WaypointTarget::Service {
+            GatewayTarget::Service {
                 namespace,
                 hostname,
             } => Destination::Hostname(pb::NamespacedHostname {

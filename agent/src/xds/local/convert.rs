@@ -11,17 +11,17 @@ use ipnet::IpNet;
 use marked_yaml::{Span, Spanned};
 
 use super::schema::{
-    Action, AppTunnel, HttpRouteEntry, MatchEntry, MeshFile, PathEntry, PolicyEntry, Protocol,
-    RuleEntry, Scope, ServiceEntry, Text, WaypointEntry, WorkloadEntry,
+    Action, AppTunnel, GatewayEntry, HttpRouteEntry, MatchEntry, MeshFile, PathEntry, PolicyEntry,
+    Protocol, RuleEntry, Scope, ServiceEntry, Text, WorkloadEntry,
 };
 use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
 use crate::state::Interner;
 use crate::state::{
-    Addresses, ApplicationTunnel, Backend, Clause, Endpoint, HttpAction, HttpMatch, HttpRoute,
-    HttpRule, LocalPod, Match, Mesh, PathMatch, Policy, PolicyAction, PolicyScope, Rule, Service,
-    ServiceAccountMatch, ServicePort, StringMatch, Telemetry, TunnelProtocol, Waypoint,
-    WaypointTarget, Workload, CANONICAL_NAME_LABELS, CANONICAL_REVISION_LABELS,
+    Addresses, ApplicationTunnel, Backend, Clause, Endpoint, GatewayAddress, GatewayTarget,
+    HttpAction, HttpMatch, HttpRoute, HttpRule, LocalPod, Match, Mesh, Network, PathMatch, Policy,
+    PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch, ServicePort, StringMatch,
+    Telemetry, TunnelProtocol, Workload, CANONICAL_NAME_LABELS, CANONICAL_REVISION_LABELS,
     DEFAULT_CANONICAL_REVISION, DEFAULT_CLUSTER,
 };
 
@@ -224,6 +224,14 @@ impl Converter<'_> {
             (namespace.clone(), place(&f("uid"), w.uid.span())),
         );
         let telemetry = self.telemetry(w, &name);
+        let gateway = self
+            .waypoint(&f("networkGateway"), w.network_gateway.as_ref())?
+            .map(|g| *g);
+        let network_name = w.network.as_ref().map_or("", |t| t.trim());
+        let network = (!network_name.is_empty() || gateway.is_some()).then(|| {
+            let name = self.names.intern(network_name);
+            self.names.network(&Network { name, gateway })
+        });
         Ok(Workload {
             uid: self.names.intern(&uid),
             name: name.into(),
@@ -243,6 +251,7 @@ impl Converter<'_> {
             healthy: w.healthy,
             capacity: w.capacity,
             telemetry,
+            network,
         })
     }
 
@@ -283,18 +292,18 @@ impl Converter<'_> {
     fn waypoint(
         &mut self,
         field: &str,
-        w: Option<&Spanned<WaypointEntry>>,
-    ) -> Result<Option<Box<Waypoint>>> {
+        w: Option<&Spanned<GatewayEntry>>,
+    ) -> Result<Option<Box<GatewayAddress>>> {
         let Some(w) = w else { return Ok(None) };
         let target = match (&w.address, &w.service) {
-            (Some(a), None) => WaypointTarget::Address(self.ip(&format!("{field}.address"), a)?),
+            (Some(a), None) => GatewayTarget::Address(self.ip(&format!("{field}.address"), a)?),
             (None, Some(s)) => {
                 let field = format!("{field}.service");
                 match s.split_once('/') {
                     Some((ns, host))
                         if !ns.is_empty() && !host.is_empty() && !host.contains('/') =>
                     {
-                        WaypointTarget::Service {
+                        GatewayTarget::Service {
                             namespace: self.names.intern(ns),
                             hostname: self.names.intern(host),
                         }
@@ -321,7 +330,7 @@ impl Converter<'_> {
             Some(p) => self.port(&format!("{field}.hbonePort"), p)?,
             None => DEFAULT_HBONE_PORT,
         };
-        Ok(Some(Box::new(Waypoint { target, hbone_port })))
+        Ok(Some(Box::new(GatewayAddress { target, hbone_port })))
     }
 
     fn service(
@@ -416,6 +425,7 @@ impl Converter<'_> {
             visibility: Default::default(),
             ip_families: Default::default(),
             waypoint,
+            load_balancing: s.load_balancing.as_ref().map(|lb| Box::new(lb.into())),
         })
     }
 

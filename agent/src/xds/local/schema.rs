@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use marked_yaml::Spanned;
 use serde::Deserialize;
 
+use crate::state::{HealthPolicy, LbMode, LbScope, LoadBalancing};
+
 /// A string with its position in the file.
 pub(super) type Text = Spanned<String>;
 
@@ -52,7 +54,7 @@ pub(super) struct WorkloadEntry {
     /// Weight among a service's endpoints (default 1).
     #[serde(default = "default_capacity")]
     pub capacity: u32,
-    pub waypoint: Option<Spanned<WaypointEntry>>,
+    pub waypoint: Option<Spanned<GatewayEntry>>,
     /// The workload's owner, e.g. its Deployment (default: `name`).
     pub workload_name: Option<Text>,
     /// The pod's labels: the canonical service and revision are derived
@@ -66,6 +68,10 @@ pub(super) struct WorkloadEntry {
     pub cluster_id: Option<Text>,
     /// `region/zone/subzone`, as an Istio WorkloadEntry's.
     pub locality: Option<Text>,
+    /// Its network (default: the unnamed one).
+    pub network: Option<Text>,
+    /// How callers on other networks reach it.
+    pub network_gateway: Option<Spanned<GatewayEntry>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,7 +92,7 @@ pub(super) enum AppTunnel {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(super) struct WaypointEntry {
+pub(super) struct GatewayEntry {
     pub address: Option<Text>,
     /// `namespace/hostname`.
     pub service: Option<Text>,
@@ -106,7 +112,79 @@ pub(super) struct ServiceEntry {
     pub endpoints: Vec<Text>,
     #[serde(default)]
     pub subject_alt_names: Vec<Text>,
-    pub waypoint: Option<Spanned<WaypointEntry>>,
+    pub waypoint: Option<Spanned<GatewayEntry>>,
+    pub load_balancing: Option<LoadBalancingEntry>,
+}
+
+/// Istio's `LoadBalancing`, with its enum names.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct LoadBalancingEntry {
+    #[serde(default)]
+    pub routing_preference: Vec<LbScopeName>,
+    #[serde(default)]
+    pub mode: LbModeName,
+    #[serde(default)]
+    pub health_policy: HealthPolicyName,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum LbScopeName {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum LbModeName {
+    #[default]
+    #[serde(alias = "UNSPECIFIED_MODE")]
+    Standard,
+    Strict,
+    Failover,
+    Passthrough,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum HealthPolicyName {
+    #[default]
+    OnlyHealthy,
+    AllowAll,
+}
+
+impl From<&LoadBalancingEntry> for LoadBalancing {
+    fn from(e: &LoadBalancingEntry) -> Self {
+        LoadBalancing {
+            routing_preference: e
+                .routing_preference
+                .iter()
+                .map(|s| match s {
+                    LbScopeName::Region => LbScope::Region,
+                    LbScopeName::Zone => LbScope::Zone,
+                    LbScopeName::Subzone => LbScope::Subzone,
+                    LbScopeName::Node => LbScope::Node,
+                    LbScopeName::Cluster => LbScope::Cluster,
+                    LbScopeName::Network => LbScope::Network,
+                })
+                .collect(),
+            mode: match e.mode {
+                LbModeName::Standard => LbMode::Standard,
+                LbModeName::Strict => LbMode::Strict,
+                LbModeName::Failover => LbMode::Failover,
+                LbModeName::Passthrough => LbMode::Passthrough,
+            },
+            health_policy: match e.health_policy {
+                HealthPolicyName::OnlyHealthy => HealthPolicy::OnlyHealthy,
+                HealthPolicyName::AllowAll => HealthPolicy::AllowAll,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

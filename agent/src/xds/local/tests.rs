@@ -132,6 +132,7 @@ const FULL: &str = r#"
 
 fn expected_full() -> Mesh {
     let workload = |uid: &str, name: &str, addresses: Vec<IpAddr>, node: &str| Workload {
+        network: None,
         uid: uid.into(),
         name: name.into(),
         namespace: "default".into(),
@@ -173,8 +174,8 @@ fn expected_full() -> Mesh {
         application_tunnel: ApplicationTunnel::Proxy { port: Some(15088) },
         capacity: 3,
         healthy: false,
-        waypoint: Some(Box::new(Waypoint {
-            target: WaypointTarget::Address(ip("10.0.0.9")),
+        waypoint: Some(Box::new(GatewayAddress {
+            target: GatewayTarget::Address(ip("10.0.0.9")),
             hbone_port: 15008,
         })),
         ..workload("node-b/echo", "echo", vec![ip("10.0.2.2")], "node-b")
@@ -219,6 +220,7 @@ fn expected_full() -> Mesh {
         workloads: vec![client, echo, waypoint],
         services: vec![
             Service {
+                load_balancing: None,
                 name: "echo".into(),
                 namespace: "default".into(),
                 hostname: "echo.default.svc.cluster.local".into(),
@@ -239,8 +241,8 @@ fn expected_full() -> Mesh {
                 subject_alt_names: vec!["spiffe://example.org/ns/default/sa/echo".into()],
                 visibility: Default::default(),
                 ip_families: Default::default(),
-                waypoint: Some(Box::new(Waypoint {
-                    target: WaypointTarget::Service {
+                waypoint: Some(Box::new(GatewayAddress {
+                    target: GatewayTarget::Service {
                         namespace: "default".into(),
                         hostname: "waypoint.default.svc.cluster.local".into(),
                     },
@@ -248,6 +250,7 @@ fn expected_full() -> Mesh {
                 })),
             },
             Service {
+                load_balancing: None,
                 name: "other".into(),
                 namespace: "test".into(),
                 hostname: "other.example.com".into(),

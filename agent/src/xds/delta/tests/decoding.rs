@@ -335,8 +335,8 @@ fn good_resources_convert_with_istio_defaults() {
             }),
             Box::new(|w| {
                 w.workload.waypoint.as_deref()
-                    == Some(&Waypoint {
-                        target: WaypointTarget::Service {
+                    == Some(&GatewayAddress {
+                        target: GatewayTarget::Service {
                             namespace: "ns".into(),
                             hostname: "wp".into(),
                         },

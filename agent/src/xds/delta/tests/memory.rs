@@ -30,6 +30,7 @@ fn generated(n: usize) -> Mesh {
             let (k, q) = (j % 100, j / 100);
             let ns = format!("ns-{k}");
             Service {
+                load_balancing: None,
                 name: format!("svc-{j}").as_str().into(),
                 hostname: format!("svc-{j}.{ns}.svc.cluster.local").as_str().into(),
                 namespace: ns.as_str().into(),

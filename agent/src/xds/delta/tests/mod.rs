@@ -12,8 +12,8 @@ use super::convert::{decode, Decoded};
 use super::resources::Resources;
 use super::*;
 use crate::state::{
-    Mesh, PolicyAction, PolicyScope, ServicePort, StringMatch, TunnelProtocol, Waypoint,
-    WaypointTarget,
+    GatewayAddress, GatewayTarget, Mesh, PolicyAction, PolicyScope, ServicePort, StringMatch,
+    TunnelProtocol,
 };
 use crate::xds::local::parse_mesh;
 
@@ -22,6 +22,7 @@ mod client;
 mod decoding;
 mod incremental;
 mod memory;
+mod networks;
 
 const MESH: &str = r#"
 workloads:

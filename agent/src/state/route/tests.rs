@@ -1,291 +1,7 @@
-//! Deciding where an outbound connection goes: which workload, over which
-//! tunnel, expecting which identities.
+//! Route decisions: addresses, families, services, waypoints, networks.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-
-use rand::seq::IndexedRandom;
-
-use super::{IpFamilies, Service, Snapshot, TunnelProtocol, Waypoint, WaypointTarget, Workload};
-use crate::identity::Identity;
-
-/// What the original destination address names.
-#[derive(Clone, Debug)]
-pub enum Destination {
-    Workload(Arc<Workload>),
-    Service(Arc<Service>),
-    /// Not an address of the mesh.
-    Unknown,
-}
-
-/// How to carry one outbound connection.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Route {
-    /// Tunnel through HBONE to `gateway` (the destination's agent) asking
-    /// for `target`; the peer must prove one of `identities`.
-    Hbone {
-        gateway: SocketAddr,
-        target: SocketAddr,
-        identities: Vec<Identity>,
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-    },
-    /// Plain TCP to `target`.
-    Passthrough {
-        target: SocketAddr,
-        workload: Option<Arc<Workload>>,
-        service: Option<Arc<Service>>,
-    },
-    /// Refused: the address belongs to the mesh but cannot be served.
-    Unreachable(String),
-}
-
-impl Snapshot {
-    /// What `dst` names: a workload IP first, then a service VIP.
-    pub fn destination(&self, dst: SocketAddr) -> Destination {
-        if let Some(w) = self.workload_by_ip(dst.ip()) {
-            Destination::Workload(w.clone())
-        } else if let Some(s) = self.service_by_vip(dst.ip()) {
-            Destination::Service(s.clone())
-        } else {
-            Destination::Unknown
-        }
-    }
-
-    /// Chooses how to carry a connection to `dst`, tunneling to the peer's
-    /// agent on `hbone_port`, for a source outside the mesh's waypoints.
-    pub fn route(&self, dst: SocketAddr, hbone_port: u16) -> Route {
-        self.route_from(None, dst, hbone_port)
-    }
-
-    /// Chooses how to carry a connection from `source` to `dst` (DESIGN §5):
-    /// a service's waypoint first, then the chosen workload's waypoint, else
-    /// straight to the workload's agent, or plain TCP outside the mesh. A
-    /// waypoint's own traffic is never sent back to it.
-    pub fn route_from(&self, source: Option<&Workload>, dst: SocketAddr, hbone_port: u16) -> Route {
-        let via = |wp: &Waypoint| source.is_none_or(|src| !self.is_waypoint(src, wp));
-        let (w, port, service) = match self.destination(dst) {
-            Destination::Unknown => {
-                return Route::Passthrough {
-                    target: dst,
-                    workload: None,
-                    service: None,
-                }
-            }
-            Destination::Workload(w) => (w, dst.port(), None),
-            Destination::Service(s) => {
-                let Some(target_port) = s.target_port(dst.port()) else {
-                    return Route::Unreachable(format!(
-                        "service {}/{} has no port {}",
-                        s.namespace,
-                        s.hostname,
-                        dst.port()
-                    ));
-                };
-                if let Some(wp) = s.waypoint.clone().filter(|wp| via(wp)) {
-                    // The waypoint picks the endpoint; it is asked for the VIP.
-                    return self.waypoint_route(&wp, dst, Some(s), dst.ip());
-                }
-                match self.choose_endpoint(&s, dst.ip()) {
-                    Some(w) => (w, target_port, Some(s)),
-                    None => {
-                        return Route::Unreachable(format!(
-                            "service {}/{} has no healthy endpoint",
-                            s.namespace, s.hostname
-                        ))
-                    }
-                }
-            }
-        };
-        let families = service
-            .as_ref()
-            .map_or(IpFamilies::Automatic, |s| s.ip_families);
-        let Some(ip) = pick_address(&w, dst.ip(), families) else {
-            return Route::Unreachable(format!(
-                "workload {} has no address{}",
-                w.uid,
-                service.as_ref().map_or(String::new(), |s| format!(
-                    " that service {}/{} serves",
-                    s.namespace, s.hostname
-                ))
-            ));
-        };
-        let target = SocketAddr::new(ip, port);
-        if let Some(wp) = w.waypoint.clone().filter(|wp| via(wp)) {
-            return self.waypoint_route(&wp, target, service, dst.ip());
-        }
-        workload_route(w, target, service, hbone_port)
-    }
-
-    /// A tunnel to waypoint `wp` asking it for `target`; the waypoint is
-    /// reached in the family of `dialed` where it has such an address.
-    fn waypoint_route(
-        &self,
-        wp: &Waypoint,
-        target: SocketAddr,
-        service: Option<Arc<Service>>,
-        dialed: IpAddr,
-    ) -> Route {
-        let waypoint = match &wp.target {
-            WaypointTarget::Address(ip) => self.workload_by_ip(*ip).cloned(),
-            WaypointTarget::Service {
-                namespace,
-                hostname,
-            } => self
-                .service_by_host(namespace, hostname)
-                .and_then(|s| self.choose_endpoint(s, dialed)),
-        };
-        let Some(waypoint) = waypoint else {
-            return Route::Unreachable(format!("waypoint {:?} has no healthy workload", wp.target));
-        };
-        let ip = match wp.target {
-            // The address the waypoint is named by, whatever its family.
-            WaypointTarget::Address(ip) => Some(ip),
-            WaypointTarget::Service { .. } => {
-                pick_address(&waypoint, dialed, IpFamilies::Automatic)
-            }
-        };
-        let Some(ip) = ip else {
-            return Route::Unreachable(format!("waypoint {} has no address", waypoint.uid));
-        };
-        Route::Hbone {
-            gateway: SocketAddr::new(ip, wp.hbone_port),
-            target,
-            identities: vec![waypoint.identity()],
-            workload: waypoint,
-            service,
-        }
-    }
-
-    /// Whether `w` is (one of the workloads of) waypoint `wp`.
-    pub fn is_waypoint(&self, w: &Workload, wp: &Waypoint) -> bool {
-        match &wp.target {
-            WaypointTarget::Address(ip) => w.addresses.contains(ip),
-            WaypointTarget::Service {
-                namespace,
-                hostname,
-            } => self
-                .service_by_host(namespace, hostname)
-                .is_some_and(|s| s.endpoints.iter().any(|e| e.workload_uid == w.uid)),
-        }
-    }
-
-    /// The identities of the waypoints `w` must be reached through (its
-    /// own and those of the services it backs); empty when none.
-    pub fn waypoint_identities(&self, w: &Workload) -> Vec<Identity> {
-        let services = self
-            .waypointed_services_of(&w.uid)
-            .iter()
-            .filter_map(|s| s.waypoint.as_ref());
-        let mut ids: Vec<Identity> = w
-            .waypoint
-            .iter()
-            .chain(services)
-            .flat_map(|wp| self.waypoint_workloads(wp))
-            .map(|wl| wl.identity())
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids
-    }
-
-    fn waypoint_workloads(&self, wp: &Waypoint) -> Vec<Arc<Workload>> {
-        match &wp.target {
-            WaypointTarget::Address(ip) => self.workload_by_ip(*ip).cloned().into_iter().collect(),
-            WaypointTarget::Service {
-                namespace,
-                hostname,
-            } => self
-                .service_by_host(namespace, hostname)
-                .map(|s| {
-                    s.endpoints
-                        .iter()
-                        .filter_map(|e| self.workload_by_uid(&e.workload_uid).cloned())
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
-    }
-
-    /// A healthy endpoint of `service` with an address the service serves,
-    /// chosen at random so load spreads across endpoints; `dialed` is the
-    /// address the client used (its family is preferred, see [`pick_address`]).
-    pub fn choose_endpoint(&self, service: &Service, dialed: IpAddr) -> Option<Arc<Workload>> {
-        let candidates: Vec<&Arc<Workload>> = service
-            .endpoints
-            .iter()
-            .filter_map(|e| self.workload_by_uid(&e.workload_uid))
-            .filter(|w| w.healthy && pick_address(w, dialed, service.ip_families).is_some())
-            .collect();
-        choose_weighted(&candidates)
-    }
-}
-
-/// One of `candidates`, at random in proportion to their capacity (all
-/// alike when every capacity is 0).
-pub(super) fn choose_weighted(candidates: &[&Arc<Workload>]) -> Option<Arc<Workload>> {
-    let mut rng = rand::rng();
-    candidates
-        .choose_weighted(&mut rng, |w| w.capacity)
-        .or_else(|_| candidates.choose(&mut rng).ok_or(()))
-        .ok()
-        .map(|w| (*w).clone())
-}
-
-/// Which of `w`'s addresses a connection the client dialed to `dialed`
-/// goes to, as ztunnel chooses (state.rs `pick_workload_destination`):
-/// `dialed` itself when it is one of them; else, among those `families`
-/// admits, the first of `dialed`'s family, else the first of any (so a
-/// single-stack endpoint of a dual-stack service is still reached).
-pub fn pick_address(w: &Workload, dialed: IpAddr, families: IpFamilies) -> Option<IpAddr> {
-    if w.addresses.contains(&dialed) {
-        return Some(dialed);
-    }
-    let mut admitted = w.addresses.iter().filter(|a| families.admits(a));
-    let first = admitted.clone().next();
-    admitted
-        .find(|a| a.is_ipv4() == dialed.is_ipv4())
-        .or(first)
-        .copied()
-}
-
-fn workload_route(
-    w: Arc<Workload>,
-    target: SocketAddr,
-    service: Option<Arc<Service>>,
-    hbone_port: u16,
-) -> Route {
-    let ip = target.ip();
-    match w.protocol {
-        TunnelProtocol::None => Route::Passthrough {
-            target,
-            workload: Some(w),
-            service,
-        },
-        TunnelProtocol::Hbone => {
-            let mut identities = vec![w.identity()];
-            if let Some(s) = &service {
-                identities.extend(s.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
-            }
-            Route::Hbone {
-                gateway: SocketAddr::new(ip, hbone_port),
-                target,
-                identities,
-                workload: w,
-                service,
-            }
-        }
-        // Never plaintext to a workload that expects a tunnel.
-        TunnelProtocol::Unsupported(p) => Route::Unreachable(format!(
-            "workload {} expects tunnel protocol {p}, which this agent does not speak",
-            w.uid
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod basics {
+    use super::super::*;
     use crate::state::{Endpoint, Mesh, ServicePort};
 
     fn wl(uid: &str, ip: &str, protocol: TunnelProtocol, healthy: bool) -> Workload {
@@ -306,6 +22,7 @@ mod tests {
             ],
             services: vec![
                 Service {
+                    load_balancing: None,
                     name: "svc".into(),
                     namespace: "ns".into(),
                     hostname: "svc.ns.svc.cluster.local".into(),
@@ -328,6 +45,7 @@ mod tests {
                     waypoint: None,
                 },
                 Service {
+                    load_balancing: None,
                     name: "empty".into(),
                     namespace: "ns".into(),
                     hostname: "empty".into(),
@@ -407,9 +125,8 @@ mod tests {
     }
 }
 
-#[cfg(test)]
 mod family_tests {
-    use super::*;
+    use super::super::*;
     use crate::state::{Endpoint, Mesh, ServicePort};
 
     fn dual(uid: &str, addrs: &[&str]) -> Workload {
@@ -491,6 +208,7 @@ mod family_tests {
         let snap = Snapshot::new(Mesh {
             workloads: vec![dual("a", &["10.1.0.2", "fd10::2"])],
             services: vec![Service {
+                load_balancing: None,
                 name: "svc".into(),
                 namespace: "ns".into(),
                 hostname: "svc.ns.svc.cluster.local".into(),
@@ -527,12 +245,11 @@ mod family_tests {
     }
 }
 
-#[cfg(test)]
 mod waypoint_tests {
-    use super::*;
+    use super::super::*;
     use crate::state::{ApplicationTunnel, Endpoint, Mesh, ServicePort};
 
-    fn wl(uid: &str, ip: &str, waypoint: Option<Waypoint>) -> Workload {
+    fn wl(uid: &str, ip: &str, waypoint: Option<GatewayAddress>) -> Workload {
         let application_tunnel = if uid.starts_with("wp") {
             ApplicationTunnel::Proxy { port: None }
         } else {
@@ -545,8 +262,9 @@ mod waypoint_tests {
         }
     }
 
-    fn svc(name: &str, vip: &str, endpoints: &[&str], waypoint: Option<Waypoint>) -> Service {
+    fn svc(name: &str, vip: &str, endpoints: &[&str], waypoint: Option<GatewayAddress>) -> Service {
         Service {
+            load_balancing: None,
             name: name.into(),
             namespace: "ns".into(),
             hostname: format!("{name}.ns").into(),
@@ -571,15 +289,15 @@ mod waypoint_tests {
     /// `web` (service with a waypoint service `wp`), `db` (workload with a
     /// waypoint at an address), `plain`, and the waypoints themselves.
     fn snapshot() -> Snapshot {
-        let by_service = Waypoint {
-            target: WaypointTarget::Service {
+        let by_service = GatewayAddress {
+            target: GatewayTarget::Service {
                 namespace: "ns".into(),
                 hostname: "wp.ns".into(),
             },
             hbone_port: 15008,
         };
-        let by_address = Waypoint {
-            target: WaypointTarget::Address("10.0.9.2".parse().unwrap()),
+        let by_address = GatewayAddress {
+            target: GatewayTarget::Address("10.0.9.2".parse().unwrap()),
             hbone_port: 15008,
         };
         Snapshot::new(Mesh {
@@ -711,8 +429,8 @@ mod waypoint_tests {
             capacity,
             ..Workload::for_test(uid, "ns", Some(ip))
         };
-        let by_service = Waypoint {
-            target: WaypointTarget::Service {
+        let by_service = GatewayAddress {
+            target: GatewayTarget::Service {
                 namespace: "ns".into(),
                 hostname: "wp.ns".into(),
             },
@@ -742,5 +460,166 @@ mod waypoint_tests {
             (850..=1150).contains(&small),
             "{small} of 4000 to capacity 1"
         );
+    }
+}
+
+mod network_tests {
+    use super::super::*;
+    use crate::state::{Endpoint, HealthPolicy, LbScope, Mesh, Network, ServicePort};
+
+    fn on(uid: &str, ip: &str, network: &str, healthy: bool) -> Workload {
+        Workload {
+            network: (!network.is_empty()).then(|| {
+                Arc::new(Network {
+                    name: network.into(),
+                    gateway: None,
+                })
+            }),
+            healthy,
+            ..Workload::for_test(uid, "ns", Some(ip))
+        }
+    }
+
+    fn svc(endpoints: &[&str], lb: Option<LoadBalancing>) -> Service {
+        Service {
+            name: "svc".into(),
+            namespace: "ns".into(),
+            hostname: "svc.ns.svc.cluster.local".into(),
+            vips: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    workload_uid: (*e).into(),
+                })
+                .collect(),
+            subject_alt_names: vec![],
+            visibility: Default::default(),
+            ip_families: Default::default(),
+            waypoint: None,
+            load_balancing: lb.map(Box::new),
+        }
+    }
+
+    fn mesh(workloads: Vec<Workload>, service: Service) -> Snapshot {
+        Snapshot::new(Mesh {
+            workloads,
+            services: vec![service],
+            ..Mesh::default()
+        })
+    }
+
+    fn target(r: Route) -> String {
+        match r {
+            Route::Hbone { target, .. } | Route::Passthrough { target, .. } => target.to_string(),
+            Route::Unreachable(why) => format!("unreachable: {why}"),
+        }
+    }
+
+    /// Until double HBONE, nothing is sent to an address on another
+    /// network: it may name something else here (ztunnel reaches such a
+    /// workload only through its network's gateway, never directly).
+    #[test]
+    fn other_networks_are_never_dialed_directly() {
+        let src = on("src", "10.1.0.1", "n1", true);
+        let snap = mesh(
+            vec![
+                src.clone(),
+                on("near", "10.1.0.2", "n1", true),
+                on("far", "10.2.0.2", "n2", true),
+            ],
+            svc(&["far"], None),
+        );
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let r = target(snap.route_from(Some(&src), sa("10.2.0.2:80"), 15008));
+        assert!(
+            r.starts_with("unreachable: workload far is on network"),
+            "{r}"
+        );
+        let r = target(snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008));
+        assert!(r.starts_with("unreachable: service"), "{r}");
+        assert_eq!(
+            target(snap.route_from(Some(&src), sa("10.1.0.2:80"), 15008)),
+            "10.1.0.2:80"
+        );
+        // The same service with an endpoint on the source's network.
+        let snap = mesh(
+            vec![
+                src.clone(),
+                on("near", "10.1.0.2", "n1", true),
+                on("far", "10.2.0.2", "n2", true),
+            ],
+            svc(&["far", "near"], None),
+        );
+        for _ in 0..20 {
+            assert_eq!(
+                target(snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008)),
+                "10.1.0.2:8080"
+            );
+        }
+    }
+
+    #[test]
+    fn load_balancing_applies_to_service_endpoints() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let src = on("src", "10.1.0.1", "", true);
+        let workloads = || {
+            vec![
+                src.clone(),
+                on("sick", "10.1.0.2", "", false),
+                Workload {
+                    node: "other".into(),
+                    ..on("well", "10.1.0.3", "", true)
+                },
+            ]
+        };
+        // ALLOW_ALL lets the unhealthy endpoint be chosen; STRICT by node
+        // picks it (same node as the source), FAILOVER too.
+        for mode in [LbMode::Strict, LbMode::Failover] {
+            let lb = LoadBalancing {
+                routing_preference: vec![LbScope::Node],
+                mode,
+                health_policy: HealthPolicy::AllowAll,
+            };
+            let snap = mesh(workloads(), svc(&["sick", "well"], Some(lb)));
+            for _ in 0..20 {
+                assert_eq!(
+                    target(snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008)),
+                    "10.1.0.2:8080",
+                    "{mode:?}"
+                );
+            }
+        }
+        // ONLY_HEALTHY: STRICT by node has nothing left; FAILOVER spills over.
+        let strict = LoadBalancing {
+            routing_preference: vec![LbScope::Node],
+            mode: LbMode::Strict,
+            health_policy: HealthPolicy::OnlyHealthy,
+        };
+        let snap = mesh(workloads(), svc(&["sick", "well"], Some(strict.clone())));
+        let r = target(snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008));
+        assert!(r.starts_with("unreachable"), "{r}");
+        let failover = LoadBalancing {
+            mode: LbMode::Failover,
+            ..strict
+        };
+        let snap = mesh(workloads(), svc(&["sick", "well"], Some(failover)));
+        assert_eq!(
+            target(snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008)),
+            "10.1.0.3:8080"
+        );
+        // PASSTHROUGH: no endpoint is chosen, the dialed address is kept.
+        let passthrough = LoadBalancing {
+            mode: LbMode::Passthrough,
+            ..LoadBalancing::default()
+        };
+        let snap = mesh(workloads(), svc(&["well"], Some(passthrough)));
+        assert!(matches!(
+            snap.route_from(Some(&src), sa("10.96.0.1:80"), 15008),
+            Route::Passthrough { target, workload: None, service: Some(_) } if target == sa("10.96.0.1:80")
+        ));
     }
 }
