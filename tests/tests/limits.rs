@@ -88,42 +88,12 @@ async fn hbone_streams_over_the_pending_cap_get_503() {
         })
         .await;
     let mut records = b.connections();
-    // An application that never completes a handshake: a listener with a
-    // backlog of one, filled, so the agent's connect waits (SYNs dropped)
-    // until its connect timeout.
-    let stuck =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    stuck.set_reuse_address(true).expect("reuse");
-    stuck.bind(&w.server_app().into()).expect("bind app");
-    stuck.listen(0).expect("listen");
-    let _filler = std::net::TcpStream::connect(w.server_app()).expect("fills the backlog");
-
-    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
-    let cert = certs
-        .fetch(&Identity::new("cluster.local", "test", "client"))
-        .await
-        .expect("cert");
-    let server_id = Identity::new("cluster.local", "test", "server");
-    let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
-        .await
-        .expect("HBONE");
-    let connect = |send: &mut h2::client::SendRequest<bytes::Bytes>| {
-        let req = http::Request::builder()
-            .method(Method::CONNECT)
-            .uri(w.server_app().to_string())
-            .body(())
-            .expect("request");
-        send.send_request(req, false).expect("send").0
-    };
+    let _stuck = StuckApp::new(&w);
+    let mut send = hbone_as(&w, "client").await;
+    let connect = |send: &mut h2::client::SendRequest<bytes::Bytes>| connect_app(&w, send);
     let waiting = connect(&mut send);
     // The first is being admitted (connecting) before the second arrives.
-    for _ in 0..100 {
-        if pending_seen(&w) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(pending_seen(&w), "the first stream is connecting");
+    wait_for_pending(&w, 1).await;
     let over = connect(&mut send);
     tokio::pin!(waiting);
     tokio::select! {
@@ -146,13 +116,114 @@ async fn hbone_streams_over_the_pending_cap_get_503() {
     assert_eq!(after.response_flags(), "UF", "{after:?}");
 }
 
-/// Whether the agent has a connection attempt towards the stuck app in
-/// flight (a SYN_SENT socket to it).
-fn pending_seen(w: &World) -> bool {
+/// One peer may hold at most half of a workload's pending places (2 of
+/// 4): its third stream is refused while the workload still has room, and
+/// another peer's streams are admitted into that room.
+#[tokio::test]
+async fn one_peer_cannot_take_every_pending_place() {
+    init_tracing();
+    let w = World::new(103);
+    let b = w
+        .agent_with(Config {
+            limits: limits(0, 4),
+            ..w.config("node-b")
+        })
+        .await;
+    let mut records = b.connections();
+    let _stuck = StuckApp::new(&w);
+    let mut greedy = hbone_as(&w, "client").await;
+    let _held = [connect_app(&w, &mut greedy), connect_app(&w, &mut greedy)];
+    wait_for_pending(&w, 2).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), connect_app(&w, &mut greedy))
+        .await
+        .expect("refused at once")
+        .expect("answered");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = next_record_where(&mut records, |r| r.direction == Direction::Inbound).await;
+    assert_eq!(r.response_flags(), "UO", "{r:?}");
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains("its share")),
+        "{r:?}"
+    );
+    // Another client's streams still get in: two more attempts in flight.
+    let mut other = hbone_as(&w, "other").await;
+    let _theirs = [connect_app(&w, &mut other), connect_app(&w, &mut other)];
+    wait_for_pending(&w, 4).await;
+}
+
+/// An application that never completes a handshake: a listener with a
+/// backlog of one, filled, so the agent's connects to it wait (SYNs
+/// dropped) until their timeout.
+struct StuckApp {
+    _listener: socket2::Socket,
+    _filler: std::net::TcpStream,
+}
+
+impl StuckApp {
+    fn new(w: &World) -> StuckApp {
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener.set_reuse_address(true).expect("reuse");
+        listener.bind(&w.server_app().into()).expect("bind app");
+        listener.listen(0).expect("listen");
+        let filler = std::net::TcpStream::connect(w.server_app()).expect("fills the backlog");
+        StuckApp {
+            _listener: listener,
+            _filler: filler,
+        }
+    }
+}
+
+/// An HBONE client to the server's agent as service account `sa`.
+async fn hbone_as(w: &World, sa: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let certs = CertManager::new(w.ca.clone(), w.ca.trust_bundle(), Default::default());
+    let cert = certs
+        .fetch(&Identity::new("cluster.local", "test", sa))
+        .await
+        .expect("cert");
+    let server_id = Identity::new("cluster.local", "test", "server");
+    raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
+        .await
+        .expect("HBONE")
+}
+
+/// A CONNECT to the server's application; resolves with its answer.
+fn connect_app(
+    w: &World,
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+) -> h2::client::ResponseFuture {
+    let req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(w.server_app().to_string())
+        .body(())
+        .expect("request");
+    send.send_request(req, false).expect("send").0
+}
+
+/// Waits until the agent has `n` connection attempts to the stuck app in
+/// flight.
+async fn wait_for_pending(w: &World, n: usize) {
+    for _ in 0..100 {
+        if pending(w) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pending(w), n, "streams being admitted (connecting)");
+}
+
+/// The agent's connection attempts towards the stuck app in flight
+/// (SYN_SENT sockets to it).
+fn pending(w: &World) -> usize {
     let app = w.server_app();
     std::process::Command::new("ss")
         .args(["-tn", "state", "syn-sent", "dst", &app.to_string()])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
-        .unwrap_or(false)
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .count()
+                .saturating_sub(1)
+        })
+        .unwrap_or(0)
 }

@@ -251,7 +251,7 @@ impl Inbound {
         // Over a cap: refused before any work is done for it.
         let places = self
             .budget
-            .pending_stream()
+            .pending_stream(&req.peer_identity)
             .and_then(|pending| Ok((pending, self.budget.connection()?)));
         let (_pending, slot) = match places {
             Ok(places) => places,
