@@ -93,6 +93,12 @@ pub async fn run(bytes: usize) -> anyhow::Result<()> {
                 identities[0]
             ),
             Route::Passthrough { target, .. } => format!("plain TCP to {target} (not in the mesh)"),
+            Route::DoubleHbone {
+                gateway, workload, ..
+            } => format!(
+                "double HBONE through the gateway {gateway} to {}",
+                workload.uid
+            ),
             Route::Unreachable(why) => format!("refused: {why}"),
         };
         writeln!(

@@ -109,6 +109,12 @@ pub enum PoolError {
     H2(#[from] h2::Error),
     #[error("peer answered CONNECT with {0}")]
     Status(StatusCode),
+    #[error("TLS handshake with the destination inside the gateway's tunnel: {0}")]
+    InnerHandshake(#[source] std::io::Error),
+    #[error("the destination inside the gateway's tunnel did not negotiate ALPN h2")]
+    InnerNoH2,
+    #[error("building the CONNECT request: {0}")]
+    Request(String),
 }
 
 /// Counters describing the pool.
@@ -511,6 +517,24 @@ impl Pool {
 }
 
 impl Pool {
+    /// The TLS config for a connection from `src` to a peer that must
+    /// prove one of `expected` (for a connection the pool does not hold,
+    /// such as the inner one of double HBONE).
+    pub async fn tls_config(
+        &self,
+        src: &Identity,
+        expected: &[Identity],
+    ) -> Result<Arc<ClientConfig>, PoolError> {
+        let cert = self
+            .inner
+            .certs
+            .fetch(src)
+            .await
+            .map_err(|e| PoolError::Certificate(src.clone(), e))?;
+        let trust = self.inner.certs.trust_bundle();
+        Ok(self.client_config(src, cert, expected, &trust)?)
+    }
+
     /// The TLS config presenting `cert` and expecting `expected`, reused
     /// until the certificate is renewed or the trust anchors change.
     fn client_config(

@@ -16,7 +16,7 @@ use tracing::{debug, warn, Instrument};
 use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
-use super::H2Settings;
+use super::{Authority, H2Settings};
 use crate::identity::Identity;
 
 /// Why an HBONE connection was not established.
@@ -210,11 +210,14 @@ pub struct ConnectRequest {
     /// The address the HBONE connection arrived on.
     pub local_addr: SocketAddr,
     /// `:authority`: where the client wants its bytes to go.
-    pub target: SocketAddr,
+    pub target: Authority,
     /// The original client address from `Forwarded: for=`, if given.
     pub forwarded_for: Option<IpAddr>,
     /// The `baggage` header, if any.
     pub baggage: Option<String>,
+    /// `x-forwarded-network`: the client's network, when it came through
+    /// a network gateway (double HBONE).
+    pub origin_network: Option<String>,
 }
 
 /// The answer to one CONNECT: refuse with a status, or accept and get the
@@ -420,19 +423,16 @@ fn validate(
     if parts.method != Method::CONNECT {
         return Err((responder, StatusCode::BAD_REQUEST, "method is not CONNECT"));
     }
-    let target = match parts
+    let Some(target) = parts
         .uri
         .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    {
-        Some(t) if t.port() != 0 => t,
-        _ => {
-            return Err((
-                responder,
-                StatusCode::BAD_REQUEST,
-                "authority is not an ip:port",
-            ))
-        }
+        .and_then(|a| Authority::parse(a.as_str()))
+    else {
+        return Err((
+            responder,
+            StatusCode::BAD_REQUEST,
+            "authority is not an ip:port or hostname:port",
+        ));
     };
     let header = |name: &str| {
         parts
@@ -451,6 +451,7 @@ fn validate(
             target,
             forwarded_for,
             baggage: header("baggage"),
+            origin_network: header(super::FORWARDED_NETWORK),
         },
         responder,
     ))

@@ -286,7 +286,7 @@ where
     Ok(total)
 }
 
-fn h2_to_io(e: h2::Error) -> io::Error {
+pub(super) fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
             .unwrap_or_else(|| io::Error::other("h2 I/O error"))

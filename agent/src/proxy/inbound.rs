@@ -18,11 +18,11 @@ use super::{authorize, connect_app, orig_dst::original_dst, proxy_protocol, Acce
 use crate::hbone::server::{
     self, ConnectRequest, ConnectionError, ConnectionInfo, Handler, Responder,
 };
+use crate::hbone::Authority;
 use crate::hbone::{self, tls, H2Stream};
 use crate::identity::{Identity, PeerRole};
 use crate::socket::Sockets;
-use crate::state::Workload;
-use crate::state::{authz, ApplicationTunnel};
+use crate::state::{authz, ApplicationTunnel, Service, Snapshot, Workload};
 
 /// The HBONE server of one local workload.
 pub struct Inbound {
@@ -147,11 +147,12 @@ impl Inbound {
     async fn connect_upstream(
         &self,
         req: &ConnectRequest,
+        target: SocketAddr,
         src: IpAddr,
     ) -> std::io::Result<TcpStream> {
         let port = match self.workload.application_tunnel {
             ApplicationTunnel::None => {
-                return connect_app(&self.ctx, &self.sockets, req.target, src).await
+                return connect_app(&self.ctx, &self.sockets, target, src).await
             }
             ApplicationTunnel::Proxy { port } => port,
             // What the workload expects cannot be produced: raw bytes could
@@ -166,23 +167,20 @@ impl Inbound {
             .workload
             .addresses
             .iter()
-            .find(|a| a.is_ipv4() == req.target.is_ipv4())
+            .find(|a| a.is_ipv4() == target.is_ipv4())
             .or(self.workload.addresses.first())
             .copied()
             .ok_or_else(|| std::io::Error::other("workload has no address"))?;
-        let app = SocketAddr::new(own, port.unwrap_or(req.target.port()));
+        let app = SocketAddr::new(own, port.unwrap_or(target.port()));
         // The client's port is only known when it connected directly.
         let src_port = if src == req.peer_addr.ip() {
             req.peer_addr.port()
         } else {
             0
         };
-        let header = proxy_protocol::encode(
-            SocketAddr::new(src, src_port),
-            req.target,
-            &req.peer_identity,
-        )
-        .map_err(std::io::Error::other)?;
+        let header =
+            proxy_protocol::encode(SocketAddr::new(src, src_port), target, &req.peer_identity)
+                .map_err(std::io::Error::other)?;
         let mut upstream = connect_app(&self.ctx, &self.sockets, app, src).await?;
         upstream.write_all(&header).await?;
         Ok(upstream)
@@ -196,28 +194,34 @@ impl Handler for Inbound {
         req: ConnectRequest,
         responder: Responder,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let waypoints = self
-            .ctx
-            .state
-            .snapshot()
-            .waypoint_identities(&self.workload);
+        let snap = self.ctx.state.snapshot();
+        let waypoints = snap.waypoint_identities(&self.workload);
         let src = client_ip(&req, &waypoints);
+        let target = resolve_target(&snap, &self.workload, &req);
+        drop(snap);
         // The identities are on the enclosing spans: the peer's on the
         // HBONE connection's (`inbound`), ours on the `workload` span.
-        let span = tracing::info_span!("connect", %src, dst = %req.target);
+        let span = tracing::info_span!("connect", %src, dst = %req.target, origin_network = req.origin_network.as_deref());
         // Forwarded carries no port: the client's port is not known here.
         let record = self
             .ctx
             .reporter
-            .start(Direction::Inbound, src, None, req.target)
+            .start(
+                Direction::Inbound,
+                src,
+                None,
+                *target.as_ref().unwrap_or(&req.local_addr),
+            )
             .src_identity(Some(req.peer_identity.clone()))
             .dst_identity(Some(self.identity.clone()))
             .encrypted(true);
         // Admission is boxed, and made out here so the future below does
         // not capture the request: as in `Outbound::proxy`, its state is
         // needed only until the tunnel is joined.
-        let admit =
-            Box::pin(async move { self.admit(req, src, &waypoints, responder, record).await });
+        let admit = Box::pin(async move {
+            self.admit(req, target, src, &waypoints, responder, record)
+                .await
+        });
         async move {
             let Some((tunnel, upstream, registration, mut record, _slot)) = admit.await else {
                 return;
@@ -243,6 +247,7 @@ impl Inbound {
     async fn admit(
         &self,
         req: ConnectRequest,
+        target: Result<SocketAddr, String>,
         src: IpAddr,
         waypoints: &[Identity],
         responder: Responder,
@@ -262,6 +267,15 @@ impl Inbound {
                 return None;
             }
         };
+        let target = match target {
+            Ok(t) => t,
+            Err(why) => {
+                warn!("{why}; 400");
+                record.finish(Err(format!("400: {why}")));
+                responder.refuse(StatusCode::BAD_REQUEST);
+                return None;
+            }
+        };
         // A pod the CNI handed over before istiod listed it: the policies
         // that select it are not known yet, so nothing may come in.
         if !self.ctx.state.snapshot().knows(&self.workload) {
@@ -271,7 +285,7 @@ impl Inbound {
             return None;
         }
         // Never into the agent itself (checked before anything connects).
-        if self.ctx.settings.reserved_ports.contains(req.target.port()) {
+        if self.ctx.settings.reserved_ports.contains(target.port()) {
             warn!("target port is one the agent serves; 400");
             record.finish(Err("400: target port is reserved by the agent"));
             responder.refuse(StatusCode::BAD_REQUEST);
@@ -280,7 +294,7 @@ impl Inbound {
         // The tunnel may only reach the workload it was sent to, unless
         // that workload is a waypoint: it serves other targets.
         let waypoint = self.workload.application_tunnel.is_proxy();
-        if !waypoint && !self.workload.addresses.contains(&req.target.ip()) {
+        if !waypoint && !self.workload.addresses.contains(&target.ip()) {
             warn!("target is not an address of this workload; 400");
             record.finish(Err("400: target is not an address of this workload"));
             responder.refuse(StatusCode::BAD_REQUEST);
@@ -297,7 +311,7 @@ impl Inbound {
         let conn = authz::Connection {
             src_ip: src,
             src_identity: Some(&req.peer_identity),
-            dst: req.target,
+            dst: target,
         };
         if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
             record.deny(format!("401: {why}"));
@@ -309,7 +323,7 @@ impl Inbound {
         // A client that resets its CONNECT meanwhile (rapid reset) gets no
         // upstream opened on its behalf.
         let connected = tokio::select! {
-            r = self.connect_upstream(&req, src) => r,
+            r = self.connect_upstream(&req, target, src) => r,
             reason = responder.reset() => {
                 debug!(?reason, "client reset the stream before it was answered");
                 record.finish(Err("client reset the stream"));
@@ -334,6 +348,35 @@ impl Inbound {
         };
         Some((tunnel, upstream, registration, record, slot))
     }
+}
+
+/// The address a CONNECT's authority names: as given, or for a service
+/// hostname (double HBONE, through a network gateway), `workload`'s
+/// address the tunnel arrived on and the port the service maps the
+/// service port to. The service must be one `workload` backs: a name is
+/// never a way to reach something else.
+fn resolve_target(
+    snap: &Snapshot,
+    workload: &Workload,
+    req: &ConnectRequest,
+) -> Result<SocketAddr, String> {
+    let (hostname, port) = match &req.target {
+        Authority::Addr(a) => return Ok(*a),
+        Authority::Service { hostname, port } => (hostname, *port),
+    };
+    let backs = |s: &&Arc<Service>| s.endpoints.iter().any(|e| e.workload_uid == workload.uid);
+    let services = snap.services_by_hostname(hostname);
+    // As ztunnel, the workload's own namespace first.
+    let service = services
+        .iter()
+        .filter(backs)
+        .find(|s| s.namespace == workload.namespace)
+        .or_else(|| services.iter().find(backs))
+        .ok_or_else(|| format!("{hostname} is not a service this workload backs"))?;
+    let target_port = service
+        .target_port(port)
+        .ok_or_else(|| format!("service {hostname} has no port {port}"))?;
+    Ok(SocketAddr::new(req.local_addr.ip(), target_port))
 }
 
 /// The client a CONNECT stands for: the HBONE peer itself, unless the peer
@@ -363,9 +406,10 @@ mod tests {
             peer_identity: id.clone(),
             peer_addr: peer,
             local_addr: "10.2.0.2:15008".parse().unwrap(),
-            target: "10.2.0.2:8080".parse().unwrap(),
+            target: Authority::Addr("10.2.0.2:8080".parse().unwrap()),
             forwarded_for: fwd,
             baggage: None,
+            origin_network: None,
         };
         let wps = std::slice::from_ref(&waypoint);
         let cases = [

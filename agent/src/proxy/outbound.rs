@@ -11,10 +11,10 @@ use super::limits::{Budget, Overloaded};
 use super::record::{Connection, Direction};
 use super::{addressed_to_listener, orig_dst::original_dst, Accept, ProxyContext};
 use crate::copy::{copy_tcp, CopyError};
-use crate::hbone::{self, PoolKey};
+use crate::hbone::{self, Authority, PoolKey};
 use crate::identity::Identity;
 use crate::socket::{ConnectOpts, Sockets};
-use crate::state::{Route, Workload};
+use crate::state::{Route, Service, Workload};
 
 /// The outbound proxy of one local workload (the source of its traffic).
 pub struct Outbound {
@@ -87,6 +87,13 @@ impl Outbound {
             Route::Passthrough {
                 target, service, ..
             } => (*target, None, service.as_ref()),
+            // Recorded as ztunnel does: to the gateway, for the service.
+            Route::DoubleHbone {
+                gateway,
+                identities,
+                service,
+                ..
+            } => (*gateway, identities.first().cloned(), Some(service)),
             Route::Unreachable(_) => (dst, None, None),
         };
         // Encrypted only once the mTLS tunnel is up: a failed handshake is
@@ -187,7 +194,83 @@ impl Outbound {
                 conn.opened();
                 Ok(Ends::Hbone(tunnel, stream))
             }
+            Route::DoubleHbone {
+                gateway,
+                gateway_identities,
+                port,
+                identities,
+                service,
+                ..
+            } => {
+                let tunnel = self
+                    .double_hbone(
+                        peer,
+                        *gateway,
+                        gateway_identities,
+                        *port,
+                        identities,
+                        service,
+                    )
+                    .await
+                    .inspect_err(|e| {
+                        if matches!(e, hbone::PoolError::Status(_)) {
+                            conn.encrypted_now();
+                        }
+                    })?;
+                conn.encrypted_now();
+                conn.opened();
+                Ok(Ends::Hbone(tunnel, stream))
+            }
         }
+    }
+
+    /// Double HBONE: the outer tunnel to the gateway (pooled like any
+    /// HBONE connection) asking for the service by name, and the inner one
+    /// inside it, end to end with the destination (ztunnel's
+    /// `proxy_to_double_hbone`: the same authority both times; the inner
+    /// request names the client's network).
+    async fn double_hbone(
+        &self,
+        peer: SocketAddr,
+        gateway: SocketAddr,
+        gateway_identities: &[Identity],
+        port: u16,
+        identities: &[Identity],
+        service: &Service,
+    ) -> Result<hbone::H2Stream, hbone::PoolError> {
+        let w = &self.source;
+        let authority = Authority::Service {
+            hostname: service.hostname.to_string(),
+            port,
+        };
+        let baggage = hbone::baggage(w);
+        let host = Some(&*service.hostname);
+        let request = |network| {
+            hbone::connect_request_to(&authority, peer.ip(), &baggage, host, network)
+                .map_err(|e| hbone::PoolError::Request(e.to_string()))
+        };
+        let key = PoolKey {
+            src_identity: self.source_identity.clone(),
+            dst_identity: gateway_identities[0].clone(),
+            dst: gateway,
+            src_ip: w
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == gateway.is_ipv4())
+                .copied(),
+        };
+        let outer = self
+            .ctx
+            .pool
+            .connect(&key, gateway_identities, request(None)?, &self.sockets)
+            .await?;
+        let tls = self
+            .ctx
+            .pool
+            .tls_config(&self.source_identity, identities)
+            .await?;
+        let inner = request(Some(w.network_name()))?;
+        hbone::double::connect_inner(outer, tls, inner, self.ctx.settings.h2).await
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 
-use super::{Service, Snapshot, Workload};
+use super::{Reach, Service, Snapshot, Workload};
 
 /// The routes of one service, tried in order; the first rule whose
 /// matches hold decides. Without a matching rule any endpoint serves.
@@ -139,7 +139,7 @@ impl Snapshot {
                 .choose_weighted(&mut rand::rng(), |b| b.weight)
                 .ok()
                 .and_then(|b| self.choose_among(&b.workload_uids)),
-            None => self.choose_endpoint(service, dialed, None),
+            None => self.choose_endpoint(service, dialed, None, Reach::Local),
         };
         chosen.map_or(L7Decision::NoBackend, L7Decision::Forward)
     }

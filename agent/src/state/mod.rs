@@ -21,7 +21,7 @@ pub use delta::Delta;
 pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
 pub use model::*;
 pub use name::{Interner, Name};
-pub use route::{pick_address, Destination, Route};
+pub use route::{pick_address, Destination, Reach, Route};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{RequestRecord, Shared};
 use crate::hbone::server::{ConnectRequest, Handler, Responder};
-use crate::hbone::{self, PoolKey};
+use crate::hbone::{self, Authority, PoolKey};
 use crate::identity::Identity;
 use crate::socket::ConnectOpts;
 use crate::state::{
@@ -62,8 +62,12 @@ impl Handler for L7 {
         let src = req.peer_addr.ip();
         let span = tracing::info_span!("waypoint_tunnel", %src, src_id = %req.peer_identity, target = %req.target);
         async move {
+            let Authority::Addr(target) = req.target else {
+                warn!("a waypoint is asked for an address, not a hostname; 400");
+                return responder.refuse(StatusCode::BAD_REQUEST);
+            };
             let snap = shared.state.snapshot();
-            if matches!(snap.destination(req.target), Destination::Unknown) {
+            if matches!(snap.destination(target), Destination::Unknown) {
                 warn!("target is neither a service nor a workload of the mesh; 400");
                 return responder.refuse(StatusCode::BAD_REQUEST);
             }
@@ -71,7 +75,7 @@ impl Handler for L7 {
             let conn = authz::Connection {
                 src_ip: src,
                 src_identity: Some(&req.peer_identity),
-                dst: req.target,
+                dst: target,
             };
             if let (authz::Decision::Deny(why), _) =
                 authz::authorize(snap.policies(), &shared.workload, &conn)
@@ -88,7 +92,7 @@ impl Handler for L7 {
             let tunnel = Arc::new(Tunnel {
                 src,
                 src_identity: req.peer_identity.clone(),
-                target: req.target,
+                target,
             });
             let service = service_fn(move |r| {
                 let (shared, tunnel) = (shared.clone(), tunnel.clone());
@@ -220,6 +224,12 @@ impl Shared {
                 Box::new(self.sockets.connect(target, ConnectOpts::default()).await?)
             }
             Route::Unreachable(why) => return Err(ForwardError::Unreachable(why)),
+            // A workload address never routes through a network gateway.
+            Route::DoubleHbone { .. } => {
+                return Err(ForwardError::Unreachable(
+                    "on another network: not from the waypoint".into(),
+                ))
+            }
         };
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {

@@ -33,6 +33,20 @@ pub enum Route {
         workload: Arc<Workload>,
         service: Option<Arc<Service>>,
     },
+    /// Through another network's east-west gateway (double HBONE): an
+    /// outer tunnel to `gateway`, which must prove one of
+    /// `gateway_identities`, asking for `service`'s hostname and `port`;
+    /// inside it, mTLS end to end with the destination, which must prove
+    /// one of `identities`, asking for the same. The gateway picks the
+    /// endpoint; `workload` is the one chosen here, for the record.
+    DoubleHbone {
+        gateway: SocketAddr,
+        gateway_identities: Vec<Identity>,
+        port: u16,
+        identities: Vec<Identity>,
+        workload: Arc<Workload>,
+        service: Arc<Service>,
+    },
     /// Plain TCP to `target`.
     Passthrough {
         target: SocketAddr,
@@ -87,7 +101,7 @@ impl Snapshot {
                 };
                 if let Some(wp) = s.waypoint.clone().filter(|wp| via(wp)) {
                     // The waypoint picks the endpoint; it is asked for the VIP.
-                    return self.waypoint_route(&wp, dst, Some(s), dst.ip());
+                    return self.waypoint_route(&wp, dst, Some(s), dst.ip(), source);
                 }
                 if s.load_balancing
                     .as_ref()
@@ -100,7 +114,7 @@ impl Snapshot {
                         service: Some(s),
                     };
                 }
-                match self.choose_endpoint(&s, dst.ip(), source) {
+                match self.choose_endpoint(&s, dst.ip(), source, Reach::ViaGateways) {
                     Some(w) => (w, target_port, Some(s)),
                     None => {
                         return Route::Unreachable(format!(
@@ -112,15 +126,17 @@ impl Snapshot {
             }
         };
         if let Some(src) = source.filter(|src| src.network_name() != w.network_name()) {
-            // Reaching another network takes its east-west gateway (double
-            // HBONE), which this agent does not do yet; its addresses may
+            // Only through the other network's gateway: its addresses may
             // mean something else here, so nothing is sent to them.
-            return Route::Unreachable(format!(
-                "workload {} is on network {:?}, not {:?}: other networks are not reachable yet",
-                w.uid,
-                w.network_name(),
-                src.network_name()
-            ));
+            return match service {
+                Some(s) => self.through_gateway(w, s, dst),
+                None => Route::Unreachable(format!(
+                    "workload {} is on network {:?}, not {:?}: another network is reached by a service, not a workload address",
+                    w.uid,
+                    w.network_name(),
+                    src.network_name()
+                )),
+            };
         }
         let families = service
             .as_ref()
@@ -137,9 +153,96 @@ impl Snapshot {
         };
         let target = SocketAddr::new(ip, port);
         if let Some(wp) = w.waypoint.clone().filter(|wp| via(wp)) {
-            return self.waypoint_route(&wp, target, service, dst.ip());
+            return self.waypoint_route(&wp, target, service, dst.ip(), source);
         }
         workload_route(w, target, service, hbone_port)
+    }
+
+    /// Double HBONE to `w`, an endpoint of `service` on another network
+    /// than `source`'s, through that network's gateway; `dst` is what the
+    /// client dialed (a VIP of `service`).
+    fn through_gateway(&self, w: Arc<Workload>, service: Arc<Service>, dst: SocketAddr) -> Route {
+        let Some(gw) = w.network_gateway() else {
+            return Route::Unreachable(format!(
+                "workload {} is on network {:?}, which has no gateway",
+                w.uid,
+                w.network_name()
+            ));
+        };
+        let Some((gateway, gateway_identities)) = self.network_gateway(gw, dst.ip()) else {
+            return Route::Unreachable(format!(
+                "the gateway {:?} of network {:?} is not in the mesh",
+                gw.target,
+                w.network_name()
+            ));
+        };
+        if w.protocol != TunnelProtocol::Hbone {
+            return Route::Unreachable(format!(
+                "workload {} on network {:?} does not take HBONE, the only way through its gateway",
+                w.uid,
+                w.network_name()
+            ));
+        }
+        // ztunnel expects the service's SANs only (and fails without
+        // any); the service's endpoints on that network are who the
+        // gateway may pick, and the control plane names them too.
+        let mut identities: Vec<Identity> = service
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .chain(
+                service
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| self.workload_by_uid(&e.workload_uid))
+                    .filter(|e| e.network_name() == w.network_name())
+                    .map(|e| e.identity()),
+            )
+            .collect();
+        identities.sort();
+        identities.dedup();
+        debug_assert!(!identities.is_empty(), "w is an endpoint on the network");
+        Route::DoubleHbone {
+            gateway,
+            gateway_identities,
+            port: dst.port(),
+            identities,
+            workload: w,
+            service,
+        }
+    }
+
+    /// Where network gateway `gw` is reached (for a client that dialed
+    /// `dialed`) and who it must prove to be: a gateway workload named by
+    /// address, or one chosen among the endpoints of the gateway service
+    /// named by address or hostname, with that service's SANs (ztunnel's
+    /// `fetch_network_gateway`).
+    fn network_gateway(
+        &self,
+        gw: &GatewayAddress,
+        dialed: IpAddr,
+    ) -> Option<(SocketAddr, Vec<Identity>)> {
+        let (service, ip) = match &gw.target {
+            GatewayTarget::Address(ip) => {
+                if let Some(w) = self.workload_by_ip(*ip) {
+                    return Some((SocketAddr::new(*ip, gw.hbone_port), vec![w.identity()]));
+                }
+                (self.service_by_vip(*ip)?, *ip)
+            }
+            GatewayTarget::Service {
+                namespace,
+                hostname,
+            } => (self.service_by_host(namespace, hostname)?, dialed),
+        };
+        let w = self.choose_endpoint(service, ip, None, Reach::Local)?;
+        let ip = pick_address(&w, ip, service.ip_families)?;
+        let identities = service
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .chain(std::iter::once(w.identity()))
+            .collect();
+        Some((SocketAddr::new(ip, gw.hbone_port), identities))
     }
 
     /// A tunnel to waypoint `wp` asking it for `target`; the waypoint is
@@ -150,6 +253,7 @@ impl Snapshot {
         target: SocketAddr,
         service: Option<Arc<Service>>,
         dialed: IpAddr,
+        source: Option<&Workload>,
     ) -> Route {
         let waypoint = match &wp.target {
             GatewayTarget::Address(ip) => self.workload_by_ip(*ip).cloned(),
@@ -158,11 +262,21 @@ impl Snapshot {
                 hostname,
             } => self
                 .service_by_host(namespace, hostname)
-                .and_then(|s| self.choose_endpoint(s, dialed, None)),
+                .and_then(|s| self.choose_endpoint(s, dialed, None, Reach::Local)),
         };
         let Some(waypoint) = waypoint else {
             return Route::Unreachable(format!("waypoint {:?} has no healthy workload", wp.target));
         };
+        if let Some(src) = source.filter(|src| src.network_name() != waypoint.network_name()) {
+            // ztunnel reaches such a waypoint through the gateway; not yet
+            // here, and never directly.
+            return Route::Unreachable(format!(
+                "waypoint {} is on network {:?}, not {:?}: not reachable yet",
+                waypoint.uid,
+                waypoint.network_name(),
+                src.network_name()
+            ));
+        }
         let ip = match wp.target {
             // The address the waypoint is named by, whatever its family.
             GatewayTarget::Address(ip) => Some(ip),
@@ -232,29 +346,49 @@ impl Snapshot {
 
     /// An endpoint of `service` for a connection from `source` to
     /// `dialed`: one its health policy admits, with an address the service
-    /// serves (the dialed family preferred, see [`pick_address`]), on the
-    /// source's network, in the closest tier of its routing preference
+    /// serves (the dialed family preferred, see [`pick_address`]) on the
+    /// source's network or, as `reach` allows, on another network that has
+    /// a gateway; in the closest tier of its routing preference
     /// ([`LoadBalancing::tier`]); at random by capacity within it.
     pub fn choose_endpoint(
         &self,
         service: &Service,
         dialed: IpAddr,
         source: Option<&Workload>,
+        reach: Reach,
     ) -> Option<Arc<Workload>> {
         let lb = service.load_balancing.as_deref();
+        let reachable = |w: &Workload| {
+            let local = source.is_none_or(|src| src.network_name() == w.network_name());
+            if local {
+                pick_address(w, dialed, service.ip_families).is_some()
+            } else {
+                // Through its gateway, whatever its addresses (a remote
+                // workload may have none); without one, not at all.
+                reach == Reach::ViaGateways && w.network_gateway().is_some()
+            }
+        };
         let candidates: Vec<&Arc<Workload>> = service
             .endpoints
             .iter()
             .filter_map(|e| self.workload_by_uid(&e.workload_uid))
             .filter(|w| LoadBalancing::admits(lb, w))
-            .filter(|w| source.is_none_or(|src| src.network_name() == w.network_name()))
-            .filter(|w| pick_address(w, dialed, service.ip_families).is_some())
+            .filter(|w| reachable(w))
             .collect();
         match lb {
             Some(lb) => choose_weighted(&lb.tier(source, candidates)),
             None => choose_weighted(&candidates),
         }
     }
+}
+
+/// Which endpoints [`Snapshot::choose_endpoint`] may pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Only those on the source's network (a gateway's own endpoints).
+    Local,
+    /// Also those on other networks with a gateway (double HBONE).
+    ViaGateways,
 }
 
 /// One of `candidates`, at random in proportion to their capacity (all
