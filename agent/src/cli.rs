@@ -64,6 +64,16 @@ pub enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Run an east-west gateway: terminate double HBONE from other
+    /// networks as mesh workload `--workload` and splice each stream,
+    /// unopened, to an endpoint of the named service on this network.
+    Gateway {
+        /// The gateway's workload uid in the mesh.
+        #[arg(long)]
+        workload: String,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// The demo's HTTP client, run by the demo inside a pod.
     #[command(hide = true)]
     PodHttp {

@@ -12,6 +12,7 @@ pub mod copy;
 pub mod demo;
 pub mod dns;
 pub mod fswatch;
+pub mod gateway;
 pub mod hbone;
 pub mod heap;
 pub mod identity;

@@ -101,6 +101,20 @@ async fn other_command(command: Command) -> anyhow::Result<()> {
             drop(waypoint);
             Ok(())
         }
+        Command::Gateway {
+            workload,
+            overrides,
+        } => {
+            let cfg = Config::load(&overrides).context("loading configuration")?;
+            init_logging(&cfg.log.level, cfg.log.format)?;
+            let gateway = ambient_agent::gateway::Gateway::from_config(&cfg, &workload)
+                .await
+                .context("starting the gateway")?;
+            tracing::info!(addrs = ?gateway.addrs, "gateway ready");
+            wait_for_signal().await?;
+            drop(gateway);
+            Ok(())
+        }
         Command::Uninstall => {
             let done = ambient_agent::capture::uninstall();
             for path in &done.removed {

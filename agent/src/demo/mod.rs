@@ -8,6 +8,7 @@
 //!   stood in for.
 
 pub mod client;
+pub mod gateway;
 pub mod loopback;
 mod netns;
 pub mod topology;

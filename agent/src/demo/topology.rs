@@ -434,6 +434,54 @@ impl Topology {
         Sniffer::start(&ns, WIRE)
     }
 
+    /// Makes node `node` the edge of a network of its own: packets that
+    /// arrive over the wire are forwarded only to the `open` addresses (a
+    /// network gateway's HBONE port) or as part of a connection already
+    /// let through; everything else the wire brings is dropped.
+    pub fn only_through(&self, node: usize, open: &[SocketAddr]) -> Result<(), TopologyError> {
+        let ns = &self.nodes[node];
+        let nft = |args: &[&str]| {
+            in_ns(ns, "nft", args).map_err(|e| TopologyError(format!("nft {args:?}: {e}")))
+        };
+        nft(&["add", "table", "inet", "amb-edge"])?;
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            "amb-edge",
+            "forward",
+            "{ type filter hook forward priority 0; policy accept; }",
+        ])?;
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "amb-edge",
+            "forward",
+            "iifname",
+            WIRE,
+            "ct",
+            "state",
+            "established,related",
+            "accept",
+        ])?;
+        for addr in open {
+            let (family, ip, port) = (
+                if addr.is_ipv4() { "ip" } else { "ip6" },
+                addr.ip().to_string(),
+                addr.port().to_string(),
+            );
+            nft(&[
+                "add", "rule", "inet", "amb-edge", "forward", "iifname", WIRE, family, "daddr",
+                &ip, "tcp", "dport", &port, "accept",
+            ])?;
+        }
+        nft(&[
+            "add", "rule", "inet", "amb-edge", "forward", "iifname", WIRE, "drop",
+        ])?;
+        Ok(())
+    }
+
     /// The node namespaces' names.
     pub fn node_names(&self) -> &[String] {
         &self.nodes

@@ -5,6 +5,7 @@
 //! - [`pool`]: pooled client connections and stream opening;
 //! - [`stream`]: joining a stream to a TCP socket;
 //! - [`double`]: the inner tunnel of double HBONE, inside a gateway's;
+//! - [`terminate`]: HBONE served as one workload (waypoint, gateway);
 //! - [`record`]: TLS 1.3 records after the handshake, decrypted in place.
 
 pub mod double;
@@ -12,6 +13,7 @@ pub mod pool;
 pub mod record;
 pub mod server;
 pub mod stream;
+pub mod terminate;
 pub mod tls;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, Instrument};
 
 use crate::config::{Config, Mode};
-use crate::hbone::server::{self, ConnectionError, HandshakeGate, HandshakeLimits};
-use crate::hbone::{tls, H2Settings, Pool, PoolConfig};
-use crate::identity::{CaError, CertManager, Identity, PeerRole};
+use crate::hbone::server::HandshakeLimits;
+use crate::hbone::terminate::Terminator;
+use crate::hbone::{H2Settings, Pool, PoolConfig};
+use crate::identity::{CaError, CertManager, Identity};
 use crate::socket::{ListenOpts, Sockets};
 use crate::state::{State, Workload};
 
@@ -115,14 +116,11 @@ impl Drop for Waypoint {
 /// What every tunnel of the waypoint shares.
 pub(crate) struct Shared {
     pub state: Arc<State>,
-    pub certs: Arc<CertManager>,
     pub pool: Pool,
     pub workload: Arc<Workload>,
     pub sockets: Sockets,
     pub cfg: WaypointConfig,
     pub records: broadcast::Sender<Arc<RequestRecord>>,
-    tls: tls::ServerConfigCache,
-    handshakes: HandshakeGate,
 }
 
 impl Waypoint {
@@ -160,26 +158,32 @@ impl Waypoint {
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
+        let terminator = Arc::new(Terminator::new(
+            certs,
+            workload.identity(),
+            cfg.h2,
+            cfg.handshakes,
+        ));
         let shared = Arc::new(Shared {
             state,
-            certs,
             pool,
             workload,
             sockets,
-            handshakes: HandshakeGate::new(cfg.handshakes),
             cfg,
             records: records.clone(),
-            tls: tls::ServerConfigCache::default(),
         });
+        let l7 = Arc::new(http1::L7(shared.clone()));
         let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
         let tasks = listeners
             .into_iter()
             .map(|(listener, addr)| {
                 let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
                 info!(parent: &span, "waypoint listening");
-                tokio::spawn(
-                    accept_loop(listener, shared.clone(), shutdown_rx.clone()).instrument(span),
-                )
+                let accept =
+                    terminator
+                        .clone()
+                        .accept_loop(listener, l7.clone(), shutdown_rx.clone());
+                tokio::spawn(accept.instrument(span))
             })
             .collect();
         Ok(Waypoint {
@@ -235,76 +239,5 @@ impl Waypoint {
     /// A record of every request handled from now on.
     pub fn requests(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
         self.records.subscribe()
-    }
-}
-
-/// Serves the tunnels `listener` accepts until the waypoint stops.
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(
-            async move {
-                match shared.serve(stream, peer, shutdown).await {
-                    Ok(()) => {}
-                    // The peer went away (e.g. its agent stopped).
-                    Err(ConnectionError::H2(e)) if e.is_io() => {
-                        debug!(%peer, error = %e, "HBONE connection closed")
-                    }
-                    Err(e) => {
-                        warn!(%peer, error = %e, "HBONE connection refused or failed")
-                    }
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-impl Shared {
-    async fn serve(
-        self: Arc<Self>,
-        stream: tokio::net::TcpStream,
-        peer: SocketAddr,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<(), ConnectionError> {
-        let local = stream.local_addr().unwrap_or(peer);
-        let cert = self.certs.fetch(&self.workload.identity()).await?;
-        let trust = self.certs.trust_bundle();
-        let cfg = self.tls.get(cert, &trust)?;
-        let accepted = server::accept_tls(
-            stream,
-            peer.ip(),
-            cfg,
-            &self.handshakes,
-            &self.workload.trust_domain,
-        )
-        .await?;
-        let guard =
-            self.certs
-                .trust()
-                .register_peer(accepted.chain, PeerRole::Client, trust.generation);
-        let info = server::ConnectionInfo {
-            peer_identity: accepted.peer,
-            peer_addr: peer,
-            local_addr: local,
-        };
-        let h2 = self.cfg.h2;
-        let l7 = Arc::new(http1::L7(self));
-        server::serve(accepted.conn, info, &h2, l7, shutdown, guard.untrusted()).await?;
-        Ok(())
     }
 }
