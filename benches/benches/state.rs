@@ -38,6 +38,7 @@ fn workload(i: usize) -> Workload {
         capacity: 1,
         telemetry: Default::default(),
         network: None,
+        hostname: None,
     }
 }
 

@@ -35,6 +35,16 @@ pub struct Upstream {
 impl Upstream {
     /// Serves on `addr` (UDP and TCP), with sockets made by `sockets`.
     pub async fn start(sockets: &Sockets, addr: SocketAddr) -> Upstream {
+        Self::start_with(sockets, addr, Vec::new()).await
+    }
+
+    /// [`Upstream::start`], also answering each of `names` (`name.`,
+    /// absolute) with its address (A or AAAA by family).
+    pub async fn start_with(
+        sockets: &Sockets,
+        addr: SocketAddr,
+        names: Vec<(String, IpAddr)>,
+    ) -> Upstream {
         let udp = sockets.udp(addr, None, false).await.expect("upstream udp");
         let tcp = sockets
             .listen(addr, Default::default())
@@ -43,6 +53,7 @@ impl Upstream {
         let asked_from = Arc::new(Mutex::new(Vec::new()));
         let mut server = hickory_server::Server::new(Answers {
             asked_from: asked_from.clone(),
+            names,
         });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 32);
@@ -68,6 +79,7 @@ impl Upstream {
 
 struct Answers {
     asked_from: Arc<Mutex<Vec<IpAddr>>>,
+    names: Vec<(String, IpAddr)>,
 }
 
 #[async_trait::async_trait]
@@ -91,7 +103,26 @@ impl RequestHandler for Answers {
             .map(|q| q.name().to_string())
             .unwrap_or_default();
         let owner = Name::from_ascii(&name).unwrap_or_default();
+        let qtype = request.queries.queries().first().map(|q| q.query_type());
+        let extra: Vec<Record> = self
+            .names
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .filter_map(|(_, ip)| match (ip, qtype) {
+                (IpAddr::V4(v4), Some(RecordType::A)) => {
+                    Some(Record::from_rdata(owner.clone(), 60, RData::A(A(*v4))))
+                }
+                (IpAddr::V6(v6), Some(RecordType::AAAA)) => Some(Record::from_rdata(
+                    owner.clone(),
+                    60,
+                    RData::AAAA(hickory_proto::rr::rdata::AAAA(*v6)),
+                )),
+                _ => None,
+            })
+            .collect();
+        let known = self.names.iter().any(|(n, _)| *n == name);
         let records: Vec<Record> = match name.as_str() {
+            _ if known => extra,
             "outside.example." => vec![Record::from_rdata(owner, 60, RData::A(A(OUTSIDE_IP)))],
             "big.example." => (0..100u8)
                 .map(|i| {

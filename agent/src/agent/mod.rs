@@ -145,6 +145,11 @@ impl Agent {
             active: Arc::default(),
             tracker: Arc::default(),
             reporter: Reporter::new(state.clone(), 1024),
+            resolver: Arc::new(crate::dns::lookup::Resolver::new(
+                cfg.lookup_upstreams()?,
+                cfg.dns.timeout,
+                cfg.socket_mark(),
+            )),
         };
         let istio_version = cfg
             .control_plane

@@ -220,6 +220,7 @@ impl Reconciler {
             // Telemetry names come from istiod's listing.
             telemetry: Default::default(),
             network: None,
+            hostname: None,
         }
     }
 

@@ -419,6 +419,17 @@ impl Config {
         }))
     }
 
+    /// Where workloads known by DNS name are looked up: `dns.upstreams`,
+    /// else /etc/resolv.conf's nameservers (whether or not the DNS proxy
+    /// runs); empty: the system resolver.
+    pub fn lookup_upstreams(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        let upstreams = self.configured_upstreams()?;
+        if !upstreams.is_empty() {
+            return Ok(upstreams);
+        }
+        Ok(crate::dns::resolv_conf_nameservers(Path::new("/etc/resolv.conf")).unwrap_or_default())
+    }
+
     /// How pods' traffic is captured: the setting, else the mode's default.
     pub fn capture(&self) -> crate::capture::CaptureMode {
         self.capture

@@ -99,6 +99,7 @@ pub async fn run(bytes: usize) -> anyhow::Result<()> {
                 "double HBONE through the gateway {gateway} to {}",
                 workload.uid
             ),
+            Route::Lookup { hostname, .. } => format!("to the address {hostname} resolves to"),
             Route::Unreachable(why) => format!("refused: {why}"),
         };
         writeln!(

@@ -16,6 +16,7 @@
 //!   what is too short to answer at all).
 
 pub mod forward;
+pub mod lookup;
 pub mod metrics;
 pub mod names;
 

@@ -41,20 +41,10 @@ impl Authority {
         }
         let (host, port) = s.rsplit_once(':')?;
         let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        };
-        let host = host.strip_suffix('.').unwrap_or(host);
-        // Not an address: a host made of digits and dots (`10.0.0`) is a
-        // malformed one, not a name.
-        let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-        if host.len() > 253 || numeric || !host.split('.').all(label_ok) {
+        if !crate::state::valid_hostname(host) {
             return None;
         }
+        let host = host.strip_suffix('.').unwrap_or(host);
         Some(Authority::Service {
             hostname: host.to_ascii_lowercase(),
             port,

@@ -101,6 +101,8 @@ pub struct ProxyContext {
     pub tracker: Arc<tracker::Tracker>,
     /// Where connections are reported as they open and close.
     pub reporter: record::Reporter,
+    /// Looks up workloads known by DNS name.
+    pub resolver: Arc<crate::dns::lookup::Resolver>,
 }
 
 /// Bound addresses of a workload's listeners.

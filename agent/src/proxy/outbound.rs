@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::limits::{Budget, Overloaded};
 use super::record::{Connection, Direction};
@@ -14,7 +14,7 @@ use crate::copy::{copy_tcp, CopyError};
 use crate::hbone::{self, Authority, PoolKey};
 use crate::identity::Identity;
 use crate::socket::{ConnectOpts, Sockets};
-use crate::state::{Route, Service, Workload};
+use crate::state::{pick_found, Route, Service, Workload};
 
 /// The outbound proxy of one local workload (the source of its traffic).
 pub struct Outbound {
@@ -94,6 +94,7 @@ impl Outbound {
                 service,
                 ..
             } => (*gateway, identities.first().cloned(), Some(service)),
+            Route::Lookup { service, .. } => (dst, None, service.as_ref()),
             Route::Unreachable(_) => (dst, None, None),
         };
         // Encrypted only once the mTLS tunnel is up: a failed handshake is
@@ -145,6 +146,36 @@ impl Outbound {
     ) -> Result<Ends, OutboundError> {
         match route {
             Route::Unreachable(why) => Err(OutboundError::Unreachable(why.clone())),
+            Route::Lookup {
+                hostname,
+                port,
+                dialed,
+                workload,
+                service,
+            } => {
+                let found = self
+                    .ctx
+                    .resolver
+                    .lookup(hostname)
+                    .await
+                    .map_err(|e| OutboundError::Unreachable(e.to_string()))?;
+                let ip = pick_found(&found, *dialed)
+                    .ok_or_else(|| OutboundError::Unreachable(format!("{hostname}: no address")))?;
+                let route = Route::to_address(
+                    workload.clone(),
+                    SocketAddr::new(ip, *port),
+                    service.clone(),
+                    self.ctx.settings.hbone_port,
+                );
+                debug!(%hostname, %ip, "looked up");
+                // Once: an address never routes to another lookup.
+                match route {
+                    Route::Lookup { .. } => Err(OutboundError::Unreachable(format!(
+                        "{hostname} looked up to itself"
+                    ))),
+                    route => Box::pin(self.establish(stream, peer, &route, conn)).await,
+                }
+            }
             Route::Passthrough { target, .. } => {
                 let opts = ConnectOpts {
                     mark: self.ctx.settings.socket_mark,

@@ -20,8 +20,8 @@ mod route;
 pub use delta::Delta;
 pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
 pub use model::*;
-pub use name::{Interner, Name};
-pub use route::{pick_address, Destination, Reach, Route};
+pub use name::{valid_hostname, Interner, Name};
+pub use route::{pick_address, pick_found, Destination, Reach, Route};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

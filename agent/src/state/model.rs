@@ -152,6 +152,9 @@ pub struct Workload {
     /// Its network; `None` is the default network (named ``) with no
     /// gateway, as in a single-network mesh.
     pub network: Option<Arc<Network>>,
+    /// A DNS name to look up for its address (a ServiceEntry with DNS
+    /// resolution), used when it has no address of its own.
+    pub hostname: Option<Name>,
 }
 
 /// A pod's place on this host, as the mesh file gives it (local mode; in
@@ -222,6 +225,7 @@ impl Workload {
             capacity: 1,
             telemetry: Arc::default(),
             network: None,
+            hostname: None,
         }
     }
 }

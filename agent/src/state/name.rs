@@ -25,6 +25,22 @@ use super::{Network, ServicePort, Telemetry};
 #[derive(Clone)]
 pub struct Name(ThinArc<(), u8>);
 
+/// Whether `host` is a DNS name (RFC 1123 labels, a trailing dot
+/// allowed), not an address: digits and dots alone are a malformed
+/// address, never a name.
+pub fn valid_hostname(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    host.len() <= 253 && !numeric && host.split('.').all(label_ok)
+}
+
 impl Name {
     pub fn as_str(&self) -> &str {
         // SAFETY: a `Name` is only ever made from a `&str` (`From<&str>`,

@@ -224,10 +224,11 @@ impl Shared {
                 Box::new(self.sockets.connect(target, ConnectOpts::default()).await?)
             }
             Route::Unreachable(why) => return Err(ForwardError::Unreachable(why)),
-            // A workload address never routes through a network gateway.
-            Route::DoubleHbone { .. } => {
+            // A workload address never routes through a network gateway,
+            // nor names a workload without one.
+            Route::DoubleHbone { .. } | Route::Lookup { .. } => {
                 return Err(ForwardError::Unreachable(
-                    "on another network: not from the waypoint".into(),
+                    "on another network or known by name: not from the waypoint".into(),
                 ))
             }
         };

@@ -189,6 +189,8 @@ pub enum Problem {
     MissingSelector,
     #[error("`selector` is only allowed with scope WORKLOAD_SELECTOR")]
     UnexpectedSelector,
+    #[error("{0:?} is not a DNS name")]
+    Hostname(String),
     #[error("`applicationTunnelPort` needs `applicationTunnel: PROXY`")]
     TunnelPortWithoutProxy,
     #[error("no service {0:?} (expected <namespace>/<hostname> of a service in this file)")]

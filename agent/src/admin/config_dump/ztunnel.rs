@@ -100,6 +100,9 @@ fn workload(w: &Workload, services: Option<&Vec<String>>, policies: Option<&Vec<
     if let Some(gw) = w.network_gateway() {
         put("networkGateway", gateway(gw));
     }
+    if let Some(h) = &w.hostname {
+        put("hostname", json!(h.as_str()));
+    }
     match w.application_tunnel {
         ApplicationTunnel::None => {}
         ApplicationTunnel::Proxy { port } => put(

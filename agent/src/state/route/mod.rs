@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rand::seq::IndexedRandom;
 
 use super::{
-    GatewayAddress, GatewayTarget, IpFamilies, LbMode, LoadBalancing, Service, Snapshot,
+    GatewayAddress, GatewayTarget, IpFamilies, LbMode, LoadBalancing, Name, Service, Snapshot,
     TunnelProtocol, Workload,
 };
 use crate::identity::Identity;
@@ -46,6 +46,17 @@ pub enum Route {
         identities: Vec<Identity>,
         workload: Arc<Workload>,
         service: Arc<Service>,
+    },
+    /// `workload` has no address but a DNS name (a ServiceEntry with DNS
+    /// resolution): its address is looked up when connecting (the dialed
+    /// family preferred), then the connection goes as
+    /// [`Route::to_address`] says for it.
+    Lookup {
+        hostname: Name,
+        port: u16,
+        dialed: IpAddr,
+        workload: Arc<Workload>,
+        service: Option<Arc<Service>>,
     },
     /// Plain TCP to `target`.
     Passthrough {
@@ -142,6 +153,21 @@ impl Snapshot {
             .as_ref()
             .map_or(IpFamilies::Automatic, |s| s.ip_families);
         let Some(ip) = pick_address(&w, dst.ip(), families) else {
+            if let Some(hostname) = w.hostname.clone() {
+                if w.waypoint.as_ref().is_some_and(|wp| via(wp)) {
+                    return Route::Unreachable(format!(
+                        "workload {} is known by name only and has a waypoint: not supported",
+                        w.uid
+                    ));
+                }
+                return Route::Lookup {
+                    hostname,
+                    port,
+                    dialed: dst.ip(),
+                    workload: w,
+                    service,
+                };
+            }
             return Route::Unreachable(format!(
                 "workload {} has no address{}",
                 w.uid,
@@ -361,7 +387,9 @@ impl Snapshot {
         let reachable = |w: &Workload| {
             let local = source.is_none_or(|src| src.network_name() == w.network_name());
             if local {
-                pick_address(w, dialed, service.ip_families).is_some()
+                // An address, or a name to look one up by (ztunnel's
+                // `load_balance`: a hostname counts as an address).
+                pick_address(w, dialed, service.ip_families).is_some() || w.hostname.is_some()
             } else {
                 // Through its gateway, whatever its addresses (a remote
                 // workload may have none); without one, not at all.
@@ -416,6 +444,34 @@ pub fn pick_address(w: &Workload, dialed: IpAddr, families: IpFamilies) -> Optio
     admitted
         .find(|a| a.is_ipv4() == dialed.is_ipv4())
         .or(first)
+        .copied()
+}
+
+impl Route {
+    /// How to carry a connection to `workload` at `target`, an address
+    /// found by [`Route::Lookup`].
+    pub fn to_address(
+        workload: Arc<Workload>,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+        hbone_port: u16,
+    ) -> Route {
+        workload_route(workload, target, service, hbone_port)
+    }
+}
+
+/// Which of `found` (a name's addresses) to connect to for a client that
+/// dialed `dialed`: one of its family at random, else any (ztunnel's
+/// `pick_workload_destination_or_resolve`).
+pub fn pick_found(found: &[IpAddr], dialed: IpAddr) -> Option<IpAddr> {
+    let mut rng = rand::rng();
+    let same: Vec<&IpAddr> = found
+        .iter()
+        .filter(|a| a.is_ipv4() == dialed.is_ipv4())
+        .collect();
+    same.choose(&mut rng)
+        .copied()
+        .or_else(|| found.choose(&mut rng))
         .copied()
 }
 

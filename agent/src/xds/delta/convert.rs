@@ -331,6 +331,11 @@ fn workload(
             names,
         ),
         network: network(&w.network, w.network_gateway, names)?,
+        hostname: match w.hostname.as_str() {
+            "" => None,
+            h if crate::state::valid_hostname(h) => Some(h.to_ascii_lowercase().as_str().into()),
+            h => return Err(field("hostname", Problem::Hostname(h.to_string()))),
+        },
     };
     Ok(WorkloadResource {
         workload: Arc::new(workload),

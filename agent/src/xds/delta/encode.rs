@@ -202,6 +202,7 @@ fn workload(refs: &Refs<'_>, w: &Workload) -> pb::Workload {
         locality: locality(&w.telemetry),
         network: w.network_name().to_string(),
         network_gateway: w.network_gateway().map(gateway),
+        hostname: w.hostname.as_ref().map_or(String::new(), |h| h.to_string()),
         ..Default::default()
     }
 }

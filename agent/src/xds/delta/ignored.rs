@@ -14,15 +14,11 @@ use ambient_proto::workload as pb;
 
 /// The fields, by the bit each gets. Names are `Message.field` as in the
 /// upstream .proto files.
-const FIELDS: [&str; 12] = [
-    "Workload.network",
+const FIELDS: [&str; 8] = [
     "Workload.workload_type",
     "Workload.native_tunnel",
-    "Workload.network_gateway",
-    "Workload.hostname",
     "Workload.extensions",
     "Port.app_protocol",
-    "Service.load_balancing",
     "Service.extensions",
     "Service.canonical",
     "Service.ingress_use_waypoint",
@@ -62,11 +58,8 @@ impl Ignored {
 
     fn of_workload(w: &pb::Workload) -> Ignored {
         let mut i = Ignored::default();
-        i.set("Workload.network", !w.network.is_empty());
         i.set("Workload.workload_type", w.workload_type != 0);
         i.set("Workload.native_tunnel", w.native_tunnel);
-        i.set("Workload.network_gateway", w.network_gateway.is_some());
-        i.set("Workload.hostname", !w.hostname.is_empty());
         i.set("Workload.extensions", !w.extensions.is_empty());
         let app_protocol = w
             .services
@@ -79,7 +72,6 @@ impl Ignored {
 
     fn of_service(s: &pb::Service) -> Ignored {
         let mut i = Ignored::default();
-        i.set("Service.load_balancing", s.load_balancing.is_some());
         i.set("Service.extensions", !s.extensions.is_empty());
         i.set("Service.canonical", s.canonical);
         i.set("Service.ingress_use_waypoint", s.ingress_use_waypoint);
@@ -157,8 +149,10 @@ mod tests {
     fn a_resource_reports_exactly_what_it_carries() {
         let w = pb::Workload {
             uid: "u".into(),
+            native_tunnel: true,
+            // Decoded: not reported.
             network: "net-1".into(),
-            // Decoded (telemetry): not reported.
+            hostname: "ext.example.com".into(),
             locality: Some(pb::Locality::default()),
             services: [(
                 "ns/svc".to_string(),
@@ -177,7 +171,7 @@ mod tests {
             r#type: Some(pb::address::Type::Workload(w)),
         };
         let got: Vec<_> = Ignored::of_address(&a).names().collect();
-        assert_eq!(got, ["Workload.network", "Port.app_protocol"]);
+        assert_eq!(got, ["Workload.native_tunnel", "Port.app_protocol"]);
         let s = pb::Service {
             canonical: true,
             ingress_use_waypoint: true,

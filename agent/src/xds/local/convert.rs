@@ -185,7 +185,17 @@ impl Converter<'_> {
             Some(t) => self.identity_part(&f("trustDomain"), t)?,
             None => DEFAULT_TRUST_DOMAIN.to_string(),
         };
-        if w.addresses.is_empty() {
+        let hostname = match &w.hostname {
+            None => None,
+            Some(h) if crate::state::valid_hostname(h.trim()) => {
+                Some(h.trim().to_ascii_lowercase())
+            }
+            Some(h) => {
+                let problem = Problem::Hostname(h.to_string());
+                return Err(self.err(f("hostname"), h.span(), problem));
+            }
+        };
+        if w.addresses.is_empty() && hostname.is_none() {
             return Err(self.err(f("addresses"), w.addresses.span(), Problem::Empty));
         }
         let mut addresses = Addresses::with_capacity(w.addresses.len());
@@ -252,6 +262,7 @@ impl Converter<'_> {
             capacity: w.capacity,
             telemetry,
             network,
+            hostname: hostname.map(|h| h.as_str().into()),
         })
     }
 

@@ -72,6 +72,8 @@ pub(super) struct WorkloadEntry {
     pub network: Option<Text>,
     /// How callers on other networks reach it.
     pub network_gateway: Option<Spanned<GatewayEntry>>,
+    /// A DNS name for its address (then `addresses` may be empty).
+    pub hostname: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -133,6 +133,7 @@ const FULL: &str = r#"
 fn expected_full() -> Mesh {
     let workload = |uid: &str, name: &str, addresses: Vec<IpAddr>, node: &str| Workload {
         network: None,
+        hostname: None,
         uid: uid.into(),
         name: name.into(),
         namespace: "default".into(),
@@ -486,6 +487,11 @@ fn bad_files_name_file_line_and_field() {
                 ",
             ),
             "mesh.yaml:7:17: policies[0].rules[0].clauses[0].matches[0].paths: Unknown field `paths`",
+        ),
+        (
+            "hostname that is not a DNS name",
+            with_base(4, "hostname: 10.0.0"),
+            "mesh.yaml:7:15: workloads[0].hostname: \"10.0.0\" is not a DNS name",
         ),
         (
             "bad protocol",

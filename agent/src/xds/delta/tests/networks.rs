@@ -199,3 +199,25 @@ services:
         Some(GatewayTarget::Service { hostname, .. }) if &**hostname == "eastwest.istio-system.svc.cluster.local"
     ));
 }
+
+/// `Workload.hostname` (21): a workload known by DNS name (a ServiceEntry
+/// with DNS resolution) decodes with no address; a value that is not a
+/// DNS name is refused, naming the field.
+#[test]
+fn a_workloads_hostname_decodes_and_a_bad_one_is_refused() {
+    let w = decoded_workload(|w| {
+        w.addresses.clear();
+        w.hostname = "API.Example.com".into();
+    });
+    assert!(w.addresses.is_empty());
+    assert_eq!(
+        w.hostname.as_ref().map(|h| h.as_str()),
+        Some("api.example.com")
+    );
+    for bad in ["10.0.0.1", "a..b", "-a.example", "a b"] {
+        let any = workload_any(|w| w.hostname = bad.into());
+        let err =
+            decode(ADDRESS_TYPE_URL, "w", &any, &mut Default::default()).expect_err("refused");
+        assert!(err.to_string().contains("hostname"), "{bad}: {err}");
+    }
+}
