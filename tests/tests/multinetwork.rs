@@ -69,7 +69,9 @@ fn build(tag: &str) -> Networks {
 
 impl Networks {
     /// The mesh: `client` and `near` on net1, `server` on net2 behind the
-    /// gateway `ewgw` (namespace `gateways`, by address); service `server`
+    /// gateway `ewgw` (namespace `gateways`, by address, on a node no
+    /// agent serves: a gateway is not captured, as Istio's are not);
+    /// service `server`
     /// backed by `endpoints`, with `lb` (a `loadBalancing:` value) and
     /// `policies` (`policies:` list items).
     fn write_mesh(&self, endpoints: &str, lb: &str, policies: &str) {
@@ -84,7 +86,7 @@ impl Networks {
             self.ewgw.ip
         );
         let yaml = format!(
-            "workloads:\n{}{}{}  - uid: ewgw\n    name: ewgw\n    namespace: gateways\n    serviceAccount: eastwest\n    addresses: [\"{}\"]\n    node: node-b\n    network: net2\n\
+            "workloads:\n{}{}{}  - uid: ewgw\n    name: ewgw\n    namespace: gateways\n    serviceAccount: eastwest\n    addresses: [\"{}\"]\n    node: gateways\n    network: net2\n\
              services:\n  - name: server\n    namespace: test\n    vips: [\"10.96.0.1\"]\n    ports: [{{port: 80, targetPort: 8080}}]\n    endpoints: [{endpoints}]\n{lb}\
              {policies}",
             on(&self.client, "node-a", "client", "net1", String::new()),

@@ -37,11 +37,14 @@ pub enum LookupError {
     NoAddress(String),
 }
 
+/// An answer and until when it holds.
+type Cached = (Instant, Result<Vec<IpAddr>, LookupError>);
+
 /// A DNS client with a small cache.
 #[derive(Debug)]
 pub struct Resolver {
     forwarder: Option<Forwarder>,
-    cache: Mutex<HashMap<String, (Instant, Result<Vec<IpAddr>, LookupError>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl Resolver {
@@ -85,7 +88,7 @@ impl Resolver {
         answer
     }
 
-    fn cached(&self, name: &str) -> Option<(Instant, Result<Vec<IpAddr>, LookupError>)> {
+    fn cached(&self, name: &str) -> Option<Cached> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.get(name).cloned()
     }

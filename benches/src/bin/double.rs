@@ -82,7 +82,7 @@ fn mesh(client: &Pod, server: &Pod, far: &Pod, ewgw: &Pod) -> String {
     let ports = format!("[{{port: {ECHO_PORT}}}, {{port: {SINK_PORT}}}]");
     format!(
         "workloads:\n{}{}{}    networkGateway: {{address: \"{gw}\", hbonePort: 15008}}\n\
-         \x20 - uid: ewgw\n    name: ewgw\n    namespace: gateways\n    serviceAccount: eastwest\n    addresses: [\"{gw}\"]\n    node: node-b\n    network: net2\n\
+         \x20 - uid: ewgw\n    name: ewgw\n    namespace: gateways\n    serviceAccount: eastwest\n    addresses: [\"{gw}\"]\n    node: gateways\n    network: net2\n\
          services:\n\
          \x20 - {{name: near, namespace: bench, vips: [\"{NEAR_VIP}\"], ports: {ports}, endpoints: [server]}}\n\
          \x20 - {{name: far, namespace: bench, vips: [\"{FAR_VIP}\"], ports: {ports}, endpoints: [far]}}\n",
