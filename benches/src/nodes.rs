@@ -13,6 +13,38 @@ use anyhow::{bail, Context};
 
 use crate::{apps, procstat};
 
+/// How a namespace benchmark starts. With `serve`, this process is the
+/// applications inside a server pod (the benchmark runs itself that way)
+/// and serves until killed: `None`. Else, checked to run as root, the agent
+/// binary to start: `agent`, or `ambient-agent` next to this binary.
+pub fn start(serve: Option<IpAddr>, agent: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(ip) = serve {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(apps::serve(ip))?;
+        return Ok(None);
+    }
+    ambient_tests::netns::check_root().map_err(anyhow::Error::msg)?;
+    let bin = match agent {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this binary")?
+            .join("ambient-agent"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with cargo build --release -p ambient-agent (scripts/bench does)",
+            bin.display()
+        );
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: debug build; figures are only meaningful in release");
+    }
+    Ok(Some(bin))
+}
+
 /// A child process killed when dropped.
 pub struct Reaped(pub Child);
 

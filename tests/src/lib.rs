@@ -495,3 +495,38 @@ pub async fn wait_for_policies(agent: &Agent, names: &[&str]) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// An app on 8080 in `pod` that answers each connection (after reading
+/// what the client sent first) with `name` and closes: who answered.
+pub async fn pod_who(pod: &netns::Pod, name: &'static str) -> tokio::task::JoinHandle<()> {
+    let listener = pod
+        .sockets()
+        .listen(pod.any_addr(8080), Default::default())
+        .await
+        .expect("listen in the pod");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    })
+}
+
+/// One connection from `pod` (captured like an app's) to `dst`, asking a
+/// [`pod_who`] app: its answer, or `None` when refused or cut.
+pub async fn pod_ask(pod: &netns::Pod, dst: SocketAddr) -> Option<String> {
+    let exchange = async {
+        let mut s = pod.sockets().connect(dst, Default::default()).await.ok()?;
+        s.write_all(b"who?").await.ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer or a refusal in time")
+}

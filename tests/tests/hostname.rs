@@ -12,52 +12,14 @@
 //! for a mesh one).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::config::Config;
 use ambient_agent::proxy::record::Direction;
-use ambient_agent::socket::{ConnectOpts, Sockets};
+use ambient_agent::socket::Sockets;
 use ambient_tests::dns::Upstream;
-use ambient_tests::netns::{Pod, Topology};
+use ambient_tests::netns::Topology;
 use ambient_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An app on 8080 in `pod` answering each connection with `name`.
-async fn who(pod: &Pod, name: &'static str) -> tokio::task::JoinHandle<()> {
-    let listener = pod
-        .sockets()
-        .listen(pod.any_addr(8080), Default::default())
-        .await
-        .expect("listen in the pod");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    })
-}
-
-async fn ask(pod: &Pod, dst: SocketAddr) -> Option<String> {
-    let exchange = async {
-        let mut s = pod
-            .sockets()
-            .connect(dst, ConnectOpts::default())
-            .await
-            .ok()?;
-        s.write_all(b"who?").await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .expect("an answer or a refusal in time")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_known_by_name_are_looked_up() {
@@ -110,15 +72,15 @@ async fn workloads_known_by_name_are_looked_up() {
     };
     let a = agent("node-a").await;
     let b = agent("node-b").await;
-    let _ext = who(&external, "external").await;
-    let _srv = who(&server, "server").await;
+    let _ext = pod_who(&external, "external").await;
+    let _srv = pod_who(&server, "server").await;
     let mut at_a = a.connections();
     let mut at_b = b.connections();
 
     // An external name: plain TCP to the address it resolves to.
     let vip = |ip: &str| SocketAddr::new(ip.parse().expect("vip"), 80);
     assert_eq!(
-        ask(&client, vip("10.96.0.5")).await.as_deref(),
+        pod_ask(&client, vip("10.96.0.5")).await.as_deref(),
         Some("external")
     );
     let r = next_record_where(&mut at_a, |r| r.direction == Direction::Outbound).await;
@@ -131,7 +93,7 @@ async fn workloads_known_by_name_are_looked_up() {
     // resolver cannot send the tunnel to someone else); it sees the
     // client's.
     assert_eq!(
-        ask(&client, vip("10.96.0.6")).await.as_deref(),
+        pod_ask(&client, vip("10.96.0.6")).await.as_deref(),
         Some("server")
     );
     let r = next_record_where(&mut at_b, |r| r.direction == Direction::Inbound).await;
@@ -141,7 +103,7 @@ async fn workloads_known_by_name_are_looked_up() {
     );
 
     // A name that does not resolve: refused, nothing sent anywhere.
-    assert_eq!(ask(&client, vip("10.96.0.7")).await, None);
+    assert_eq!(pod_ask(&client, vip("10.96.0.7")).await, None);
     let r = next_record_where(&mut at_a, |r| {
         r.direction == Direction::Outbound && r.error.is_some()
     })

@@ -28,10 +28,8 @@ use ambient_agent::config::Config;
 use ambient_agent::demo::gateway::start_gateway;
 use ambient_agent::gateway::{Gateway, StreamRecord};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
-use ambient_agent::socket::ConnectOpts;
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const VIP: &str = "10.96.0.1:80";
 const HOST: &str = "server.test.svc.cluster.local";
@@ -118,44 +116,6 @@ async fn agent(world: &World, node: &str) -> Agent {
     world.agent_with(cfg).await
 }
 
-/// An app on 8080 in `pod` that answers each connection with `name`.
-async fn who(pod: &Pod, name: &'static str) -> tokio::task::JoinHandle<()> {
-    let listener = pod
-        .sockets()
-        .listen(pod.any_addr(8080), Default::default())
-        .await
-        .expect("listen in the pod");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    })
-}
-
-/// One connection from `pod` (captured like an app's) to `dst`: what
-/// came back, or `None` when it was refused or cut.
-async fn ask(pod: &Pod, dst: SocketAddr) -> Option<String> {
-    let exchange = async {
-        let mut s = pod
-            .sockets()
-            .connect(dst, ConnectOpts::default())
-            .await
-            .ok()?;
-        s.write_all(b"who?").await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .expect("an answer or a refusal in time")
-}
-
 fn vip() -> SocketAddr {
     VIP.parse().expect("vip")
 }
@@ -175,7 +135,7 @@ async fn a_service_on_another_network_through_its_gateway() {
     let a = agent(&n.world, "node-a").await;
     let b = agent(&n.world, "node-b").await;
     let gw = n.gateway().await;
-    let _app = who(&n.server, "server").await;
+    let _app = pod_who(&n.server, "server").await;
     let mut at_a = a.connections();
     let mut at_b = b.connections();
     let mut at_gw = gw.streams();
@@ -183,7 +143,7 @@ async fn a_service_on_another_network_through_its_gateway() {
 
     // Nothing crosses but through the gateway: the server's own address
     // is another network's, refused by the client's agent (never dialed).
-    assert_eq!(ask(&n.client, n.server.addr(8080)).await, None);
+    assert_eq!(pod_ask(&n.client, n.server.addr(8080)).await, None);
     let r = next_record_where(&mut at_a, |r| r.direction == Direction::Outbound).await;
     assert!(
         r.error
@@ -195,7 +155,7 @@ async fn a_service_on_another_network_through_its_gateway() {
 
     // The service, by its VIP: through the gateway, end to end.
     for _ in 0..3 {
-        assert_eq!(ask(&n.client, vip()).await.as_deref(), Some("server"));
+        assert_eq!(pod_ask(&n.client, vip()).await.as_deref(), Some("server"));
     }
     let s = next_stream(&mut at_gw).await;
     assert_eq!(s.status, 200, "{s:?}");
@@ -251,11 +211,11 @@ async fn policies_at_the_destination_and_at_the_gateway() {
     let _a = agent(&n.world, "node-a").await;
     let b = agent(&n.world, "node-b").await;
     let gw = n.gateway().await;
-    let _app = who(&n.server, "server").await;
+    let _app = pod_who(&n.server, "server").await;
     let mut at_b = b.connections();
     let mut at_gw = gw.streams();
     wait_for_policies(&b, &["deny-client"]).await;
-    assert_eq!(ask(&n.client, vip()).await, None);
+    assert_eq!(pod_ask(&n.client, vip()).await, None);
     let r = next_record_where(&mut at_b, |r| r.direction == Direction::Inbound).await;
     assert_eq!(
         r.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
@@ -270,7 +230,7 @@ async fn policies_at_the_destination_and_at_the_gateway() {
     n.write_mesh("server", "", &deny("deny-client-at-gw", "gateways", "ewgw"));
     let gw = n.gateway().await;
     let mut at_gw = gw.streams();
-    assert_eq!(ask(&n.client, vip()).await, None);
+    assert_eq!(pod_ask(&n.client, vip()).await, None);
     let s = next_stream(&mut at_gw).await;
     assert_eq!(s.status, 401, "{s:?}");
     assert_eq!(s.src_identity.to_string(), CLIENT_ID);
@@ -293,10 +253,10 @@ async fn locality_failover_moves_traffic_to_the_other_network() {
     let a = agent(&n.world, "node-a").await;
     let _b = agent(&n.world, "node-b").await;
     let _gw = n.gateway().await;
-    let _near = who(&n.near, "near").await;
-    let _far = who(&n.server, "server").await;
+    let _near = pod_who(&n.near, "near").await;
+    let _far = pod_who(&n.server, "server").await;
     for _ in 0..10 {
-        assert_eq!(ask(&n.client, vip()).await.as_deref(), Some("near"));
+        assert_eq!(pod_ask(&n.client, vip()).await.as_deref(), Some("near"));
     }
     // The near endpoint leaves the service (its pods are gone).
     let mut changes = a.state.subscribe();
@@ -308,14 +268,14 @@ async fn locality_failover_moves_traffic_to_the_other_network() {
         .expect("state");
     let applied = removed.elapsed();
     for _ in 0..5 {
-        assert_eq!(ask(&n.client, vip()).await.as_deref(), Some("server"));
+        assert_eq!(pod_ask(&n.client, vip()).await.as_deref(), Some("server"));
     }
     eprintln!("near tier removed: traffic moved {applied:?} after the mesh changed");
     // And back when it returns.
     let mut changes = a.state.subscribe();
     n.write_mesh("near, server", lb, "");
     let _ = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
-    assert_eq!(ask(&n.client, vip()).await.as_deref(), Some("near"));
+    assert_eq!(pod_ask(&n.client, vip()).await.as_deref(), Some("near"));
 }
 
 /// `ambient-agent gateway`, the command, in the gateway's pod: the same
@@ -349,10 +309,10 @@ async fn the_gateway_command_carries_double_hbone() {
         .expect("ambient-agent gateway");
     let _a = agent(&n.world, "node-a").await;
     let _b = agent(&n.world, "node-b").await;
-    let _app = who(&n.server, "server").await;
+    let _app = pod_who(&n.server, "server").await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(answer) = ask(&n.client, vip()).await {
+        if let Some(answer) = pod_ask(&n.client, vip()).await {
             assert_eq!(answer, "server");
             break;
         }

@@ -16,14 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tracing::{info, Instrument};
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::hbone::server::HandshakeLimits;
-use crate::hbone::terminate::Terminator;
+use crate::hbone::terminate::{Bound, Standalone, StartError};
 use crate::hbone::H2Settings;
-use crate::identity::{CaError, CertManager, Identity};
-use crate::socket::{ListenOpts, Sockets};
+use crate::identity::{CertManager, Identity};
+use crate::socket::Sockets;
 use crate::state::State;
 
 /// Where and how the gateway runs.
@@ -58,19 +57,7 @@ impl GatewayConfig {
 }
 
 /// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    #[error("no workload {0:?} in the mesh")]
-    UnknownWorkload(String),
-    #[error("workload {0:?} has no address")]
-    NoAddress(String),
-    #[error("certificate: {0}")]
-    Certificate(#[from] CaError),
-    #[error("listening on {0}: {1}")]
-    Listen(SocketAddr, #[source] std::io::Error),
-    #[error(transparent)]
-    Setup(#[from] crate::agent::AgentError),
-}
+pub type GatewayError = StartError;
 
 /// One stream the gateway handled.
 #[derive(Clone, Debug)]
@@ -100,17 +87,13 @@ pub struct Gateway {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// What keeps the mesh current, when the gateway owns it.
-    sources: Vec<tokio::task::JoinHandle<()>>,
-    sources_stop: Option<watch::Sender<bool>>,
+    standalone: Option<Standalone>,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        if let Some(stop) = &self.sources_stop {
-            let _ = stop.send(true);
-        }
-        for t in self.tasks.iter().chain(&self.sources) {
+        for t in &self.tasks {
             t.abort();
         }
     }
@@ -125,63 +108,33 @@ impl Gateway {
         sockets: Sockets,
         cfg: GatewayConfig,
     ) -> Result<Gateway, GatewayError> {
-        let workload = state
-            .snapshot()
-            .workload_by_uid(&cfg.workload_uid)
-            .cloned()
-            .ok_or_else(|| GatewayError::UnknownWorkload(cfg.workload_uid.clone()))?;
-        if workload.addresses.is_empty() {
-            return Err(GatewayError::NoAddress(workload.uid.to_string()));
-        }
-        // Fail now, not at the first connection, if no certificate comes.
-        certs.fetch(&workload.identity()).await?;
-        certs.track(workload.identity());
-        let mut listeners = Vec::new();
-        for ip in &workload.addresses {
-            let addr = SocketAddr::new(*ip, cfg.hbone_port);
-            let listener = sockets
-                .listen(addr, ListenOpts::default())
-                .await
-                .map_err(|e| GatewayError::Listen(addr, e))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| GatewayError::Listen(addr, e))?;
-            listeners.push((listener, addr));
-        }
+        let settings = (cfg.h2, cfg.handshakes);
+        let bound = Bound::new(
+            &state,
+            certs,
+            &sockets,
+            &cfg.workload_uid,
+            cfg.hbone_port,
+            settings,
+        )
+        .await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
-        let terminator = Arc::new(Terminator::new(
-            certs,
-            workload.identity(),
-            cfg.h2,
-            cfg.handshakes,
-        ));
+        let addrs = bound.addrs();
         let splice = Arc::new(splice::Splice {
             state,
-            workload,
+            workload: bound.workload.clone(),
             sockets,
             cfg,
             records: records.clone(),
         });
-        let addrs = listeners.iter().map(|(_, a)| *a).collect();
-        let tasks = listeners
-            .into_iter()
-            .map(|(listener, addr)| {
-                let span = tracing::info_span!("gateway", uid = %splice.workload.uid, %addr);
-                info!(parent: &span, network = splice.workload.network_name(), "east-west gateway listening");
-                let accept = terminator
-                    .clone()
-                    .accept_loop(listener, splice.clone(), shutdown_rx.clone());
-                tokio::spawn(accept.instrument(span))
-            })
-            .collect();
+        let tasks = bound.serve("gateway", splice, shutdown_rx);
         Ok(Gateway {
             addrs,
             records,
             shutdown,
             tasks,
-            sources: Vec::new(),
-            sources_stop: None,
+            standalone: None,
         })
     }
 
@@ -189,18 +142,7 @@ impl Gateway {
     /// HBONE settings), as mesh workload `uid`, listening in the current
     /// network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Gateway, GatewayError> {
-        let (signer, trust) = crate::agent::signer_for(cfg)?;
-        let certs = CertManager::new(signer, trust.store.clone(), cfg.certificates());
-        let state = Arc::new(State::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let mut sources = Vec::new();
-        sources.extend(trust.follow_files());
-        crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
-        if cfg.mode == Mode::Istio {
-            // Wait for the first push: the gateway must find itself in it.
-            let mut changes = state.subscribe();
-            let _ = tokio::time::timeout(cfg.connect_timeout, changes.changed()).await;
-        }
+        let standalone = Standalone::from_config(cfg).await?;
         let gcfg = GatewayConfig {
             hbone_port: cfg.ports.hbone,
             peer_hbone_port: cfg.ports.hbone,
@@ -210,9 +152,9 @@ impl Gateway {
             h2: cfg.h2(),
             ..GatewayConfig::new(uid)
         };
+        let (state, certs) = (standalone.state.clone(), standalone.certs.clone());
         let mut gw = Gateway::start(state, certs, Sockets::Host, gcfg).await?;
-        gw.sources = sources;
-        gw.sources_stop = Some(stop);
+        gw.standalone = Some(standalone);
         Ok(gw)
     }
 

@@ -1,7 +1,9 @@
 //! HBONE served as one mesh workload by a process of its own (the
-//! waypoint, the east-west gateway) rather than by a node's agent: the
-//! listener's accept loop, mTLS as that workload, and each CONNECT handed
-//! to a [`Handler`].
+//! waypoint, the east-west gateway) rather than by a node's agent: its
+//! listeners, their accept loops, mTLS as that workload, and each CONNECT
+//! handed to a [`Handler`]; and [`Standalone`], the mesh, certificates and
+//! sources such a process runs on when started from the agent's
+//! configuration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,12 +11,156 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::server::Handler;
 use super::server::{self, ConnectionError, ConnectionInfo, HandshakeGate, HandshakeLimits};
 use super::{tls, H2Settings};
-use crate::identity::{CertManager, Identity, PeerRole};
+use crate::config::{Config, Mode};
+use crate::identity::{CaError, CertManager, Identity, PeerRole};
+use crate::socket::{ListenOpts, Sockets};
+use crate::state::{State, Workload};
+
+/// Why a workload's own HBONE server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no workload {0:?} in the mesh")]
+    UnknownWorkload(String),
+    #[error("workload {0:?} has no address")]
+    NoAddress(String),
+    #[error("certificate: {0}")]
+    Certificate(#[from] CaError),
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] crate::agent::AgentError),
+}
+
+/// A workload's HBONE listeners, bound, and what serves them.
+pub struct Bound {
+    pub workload: Arc<Workload>,
+    pub terminator: Arc<Terminator>,
+    pub listeners: Vec<(TcpListener, SocketAddr)>,
+}
+
+impl Bound {
+    /// Mesh workload `uid` of `state`, with its certificate in hand and a
+    /// listener on `port` of each of its addresses inside `sockets`.
+    pub async fn new(
+        state: &State,
+        certs: Arc<CertManager>,
+        sockets: &Sockets,
+        uid: &str,
+        port: u16,
+        (h2, handshakes): (H2Settings, HandshakeLimits),
+    ) -> Result<Bound, StartError> {
+        let workload = state
+            .snapshot()
+            .workload_by_uid(uid)
+            .cloned()
+            .ok_or_else(|| StartError::UnknownWorkload(uid.to_string()))?;
+        if workload.addresses.is_empty() {
+            return Err(StartError::NoAddress(workload.uid.to_string()));
+        }
+        // Fail now, not at the first connection, if no certificate comes.
+        certs.fetch(&workload.identity()).await?;
+        certs.track(workload.identity());
+        let mut listeners = Vec::new();
+        for ip in &workload.addresses {
+            let addr = SocketAddr::new(*ip, port);
+            let listener = sockets
+                .listen(addr, ListenOpts::default())
+                .await
+                .map_err(|e| StartError::Listen(addr, e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| StartError::Listen(addr, e))?;
+            listeners.push((listener, addr));
+        }
+        let terminator = Arc::new(Terminator::new(certs, workload.identity(), h2, handshakes));
+        Ok(Bound {
+            workload,
+            terminator,
+            listeners,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(_, a)| *a).collect()
+    }
+
+    /// Serves every listener with `handler` until `shutdown`, each in a
+    /// span naming the `role`, the workload and the address.
+    pub fn serve<H: Handler>(
+        self,
+        role: &'static str,
+        handler: Arc<H>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let Bound {
+            workload,
+            terminator,
+            listeners,
+        } = self;
+        listeners
+            .into_iter()
+            .map(|(listener, addr)| {
+                let span = tracing::info_span!("hbone_server", role, uid = %workload.uid, %addr);
+                info!(parent: &span, network = workload.network_name(), "listening");
+                let accept =
+                    terminator
+                        .clone()
+                        .accept_loop(listener, handler.clone(), shutdown.clone());
+                tokio::spawn(accept.instrument(span))
+            })
+            .collect()
+    }
+}
+
+/// What a waypoint or gateway process started from the agent's
+/// configuration runs on: its certificates, the mesh kept current, and
+/// the tasks that keep both (stopped when this is dropped).
+pub struct Standalone {
+    pub certs: Arc<CertManager>,
+    pub state: Arc<State>,
+    sources: Vec<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Standalone {
+    /// The agent's CA and mesh source from `cfg`; in Istio mode, once the
+    /// first push is in (the process must find itself in it) or the
+    /// connect timeout has passed.
+    pub async fn from_config(cfg: &Config) -> Result<Standalone, StartError> {
+        let (signer, trust) = crate::agent::signer_for(cfg)?;
+        let certs = CertManager::new(signer, trust.store.clone(), cfg.certificates());
+        let state = Arc::new(State::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut sources = Vec::new();
+        sources.extend(trust.follow_files());
+        crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
+        if cfg.mode == Mode::Istio {
+            let mut changes = state.subscribe();
+            let _ = tokio::time::timeout(cfg.connect_timeout, changes.changed()).await;
+        }
+        Ok(Standalone {
+            certs,
+            state,
+            sources,
+            stop,
+        })
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.sources {
+            t.abort();
+        }
+    }
+}
 
 /// Terminates HBONE connections as one identity.
 pub struct Terminator {

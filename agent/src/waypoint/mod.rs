@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tracing::{info, Instrument};
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::hbone::server::HandshakeLimits;
-use crate::hbone::terminate::Terminator;
+use crate::hbone::terminate::{Bound, Standalone, StartError};
 use crate::hbone::{H2Settings, Pool, PoolConfig};
-use crate::identity::{CaError, CertManager, Identity};
-use crate::socket::{ListenOpts, Sockets};
+use crate::identity::{CertManager, Identity};
+use crate::socket::Sockets;
 use crate::state::{State, Workload};
 
 /// Where and how the waypoint runs.
@@ -53,19 +52,7 @@ impl WaypointConfig {
 }
 
 /// Why the waypoint could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum WaypointError {
-    #[error("no workload {0:?} in the mesh")]
-    UnknownWorkload(String),
-    #[error("workload {0:?} has no address")]
-    NoAddress(String),
-    #[error("certificate: {0}")]
-    Certificate(#[from] CaError),
-    #[error("listening on {0}: {1}")]
-    Listen(SocketAddr, #[source] std::io::Error),
-    #[error(transparent)]
-    Setup(#[from] crate::agent::AgentError),
-}
+pub type WaypointError = StartError;
 
 /// One request the waypoint handled.
 #[derive(Clone, Debug)]
@@ -94,20 +81,13 @@ pub struct Waypoint {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// What keeps the mesh current, when the waypoint owns it.
-    sources: Vec<tokio::task::JoinHandle<()>>,
-    sources_stop: Option<watch::Sender<bool>>,
+    standalone: Option<Standalone>,
 }
 
 impl Drop for Waypoint {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         for t in &self.tasks {
-            t.abort();
-        }
-        if let Some(stop) = &self.sources_stop {
-            let _ = stop.send(true);
-        }
-        for t in &self.sources {
             t.abort();
         }
     }
@@ -133,67 +113,35 @@ impl Waypoint {
         sockets: Sockets,
         cfg: WaypointConfig,
     ) -> Result<Waypoint, WaypointError> {
-        let workload = state
-            .snapshot()
-            .workload_by_uid(&cfg.workload_uid)
-            .cloned()
-            .ok_or_else(|| WaypointError::UnknownWorkload(cfg.workload_uid.clone()))?;
-        if workload.addresses.is_empty() {
-            return Err(WaypointError::NoAddress(workload.uid.to_string()));
-        }
-        // Fail now, not at the first connection, if no certificate comes.
-        certs.fetch(&workload.identity()).await?;
-        certs.track(workload.identity());
-        let mut listeners = Vec::new();
-        for ip in &workload.addresses {
-            let addr = SocketAddr::new(*ip, cfg.hbone_port);
-            let listener = sockets
-                .listen(addr, ListenOpts::default())
-                .await
-                .map_err(|e| WaypointError::Listen(addr, e))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| WaypointError::Listen(addr, e))?;
-            listeners.push((listener, addr));
-        }
+        let settings = (cfg.h2, cfg.handshakes);
+        let bound = Bound::new(
+            &state,
+            certs,
+            &sockets,
+            &cfg.workload_uid,
+            cfg.hbone_port,
+            settings,
+        )
+        .await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
-        let terminator = Arc::new(Terminator::new(
-            certs,
-            workload.identity(),
-            cfg.h2,
-            cfg.handshakes,
-        ));
+        let addrs = bound.addrs();
         let shared = Arc::new(Shared {
             state,
             pool,
-            workload,
+            workload: bound.workload.clone(),
             sockets,
             cfg,
             records: records.clone(),
         });
-        let l7 = Arc::new(http1::L7(shared.clone()));
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
-        let tasks = listeners
-            .into_iter()
-            .map(|(listener, addr)| {
-                let span = tracing::info_span!("waypoint", uid = %shared.workload.uid, %addr);
-                info!(parent: &span, "waypoint listening");
-                let accept =
-                    terminator
-                        .clone()
-                        .accept_loop(listener, l7.clone(), shutdown_rx.clone());
-                tokio::spawn(accept.instrument(span))
-            })
-            .collect();
+        let tasks = bound.serve("waypoint", Arc::new(http1::L7(shared)), shutdown_rx);
         Ok(Waypoint {
             addr: addrs[0],
             addrs,
             records,
             shutdown,
             tasks,
-            sources: Vec::new(),
-            sources_stop: None,
+            standalone: None,
         })
     }
 
@@ -201,18 +149,9 @@ impl Waypoint {
     /// HBONE settings; the waypoint is mesh workload `uid`, listening in
     /// the current network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Waypoint, WaypointError> {
-        let (signer, trust) = crate::agent::signer_for(cfg)?;
-        let certs = CertManager::new(signer, trust.store.clone(), cfg.certificates());
-        let state = Arc::new(State::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let mut sources = Vec::new();
-        sources.extend(trust.follow_files());
-        crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
-        if cfg.mode == Mode::Istio {
-            // Wait for the first push: the waypoint must find itself in it.
-            let mut changes = state.subscribe();
-            let _ = tokio::time::timeout(cfg.connect_timeout, changes.changed()).await;
-        }
+        let standalone = Standalone::from_config(cfg).await?;
+        let certs = standalone.certs.clone();
+        let state = standalone.state.clone();
         let pool = Pool::new(
             certs.clone(),
             PoolConfig {
@@ -231,8 +170,7 @@ impl Waypoint {
         };
         let mut wp = Waypoint::start(state, certs, pool, Sockets::Host, wcfg).await?;
         // The sources stop with the waypoint.
-        wp.sources = sources;
-        wp.sources_stop = Some(stop);
+        wp.standalone = Some(standalone);
         Ok(wp)
     }
 

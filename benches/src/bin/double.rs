@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::identity::LocalCa;
 use ambient_benches::apps::{self, ECHO_PORT, SINK_PORT};
-use ambient_benches::nodes::{tune_pod, Reaped, Setup};
+use ambient_benches::nodes::{self, tune_pod, Reaped, Setup};
 use ambient_benches::procstat;
 use ambient_tests::netns::{Pod, Topology};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -117,29 +117,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(ip) = args.serve {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(apps::serve(ip));
-    }
-    ambient_tests::netns::check_root().map_err(anyhow::Error::msg)?;
-    let agent_bin = match &args.agent {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory for this binary")?
-            .join("ambient-agent"),
+    let Some(agent_bin) = nodes::start(args.serve, args.agent.as_deref())? else {
+        return Ok(());
     };
-    if !agent_bin.exists() {
-        bail!(
-            "{} is missing: cargo build --release -p ambient-agent (scripts/bench does)",
-            agent_bin.display()
-        );
-    }
-    if cfg!(debug_assertions) {
-        eprintln!("warning: debug build; figures are only meaningful in release");
-    }
     let topo = Topology::new("dbl")?;
     let client = topo.add_pod("client", 0)?;
     let server = topo.add_pod("server", 1)?;

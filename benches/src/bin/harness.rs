@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::identity::LocalCa;
 use ambient_benches::apps::{self, ECHO_PORT, SINK_PORT};
-use ambient_benches::nodes::{mesh_yaml, tune_pod, Reaped, Setup};
+use ambient_benches::nodes::{self, mesh_yaml, tune_pod, Reaped, Setup};
 use ambient_benches::procstat;
 use ambient_tests::netns::Topology;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 
 /// Gigabits in a GiB.
@@ -204,29 +204,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Each process holds at most one socket per idle connection plus a few.
     procstat::raise_fd_limit(args.idle_conns as u64 + 1024)?;
-    if let Some(ip) = args.serve {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(apps::serve(ip));
-    }
-    ambient_tests::netns::check_root().map_err(anyhow::Error::msg)?;
-    let agent_bin = match &args.agent {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory for the harness binary")?
-            .join("ambient-agent"),
+    let Some(agent_bin) = nodes::start(args.serve, args.agent.as_deref())? else {
+        return Ok(());
     };
-    if !agent_bin.exists() {
-        bail!(
-            "{} is missing: cargo build --release -p ambient-agent (scripts/bench does)",
-            agent_bin.display()
-        );
-    }
-    if cfg!(debug_assertions) {
-        eprintln!("warning: debug build of the harness; figures are only meaningful in release");
-    }
 
     let topo = Topology::new("bench")?;
     let client = topo.add_pod("client", 0)?;

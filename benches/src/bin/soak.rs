@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::identity::LocalCa;
 use ambient_benches::apps::{self, ECHO_PORT};
-use ambient_benches::nodes::{mesh_yaml, tune_pod, AgentProc, Reaped, Setup};
+use ambient_benches::nodes::{self, mesh_yaml, tune_pod, AgentProc, Reaped, Setup};
 use ambient_benches::procstat;
 use ambient_tests::netns::Topology;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -77,29 +77,9 @@ struct Sample {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     procstat::raise_fd_limit(args.held as u64 * 2 + 4096)?;
-    if let Some(ip) = args.serve {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(apps::serve(ip));
-    }
-    ambient_tests::netns::check_root().map_err(anyhow::Error::msg)?;
-    let agent_bin = match &args.agent {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory for the soak binary")?
-            .join("ambient-agent"),
+    let Some(agent_bin) = nodes::start(args.serve, args.agent.as_deref())? else {
+        return Ok(());
     };
-    if !agent_bin.exists() {
-        bail!(
-            "{} is missing: scripts/bench soak builds it",
-            agent_bin.display()
-        );
-    }
-    if cfg!(debug_assertions) {
-        eprintln!("warning: debug build; figures are only meaningful in release");
-    }
 
     let topo = Topology::new("soak")?;
     let client = topo.add_pod("client", 0)?;
