@@ -196,34 +196,16 @@ impl Outbound {
                 identities,
                 ..
             } => {
-                let w = &self.source;
-                let key = PoolKey {
-                    src_identity: self.source_identity.clone(),
-                    dst_identity: identities[0].clone(),
-                    dst: *gateway,
-                    // From the source's address of the gateway's family.
-                    src_ip: w
-                        .addresses
-                        .iter()
-                        .find(|a| a.is_ipv4() == gateway.is_ipv4())
-                        .copied(),
-                };
-                let request = hbone::connect_request(*target, peer.ip(), &hbone::baggage(w))
-                    .map_err(|e| OutboundError::Request(e.to_string()))?;
-                let tunnel = self
+                let request =
+                    hbone::connect_request(*target, peer.ip(), &hbone::baggage(&self.source))
+                        .map_err(|e| OutboundError::Request(e.to_string()))?;
+                let key = self.pool_key(*gateway, &identities[0]);
+                let opened = self
                     .ctx
                     .pool
                     .connect(&key, identities, request, &self.sockets)
-                    .await
-                    .inspect_err(|e| {
-                        // The peer answered (a refusal) over mutual TLS.
-                        if matches!(e, hbone::PoolError::Status(_)) {
-                            conn.encrypted_now();
-                        }
-                    })?;
-                conn.encrypted_now();
-                conn.opened();
-                Ok(Ends::Hbone(tunnel, stream))
+                    .await;
+                joined(conn, opened, stream)
             }
             Route::DoubleHbone {
                 gateway,
@@ -233,25 +215,28 @@ impl Outbound {
                 service,
                 ..
             } => {
-                let tunnel = self
-                    .double_hbone(
-                        peer,
-                        *gateway,
-                        gateway_identities,
-                        *port,
-                        identities,
-                        service,
-                    )
-                    .await
-                    .inspect_err(|e| {
-                        if matches!(e, hbone::PoolError::Status(_)) {
-                            conn.encrypted_now();
-                        }
-                    })?;
-                conn.encrypted_now();
-                conn.opened();
-                Ok(Ends::Hbone(tunnel, stream))
+                let outer = (*gateway, gateway_identities.as_slice());
+                let opened = self
+                    .double_hbone(peer, outer, *port, identities, service)
+                    .await;
+                joined(conn, opened, stream)
             }
+        }
+    }
+
+    /// The pool key of tunnels from the source to `dst`, whose peer proves
+    /// `dst_identity`: from the source's address of `dst`'s family.
+    fn pool_key(&self, dst: SocketAddr, dst_identity: &Identity) -> PoolKey {
+        PoolKey {
+            src_identity: self.source_identity.clone(),
+            dst_identity: dst_identity.clone(),
+            dst,
+            src_ip: self
+                .source
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == dst.is_ipv4())
+                .copied(),
         }
     }
 
@@ -263,8 +248,7 @@ impl Outbound {
     async fn double_hbone(
         &self,
         peer: SocketAddr,
-        gateway: SocketAddr,
-        gateway_identities: &[Identity],
+        (gateway, gateway_identities): (SocketAddr, &[Identity]),
         port: u16,
         identities: &[Identity],
         service: &Service,
@@ -280,16 +264,7 @@ impl Outbound {
             hbone::connect_request_to(&authority, peer.ip(), &baggage, host, network)
                 .map_err(|e| hbone::PoolError::Request(e.to_string()))
         };
-        let key = PoolKey {
-            src_identity: self.source_identity.clone(),
-            dst_identity: gateway_identities[0].clone(),
-            dst: gateway,
-            src_ip: w
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv4() == gateway.is_ipv4())
-                .copied(),
-        };
+        let key = self.pool_key(gateway, &gateway_identities[0]);
         let outer = self
             .ctx
             .pool
@@ -303,6 +278,21 @@ impl Outbound {
         let inner = request(Some(w.network_name()))?;
         hbone::double::connect_inner(outer, tls, inner, self.ctx.settings.h2).await
     }
+}
+
+/// The ends of a connection whose tunnel `opened` (or not): encrypted
+/// from here, or already when the peer refused it over mutual TLS.
+fn joined(
+    conn: &mut Connection,
+    opened: Result<hbone::H2Stream, hbone::PoolError>,
+    stream: TcpStream,
+) -> Result<Ends, OutboundError> {
+    if let Err(hbone::PoolError::Status(_)) | Ok(_) = &opened {
+        conn.encrypted_now();
+    }
+    let tunnel = opened?;
+    conn.opened();
+    Ok(Ends::Hbone(tunnel, stream))
 }
 
 /// A connection's two established ends, to be joined.

@@ -3,8 +3,8 @@
 //! (`ambient-agent run`, `ambient-agent gateway`), and from the client
 //! pod on node-a, interleaved in each round:
 //!
-//! - direct TCP to the `server` pod on node-b, marked so capture leaves it
-//!   alone (the baseline);
+//! - direct TCP to the `outside` pod on node-b (not in the mesh), marked
+//!   so capture leaves it alone (the baseline);
 //! - HBONE to service `near`, whose endpoint (`server`) is on the client's
 //!   network;
 //! - double HBONE to service `far`, whose endpoint (`far`, also on node-b)
@@ -68,10 +68,10 @@ enum Via {
 
 const PATHS: [Via; 3] = [Via::Direct, Via::Hbone, Via::Double];
 
-fn dst(p: Via, server: &Pod, port: u16) -> (SocketAddr, bool) {
+fn dst(p: Via, outside: &Pod, port: u16) -> (SocketAddr, bool) {
     let vip = |v: &str| SocketAddr::new(v.parse().expect("vip"), port);
     match p {
-        Via::Direct => (server.addr(port), true),
+        Via::Direct => (outside.addr(port), true),
         Via::Hbone => (vip(NEAR_VIP), false),
         Via::Double => (vip(FAR_VIP), false),
     }
@@ -125,7 +125,8 @@ fn main() -> anyhow::Result<()> {
     let server = topo.add_pod("server", 1)?;
     let far = topo.add_pod("far", 1)?;
     let ewgw = topo.add_pod("ewgw", 1)?;
-    for p in [&client, &server, &far] {
+    let outside = topo.add_pod("outside", 1)?;
+    for p in [&client, &server, &far, &outside] {
         tune_pod(p)?;
     }
     let dir = tempfile::tempdir()?;
@@ -137,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
-    for p in [&server, &far] {
+    for p in [&server, &far, &outside] {
         let child = Command::new("ip")
             .args(["netns", "exec", &p.netns])
             .arg(&exe)
@@ -180,7 +181,7 @@ fn main() -> anyhow::Result<()> {
     let b = setup.agent("node-b", "")?;
     let client_ns: PathBuf = client.netns_path().into();
     for p in PATHS {
-        let (d, bypass) = dst(p, &server, ECHO_PORT);
+        let (d, bypass) = dst(p, &outside, ECHO_PORT);
         probe(&client_ns, d, bypass).with_context(|| format!("{p:?}"))?;
     }
     let cpu = || a.cpu() + b.cpu() + procstat::cpu(gateway.0.id()).unwrap_or_default();
@@ -193,14 +194,14 @@ fn main() -> anyhow::Result<()> {
     let mut rates: [Vec<f64>; 3] = Default::default();
     for round in 0..rounds {
         for (i, p) in PATHS.into_iter().enumerate() {
-            let (d, bypass) = dst(p, &server, SINK_PORT);
+            let (d, bypass) = dst(p, &outside, SINK_PORT);
             let before = cpu();
             let took =
                 apps::run_in_netns(&client_ns, move || apps::throughput(d, bypass, 1, total))?;
             cpu_per_gib[i] += cpu() - before;
             let rate = total as f64 * 8.0 / took.as_secs_f64() / 1e9;
             gbits[i].push(rate);
-            let (d, bypass) = dst(p, &server, ECHO_PORT);
+            let (d, bypass) = dst(p, &outside, ECHO_PORT);
             let iters = args.iters;
             let mut s = apps::run_in_netns(&client_ns, move || {
                 apps::latency(d, bypass, 1, iters / 10, iters)
