@@ -172,6 +172,10 @@ async fn a_service_on_another_network_through_its_gateway() {
         Some(CLIENT_ID)
     );
     assert_eq!(r.src, n.ewgw.addr(0).ip());
+    // Named by its identity, not by the gateway's address (ztunnel does
+    // not look the source up by address when `x-forwarded-network` names
+    // another network).
+    assert_eq!(r.src_workload.name.as_deref(), Some("client"));
     assert_eq!(r.dst, n.server.addr(8080));
     assert!(r.error.is_none(), "{r:?}");
 

@@ -214,6 +214,13 @@ impl Handler for Inbound {
             )
             .src_identity(Some(req.peer_identity.clone()))
             .dst_identity(Some(self.identity.clone()))
+            // Through another network's gateway (ztunnel's `from_gateway`):
+            // the peer address is the gateway's.
+            .relayed(
+                req.origin_network
+                    .as_deref()
+                    .is_some_and(|n| n != self.workload.network_name()),
+            )
             .encrypted(true);
         // Admission is boxed, and made out here so the future below does
         // not capture the request: as in `Outbound::proxy`, its state is

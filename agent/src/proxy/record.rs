@@ -58,21 +58,30 @@ impl WorkloadName {
     /// The workload at `ip`; else the one workload with identity `id`; else
     /// unnamed, in the identity's namespace if there is one.
     pub fn resolve(snap: &Snapshot, ip: IpAddr, id: Option<&Identity>) -> WorkloadName {
-        let named = |w: &Arc<Workload>| WorkloadName {
+        match snap.workload_by_ip(ip) {
+            Some(w) => Self::of(w),
+            None => Self::by_identity(snap, id),
+        }
+    }
+
+    fn of(w: &Arc<Workload>) -> WorkloadName {
+        WorkloadName {
             name: Some(w.name.to_string()),
             namespace: Some(w.namespace.to_string()),
             workload: Some(w.clone()),
-        };
-        if let Some(w) = snap.workload_by_ip(ip) {
-            return named(w);
         }
+    }
+
+    /// The one workload with identity `id`; else unnamed, in the
+    /// identity's namespace if there is one.
+    pub fn by_identity(snap: &Snapshot, id: Option<&Identity>) -> WorkloadName {
         let Some(id) = id else {
             return WorkloadName::default();
         };
         let same =
             snap.workloads_with_identity(id.trust_domain(), id.namespace(), id.service_account());
         match same {
-            [w] => named(w),
+            [w] => Self::of(w),
             _ => WorkloadName {
                 namespace: Some(id.namespace().to_string()),
                 ..WorkloadName::default()
@@ -246,6 +255,7 @@ impl Reporter {
             reporter: self.clone(),
             start: Instant::now(),
             done: false,
+            relayed: false,
             record: ConnectionRecord {
                 direction,
                 src,
@@ -278,6 +288,9 @@ pub struct Connection {
     start: Instant,
     record: ConnectionRecord,
     done: bool,
+    /// The source address is a relay's (a network gateway's), not the
+    /// client's: the client is named by its identity alone.
+    relayed: bool,
 }
 
 impl Connection {
@@ -293,6 +306,12 @@ impl Connection {
 
     pub fn service(mut self, service: Option<Arc<Service>>) -> Self {
         self.record.service = service;
+        self
+    }
+
+    /// Says whether the source address is a relay's (see `relayed`).
+    pub fn relayed(mut self, relayed: bool) -> Self {
+        self.relayed = relayed;
         self
     }
 
@@ -352,7 +371,11 @@ impl Connection {
     fn named(&self) -> ConnectionRecord {
         let snap = self.reporter.state.snapshot();
         let mut r = self.record.clone();
-        r.src_workload = WorkloadName::resolve(&snap, r.src, r.src_identity.as_ref());
+        r.src_workload = if self.relayed {
+            WorkloadName::by_identity(&snap, r.src_identity.as_ref())
+        } else {
+            WorkloadName::resolve(&snap, r.src, r.src_identity.as_ref())
+        };
         r.dst_workload = WorkloadName::resolve(&snap, r.dst.ip(), r.dst_identity.as_ref());
         r
     }
