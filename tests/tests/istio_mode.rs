@@ -403,6 +403,7 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
         addresses: vec![vec![10, 99, 0, 1]],
         tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
         network: "network-2".into(),
+        native_tunnel: true,
         locality: Some(pb::Locality {
             region: "eu".into(),
             ..Default::default()
@@ -440,8 +441,11 @@ async fn fields_the_agent_does_not_act_on_are_accepted_and_shown_in_config_dump(
     let dump: serde_json::Value =
         serde_json::from_str(&get(admin, "/config_dump").await).expect("JSON");
     let ignored = &dump["xds"]["ignoredFields"];
-    assert_eq!(ignored["Workload.network"], 1, "{dump}");
-    // Locality is decoded now (metric labels): no longer reported.
+    assert_eq!(ignored["Workload.native_tunnel"], 1, "{dump}");
+    // Network and locality are decoded now (routing, metric labels): no
+    // longer reported, and the network shows on the workload.
+    assert!(ignored.get("Workload.network").is_none(), "{dump}");
+    assert_eq!(dump["workloads"][0]["network"], "network-2", "{dump}");
     assert!(ignored.get("Workload.locality").is_none(), "{dump}");
     assert_eq!(ignored["Service.ingress_use_waypoint"], 1, "{dump}");
     assert_eq!(dump["xds"]["nacks"], 0);
