@@ -422,3 +422,48 @@ async fn chains_a_crl_or_the_path_rules_out_are_refused() {
         b.certs.trust().revoked()
     );
 }
+
+/// A CONNECT by service hostname (the inner request of double HBONE,
+/// ztunnel's `HboneAddress::SvcHostname`) reaches the workload's own
+/// address on the port the service maps to (ztunnel's
+/// `find_inbound_upstream`), and only for a service the workload backs:
+/// a name is never a way to another workload's service, to a port the
+/// agent owns, or to a port the service does not have.
+#[tokio::test]
+async fn a_hostname_authority_reaches_only_a_service_the_workload_backs() {
+    init_tracing();
+    let w = World::new(104);
+    let n = w.net;
+    let other = format!(
+        "  - uid: other\n    name: other\n    namespace: test\n    serviceAccount: other\n    addresses: [127.{n}.4.1]\n    node: node-b\n"
+    );
+    let services = format!(
+        "  - name: other\n    namespace: test\n    vips: [127.{n}.3.2]\n    ports: [{{port: 80, targetPort: 8080}}]\n    endpoints: [other]\n\
+         \x20 - name: sneaky\n    namespace: test\n    vips: [127.{n}.3.3]\n    ports: [{{port: 80, targetPort: 15001}}]\n    endpoints: [server]\n"
+    );
+    w.write_mesh(&(w.mesh_with("server", &other, "server") + &services));
+    let _b = w.agent("node-b").await;
+    let _app = Echo::start(w.server_app()).await;
+    let cert = client_cert(&w).await;
+    let server_id = Identity::new("cluster.local", "test", "server");
+    let mut send = raw_hbone_client(w.server_hbone(), &cert, &w.ca.trust_bundle(), server_id)
+        .await
+        .expect("mTLS");
+    let cases = [
+        ("server.test.svc.cluster.local:80", StatusCode::OK),
+        ("SERVER.test.svc.cluster.local.:80", StatusCode::OK),
+        ("other.test.svc.cluster.local:80", StatusCode::BAD_REQUEST),
+        ("sneaky.test.svc.cluster.local:80", StatusCode::BAD_REQUEST),
+        ("server.test.svc.cluster.local:81", StatusCode::BAD_REQUEST),
+        ("nowhere.test.svc.cluster.local:80", StatusCode::BAD_REQUEST),
+        ("server_test:80", StatusCode::BAD_REQUEST),
+        ("server.test.svc.cluster.local:0", StatusCode::BAD_REQUEST),
+    ];
+    for (authority, want) in cases {
+        let status = tokio::time::timeout(LIMIT, status_of(&mut send, Method::CONNECT, authority))
+            .await
+            .expect("no hang")
+            .expect("answer");
+        assert_eq!(status, want, "{authority}");
+    }
+}
