@@ -15,11 +15,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::hbone::server::HandshakeLimits;
-use crate::hbone::terminate::{Bound, Standalone, StartError};
+use crate::hbone::terminate::{Bound, Serving, Standalone, StartError};
 use crate::hbone::H2Settings;
 use crate::identity::{CertManager, Identity};
 use crate::socket::Sockets;
@@ -84,19 +84,10 @@ pub struct Gateway {
     /// Every address it listens on (one per address of its workload).
     pub addrs: Vec<SocketAddr>,
     records: broadcast::Sender<Arc<StreamRecord>>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops the listeners when dropped (before the mesh source below).
+    _serving: Serving,
     /// What keeps the mesh current, when the gateway owns it.
     standalone: Option<Standalone>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
 }
 
 impl Gateway {
@@ -118,9 +109,7 @@ impl Gateway {
             settings,
         )
         .await?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
-        let addrs = bound.addrs();
         let splice = Arc::new(splice::Splice {
             state,
             workload: bound.workload.clone(),
@@ -128,12 +117,11 @@ impl Gateway {
             cfg,
             records: records.clone(),
         });
-        let tasks = bound.serve("gateway", splice, shutdown_rx);
+        let serving = bound.serve("gateway", splice);
         Ok(Gateway {
-            addrs,
+            addrs: serving.addrs.clone(),
             records,
-            shutdown,
-            tasks,
+            _serving: serving,
             standalone: None,
         })
     }

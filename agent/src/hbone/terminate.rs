@@ -85,25 +85,18 @@ impl Bound {
         })
     }
 
-    /// The bound addresses.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(_, a)| *a).collect()
-    }
-
-    /// Serves every listener with `handler` until `shutdown`, each in a
-    /// span naming the `role`, the workload and the address.
-    pub fn serve<H: Handler>(
-        self,
-        role: &'static str,
-        handler: Arc<H>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Serves every listener with `handler` until the [`Serving`] is
+    /// dropped, each in a span naming the `role`, the workload and the
+    /// address.
+    pub fn serve<H: Handler>(self, role: &'static str, handler: Arc<H>) -> Serving {
         let Bound {
             workload,
             terminator,
             listeners,
         } = self;
-        listeners
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let addrs = listeners.iter().map(|(_, a)| *a).collect();
+        let tasks = listeners
             .into_iter()
             .map(|(listener, addr)| {
                 let span = tracing::info_span!("hbone_server", role, uid = %workload.uid, %addr);
@@ -111,10 +104,32 @@ impl Bound {
                 let accept =
                     terminator
                         .clone()
-                        .accept_loop(listener, handler.clone(), shutdown.clone());
+                        .accept_loop(listener, handler.clone(), shutdown_rx.clone());
                 tokio::spawn(accept.instrument(span))
             })
-            .collect()
+            .collect();
+        Serving {
+            addrs,
+            shutdown,
+            tasks,
+        }
+    }
+}
+
+/// Listeners being served; dropping it stops them (open connections are
+/// told to drain, the accept loops end).
+pub struct Serving {
+    pub addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 

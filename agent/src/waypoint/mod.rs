@@ -13,11 +13,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::hbone::server::HandshakeLimits;
-use crate::hbone::terminate::{Bound, Standalone, StartError};
+use crate::hbone::terminate::{Bound, Serving, Standalone, StartError};
 use crate::hbone::{H2Settings, Pool, PoolConfig};
 use crate::identity::{CertManager, Identity};
 use crate::socket::Sockets;
@@ -78,19 +78,10 @@ pub struct Waypoint {
     /// dual-stack waypoint is reached in the family its clients dialed).
     pub addrs: Vec<SocketAddr>,
     records: broadcast::Sender<Arc<RequestRecord>>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops the listeners when dropped (before the mesh source below).
+    _serving: Serving,
     /// What keeps the mesh current, when the waypoint owns it.
     standalone: Option<Standalone>,
-}
-
-impl Drop for Waypoint {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
 }
 
 /// What every tunnel of the waypoint shares.
@@ -123,9 +114,7 @@ impl Waypoint {
             settings,
         )
         .await?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let records = broadcast::channel(4096).0;
-        let addrs = bound.addrs();
         let shared = Arc::new(Shared {
             state,
             pool,
@@ -134,13 +123,12 @@ impl Waypoint {
             cfg,
             records: records.clone(),
         });
-        let tasks = bound.serve("waypoint", Arc::new(http1::L7(shared)), shutdown_rx);
+        let serving = bound.serve("waypoint", Arc::new(http1::L7(shared)));
         Ok(Waypoint {
-            addr: addrs[0],
-            addrs,
+            addr: serving.addrs[0],
+            addrs: serving.addrs.clone(),
             records,
-            shutdown,
-            tasks,
+            _serving: serving,
             standalone: None,
         })
     }
