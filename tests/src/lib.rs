@@ -153,6 +153,29 @@ workloads:
         }
     }
 
+    /// [`World::config`] for an agent capturing its pods with `mode`, its
+    /// own sockets marked 0x539 so capture lets them pass.
+    pub fn capturing_config(
+        &self,
+        node: &str,
+        mode: ambient_agent::capture::CaptureMode,
+    ) -> Config {
+        Config {
+            capture: Some(mode),
+            socket_mark: 0x539,
+            ..self.config(node)
+        }
+    }
+
+    /// An agent with [`World::capturing_config`].
+    pub async fn capturing_agent(
+        &self,
+        node: &str,
+        mode: ambient_agent::capture::CaptureMode,
+    ) -> Agent {
+        self.agent_with(self.capturing_config(node, mode)).await
+    }
+
     pub async fn agent(&self, node: &str) -> Agent {
         self.agent_with(self.config(node)).await
     }

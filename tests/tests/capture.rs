@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
 use ambient_tests::netns::{in_ns, Pod, Segment, Topology};
 use ambient_tests::*;
@@ -49,12 +48,7 @@ fn build(tag: &str) -> Mesh {
 }
 
 async fn agent(m: &Mesh, node: &str, mode: CaptureMode) -> Agent {
-    let cfg = Config {
-        capture: Some(mode),
-        socket_mark: 0x539,
-        ..m.world.config(node)
-    };
-    m.world.agent_with(cfg).await
+    m.world.capturing_agent(node, mode).await
 }
 
 /// Runs the `pod-client` application inside `from`: see [`run_pod_client`].

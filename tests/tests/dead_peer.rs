@@ -29,11 +29,9 @@ const KEEPALIVE: KeepaliveConfig = KeepaliveConfig {
 const SLACK: Duration = Duration::from_secs(10);
 
 async fn agent(m: &PodMesh, node: &str, tune: impl FnOnce(&mut Config)) -> Agent {
-    let mut cfg = Config {
-        capture: Some(ambient_agent::capture::CaptureMode::Nft),
-        socket_mark: 0x539,
-        ..m.world.config(node)
-    };
+    let mut cfg = m
+        .world
+        .capturing_config(node, ambient_agent::capture::CaptureMode::Nft);
     tune(&mut cfg);
     m.world.agent_with(cfg).await
 }

@@ -14,7 +14,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::proxy::record::Direction;
 use ambient_agent::socket::Sockets;
 use ambient_tests::dns::Upstream;
@@ -62,11 +61,7 @@ async fn workloads_known_by_name_are_looked_up() {
         service("nowhere", "10.96.0.7", "nowhere-dns"),
     ));
     let agent = |node: &str| {
-        let mut cfg = Config {
-            capture: Some(CaptureMode::Nft),
-            socket_mark: 0x539,
-            ..world.config(node)
-        };
+        let mut cfg = world.capturing_config(node, CaptureMode::Nft);
         cfg.dns.upstreams = vec![dns.addr.to_string()];
         world.agent_with(cfg)
     };

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::demo::waypoint::{http_app, reviews_yaml, start_waypoint};
 use ambient_agent::identity::Identity;
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
@@ -88,12 +87,7 @@ fn build(tag: &str, stack: Stack) -> Mesh {
 }
 
 async fn agent(world: &World, node: &str, mode: CaptureMode) -> Agent {
-    let cfg = Config {
-        capture: Some(mode),
-        socket_mark: 0x539,
-        ..world.config(node)
-    };
-    world.agent_with(cfg).await
+    world.capturing_agent(node, mode).await
 }
 
 /// `from`'s pod-client process sends `len` bytes to `dst`; the echo must

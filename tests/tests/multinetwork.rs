@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::demo::gateway::start_gateway;
 use ambient_agent::gateway::{Gateway, StreamRecord};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
@@ -108,12 +107,7 @@ impl Networks {
 }
 
 async fn agent(world: &World, node: &str) -> Agent {
-    let cfg = Config {
-        capture: Some(CaptureMode::Nft),
-        socket_mark: 0x539,
-        ..world.config(node)
-    };
-    world.agent_with(cfg).await
+    world.capturing_agent(node, CaptureMode::Nft).await
 }
 
 fn vip() -> SocketAddr {

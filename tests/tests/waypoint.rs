@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::config::Config;
 use ambient_agent::demo::waypoint::{http_app, reviews_yaml, start_waypoint};
 use ambient_agent::identity::{CertManager, Identity};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
@@ -33,12 +32,7 @@ fn vip() -> SocketAddr {
 }
 
 async fn agent(world: &World, node: &str) -> Agent {
-    let cfg = Config {
-        capture: Some(CaptureMode::Nft),
-        socket_mark: 0x539,
-        ..world.config(node)
-    };
-    world.agent_with(cfg).await
+    world.capturing_agent(node, CaptureMode::Nft).await
 }
 
 /// One HTTP/1.1 connection from inside `pod` (captured like any app's).
