@@ -10,6 +10,7 @@ pub mod dns;
 pub mod h2raw;
 pub mod istio;
 pub mod istio_cni;
+pub mod l7apps;
 pub mod pods;
 
 /// The namespace topology lives with the demo, which builds the same world.

@@ -18,7 +18,7 @@ pub mod tls;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
 pub use record::TlsConn;
-pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, Transferred};
+pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, StreamIo, Transferred};
 
 use std::net::{IpAddr, SocketAddr};
 

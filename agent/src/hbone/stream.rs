@@ -1,5 +1,7 @@
-//! One tunneled TCP connection as an HTTP/2 stream, and the copy loop that
-//! joins it to a TCP socket with half-close in both directions.
+//! One tunneled TCP connection as an HTTP/2 stream: the copy loop that
+//! joins it to a TCP socket with half-close in both directions, and
+//! [`StreamIo`], the stream as a byte stream for a protocol that runs
+//! inside it (the inner TLS of double HBONE, the waypoint's HTTP).
 //!
 //! An idle tunnel holds no copy buffer (socket reads are sized by
 //! `copy::poll_read_sized`, which gives a small buffer back when the
@@ -12,7 +14,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::copy::{poll_read_sized, CopyError, MIN_BUF};
@@ -292,5 +294,95 @@ pub(super) fn h2_to_io(e: h2::Error) -> io::Error {
             .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::other(e)
+    }
+}
+
+/// A CONNECT stream as a byte stream (for TLS to run over it).
+pub struct StreamIo {
+    stream: H2Stream,
+    /// Received, not yet read.
+    pending: Bytes,
+    shut_down: bool,
+}
+
+impl StreamIo {
+    pub fn new(stream: H2Stream) -> Self {
+        StreamIo {
+            stream,
+            pending: Bytes::new(),
+            shut_down: false,
+        }
+    }
+}
+
+impl AsyncRead for StreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                // Window back as the bytes are taken: the reader paces it.
+                this.stream
+                    .recv
+                    .flow_control()
+                    .release_capacity(n)
+                    .map_err(h2_to_io)?;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.stream.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for StreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.get_mut().stream.send;
+        loop {
+            send.reserve_capacity(data.len());
+            let granted = match ready!(send.poll_capacity(cx)) {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            };
+            if granted > 0 {
+                let n = granted.min(data.len());
+                send.send_data(Bytes::copy_from_slice(&data[..n]), false)
+                    .map_err(h2_to_io)?;
+                return Poll::Ready(Ok(n));
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.shut_down {
+            this.shut_down = true;
+            this.stream
+                .send
+                .send_data(Bytes::new(), true)
+                .map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
     }
 }

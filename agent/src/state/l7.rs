@@ -70,8 +70,8 @@ pub enum L7Decision {
 }
 
 impl HttpMatch {
-    fn holds(&self, req: &http::request::Parts) -> bool {
-        let path = req.uri.path();
+    fn holds<B>(&self, req: &http::Request<B>) -> bool {
+        let path = req.uri().path();
         let path_ok = match &self.path {
             None => true,
             Some(PathMatch::Exact(p)) => path == p,
@@ -80,9 +80,9 @@ impl HttpMatch {
         let method_ok = self
             .method
             .as_ref()
-            .is_none_or(|m| req.method.as_str() == m);
+            .is_none_or(|m| req.method().as_str() == m);
         let headers_ok = self.headers.iter().all(|(name, value)| {
-            req.headers
+            req.headers()
                 .get_all(name.as_str())
                 .iter()
                 .any(|v| v.as_bytes() == value.as_bytes())
@@ -101,11 +101,11 @@ impl Snapshot {
 
     /// Decides where request `req` to `service` goes.
     /// `dialed` is the address the client asked the waypoint for.
-    pub fn route_request(
+    pub fn route_request<B>(
         &self,
         service: &Service,
         dialed: std::net::IpAddr,
-        req: &http::request::Parts,
+        req: &http::Request<B>,
     ) -> L7Decision {
         let rule = self.http_route(service).and_then(|route| {
             route
@@ -213,15 +213,15 @@ mod tests {
         )
     }
 
-    fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+    fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
         let mut b = http::Request::builder().method(method).uri(path);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).expect("request").into_parts().0
+        b.body(()).expect("request")
     }
 
-    fn decide(snap: &Snapshot, r: &http::request::Parts) -> String {
+    fn decide(snap: &Snapshot, r: &http::Request<()>) -> String {
         let svc = snap.to_mesh().services[0].clone();
         match snap.route_request(&svc, svc.vips[0], r) {
             L7Decision::Deny { rule } => format!("deny {rule}"),

@@ -1,13 +1,14 @@
 //! The reference waypoint: an L7 proxy for tests and the demo.
 //!
 //! It terminates HBONE with the waypoint workload's identity, reads the
-//! HTTP/1.1 requests inside each tunnel, applies the mesh's L7 routes for
+//! HTTP/1.1 or HTTP/2 requests inside each tunnel, applies the mesh's L7 routes for
 //! the target service (deny with 403, or pick a weighted subset of its
 //! workloads), and carries each request over HBONE to the chosen workload,
 //! which sees the waypoint's identity. It is configured from the same
 //! mesh as the agents (local YAML or xDS).
 
-mod http1;
+mod http;
+mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub struct RequestRecord {
     pub src_identity: Identity,
     /// The tunnel's target: a service VIP:port or a workload address.
     pub target: SocketAddr,
+    /// `HTTP/1.1` or `HTTP/2`, as the client spoke (and the backend too).
+    pub protocol: &'static str,
     pub method: String,
     pub path: String,
     /// The workload chosen, if the request was forwarded.
@@ -123,7 +126,7 @@ impl Waypoint {
             cfg,
             records: records.clone(),
         });
-        let serving = bound.serve("waypoint", Arc::new(http1::L7(shared)));
+        let serving = bound.serve("waypoint", Arc::new(http::L7(shared)));
         Ok(Waypoint {
             addr: serving.addrs[0],
             addrs: serving.addrs.clone(),

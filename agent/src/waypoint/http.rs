@@ -1,0 +1,268 @@
+//! The waypoint's L7 layer: the HTTP inside each accepted tunnel, HTTP/1.1
+//! or HTTP/2 with prior knowledge (h2c, as gRPC clients speak), told apart
+//! by the HTTP/2 preface. Every request is decided on its own (deny, or
+//! which workload) and forwarded with its body and trailers streamed both
+//! ways, so one client connection can be spread across a service's subsets
+//! by weight and a gRPC status reaches the client. An HTTP/1.1 upgrade
+//! (WebSocket) the backend accepts with 101 becomes a byte stream between
+//! the two.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tracing::{debug, info, warn, Instrument};
+
+use super::upstream::{Body, Upstreams};
+use super::{RequestRecord, Shared};
+use crate::hbone::server::{ConnectRequest, Handler, Responder};
+use crate::hbone::{Authority, StreamIo};
+use crate::identity::Identity;
+use crate::state::{authz, pick_address, Destination, IpFamilies, L7Decision};
+
+/// The waypoint's answer to each CONNECT.
+pub(super) struct L7(pub Arc<Shared>);
+
+/// Who opened a tunnel, for what, and the backend connections its
+/// requests use.
+struct Tunnel {
+    src: IpAddr,
+    src_identity: Identity,
+    target: SocketAddr,
+    upstreams: Upstreams,
+}
+
+impl Handler for L7 {
+    async fn handle(self: Arc<Self>, req: ConnectRequest, responder: Responder) {
+        let shared = self.0.clone();
+        // The client's agent connects from the client's own address; its
+        // `Forwarded` is a claim this waypoint has no reason to believe.
+        let src = req.peer_addr.ip();
+        let span = tracing::info_span!("waypoint_tunnel", %src, src_id = %req.peer_identity, target = %req.target);
+        async move {
+            let Authority::Addr(target) = req.target else {
+                warn!("a waypoint is asked for an address, not a hostname; 400");
+                return responder.refuse(StatusCode::BAD_REQUEST);
+            };
+            let snap = shared.state.snapshot();
+            if matches!(snap.destination(target), Destination::Unknown) {
+                warn!("target is neither a service nor a workload of the mesh; 400");
+                return responder.refuse(StatusCode::BAD_REQUEST);
+            }
+            // Policies that select the waypoint itself apply at L4 first.
+            let conn = authz::Connection {
+                src_ip: src,
+                src_identity: Some(&req.peer_identity),
+                dst: target,
+            };
+            if let (authz::Decision::Deny(why), _) =
+                authz::authorize(snap.policies(), &shared.workload, &conn)
+            {
+                warn!(reason = %why, "tunnel denied by policy; 401");
+                return responder.refuse(StatusCode::UNAUTHORIZED);
+            }
+            drop(snap);
+            let stream = match responder.accept() {
+                Ok(s) => s,
+                Err(e) => return debug!(error = %e, "client went away"),
+            };
+            let tunnel = Arc::new(Tunnel {
+                src,
+                src_identity: req.peer_identity.clone(),
+                target,
+                upstreams: Upstreams::default(),
+            });
+            let service = service_fn(move |r| {
+                let (shared, tunnel) = (shared.clone(), tunnel.clone());
+                async move { Ok::<_, Infallible>(shared.request(&tunnel, r).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(StreamIo::new(stream)), service)
+                .await
+            {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Headers that describe one connection and must not be passed on
+/// (RFC 9110 §7.6.1): the fixed ones and those `Connection` names. An
+/// upgrade keeps `Connection: upgrade` and `Upgrade`, which the backend
+/// has to see.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(n);
+    }
+    headers.remove(header::PROXY_AUTHORIZATION);
+    // `TE: trailers` is how a gRPC client says it takes trailers; any other
+    // TE value is this hop's business.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// An HTTP/1.1 request asking to switch protocols.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+impl Shared {
+    /// Decides and serves one request; logs it and records it.
+    async fn request(&self, t: &Tunnel, mut req: Request<Incoming>) -> Response<Body> {
+        let snap = self.state.snapshot();
+        let (decision, port) = match snap.destination(t.target) {
+            Destination::Service(s) => (
+                snap.route_request(&s, t.target.ip(), &req),
+                s.target_port(t.target.port()),
+            ),
+            Destination::Workload(w) => (L7Decision::Forward(w), Some(t.target.port())),
+            Destination::Unknown => (L7Decision::NoBackend, None),
+        };
+        drop(snap);
+        let mut record = RequestRecord {
+            src: t.src,
+            src_identity: t.src_identity.clone(),
+            target: t.target,
+            protocol: protocol(req.version()),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            backend: None,
+            status: 0,
+            reason: None,
+        };
+        let response = match (decision, port) {
+            (L7Decision::Deny { rule }, _) => {
+                record.reason = Some(format!("denied by {rule}"));
+                text(StatusCode::FORBIDDEN, "RBAC: access denied\n")
+            }
+            (L7Decision::Forward(w), Some(port)) => {
+                record.backend = Some(w.uid.to_string());
+                match pick_address(&w, t.target.ip(), IpFamilies::Automatic) {
+                    None => {
+                        record.reason = Some(format!("{} has no address", w.uid));
+                        text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+                    }
+                    Some(ip) => {
+                        let upgrade = is_upgrade(&req);
+                        let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
+                        let (mut parts, body) = req.into_parts();
+                        strip_hop_by_hop(&mut parts.headers, upgrade);
+                        let req = Request::from_parts(parts, body.boxed());
+                        let addr = SocketAddr::new(ip, port);
+                        match t.upstreams.send(self, t.src, addr, req).await {
+                            Ok(mut r) => {
+                                let switching = r.status() == StatusCode::SWITCHING_PROTOCOLS;
+                                if let (true, Some(downstream)) = (switching, downstream) {
+                                    splice_upgrade(downstream, hyper::upgrade::on(&mut r));
+                                } else {
+                                    strip_hop_by_hop(r.headers_mut(), false);
+                                }
+                                r.map(BodyExt::boxed)
+                            }
+                            Err(e) => {
+                                record.reason = Some(e.to_string());
+                                text(StatusCode::BAD_GATEWAY, "upstream connect error\n")
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                record.reason = Some("no healthy backend".into());
+                text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+            }
+        };
+        record.status = response.status().as_u16();
+        info!(
+            protocol = record.protocol,
+            method = %record.method,
+            path = %record.path,
+            backend = record.backend.as_deref().unwrap_or("-"),
+            status = record.status,
+            reason = record.reason.as_deref().unwrap_or("-"),
+            "request"
+        );
+        let _ = self.records.send(Arc::new(record));
+        response
+    }
+}
+
+/// Once both sides have switched protocols, joins them byte for byte.
+fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(
+        async move {
+            let (down, up) = match tokio::try_join!(downstream, upstream) {
+                Ok(both) => both,
+                Err(e) => return debug!(error = %e, "upgrade did not complete"),
+            };
+            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                Ok((to_backend, to_client)) => {
+                    debug!(to_backend, to_client, "upgraded connection closed")
+                }
+                Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+            }
+        }
+        .in_current_span(),
+    );
+}
