@@ -54,6 +54,9 @@ fn version_name(v: Version) -> &'static str {
 /// - `GET /who` answers `<name> <protocol>`;
 /// - `POST /echo` streams each chunk of the request body back as it
 ///   arrives, then trailers `x-served-by: <name>` and `x-bytes: <count>`;
+/// - `GET /fail-on/<app>` answers 503 from app `<app>`, else 200 `<name>`;
+/// - `GET /slow-on/<app>` answers after 3 s from app `<app>`, else at once;
+/// - `GET /delay/<ms>` answers `<name>` after that many milliseconds;
 /// - a request with `Upgrade` is answered 101 and the connection then
 ///   echoes bytes, prefixed once with `<name>:`.
 pub async fn l7_app(pod: &Pod, name: &'static str) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -95,7 +98,28 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Response<Body
             .body(full(""))
             .expect("response");
     }
-    match req.uri().path() {
+    let path = req.uri().path().to_string();
+    if let Some(app) = path.strip_prefix("/fail-on/") {
+        let status = if app == name {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let mut r = Response::new(full(name));
+        *r.status_mut() = status;
+        return r;
+    }
+    if let Some(app) = path.strip_prefix("/slow-on/") {
+        if app == name {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        return Response::new(full(name));
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Response::new(full(name));
+    }
+    match path.as_str() {
         "/echo" => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
             let mut body = req.into_body();

@@ -18,7 +18,10 @@ mod name;
 mod route;
 
 pub use delta::Delta;
-pub use l7::{Backend, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch};
+pub use l7::{
+    Backend, HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, L7Decision, PathMatch,
+    RequestPolicy, ValueMatch,
+};
 pub use model::*;
 pub use name::{valid_hostname, Interner, Name};
 pub use route::{pick_address, pick_found, Destination, Reach, Route};

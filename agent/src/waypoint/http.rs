@@ -21,23 +21,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tracing::{debug, info, warn, Instrument};
 
+use super::forward::To;
 use super::upstream::{Body, Upstreams};
 use super::{RequestRecord, Shared};
 use crate::hbone::server::{ConnectRequest, Handler, Responder};
 use crate::hbone::{Authority, StreamIo};
 use crate::identity::Identity;
-use crate::state::{authz, pick_address, Destination, IpFamilies, L7Decision};
+use crate::state::{authz, Destination, L7Decision, RequestPolicy};
 
 /// The waypoint's answer to each CONNECT.
 pub(super) struct L7(pub Arc<Shared>);
 
 /// Who opened a tunnel, for what, and the backend connections its
 /// requests use.
-struct Tunnel {
-    src: IpAddr,
-    src_identity: Identity,
-    target: SocketAddr,
-    upstreams: Upstreams,
+pub(super) struct Tunnel {
+    pub src: IpAddr,
+    pub src_identity: Identity,
+    pub target: SocketAddr,
+    pub upstreams: Upstreams,
 }
 
 impl Handler for L7 {
@@ -96,7 +97,7 @@ impl Handler for L7 {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+pub(super) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
             .map_err(|never: Infallible| match never {})
@@ -118,7 +119,7 @@ fn protocol(v: Version) -> &'static str {
 /// (RFC 9110 §7.6.1): the fixed ones and those `Connection` names. An
 /// upgrade keeps `Connection: upgrade` and `Upgrade`, which the backend
 /// has to see.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -154,7 +155,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// An HTTP/1.1 request asking to switch protocols.
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -168,15 +169,20 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 impl Shared {
     /// Decides and serves one request; logs it and records it.
-    async fn request(&self, t: &Tunnel, mut req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, t: &Tunnel, req: Request<Incoming>) -> Response<Body> {
         let snap = self.state.snapshot();
-        let (decision, port) = match snap.destination(t.target) {
-            Destination::Service(s) => (
-                snap.route_request(&s, t.target.ip(), &req),
-                s.target_port(t.target.port()),
+        let (decision, policy, to) = match snap.destination(t.target) {
+            Destination::Service(s) => {
+                let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &[]);
+                let port = s.target_port(t.target.port());
+                (decision, policy, port.map(|port| (Some(s), port)))
+            }
+            Destination::Workload(w) => (
+                L7Decision::Forward(w),
+                RequestPolicy::default(),
+                Some((None, t.target.port())),
             ),
-            Destination::Workload(w) => (L7Decision::Forward(w), Some(t.target.port())),
-            Destination::Unknown => (L7Decision::NoBackend, None),
+            Destination::Unknown => (L7Decision::NoBackend, RequestPolicy::default(), None),
         };
         drop(snap);
         let mut record = RequestRecord {
@@ -187,45 +193,37 @@ impl Shared {
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
             backend: None,
+            attempts: 0,
             status: 0,
             reason: None,
         };
-        let response = match (decision, port) {
+        let response = match (decision, to) {
             (L7Decision::Deny { rule }, _) => {
                 record.reason = Some(format!("denied by {rule}"));
                 text(StatusCode::FORBIDDEN, "RBAC: access denied\n")
             }
-            (L7Decision::Forward(w), Some(port)) => {
-                record.backend = Some(w.uid.to_string());
-                match pick_address(&w, t.target.ip(), IpFamilies::Automatic) {
-                    None => {
-                        record.reason = Some(format!("{} has no address", w.uid));
-                        text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
-                    }
-                    Some(ip) => {
-                        let upgrade = is_upgrade(&req);
-                        let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
-                        let (mut parts, body) = req.into_parts();
-                        strip_hop_by_hop(&mut parts.headers, upgrade);
-                        let req = Request::from_parts(parts, body.boxed());
-                        let addr = SocketAddr::new(ip, port);
-                        match t.upstreams.send(self, t.src, addr, req).await {
-                            Ok(mut r) => {
-                                let switching = r.status() == StatusCode::SWITCHING_PROTOCOLS;
-                                if let (true, Some(downstream)) = (switching, downstream) {
-                                    splice_upgrade(downstream, hyper::upgrade::on(&mut r));
-                                } else {
-                                    strip_hop_by_hop(r.headers_mut(), false);
-                                }
-                                r.map(BodyExt::boxed)
-                            }
-                            Err(e) => {
-                                record.reason = Some(e.to_string());
-                                text(StatusCode::BAD_GATEWAY, "upstream connect error\n")
-                            }
-                        }
-                    }
-                }
+            (L7Decision::Respond { status, body }, _) => {
+                record.reason = Some("direct response".into());
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                let mut r = Response::new(
+                    Full::new(Bytes::from(body))
+                        .map_err(|never: Infallible| match never {})
+                        .boxed(),
+                );
+                *r.status_mut() = status;
+                r
+            }
+            (L7Decision::Forward(first), Some((service, port))) => {
+                let to = To {
+                    first,
+                    service,
+                    port,
+                };
+                let out = self.forward(t, to, req, &policy).await;
+                record.backend = out.backend.map(|uid| uid.to_string());
+                record.attempts = out.attempts;
+                record.reason = out.reason;
+                out.response
             }
             _ => {
                 record.reason = Some("no healthy backend".into());
@@ -238,6 +236,7 @@ impl Shared {
             method = %record.method,
             path = %record.path,
             backend = record.backend.as_deref().unwrap_or("-"),
+            attempts = record.attempts,
             status = record.status,
             reason = record.reason.as_deref().unwrap_or("-"),
             "request"
@@ -248,7 +247,10 @@ impl Shared {
 }
 
 /// Once both sides have switched protocols, joins them byte for byte.
-fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub(super) fn splice_upgrade(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
     tokio::spawn(
         async move {
             let (down, up) = match tokio::try_join!(downstream, upstream) {

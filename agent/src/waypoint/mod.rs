@@ -7,6 +7,7 @@
 //! which sees the waypoint's identity. It is configured from the same
 //! mesh as the agents (local YAML or xDS).
 
+mod forward;
 mod http;
 mod upstream;
 
@@ -66,10 +67,14 @@ pub struct RequestRecord {
     pub protocol: &'static str,
     pub method: String,
     pub path: String,
-    /// The workload chosen, if the request was forwarded.
+    /// The workload chosen (of the last attempt), if the request was
+    /// forwarded.
     pub backend: Option<String>,
+    /// Attempts made to get a backend's answer (0 when none was tried).
+    pub attempts: u32,
     pub status: u16,
-    /// Why it was not forwarded (denying rule, no backend, error).
+    /// Why it got no backend's answer (denying rule, direct response,
+    /// fault, timeout, no backend, error), or the last error retried.
     pub reason: Option<String>,
 }
 

@@ -195,12 +195,24 @@ pub enum Problem {
     TunnelPortWithoutProxy,
     #[error("no service {0:?} (expected <namespace>/<hostname> of a service in this file)")]
     UnknownService(String),
-    #[error("a rule needs exactly one of `deny: true` and `backends`, not both")]
-    RuleBoth,
-    #[error("a rule needs exactly one of `deny: true` and `backends`, found neither")]
-    RuleNeither,
+    #[error(
+        "a rule needs exactly one of `deny: true`, `backends` and `directResponse`; found {0}"
+    )]
+    RuleActions(usize),
     #[error("at least one backend needs a weight above 0")]
     NoWeight,
+    #[error("a header match needs exactly one of `exact`, `prefix`, `regex` and `present: true`; found {0}")]
+    HeaderMatchKinds(usize),
+    #[error("invalid regular expression: {0}")]
+    Regex(String),
+    #[error("invalid duration {0:?} (e.g. 2s, 500ms)")]
+    Duration(String),
+    #[error(transparent)]
+    RetryOn(crate::state::l7::UnknownCondition),
+    #[error("a percentage must be in 0..=100")]
+    Percentage,
+    #[error("an HTTP status must be in 200..=599")]
+    HttpStatus,
 }
 
 /// True for a file with no YAML document in it (only comments, blank lines

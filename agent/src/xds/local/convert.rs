@@ -1,6 +1,9 @@
 //! The validation pass: checks what serde cannot (addresses, ports,
 //! references between entries, uniqueness) and builds the model. Field
 //! paths in errors use the file's own names, e.g. `services[0].vips[1]`.
+//! HTTP routes have a module of their own (`http_routes`).
+
+mod http_routes;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,18 +14,17 @@ use ipnet::IpNet;
 use marked_yaml::{Span, Spanned};
 
 use super::schema::{
-    Action, AppTunnel, GatewayEntry, HttpRouteEntry, MatchEntry, MeshFile, PathEntry, PolicyEntry,
-    Protocol, RuleEntry, Scope, ServiceEntry, Text, WorkloadEntry,
+    Action, AppTunnel, GatewayEntry, MatchEntry, MeshFile, PolicyEntry, Protocol, RuleEntry, Scope,
+    ServiceEntry, Text, WorkloadEntry,
 };
 use super::{LocalConfigError, Location, Problem};
 use crate::identity::Identity;
 use crate::state::Interner;
 use crate::state::{
-    Addresses, ApplicationTunnel, Backend, Clause, Endpoint, GatewayAddress, GatewayTarget,
-    HttpAction, HttpMatch, HttpRoute, HttpRule, LocalPod, Match, Mesh, Network, PathMatch, Policy,
-    PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch, ServicePort, StringMatch,
-    Telemetry, TunnelProtocol, Workload, CANONICAL_NAME_LABELS, CANONICAL_REVISION_LABELS,
-    DEFAULT_CANONICAL_REVISION, DEFAULT_CLUSTER,
+    Addresses, ApplicationTunnel, Clause, Endpoint, GatewayAddress, GatewayTarget, LocalPod, Match,
+    Mesh, Network, Policy, PolicyAction, PolicyScope, Rule, Service, ServiceAccountMatch,
+    ServicePort, StringMatch, Telemetry, TunnelProtocol, Workload, CANONICAL_NAME_LABELS,
+    CANONICAL_REVISION_LABELS, DEFAULT_CANONICAL_REVISION, DEFAULT_CLUSTER,
 };
 
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -591,98 +593,6 @@ impl Converter<'_> {
             namespace: ns.to_string(),
             name: name.to_string(),
         })
-    }
-}
-
-impl Converter<'_> {
-    fn http_route(&self, i: usize, r: &HttpRouteEntry, services: &[Service]) -> Result<HttpRoute> {
-        let f = |name: &str| format!("httpRoutes[{i}].{name}");
-        let name = self.required(&f("name"), &r.name)?;
-        let namespace = self.required(&f("namespace"), &r.namespace)?;
-        let service = match r.service.split_once('/') {
-            Some((ns, host))
-                if services
-                    .iter()
-                    .any(|s| s.namespace == ns && s.hostname == host) =>
-            {
-                (ns.to_string(), host.to_string())
-            }
-            _ => {
-                let problem = Problem::UnknownService(r.service.to_string());
-                return Err(self.err(f("service"), r.service.span(), problem));
-            }
-        };
-        let mut rules = Vec::with_capacity(r.rules.len());
-        for (j, rule) in r.rules.iter().enumerate() {
-            let field = f(&format!("rules[{j}]"));
-            let matches = rule
-                .matches
-                .iter()
-                .map(|m| HttpMatch {
-                    path: m.path.as_ref().map(|p| match p {
-                        PathEntry::Exact(p) => PathMatch::Exact(p.clone()),
-                        PathEntry::Prefix(p) => PathMatch::Prefix(p.clone()),
-                    }),
-                    method: m.method.as_ref().map(|m| m.to_ascii_uppercase()),
-                    headers: m
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                        .collect(),
-                })
-                .collect();
-            let action = match (&rule.deny, &rule.backends) {
-                (true, None) => HttpAction::Deny,
-                (false, Some(backends)) => {
-                    HttpAction::Route(self.backends(&format!("{field}.backends"), backends)?)
-                }
-                (true, Some(b)) => {
-                    return Err(self.err(format!("{field}.backends"), b.span(), Problem::RuleBoth))
-                }
-                (false, None) => {
-                    let span = r.name.span();
-                    return Err(self.err(field, span, Problem::RuleNeither));
-                }
-            };
-            rules.push(HttpRule { matches, action });
-        }
-        Ok(HttpRoute {
-            name,
-            namespace,
-            service_namespace: service.0,
-            service_hostname: service.1,
-            rules,
-        })
-    }
-
-    fn backends(
-        &self,
-        field: &str,
-        entries: &Spanned<Vec<super::schema::BackendEntry>>,
-    ) -> Result<Vec<Backend>> {
-        if entries.iter().all(|b| b.weight == 0) {
-            return Err(self.err(field, entries.span(), Problem::NoWeight));
-        }
-        let mut backends = Vec::with_capacity(entries.len());
-        for (k, b) in entries.iter().enumerate() {
-            let field = format!("{field}[{k}].workloads");
-            if b.workloads.is_empty() {
-                return Err(self.err(field, b.workloads.span(), Problem::Empty));
-            }
-            let mut uids = Vec::with_capacity(b.workloads.len());
-            for t in b.workloads.iter() {
-                if !self.workloads.contains_key(t.as_str()) {
-                    let problem = Problem::UnknownWorkload(t.to_string());
-                    return Err(self.err(field, t.span(), problem));
-                }
-                uids.push(t.to_string());
-            }
-            backends.push(Backend {
-                workload_uids: uids,
-                weight: b.weight,
-            });
-        }
-        Ok(backends)
     }
 }
 

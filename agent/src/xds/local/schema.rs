@@ -277,7 +277,8 @@ pub(super) struct HttpRouteEntry {
     pub rules: Vec<HttpRuleEntry>,
 }
 
-/// Exactly one of `deny: true` and `backends`.
+/// Exactly one of `deny: true`, `backends` and `directResponse`; the
+/// rest are Istio's VirtualService fields of the same names.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct HttpRuleEntry {
@@ -286,6 +287,11 @@ pub(super) struct HttpRuleEntry {
     #[serde(default)]
     pub deny: bool,
     pub backends: Option<Spanned<Vec<BackendEntry>>>,
+    pub direct_response: Option<DirectResponseEntry>,
+    /// e.g. `2s`, `500ms`.
+    pub timeout: Option<Text>,
+    pub retries: Option<RetriesEntry>,
+    pub fault: Option<FaultEntry>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -293,8 +299,8 @@ pub(super) struct HttpRuleEntry {
 pub(super) struct HttpMatchEntry {
     pub path: Option<PathEntry>,
     pub method: Option<Text>,
-    /// Header name -> exact value.
-    pub headers: std::collections::BTreeMap<String, String>,
+    /// Header name -> exact value, or a match.
+    pub headers: std::collections::BTreeMap<String, HeaderValueEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +308,94 @@ pub(super) struct HttpMatchEntry {
 pub(super) enum PathEntry {
     Exact(String),
     Prefix(String),
+    /// RE2 syntax, matched against the whole path.
+    Regex(Text),
+}
+
+/// A header's value: a string is an exact match, a mapping any match.
+#[derive(Debug)]
+pub(super) enum HeaderValueEntry {
+    Exact(String),
+    Match(HeaderMatchEntry),
+}
+
+// By hand rather than `untagged`: an untagged enum buffers its input, and
+// the buffered YAML scalars no longer read as booleans.
+impl<'de> Deserialize<'de> for HeaderValueEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HeaderValueEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a string (exact value) or a mapping (exact, prefix, regex, present, invert)",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(HeaderValueEntry::Exact(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                HeaderMatchEntry::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(HeaderValueEntry::Match)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Exactly one of `exact`, `prefix`, `regex` and `present: true`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub(super) struct HeaderMatchEntry {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+    pub present: bool,
+    /// Holds when the match does not.
+    pub invert: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct DirectResponseEntry {
+    pub status: Spanned<u16>,
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RetriesEntry {
+    /// Attempts after the first.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Text>,
+    /// Envoy's conditions, comma separated; Istio's default when absent.
+    pub retry_on: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub(super) struct FaultEntry {
+    pub delay: Option<DelayEntry>,
+    pub abort: Option<AbortEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct DelayEntry {
+    pub fixed_delay: Text,
+    /// Of requests, 0-100; all when absent.
+    pub percentage: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct AbortEntry {
+    pub http_status: Spanned<u16>,
+    pub percentage: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

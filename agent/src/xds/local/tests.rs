@@ -321,11 +321,16 @@ fn expected_full() -> Mesh {
                         },
                         HttpMatch {
                             method: Some("DELETE".into()),
-                            headers: vec![("x-user".into(), "mallory".into())],
+                            headers: vec![HeaderMatch {
+                                name: "x-user".into(),
+                                value: ValueMatch::Exact("mallory".into()),
+                                invert: false,
+                            }],
                             ..Default::default()
                         },
                     ],
                     action: HttpAction::Deny,
+                    policy: RequestPolicy::default(),
                 },
                 HttpRule {
                     matches: vec![HttpMatch {
@@ -342,6 +347,7 @@ fn expected_full() -> Mesh {
                             weight: 1,
                         },
                     ]),
+                    policy: RequestPolicy::default(),
                 },
             ],
         }],
@@ -1054,7 +1060,7 @@ fn bad_files_name_file_line_and_field() {
                         backends: [{workloads: [a]}]
                 ",
             ),
-            "mesh.yaml:15:19: httpRoutes[0].rules[0].backends: a rule needs exactly one of `deny: true` and `backends`, not both",
+            "httpRoutes[0].rules[0]: a rule needs exactly one of `deny: true`, `backends` and `directResponse`; found 2",
         ),
         (
             "rule with neither",
@@ -1063,7 +1069,7 @@ fn bad_files_name_file_line_and_field() {
                       - matches: [{method: GET}]
                 ",
             ),
-            "httpRoutes[0].rules[0]: a rule needs exactly one of `deny: true` and `backends`, found neither",
+            "httpRoutes[0].rules[0]: a rule needs exactly one of `deny: true`, `backends` and `directResponse`; found 0",
         ),
         (
             "backend of an unknown workload",
@@ -1087,11 +1093,80 @@ fn bad_files_name_file_line_and_field() {
             "unknown path match kind",
             with_route(
                 "
-                      - matches: [{path: {regex: x}}]
+                      - matches: [{path: {suffix: x}}]
                         deny: true
                 ",
             ),
             "httpRoutes[0].rules[0].matches[0].path",
+        ),
+        (
+            "path regex that does not compile",
+            with_route(
+                "
+                      - matches: [{path: {regex: \"/a(\"}}]
+                        deny: true
+                ",
+            ),
+            "mesh.yaml:14:34: httpRoutes[0].rules[0].matches[0].path.regex: invalid regular expression: error: unclosed group",
+        ),
+        (
+            "header regex with look-ahead (not RE2)",
+            with_route(
+                "
+                      - matches: [{headers: {x-user: {regex: \"(?=a)\"}}}]
+                        deny: true
+                ",
+            ),
+            "httpRoutes[0].rules[0].matches[0].headers.x-user.regex: invalid regular expression",
+        ),
+        (
+            "header match of two kinds",
+            with_route(
+                "
+                      - matches: [{headers: {x-user: {exact: a, prefix: b}}}]
+                        deny: true
+                ",
+            ),
+            "httpRoutes[0].rules[0].matches[0].headers.x-user: a header match needs exactly one of `exact`, `prefix`, `regex` and `present: true`; found 2",
+        ),
+        (
+            "timeout that is not a duration",
+            with_route(
+                "
+                      - deny: true
+                        timeout: soon
+                ",
+            ),
+            "mesh.yaml:15:18: httpRoutes[0].rules[0].timeout: invalid duration \"soon\"",
+        ),
+        (
+            "unknown retry condition",
+            with_route(
+                "
+                      - backends: [{workloads: [a]}]
+                        retries: {attempts: 2, retryOn: \"5xx,whenever\"}
+                ",
+            ),
+            "httpRoutes[0].rules[0].retries.retryOn: unknown retry condition \"whenever\"",
+        ),
+        (
+            "fault percentage above 100",
+            with_route(
+                "
+                      - backends: [{workloads: [a]}]
+                        fault: {abort: {httpStatus: 503, percentage: 150}}
+                ",
+            ),
+            "httpRoutes[0].rules[0].fault.abort.percentage: a percentage must be in 0..=100",
+        ),
+        (
+            "direct response with a status out of range",
+            with_route(
+                "
+                      - directResponse: {status: 99, body: x}
+                ",
+            ),
+            "httpRoutes[0].rules[0].directResponse.status: an HTTP status must be in 200..=599",
         ),
     ];
     let mut failures = Vec::new();

@@ -1,12 +1,22 @@
-//! L7 routes a waypoint applies to the HTTP/1.1 requests of a service:
-//! match a request by path, method or headers, then deny it (403) or send
-//! it to one of weighted subsets of the service's workloads.
+//! L7 routes a waypoint applies to the HTTP requests of a service: match
+//! a request by path, method or headers (`matching`), then deny it (403),
+//! answer it directly, or send it to one of weighted subsets of the
+//! service's workloads, with the rule's timeout, retries and faults
+//! (`resilience`).
+
+mod matching;
+mod resilience;
 
 use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 
 use super::{Reach, Service, Snapshot, Workload};
+
+pub use matching::{HeaderMatch, HttpMatch, PathMatch, Pattern, ValueMatch};
+pub use resilience::{
+    Attempt, Fault, RequestPolicy, RetryOn, RetryPolicy, Share, UnknownCondition,
+};
 
 /// The routes of one service, tried in order; the first rule whose
 /// matches hold decides. Without a matching rule any endpoint serves.
@@ -25,22 +35,7 @@ pub struct HttpRoute {
 pub struct HttpRule {
     pub matches: Vec<HttpMatch>,
     pub action: HttpAction,
-}
-
-/// Every given condition must hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HttpMatch {
-    pub path: Option<PathMatch>,
-    /// Upper-case method, e.g. `DELETE`.
-    pub method: Option<String>,
-    /// Header name (lower case) and exact value.
-    pub headers: Vec<(String, String)>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatch {
-    Exact(String),
-    Prefix(String),
+    pub policy: RequestPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +44,8 @@ pub enum HttpAction {
     Deny,
     /// Send to one of these subsets, chosen by weight.
     Route(Vec<Backend>),
+    /// Answer with this status and body, without a backend.
+    Respond { status: u16, body: String },
 }
 
 /// A subset of a service's workloads and its share of the traffic.
@@ -63,32 +60,12 @@ pub struct Backend {
 pub enum L7Decision {
     /// Refuse with 403; names the route and rule that denied it.
     Deny { rule: String },
+    /// Answer with this status and body.
+    Respond { status: u16, body: String },
     /// Send to this workload.
     Forward(Arc<Workload>),
     /// Nothing healthy to send it to.
     NoBackend,
-}
-
-impl HttpMatch {
-    fn holds<B>(&self, req: &http::Request<B>) -> bool {
-        let path = req.uri().path();
-        let path_ok = match &self.path {
-            None => true,
-            Some(PathMatch::Exact(p)) => path == p,
-            Some(PathMatch::Prefix(p)) => path.starts_with(p.as_str()),
-        };
-        let method_ok = self
-            .method
-            .as_ref()
-            .is_none_or(|m| req.method().as_str() == m);
-        let headers_ok = self.headers.iter().all(|(name, value)| {
-            req.headers()
-                .get_all(name.as_str())
-                .iter()
-                .any(|v| v.as_bytes() == value.as_bytes())
-        });
-        path_ok && method_ok && headers_ok
-    }
 }
 
 impl Snapshot {
@@ -99,14 +76,18 @@ impl Snapshot {
         })
     }
 
-    /// Decides where request `req` to `service` goes.
-    /// `dialed` is the address the client asked the waypoint for.
+    /// Decides where request `req` to `service` goes, and with which
+    /// timeout, retries and faults. `dialed` is the address the client
+    /// asked the waypoint for; `tried` names workloads earlier attempts of
+    /// this request went to, which a retry avoids while others remain (as
+    /// Istio's `previous_hosts` retry predicate).
     pub fn route_request<B>(
         &self,
         service: &Service,
         dialed: std::net::IpAddr,
         req: &http::Request<B>,
-    ) -> L7Decision {
+        tried: &[super::Name],
+    ) -> (L7Decision, RequestPolicy) {
         let rule = self.http_route(service).and_then(|route| {
             route
                 .rules
@@ -115,39 +96,49 @@ impl Snapshot {
                 .find(|(_, r)| r.matches.is_empty() || r.matches.iter().any(|m| m.holds(req)))
                 .map(|(i, r)| (route, i, r))
         });
-        let chosen = match rule {
-            Some((
-                route,
-                i,
-                HttpRule {
-                    action: HttpAction::Deny,
-                    ..
-                },
-            )) => {
-                return L7Decision::Deny {
-                    rule: format!("{}/{} rule {i}", route.namespace, route.name),
-                }
-            }
-            Some((
-                _,
-                _,
-                HttpRule {
-                    action: HttpAction::Route(backends),
-                    ..
-                },
-            )) => backends
+        let Some((route, i, rule)) = rule else {
+            // A retry goes elsewhere if it can; a first attempt follows the
+            // service's load balancing.
+            let elsewhere = (!tried.is_empty())
+                .then(|| {
+                    self.choose_among(service.endpoints.iter().map(|e| &*e.workload_uid), tried)
+                })
+                .flatten();
+            let chosen =
+                elsewhere.or_else(|| self.choose_endpoint(service, dialed, None, Reach::Local));
+            let decision = chosen.map_or(L7Decision::NoBackend, L7Decision::Forward);
+            return (decision, RequestPolicy::default());
+        };
+        let decision = match &rule.action {
+            HttpAction::Deny => L7Decision::Deny {
+                rule: format!("{}/{} rule {i}", route.namespace, route.name),
+            },
+            HttpAction::Respond { status, body } => L7Decision::Respond {
+                status: *status,
+                body: body.clone(),
+            },
+            HttpAction::Route(backends) => backends
                 .choose_weighted(&mut rand::rng(), |b| b.weight)
                 .ok()
-                .and_then(|b| self.choose_among(&b.workload_uids)),
-            None => self.choose_endpoint(service, dialed, None, Reach::Local),
+                .and_then(|b| {
+                    let uids = || b.workload_uids.iter().map(String::as_str);
+                    self.choose_among(uids(), tried)
+                        .or_else(|| self.choose_among(uids(), &[]))
+                })
+                .map_or(L7Decision::NoBackend, L7Decision::Forward),
         };
-        chosen.map_or(L7Decision::NoBackend, L7Decision::Forward)
+        (decision, rule.policy.clone())
     }
 
-    /// A healthy workload among `uids`, weighted by capacity.
-    fn choose_among(&self, uids: &[String]) -> Option<Arc<Workload>> {
+    /// A healthy workload among `uids` and not in `tried`, weighted by
+    /// capacity.
+    fn choose_among<'a>(
+        &self,
+        uids: impl Iterator<Item = &'a str>,
+        tried: &[super::Name],
+    ) -> Option<Arc<Workload>> {
         let candidates: Vec<&Arc<Workload>> = uids
-            .iter()
+            .filter(|uid| !tried.iter().any(|t| t.as_str() == *uid))
             .filter_map(|uid| self.workload_by_uid(uid))
             .filter(|w| w.healthy && !w.addresses.is_empty())
             .collect();
@@ -223,8 +214,9 @@ mod tests {
 
     fn decide(snap: &Snapshot, r: &http::Request<()>) -> String {
         let svc = snap.to_mesh().services[0].clone();
-        match snap.route_request(&svc, svc.vips[0], r) {
+        match snap.route_request(&svc, svc.vips[0], r, &[]).0 {
             L7Decision::Deny { rule } => format!("deny {rule}"),
+            L7Decision::Respond { status, body } => format!("{status} {body}"),
             L7Decision::Forward(w) => w.uid.to_string(),
             L7Decision::NoBackend => "none".into(),
         }
@@ -239,6 +231,7 @@ mod tests {
                     ..Default::default()
                 }],
                 action: HttpAction::Deny,
+                policy: RequestPolicy::default(),
             },
             HttpRule {
                 matches: vec![HttpMatch {
@@ -246,11 +239,16 @@ mod tests {
                     ..Default::default()
                 }],
                 action: HttpAction::Deny,
+                policy: RequestPolicy::default(),
             },
             HttpRule {
                 matches: vec![
                     HttpMatch {
-                        headers: vec![("x-version".into(), "v2".into())],
+                        headers: vec![HeaderMatch {
+                            name: "x-version".into(),
+                            value: ValueMatch::Exact("v2".into()),
+                            invert: false,
+                        }],
                         ..Default::default()
                     },
                     HttpMatch {
@@ -259,10 +257,12 @@ mod tests {
                     },
                 ],
                 action: to(&[("v2", 1)]),
+                policy: RequestPolicy::default(),
             },
             HttpRule {
                 matches: vec![],
                 action: to(&[("v1", 1)]),
+                policy: RequestPolicy::default(),
             },
         ]);
         // (method, path, headers, expected decision)
@@ -291,6 +291,7 @@ mod tests {
         let snap = mesh(vec![HttpRule {
             matches: vec![],
             action: to(&[("v1", 80), ("v2", 20)]),
+            policy: RequestPolicy::default(),
         }]);
         let r = req("GET", "/", &[]);
         let v2 = (0..10_000).filter(|_| decide(&snap, &r) == "v2").count();
@@ -311,6 +312,7 @@ mod tests {
         let snap = mesh(vec![HttpRule {
             matches: vec![],
             action: to(&[("gone", 1)]),
+            policy: RequestPolicy::default(),
         }]);
         assert_eq!(decide(&snap, &req("GET", "/", &[])), "none");
     }
