@@ -158,6 +158,8 @@ impl Copy {
                 self.send.reserve_capacity(up.pending.len());
                 let granted = match ready!(self.send.poll_capacity(cx)) {
                     Some(Ok(n)) => n,
+                    // The peer ended the stream: what is left is unwanted.
+                    _ if peer_ended(&mut self.send, cx) => return Poll::Ready(Ok(())),
                     Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
                     None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
                 };
@@ -171,8 +173,7 @@ impl Copy {
             }
             let n = ready!(poll_read_sized(&self.socket, &mut up.buf, &mut up.size, cx))?;
             if n == 0 {
-                self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(finish(&mut self.send, cx));
             }
             up.pending = up.buf.split().freeze();
         }
@@ -203,10 +204,10 @@ impl Copy {
                     down.chunk_len = data.len();
                     down.chunk = data;
                 }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                // The peer finished sending; a reset would have surfaced as
-                // an error above.
-                None => {
+                Some(Err(e)) if !ends_stream(&e) => return Poll::Ready(Err(h2_to_io(e))),
+                // The peer finished sending (or reset the stream as its
+                // way of finishing, see `ends_stream`).
+                Some(Err(_)) | None => {
                     ready!(Pin::new(&mut self.socket).poll_shutdown(cx))?;
                     return Poll::Ready(Ok(()));
                 }
@@ -253,7 +254,7 @@ where
             buf.reserve(MIN_BUF);
             let n = rd.read_buf(&mut buf).await?;
             if n == 0 {
-                send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                std::future::poll_fn(|cx| Poll::Ready(finish(&mut send, cx))).await?;
                 return Ok::<_, io::Error>(total);
             }
             total += n as u64;
@@ -274,7 +275,11 @@ where
 {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_to_io)?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) if ends_stream(&e) => break,
+            Err(e) => return Err(h2_to_io(e)),
+        };
         wr.write_all(&chunk).await?;
         total += chunk.len() as u64;
         // Only give the peer more window once the bytes have left us, so a
@@ -286,6 +291,33 @@ where
     // The peer finished sending; a trailing reset would surface here.
     wr.shutdown().await?;
     Ok(total)
+}
+
+/// Whether a receive error is the peer's way of ending the stream: a
+/// reset with NO_ERROR or CANCEL, as ztunnel sends when it drops a
+/// finished stream (it reads both as end of stream itself,
+/// src/proxy/h2.rs). Ending there, rather than failing, lets what the
+/// peer sent before it be delivered and the other side be half-closed.
+pub(super) fn ends_stream(e: &h2::Error) -> bool {
+    e.is_remote() && matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL))
+}
+
+/// Ends our half of the stream with END_STREAM. A stream the peer has
+/// already ended with a reset (see `ends_stream`) has nothing left to end.
+fn finish(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> io::Result<()> {
+    match send.send_data(Bytes::new(), true) {
+        Ok(()) => Ok(()),
+        Err(_) if peer_ended(send, cx) => Ok(()),
+        Err(e) => Err(h2_to_io(e)),
+    }
+}
+
+/// Whether the peer has reset the stream as its way of ending it.
+fn peer_ended(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> bool {
+    matches!(
+        send.poll_reset(cx),
+        Poll::Ready(Ok(h2::Reason::NO_ERROR | h2::Reason::CANCEL))
+    )
 }
 
 pub(super) fn h2_to_io(e: h2::Error) -> io::Error {
@@ -337,8 +369,8 @@ impl AsyncRead for StreamIo {
             }
             match ready!(this.stream.recv.poll_data(cx)) {
                 Some(Ok(data)) => this.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) if !ends_stream(&e) => return Poll::Ready(Err(h2_to_io(e))),
+                Some(Err(_)) | None => return Poll::Ready(Ok(())),
             }
         }
     }
@@ -374,15 +406,83 @@ impl AsyncWrite for StreamIo {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.shut_down {
             this.shut_down = true;
-            this.stream
-                .send
-                .send_data(Bytes::new(), true)
-                .map_err(h2_to_io)?;
+            finish(&mut this.stream.send, cx)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// A stream as the server side of an HTTP/2 connection sees it, and
+    /// the client's sending half, over an in-memory pipe.
+    async fn pair() -> (H2Stream, SendStream<Bytes>, tokio::task::JoinHandle<()>) {
+        let (a, b) = duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.expect("server handshake");
+            let (req, mut respond) = conn.accept().await.expect("a stream").expect("ok");
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("respond");
+            let stream = H2Stream::new(send, req.into_body());
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            stream
+        });
+        let (mut client, conn) = h2::client::handshake(a).await.expect("client handshake");
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::post("http://x/").body(()).expect("request");
+        let (_resp, send) = client.send_request(req, false).expect("send request");
+        let stream = server.await.expect("server task");
+        (stream, send, driver)
+    }
+
+    /// ztunnel ends a finished stream with RST_STREAM(CANCEL): what it sent
+    /// before arrives, and the copy ends cleanly with a half-close.
+    #[tokio::test]
+    async fn a_cancel_after_data_reads_as_end_of_stream() {
+        for reason in [h2::Reason::CANCEL, h2::Reason::NO_ERROR] {
+            let (stream, mut send, _driver) = pair().await;
+            let (ours, mut app) = duplex(64 * 1024);
+            let copy = tokio::spawn(copy_bidirectional_io(stream, ours));
+            send.send_data(Bytes::from_static(b"hello"), false)
+                .expect("data");
+            // Let the data go out before the reset.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            send.send_reset(reason);
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.expect("read to the end");
+            assert_eq!(got, b"hello", "{reason:?}");
+            drop(app);
+            let moved = copy.await.expect("task");
+            assert!(
+                moved.as_ref().is_ok_and(|m| m.from_stream == 5),
+                "{reason:?}: {moved:?}"
+            );
+        }
+    }
+
+    /// Any other reset is a failure, never a clean end.
+    #[tokio::test]
+    async fn other_resets_are_errors() {
+        let (stream, mut send, _driver) = pair().await;
+        let (ours, mut app) = duplex(64 * 1024);
+        let copy = tokio::spawn(copy_bidirectional_io(stream, ours));
+        send.send_data(Bytes::from_static(b"partial"), false)
+            .expect("data");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        send.send_reset(h2::Reason::INTERNAL_ERROR);
+        let result = copy.await.expect("task");
+        assert!(result.is_err(), "{result:?}");
+        let mut got = Vec::new();
+        let _ = app.read_to_end(&mut got).await;
     }
 }
