@@ -96,6 +96,7 @@ fn authorization(c: &mut Criterion) {
         src_ip: ip(7),
         src_identity: Some(&src),
         dst: SocketAddr::new(ip(42), 8080),
+        request: None,
     };
     let mut group = c.benchmark_group("authorize_10k_policies");
     for (name, all) in [("namespace_scoped", false), ("all_apply", true)] {
@@ -185,6 +186,7 @@ fn authorization_at_scale(c: &mut Criterion) {
         src_ip: ip(7),
         src_identity: Some(&src),
         dst: SocketAddr::new(ip(42), 8080),
+        request: None,
     };
     c.bench_function("authorize_1k_policies_100k_workloads", |b| {
         b.iter(|| {

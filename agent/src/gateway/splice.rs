@@ -104,6 +104,7 @@ impl Splice {
             src_ip: req.peer_addr.ip(),
             src_identity: Some(&req.peer_identity),
             dst: req.local_addr,
+            request: None,
         };
         if let (authz::Decision::Deny(why), _) =
             authz::authorize(snap.policies(), &self.workload, &conn)

@@ -319,6 +319,7 @@ impl Inbound {
             src_ip: src,
             src_identity: Some(&req.peer_identity),
             dst: target,
+            request: None,
         };
         if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
             record.deny(format!("401: {why}"));

@@ -95,6 +95,7 @@ impl Accept for InboundPassthrough {
             src_ip: peer.ip(),
             src_identity: None,
             dst,
+            request: None,
         };
         if let authz::Decision::Deny(why) = authorize(&self.ctx, &self.workload, &conn) {
             return record.deny(why);

@@ -95,6 +95,7 @@ impl Tracker {
                 src_ip: t.src_ip,
                 src_identity: t.src_identity.as_ref(),
                 dst: t.dst,
+                request: None,
             };
             // The workload as it is now, if it still exists.
             let workload = snap.workload_by_uid(&t.workload.uid).unwrap_or(&t.workload);

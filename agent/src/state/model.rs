@@ -378,11 +378,36 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// Conditions on the HTTP request (Istio's `to.operation` and
+    /// `when: request.headers[...]`), which only a waypoint can evaluate.
+    /// Where there is no request (an agent's L4 check), they count as
+    /// `unsupported` conditions do: against an ALLOW, for a DENY.
+    pub request: Option<Box<RequestMatch>>,
     /// Conditions this agent cannot evaluate (extensions, fields newer
     /// than its schema), described. An ALLOW's match with any never holds;
     /// a DENY's is taken to satisfy them (the source already dropped what
     /// could only narrow the DENY).
     pub unsupported: Vec<String>,
+}
+
+/// A match's conditions on an HTTP request; each set field must hold, as
+/// in [`Match`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestMatch {
+    /// The request's host (`Host` / `:authority`, without a port),
+    /// compared case-insensitively.
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    /// The path, without the query.
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    /// Upper-case methods.
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    /// Header (lower-case name) whose value must match one of these.
+    pub headers: Vec<(String, Vec<StringMatch>)>,
+    /// Header whose value must match none of these.
+    pub not_headers: Vec<(String, Vec<StringMatch>)>,
 }
 
 impl Match {
@@ -401,6 +426,7 @@ impl Match {
             not_destination_ips,
             destination_ports,
             not_destination_ports,
+            request,
             unsupported,
         } = self;
         namespaces.is_empty()
@@ -415,6 +441,7 @@ impl Match {
             && not_destination_ips.is_empty()
             && destination_ports.is_empty()
             && not_destination_ports.is_empty()
+            && request.is_none()
             && unsupported.is_empty()
     }
 }

@@ -58,15 +58,20 @@ impl Handler for L7 {
                 warn!("target is neither a service nor a workload of the mesh; 400");
                 return responder.refuse(StatusCode::BAD_REQUEST);
             }
-            // Policies that select the waypoint itself apply at L4 first.
+            // Policies that select the waypoint itself: without conditions
+            // on requests they decide for the whole tunnel (401); with
+            // some, every request is decided on its own (403).
             let conn = authz::Connection {
                 src_ip: src,
                 src_identity: Some(&req.peer_identity),
                 dst: target,
+                request: None,
             };
-            if let (authz::Decision::Deny(why), _) =
-                authz::authorize(snap.policies(), &shared.workload, &conn)
-            {
+            let per_request = authz::has_request_conditions(snap.policies(), &shared.workload);
+            if let (false, (authz::Decision::Deny(why), _)) = (
+                per_request,
+                authz::authorize(snap.policies(), &shared.workload, &conn),
+            ) {
                 warn!(reason = %why, "tunnel denied by policy; 401");
                 return responder.refuse(StatusCode::UNAUTHORIZED);
             }
@@ -171,7 +176,26 @@ impl Shared {
     /// Decides and serves one request; logs it and records it.
     async fn request(&self, t: &Tunnel, req: Request<Incoming>) -> Response<Body> {
         let snap = self.state.snapshot();
+        // Authorization first, then routing (Envoy's RBAC filter comes
+        // before the router); policies are read anew for each request.
+        let conn = authz::Connection {
+            src_ip: t.src,
+            src_identity: Some(&t.src_identity),
+            dst: t.target,
+            request: Some(authz::Request::of(&req)),
+        };
+        let denied = match authz::authorize(snap.policies(), &self.workload, &conn).0 {
+            authz::Decision::Deny(why) => Some(why),
+            authz::Decision::Allow => None,
+        };
         let (decision, policy, to) = match snap.destination(t.target) {
+            _ if denied.is_some() => (
+                L7Decision::Deny {
+                    rule: String::new(),
+                },
+                RequestPolicy::default(),
+                None,
+            ),
             Destination::Service(s) => {
                 let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &[]);
                 let port = s.target_port(t.target.port());
@@ -199,7 +223,7 @@ impl Shared {
         };
         let response = match (decision, to) {
             (L7Decision::Deny { rule }, _) => {
-                record.reason = Some(format!("denied by {rule}"));
+                record.reason = Some(denied.unwrap_or_else(|| format!("denied by {rule}")));
                 text(StatusCode::FORBIDDEN, "RBAC: access denied\n")
             }
             (L7Decision::Respond { status, body }, _) => {

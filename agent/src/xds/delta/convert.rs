@@ -723,6 +723,8 @@ fn match_entry(
             &m.not_service_accounts,
             service_account,
         )?,
+        // istio.security.Authorization carries no L7 conditions.
+        request: None,
         unsupported,
     })
 }

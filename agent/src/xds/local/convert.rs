@@ -33,6 +33,27 @@ const DEFAULT_HBONE_PORT: u16 = 15008;
 
 type Result<T> = std::result::Result<T, LocalConfigError>;
 
+/// A policy match's conditions on the HTTP request, if it sets any.
+fn request_match(m: &MatchEntry) -> Option<Box<crate::state::RequestMatch>> {
+    let headers = |h: &std::collections::BTreeMap<String, Vec<String>>| {
+        h.iter()
+            .map(|(name, values)| (name.to_ascii_lowercase(), string_matches(values)))
+            .collect::<Vec<_>>()
+    };
+    let upper = |v: &[String]| v.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>();
+    let r = crate::state::RequestMatch {
+        hosts: string_matches(&m.hosts),
+        not_hosts: string_matches(&m.not_hosts),
+        paths: string_matches(&m.paths),
+        not_paths: string_matches(&m.not_paths),
+        methods: upper(&m.methods),
+        not_methods: upper(&m.not_methods),
+        headers: headers(&m.request_headers),
+        not_headers: headers(&m.not_request_headers),
+    };
+    (r != crate::state::RequestMatch::default()).then(|| Box::new(r))
+}
+
 pub(super) fn convert(file: &str, raw: MeshFile) -> Result<Mesh> {
     let mut cx = Converter {
         file,
@@ -572,6 +593,7 @@ impl Converter<'_> {
             not_destination_ips: nets("notDestinationIps", &m.not_destination_ips)?,
             destination_ports: ports("destinationPorts", &m.destination_ports)?,
             not_destination_ports: ports("notDestinationPorts", &m.not_destination_ports)?,
+            request: request_match(m),
             unsupported: Vec::new(),
         })
     }

@@ -263,6 +263,19 @@ pub(super) struct MatchEntry {
     pub not_destination_ips: Vec<Text>,
     pub destination_ports: Vec<Spanned<u16>>,
     pub not_destination_ports: Vec<Spanned<u16>>,
+    /// Conditions on the HTTP request, which a waypoint evaluates (Istio's
+    /// `to.operation` and `when: request.headers[...]`); string forms as
+    /// above.
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    /// Header name -> values, one of which must match.
+    pub request_headers: std::collections::BTreeMap<String, Vec<String>>,
+    /// Header name -> values, none of which may match.
+    pub not_request_headers: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// L7 routes of one service, for waypoints.

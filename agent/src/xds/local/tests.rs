@@ -103,6 +103,14 @@ const FULL: &str = r#"
                     notDestinationIps: [10.96.0.11/32]
                     destinationPorts: [8080]
                     notDestinationPorts: [9090]
+                    hosts: ["*.example.com"]
+                    notHosts: [admin.example.com]
+                    paths: ["/api/*"]
+                    notPaths: ["/api/admin*"]
+                    methods: [get, POST]
+                    notMethods: [DELETE]
+                    requestHeaders: {X-User: [alice, "bob*"]}
+                    notRequestHeaders: {x-debug: ["*"]}
                   - {}
               - matches: []
           - {}
@@ -215,6 +223,19 @@ fn expected_full() -> Mesh {
         not_destination_ips: vec![net("10.96.0.11/32")],
         destination_ports: vec![8080],
         not_destination_ports: vec![9090],
+        request: Some(Box::new(RequestMatch {
+            hosts: vec![StringMatch::Suffix(".example.com".into())],
+            not_hosts: vec![exact("admin.example.com")],
+            paths: vec![StringMatch::Prefix("/api/".into())],
+            not_paths: vec![StringMatch::Prefix("/api/admin".into())],
+            methods: vec!["GET".into(), "POST".into()],
+            not_methods: vec!["DELETE".into()],
+            headers: vec![(
+                "x-user".into(),
+                vec![exact("alice"), StringMatch::Prefix("bob".into())],
+            )],
+            not_headers: vec![("x-debug".into(), vec![StringMatch::Presence])],
+        })),
         unsupported: vec![],
     };
     Mesh {
@@ -489,10 +510,10 @@ fn bad_files_name_file_line_and_field() {
                     rules:
                       - clauses:
                           - matches:
-                              - paths: [/admin]
+                              - queryParams: [admin]
                 ",
             ),
-            "mesh.yaml:7:17: policies[0].rules[0].clauses[0].matches[0].paths: Unknown field `paths`",
+            "mesh.yaml:7:17: policies[0].rules[0].clauses[0].matches[0].queryParams: Unknown field `queryParams`",
         ),
         (
             "hostname that is not a DNS name",

@@ -545,6 +545,7 @@ fn policies_decode_dry_run_service_accounts_and_fail_closed_on_the_unknown() {
         src_ip: "10.0.0.1".parse().unwrap(),
         src_identity: Some(&a),
         dst: "10.0.0.2:80".parse().unwrap(),
+        request: None,
     };
     let decide = |p: &crate::state::Policy| {
         crate::state::authz::authorize(&[std::sync::Arc::new(p.clone())], &dst, &conn)

@@ -13,7 +13,13 @@
 //!
 //! What a source could not fully understand (see `unsupported` in the
 //! model) counts against an ALLOW and for a DENY: it may never widen the
-//! one nor drop the other.
+//! one nor drop the other. Conditions on the HTTP request (`request`)
+//! are evaluated where there is one (a waypoint); without one they count
+//! as not understood.
+
+mod request;
+
+pub use request::Request;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,6 +38,8 @@ pub struct Connection<'a> {
     pub src_identity: Option<&'a Identity>,
     /// Where the client connects to.
     pub dst: SocketAddr,
+    /// The HTTP request, at a waypoint.
+    pub request: Option<Request<'a>>,
 }
 
 /// The outcome for one connection.
@@ -174,6 +182,24 @@ fn match_holds(m: &Match, subject: &Subject<'_>, deny: bool) -> bool {
         && negative(&m.not_destination_ips, |v| nets(v, conn.dst.ip()))
         && positive(&m.destination_ports, |v| v.contains(&port))
         && negative(&m.not_destination_ports, |v| v.contains(&port))
+        && match (&m.request, &conn.request) {
+            (None, _) => true,
+            (Some(r), Some(req)) => r.holds(req),
+            // Unknowable here: against an ALLOW, for a DENY.
+            (Some(_), None) => deny,
+        }
+}
+
+/// Whether any of `policies` that apply to `dst` has conditions on the
+/// HTTP request (a waypoint then decides per request, not per tunnel).
+pub fn has_request_conditions(policies: &[Arc<Policy>], dst: &Workload) -> bool {
+    policies.iter().filter(|p| applies_to(p, dst)).any(|p| {
+        p.rules
+            .iter()
+            .flat_map(|r| &r.clauses)
+            .flat_map(|c| &c.matches)
+            .any(|m| m.request.is_some())
+    })
 }
 
 /// An unset field holds; a set one holds when `any` finds a match.
@@ -288,6 +314,7 @@ mod tests {
             src_ip: ip.parse().unwrap(),
             src_identity: id,
             dst: SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+            request: None,
         };
         let client: &'static Identity = Box::leak(Box::new(client));
         let other: &'static Identity = Box::leak(Box::new(other));
@@ -413,6 +440,7 @@ mod tests {
             src_ip: "10.1.0.1".parse().unwrap(),
             src_identity: id,
             dst: SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+            request: None,
         };
         let with_rules = |action, rules: Vec<Rule>| Policy {
             rules,
@@ -623,5 +651,90 @@ mod tests {
             let (d, _) = authorize(&[Arc::new(p)], &dst, &c);
             assert_eq!(d.is_allowed(), want, "{name}: {d:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+    use crate::state::model::{Clause, RequestMatch, Rule};
+
+    fn policy(name: &str, action: PolicyAction, m: Match) -> Arc<Policy> {
+        Arc::new(Policy {
+            name: name.into(),
+            namespace: "prod".into(),
+            scope: PolicyScope::Global,
+            action,
+            rules: vec![Rule {
+                clauses: vec![Clause {
+                    matches: vec![m],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            dry_run: false,
+            unsupported: vec![],
+        })
+    }
+
+    /// A principal and a request condition (`paths: /public*`).
+    fn client_on_public() -> Match {
+        Match {
+            principals: vec![StringMatch::Exact("cluster.local/ns/prod/sa/client".into())],
+            request: Some(Box::new(RequestMatch {
+                paths: vec![StringMatch::Prefix("/public".into())],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Without a request (an agent's L4 check), request conditions count
+    /// against an ALLOW and for a DENY, as istiod makes them for ztunnel:
+    /// an L7 ALLOW never opens L4 traffic, an L7 DENY closes it whole.
+    /// With a request (a waypoint), they are evaluated.
+    #[test]
+    fn request_conditions_with_and_without_a_request() {
+        let dst = Workload::for_test("db", "prod", Some("10.0.0.2"));
+        let client = Identity::new("cluster.local", "prod", "client");
+        let get = |path: &str| http::Request::get(path).body(()).expect("request");
+        let (public, private) = (get("/public/a"), get("/private"));
+        fn conn<'a>(id: &'a Identity, req: Option<&'a http::Request<()>>) -> Connection<'a> {
+            Connection {
+                src_ip: "10.0.0.1".parse().expect("ip"),
+                src_identity: Some(id),
+                dst: "10.0.0.2:80".parse().expect("addr"),
+                request: req.map(Request::of),
+            }
+        }
+        // (policy action, request, allowed)
+        let cases = [
+            (PolicyAction::Allow, None, false),
+            (PolicyAction::Allow, Some(&public), true),
+            (PolicyAction::Allow, Some(&private), false),
+            (PolicyAction::Deny, None, false),
+            (PolicyAction::Deny, Some(&public), false),
+            (PolicyAction::Deny, Some(&private), true),
+        ];
+        for (action, req, allowed) in cases {
+            let policies = [policy("p", action, client_on_public())];
+            let (decision, _) = authorize(&policies, &dst, &conn(&client, req));
+            assert_eq!(
+                decision.is_allowed(),
+                allowed,
+                "{action:?} {:?}",
+                req.map(|r| r.uri())
+            );
+            assert!(has_request_conditions(&policies, &dst));
+        }
+        let l4_only = [policy(
+            "l4",
+            PolicyAction::Allow,
+            Match {
+                principals: vec![StringMatch::Presence],
+                ..Default::default()
+            },
+        )];
+        assert!(!has_request_conditions(&l4_only, &dst));
     }
 }
