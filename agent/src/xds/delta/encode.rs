@@ -316,9 +316,20 @@ fn authorization(p: &Policy) -> Result<pb_sec::Authorization, EncodeError> {
     if unsupported {
         return Err(EncodeError::Unsupported(p.key()));
     }
+    // Request conditions have no place in istio.security.Authorization;
+    // as istiod translates for ztunnel (pilot/pkg/serviceregistry/ambient/
+    // authorization.go, handleRule): an ALLOW's rule with any is dropped
+    // (it never matches at L4), a DENY keeps its L4 conditions (a match
+    // left with none is skipped, a no-op).
+    let with_request = |r: &&crate::state::Rule| {
+        r.clauses
+            .iter()
+            .any(|c| c.matches.iter().any(|m| m.request.is_some()))
+    };
     let rules = p
         .rules
         .iter()
+        .filter(|r| p.action == PolicyAction::Deny || !with_request(r))
         .map(|r| pb_sec::Rule {
             clauses: r
                 .clauses

@@ -283,3 +283,74 @@ fn encoding_refuses_what_was_not_understood() {
         matches!(encode_mesh(&m), Err(EncodeError::Unsupported(k)) if k == "test/deny-all-but")
     );
 }
+
+/// istiod's translation for ztunnel (pilot/pkg/serviceregistry/ambient/
+/// authorization.go, `handleRule`): an ALLOW rule with HTTP attributes is
+/// omitted; a DENY is sent with its HTTP attributes omitted, and a match
+/// left with no condition is skipped by ztunnel.
+#[test]
+fn request_conditions_are_encoded_as_istiod_does_for_ztunnel() {
+    use crate::state::{Clause, Match, PolicyAction, RequestMatch, Rule, StringMatch};
+    let l7 = || {
+        Some(Box::new(RequestMatch {
+            paths: vec![StringMatch::Prefix("/admin".into())],
+            ..Default::default()
+        }))
+    };
+    let rule = |matches: Vec<Match>| Rule {
+        clauses: vec![Clause {
+            matches,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let principal = || vec![StringMatch::Exact("cluster.local/ns/test/sa/client".into())];
+    let mut m = mesh();
+    m.policies[0].action = PolicyAction::Allow;
+    m.policies[0].rules = vec![
+        rule(vec![Match {
+            principals: principal(),
+            request: l7(),
+            ..Default::default()
+        }]),
+        rule(vec![Match {
+            namespaces: vec![StringMatch::Exact("test".into())],
+            ..Default::default()
+        }]),
+    ];
+    let key = m.policies[0].key();
+    let enc = encode_mesh(&m).unwrap();
+    let decode = |any: &ambient_proto::prost_types::Any| {
+        any.to_msg::<ambient_proto::security::Authorization>()
+            .expect("an Authorization")
+    };
+    let allow = decode(&enc.authorizations[&key]);
+    assert_eq!(
+        allow.rules.len(),
+        1,
+        "the ALLOW rule with HTTP conditions is gone"
+    );
+    assert_eq!(allow.rules[0].clauses[0].matches[0].namespaces.len(), 1);
+
+    m.policies[0].action = PolicyAction::Deny;
+    m.policies[0].rules = vec![rule(vec![
+        Match {
+            principals: principal(),
+            request: l7(),
+            ..Default::default()
+        },
+        Match {
+            request: l7(),
+            ..Default::default()
+        },
+    ])];
+    let deny = decode(&encode_mesh(&m).unwrap().authorizations[&key]);
+    let matches = &deny.rules[0].clauses[0].matches;
+    assert_eq!(matches.len(), 2);
+    assert_eq!(matches[0].principals.len(), 1, "L4 part kept");
+    assert_eq!(
+        matches[1],
+        Default::default(),
+        "nothing left: a no-op match"
+    );
+}
