@@ -58,8 +58,10 @@ pub struct Transferred {
 
 /// Copies both ways until both directions have ended. A read EOF on the
 /// socket becomes END_STREAM; END_STREAM from the peer becomes a write
-/// shutdown on the socket. An error in either direction ends both (the
-/// dropped stream is reset).
+/// shutdown on the socket. An error in either direction ends both, the
+/// stream reset with CONNECT_ERROR (RFC 9113 §8.5: a TCP connection that
+/// failed), which the peer takes as a failure; a plain CANCEL would read
+/// as a finished stream (see `ends_stream`).
 ///
 /// A hand-written state machine rather than two joined `async` loops: it
 /// lives as long as the tunnel, and the loops' suspended futures took
@@ -143,7 +145,10 @@ impl std::future::Future for Copy {
             from_stream: this.down.total,
         };
         match failed {
-            Some(error) => Poll::Ready(Err(CopyError { error, moved })),
+            Some(error) => {
+                this.send.send_reset(h2::Reason::CONNECT_ERROR);
+                Poll::Ready(Err(CopyError { error, moved }))
+            }
             None if this.up.done && this.down.done => Poll::Ready(Ok(moved)),
             None => Poll::Pending,
         }
@@ -262,7 +267,9 @@ where
         }
     };
     let down = stream_to_socket(&mut recv, &mut wr);
-    let (to_stream, from_stream) = tokio::try_join!(up, down)?;
+    let joined = tokio::try_join!(up, down);
+    let (to_stream, from_stream) =
+        joined.inspect_err(|_| send.send_reset(h2::Reason::CONNECT_ERROR))?;
     Ok(Transferred {
         to_stream,
         from_stream,
@@ -484,5 +491,23 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
         let mut got = Vec::new();
         let _ = app.read_to_end(&mut got).await;
+    }
+
+    /// A copy that fails resets the stream with CONNECT_ERROR, which a
+    /// peer cannot take for a finished stream.
+    #[tokio::test]
+    async fn a_failed_copy_resets_with_connect_error() {
+        let (stream, mut send, _driver) = pair().await;
+        let (ours, app) = duplex(16);
+        // The application is gone: writing to it fails.
+        drop(app);
+        let copy = tokio::spawn(copy_bidirectional_io(stream, ours));
+        send.send_data(Bytes::from_static(b"to nobody"), false)
+            .expect("data");
+        assert!(copy.await.expect("task").is_err());
+        let reason = std::future::poll_fn(|cx| send.poll_reset(cx))
+            .await
+            .expect("a reset");
+        assert_eq!(reason, h2::Reason::CONNECT_ERROR);
     }
 }
