@@ -42,9 +42,9 @@ fn vip() -> SocketAddr {
 }
 
 /// Service `ratings` behind waypoint `wp`, with endpoints `good`, `bad`
-/// and `dead` (no application listening), and `rules` (YAML list items
-/// at the rules' indentation).
-fn mesh(client: &Pod, good: &Pod, bad: &Pod, dead: &Pod, wp: &Pod, rules: &str) -> String {
+/// and `dead` (no application listening), and `route` (the HTTP route's
+/// fields after `service:`, YAML at the route's indentation).
+fn mesh(client: &Pod, good: &Pod, bad: &Pod, dead: &Pod, wp: &Pod, route: &str) -> String {
     let wp_ip = wp.addr(0).ip();
     let behind = format!("    waypoint: {{address: \"{wp_ip}\"}}\n");
     let mut y = String::from("workloads:\n");
@@ -71,8 +71,7 @@ httpRoutes:
   - name: ratings
     namespace: test
     service: test/ratings.test.svc.cluster.local
-    rules:
-{rules}"#,
+{route}"#,
         vip = vip().ip(),
         good = good.name,
         bad = bad.name,
@@ -109,7 +108,8 @@ async fn timeouts_retries_faults_and_direct_responses() {
     // retry has exactly one other endpoint to go to.
     let (g, b, d) = (&good.name, &bad.name, &dead.name);
     let rules = format!(
-        r#"      - matches: [{{path: {{prefix: /delay/}}}}]
+        r#"    rules:
+      - matches: [{{path: {{prefix: /delay/}}}}]
         backends: [{{workloads: [{g}]}}]
         timeout: 300ms
       - matches: [{{path: {{prefix: /fail-on/}}, headers: {{x-retry: "no"}}}}]
@@ -292,4 +292,58 @@ async fn get_with(
     let status = resp.status();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// DestinationRule-style outlier detection: an endpoint that fails three
+/// times in a row is left out (Envoy counts 5xx answers and failures to
+/// get one), and the service is served by the others meanwhile.
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected() {
+    init_tracing();
+    let topo = Topology::new("wout").expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let good = topo.add_pod("good", 1).expect("pod");
+    let bad = topo.add_pod("bad", 1).expect("pod");
+    let dead = topo.add_pod("dead", 1).expect("pod");
+    let wp = topo.add_pod("waypoint", 1).expect("pod");
+    let route = format!(
+        "    rules:\n      - backends: [{{workloads: [{}, {}]}}]\n    outlierDetection: {{consecutive5xxErrors: 3, baseEjectionTime: 60s, maxEjectionPercent: 50}}\n",
+        good.name, bad.name
+    );
+    let world = World::new(0);
+    world.write_mesh(&mesh(&client, &good, &bad, &dead, &wp, &route));
+    let _a = world.capturing_agent("node-a", CaptureMode::Nft).await;
+    let _b = world.capturing_agent("node-b", CaptureMode::Nft).await;
+    let waypoint = start_waypoint(&world.mesh_path(), &world.ca, &wp)
+        .await
+        .expect("waypoint starts");
+    let _apps = [
+        l7_app(&good, "good").await.expect("app"),
+        l7_app(&bad, "bad").await.expect("app"),
+    ];
+    let mut seen = waypoint.requests();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(connect(&client, vip()).await)
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        statuses.push(get(&mut send, "/fail-on/bad").await.0);
+    }
+    let failed = statuses.iter().filter(|s| **s != StatusCode::OK).count();
+    assert_eq!(
+        failed, 3,
+        "bad answers 503 three times, then is out: {statuses:?}"
+    );
+    let records = drain(&mut seen);
+    let last_bad = records
+        .iter()
+        .rposition(|r| r.backend.as_deref() == Some(bad.name.as_str()))
+        .expect("bad was tried");
+    assert!(
+        records[last_bad + 1..]
+            .iter()
+            .all(|r| r.status == 200 && r.backend.as_deref() == Some(good.name.as_str())),
+        "{records:?}"
+    );
 }

@@ -21,7 +21,7 @@ use tracing::debug;
 use super::http::{is_upgrade, splice_upgrade, strip_hop_by_hop, text, Tunnel};
 use super::upstream::{Body, ForwardError};
 use super::Shared;
-use crate::state::l7::{Attempt, RequestPolicy};
+use crate::state::l7::{Attempt, OutlierDetection, RequestPolicy};
 use crate::state::{pick_address, IpFamilies, L7Decision, Name, Service, Workload};
 
 /// The largest request body kept for replay (Envoy buffers up to its
@@ -44,6 +44,8 @@ pub(super) struct To {
     pub service: Option<Arc<Service>>,
     /// The workload port.
     pub port: u16,
+    /// The service's outlier detection, if it has one.
+    pub outlier: Option<OutlierDetection>,
 }
 
 /// What became of a forwarded request.
@@ -168,6 +170,14 @@ impl Shared {
                 Err(AttemptError::Forward(_)) => Attempt::ConnectFailed,
                 Err(AttemptError::PerTryTimeout(_)) => Attempt::PerTryTimeout,
             };
+            if let (Some(d), Some(service)) = (&to.outlier, &to.service) {
+                let failed = match attempt {
+                    Attempt::Answered { status, .. } => status >= 500,
+                    _ => true,
+                };
+                let of = service.endpoints.len();
+                self.outliers.observe(d, &backend.uid, failed, of);
+            }
             let again = retry.filter(|r| out.attempts <= r.attempts && r.on.retries(attempt));
             if again.is_some() {
                 debug!(backend = %backend.uid, ?attempt, attempt_no = out.attempts, "retrying");
@@ -240,7 +250,9 @@ impl Shared {
         let service = to.service.as_ref()?;
         let snap = self.state.snapshot();
         let head = Request::from_parts(parts.clone(), ());
-        match snap.route_request(service, t.target.ip(), &head, tried).0 {
+        let mut avoid = self.outliers.ejected();
+        avoid.extend_from_slice(tried);
+        match snap.route_request(service, t.target.ip(), &head, &avoid).0 {
             L7Decision::Forward(w) => Some(w),
             _ => None,
         }

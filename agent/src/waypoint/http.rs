@@ -197,14 +197,16 @@ impl Shared {
                 None,
             ),
             Destination::Service(s) => {
-                let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &[]);
+                let ejected = self.outliers.ejected();
+                let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &ejected);
                 let port = s.target_port(t.target.port());
-                (decision, policy, port.map(|port| (Some(s), port)))
+                let outlier = snap.http_route(&s).and_then(|r| r.outlier_detection);
+                (decision, policy, port.map(|port| (Some(s), port, outlier)))
             }
             Destination::Workload(w) => (
                 L7Decision::Forward(w),
                 RequestPolicy::default(),
-                Some((None, t.target.port())),
+                Some((None, t.target.port(), None)),
             ),
             Destination::Unknown => (L7Decision::NoBackend, RequestPolicy::default(), None),
         };
@@ -237,11 +239,12 @@ impl Shared {
                 *r.status_mut() = status;
                 r
             }
-            (L7Decision::Forward(first), Some((service, port))) => {
+            (L7Decision::Forward(first), Some((service, port, outlier))) => {
                 let to = To {
                     first,
                     service,
                     port,
+                    outlier,
                 };
                 let out = self.forward(t, to, req, &policy).await;
                 record.backend = out.backend.map(|uid| uid.to_string());

@@ -9,6 +9,7 @@
 
 mod forward;
 mod http;
+mod outlier;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -100,6 +101,8 @@ pub(crate) struct Shared {
     pub sockets: Sockets,
     pub cfg: WaypointConfig,
     pub records: broadcast::Sender<Arc<RequestRecord>>,
+    /// Endpoints left out for failing.
+    outliers: outlier::Outliers,
 }
 
 impl Waypoint {
@@ -130,6 +133,7 @@ impl Waypoint {
             sockets,
             cfg,
             records: records.clone(),
+            outliers: outlier::Outliers::default(),
         });
         let serving = bound.serve("waypoint", Arc::new(http::L7(shared)));
         Ok(Waypoint {

@@ -15,7 +15,7 @@ use super::{Reach, Service, Snapshot, Workload};
 
 pub use matching::{HeaderMatch, HttpMatch, PathMatch, Pattern, ValueMatch};
 pub use resilience::{
-    Attempt, Fault, RequestPolicy, RetryOn, RetryPolicy, Share, UnknownCondition,
+    Attempt, Fault, OutlierDetection, RequestPolicy, RetryOn, RetryPolicy, Share, UnknownCondition,
 };
 
 /// The routes of one service, tried in order; the first rule whose
@@ -28,6 +28,8 @@ pub struct HttpRoute {
     pub service_namespace: String,
     pub service_hostname: String,
     pub rules: Vec<HttpRule>,
+    /// Whether and when the waypoint leaves a failing endpoint out.
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// Holds when any of `matches` holds (or always, when there are none).
@@ -187,6 +189,7 @@ mod tests {
                 namespace: "ns".into(),
                 service_namespace: "ns".into(),
                 service_hostname: "svc.ns".into(),
+                outlier_detection: None,
                 rules,
             }],
             ..Mesh::default()

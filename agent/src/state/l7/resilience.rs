@@ -15,6 +15,29 @@ pub struct RequestPolicy {
     pub fault: Option<Fault>,
 }
 
+/// When a waypoint leaves an endpoint out (Istio's DestinationRule
+/// `outlierDetection`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Failures in a row (5xx answers, or none) that eject.
+    pub consecutive_errors: u32,
+    /// Out for this long times the number of ejections so far.
+    pub base_ejection_time: Duration,
+    /// The most of a service's endpoints out at once, in percent.
+    pub max_ejection_percent: u32,
+}
+
+/// Envoy's defaults, which Istio keeps: 5 errors, 30 s, 10%.
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_errors: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
 /// Envoy's `retry_policy` as Istio fills it in from `retries`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {

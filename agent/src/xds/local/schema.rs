@@ -288,6 +288,19 @@ pub(super) struct HttpRouteEntry {
     pub service: Text,
     #[serde(default)]
     pub rules: Vec<HttpRuleEntry>,
+    /// Istio's DestinationRule `trafficPolicy.outlierDetection` for the
+    /// service.
+    pub outlier_detection: Option<OutlierEntry>,
+}
+
+/// Envoy's defaults for what is left out (5, 30s, 10).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub(super) struct OutlierEntry {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    pub base_ejection_time: Option<Text>,
+    pub max_ejection_percent: Option<Spanned<u32>>,
 }
 
 /// Exactly one of `deny: true`, `backends` and `directResponse`; the

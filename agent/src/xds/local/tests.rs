@@ -333,6 +333,7 @@ fn expected_full() -> Mesh {
             namespace: "default".into(),
             service_namespace: "default".into(),
             service_hostname: "echo.default.svc.cluster.local".into(),
+            outlier_detection: None,
             rules: vec![
                 HttpRule {
                     matches: vec![

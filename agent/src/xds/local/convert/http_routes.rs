@@ -10,10 +10,10 @@ use marked_yaml::Spanned;
 
 use super::super::schema::{
     BackendEntry, FaultEntry, HeaderMatchEntry, HeaderValueEntry, HttpMatchEntry, HttpRouteEntry,
-    HttpRuleEntry, PathEntry, RetriesEntry, Text,
+    HttpRuleEntry, OutlierEntry, PathEntry, RetriesEntry, Text,
 };
 use super::{Converter, Problem, Result};
-use crate::state::l7::{Fault, Pattern, RetryOn, RetryPolicy, Share};
+use crate::state::l7::{Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share};
 use crate::state::{
     Backend, HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, PathMatch, RequestPolicy,
     Service, ValueMatch,
@@ -52,12 +52,41 @@ impl Converter<'_> {
             .enumerate()
             .map(|(j, rule)| self.http_rule(&f(&format!("rules[{j}]")), &r.name, rule))
             .collect::<Result<_>>()?;
+        let outlier_detection = r
+            .outlier_detection
+            .as_ref()
+            .map(|o| self.outlier(&f("outlierDetection"), o))
+            .transpose()?;
         Ok(HttpRoute {
             name,
             namespace,
             service_namespace: service.0,
             service_hostname: service.1,
             rules,
+            outlier_detection,
+        })
+    }
+
+    fn outlier(&self, field: &str, o: &OutlierEntry) -> Result<OutlierDetection> {
+        let d = OutlierDetection::default();
+        let percent = match &o.max_ejection_percent {
+            None => d.max_ejection_percent,
+            Some(p) if **p <= 100 => **p,
+            Some(p) => {
+                let field = format!("{field}.maxEjectionPercent");
+                return Err(self.err(field, p.span(), Problem::Percentage));
+            }
+        };
+        Ok(OutlierDetection {
+            consecutive_errors: o
+                .consecutive_5xx_errors
+                .unwrap_or(d.consecutive_errors)
+                .max(1),
+            base_ejection_time: match &o.base_ejection_time {
+                None => d.base_ejection_time,
+                Some(t) => self.duration(&format!("{field}.baseEjectionTime"), t)?,
+            },
+            max_ejection_percent: percent,
         })
     }
 
@@ -273,7 +302,7 @@ impl Converter<'_> {
 mod tests {
     use std::time::Duration;
 
-    use crate::state::l7::{Fault, RetryOn, Share};
+    use crate::state::l7::{Fault, OutlierDetection, RetryOn, Share};
     use crate::state::{HttpAction, PathMatch, ValueMatch};
     use crate::xds::local::parse_mesh;
 
@@ -302,6 +331,7 @@ httpRoutes:
       - directResponse: {status: 418, body: "short and stout"}
       - backends: [{workloads: [a]}]
         retries: {attempts: 2}
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s}
 "#;
 
     #[test]
@@ -348,6 +378,15 @@ httpRoutes:
                 status: 418,
                 body: "short and stout".into()
             }
+        );
+        // Envoy's default for what the route leaves out.
+        assert_eq!(
+            mesh.http_routes[0].outlier_detection,
+            Some(OutlierDetection {
+                consecutive_errors: 3,
+                base_ejection_time: Duration::from_secs(10),
+                max_ejection_percent: 10,
+            })
         );
         // Istio's retryOn when `retries` leaves it out.
         let default = rules[2].policy.retries.as_deref().expect("retries");
