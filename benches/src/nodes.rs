@@ -155,6 +155,36 @@ impl Setup {
         self.agent_logging(node, pool_extra, &self.log_level)
     }
 
+    /// `ambient-agent <command> --workload <uid>` (`gateway`, `waypoint`)
+    /// inside `pod`, with the run's mesh, CA and log level; it logs to
+    /// `<command>.log`.
+    pub fn role(&self, pod: &Pod, command: &str, uid: &str) -> anyhow::Result<Reaped> {
+        let d = self.dir.path();
+        let cfg = d.join(format!("{command}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "meshFile: {}\nca: {{rootCert: {}, rootKey: {}}}\nlog: {{level: {}}}\n",
+                d.join("mesh.yaml").display(),
+                d.join("root.pem").display(),
+                d.join("root-key.pem").display(),
+                self.log_level,
+            ),
+        )?;
+        let log = std::fs::File::create(d.join(format!("{command}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .arg(&self.agent_bin)
+            .args([command, "--workload", uid, "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the {command}"))?;
+        Ok(Reaped(child))
+    }
+
     /// [`Setup::agent`] with the log filter `level`.
     pub fn agent_logging(
         &self,

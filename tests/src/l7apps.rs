@@ -244,3 +244,48 @@ pub async fn grpc_client(
         .expect("gRPC connection");
     echo::echo_client::EchoClient::new(channel)
 }
+
+/// An HTTP/1.1 connection from inside `pod` to `dst`.
+pub async fn h1_client(
+    pod: &Pod,
+    dst: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>> {
+    let (send, conn) = hyper::client::conn::http1::handshake(connect(pod, dst).await)
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// One bodiless request on `send`, with `headers`: its status and body.
+pub async fn h1_request(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send.ready().await.expect("connection usable");
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        send.send_request(req.body(http_body_util::Empty::new()).expect("request")),
+    )
+    .await
+    .expect("answer in time")
+    .expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What `rx` has received so far.
+pub fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        out.push((*r).clone());
+    }
+    out
+}

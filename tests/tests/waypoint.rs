@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::agent::Agent;
@@ -17,6 +16,7 @@ use ambient_agent::identity::{CertManager, Identity};
 use ambient_agent::proxy::record::{ConnectionRecord, Direction};
 use ambient_agent::socket::ConnectOpts;
 use ambient_agent::waypoint::RequestRecord;
+use ambient_tests::l7apps::drain;
 use ambient_tests::netns::{Pod, Stack, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
@@ -75,14 +75,6 @@ async fn get(
     let status = resp.status();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<Arc<T>>) -> Vec<T> {
-    let mut out = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        out.push((*r).clone());
-    }
-    out
 }
 
 /// node-a: client; node-b: the reviews service behind the waypoint (see

@@ -17,18 +17,15 @@
 //! Needs root (fails, never skips, without it).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::demo::waypoint::{reviews_yaml, start_waypoint, WAYPOINT_UID};
 use ambient_agent::waypoint::RequestRecord;
-use ambient_tests::l7apps::{connect, l7_app};
-use ambient_tests::netns::{Pod, Topology};
+use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app};
+use ambient_tests::netns::Topology;
 use ambient_tests::*;
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http::{Method, StatusCode};
 
 const VIP: &str = "10.96.0.1:80";
 
@@ -62,45 +59,6 @@ const POLICIES: &str = r#"policies:
               - requestHeaders: {x-debug: ["*"]}
 "#;
 
-async fn ask(
-    send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, String) {
-    let mut req = Request::builder().method(method).uri(path);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    send.ready().await.expect("connection usable");
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        send.send_request(req.body(Empty::new()).expect("request")),
-    )
-    .await
-    .expect("answer in time")
-    .expect("response");
-    let status = resp.status();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-async fn client_conn(pod: &Pod) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-    let (send, conn) = hyper::client::conn::http1::handshake(connect(pod, vip()).await)
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
-    send
-}
-
-fn drain(rx: &mut tokio::sync::broadcast::Receiver<Arc<RequestRecord>>) -> Vec<RequestRecord> {
-    let mut out = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        out.push((*r).clone());
-    }
-    out
-}
-
 #[tokio::test]
 async fn l7_policies_decide_each_request_at_the_waypoint() {
     init_tracing();
@@ -132,11 +90,11 @@ async fn l7_policies_decide_each_request_at_the_waypoint() {
     let host = |h: &'static str| [("host", h)];
 
     // One connection of the allowed client: each request on its own.
-    let mut send = client_conn(&client).await;
-    let (status, _) = ask(&mut send, Method::GET, "/api/who", &host("reviews.test")).await;
+    let mut send = h1_client(&client, vip()).await;
+    let (status, _) = h1_request(&mut send, Method::GET, "/api/who", &host("reviews.test")).await;
     assert_eq!(status, StatusCode::OK);
     // Hosts compare without case, and without the port.
-    let (status, _) = ask(
+    let (status, _) = h1_request(
         &mut send,
         Method::POST,
         "/api/who",
@@ -145,36 +103,36 @@ async fn l7_policies_decide_each_request_at_the_waypoint() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        ask(&mut send, Method::DELETE, "/api/who", &host("reviews.test")).await,
+        h1_request(&mut send, Method::DELETE, "/api/who", &host("reviews.test")).await,
         denied
     );
     assert_eq!(
-        ask(&mut send, Method::GET, "/who", &host("reviews.test")).await,
+        h1_request(&mut send, Method::GET, "/who", &host("reviews.test")).await,
         denied
     );
     assert_eq!(
-        ask(&mut send, Method::GET, "/api/who", &host("ratings.test")).await,
+        h1_request(&mut send, Method::GET, "/api/who", &host("ratings.test")).await,
         denied
     );
     let debug = [("host", "reviews.test"), ("x-debug", "1")];
     assert_eq!(
-        ask(&mut send, Method::GET, "/api/who", &debug).await,
+        h1_request(&mut send, Method::GET, "/api/who", &debug).await,
         denied
     );
     // The connection still serves after denials.
-    let (status, _) = ask(&mut send, Method::GET, "/api/who", &host("reviews.test")).await;
+    let (status, _) = h1_request(&mut send, Method::GET, "/api/who", &host("reviews.test")).await;
     assert_eq!(status, StatusCode::OK);
 
     // Another identity matches no ALLOW.
-    let mut send = client_conn(&other).await;
+    let mut send = h1_client(&other, vip()).await;
     assert_eq!(
-        ask(&mut send, Method::GET, "/api/who", &host("reviews.test")).await,
+        h1_request(&mut send, Method::GET, "/api/who", &host("reviews.test")).await,
         denied
     );
 
     // Every decision is in the waypoint's log, with the policy that made it.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     let outcome: Vec<(u16, Option<&str>)> = records
         .iter()
         .map(|r| (r.status, r.reason.as_deref()))

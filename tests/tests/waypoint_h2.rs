@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::agent::Agent;
@@ -31,7 +30,7 @@ use ambient_agent::demo::waypoint::{reviews_yaml, start_waypoint};
 use ambient_agent::identity::Identity;
 use ambient_agent::waypoint::{RequestRecord, Waypoint};
 use ambient_proto::tonic::codegen::tokio_stream::wrappers::ReceiverStream;
-use ambient_tests::l7apps::{connect, echo, grpc_app, grpc_client, h2_client, l7_app};
+use ambient_tests::l7apps::{connect, drain, echo, grpc_app, grpc_client, h2_client, l7_app};
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
@@ -85,14 +84,6 @@ async fn setup(tag: &str) -> Setup {
         waypoint,
         _agents: agents,
     }
-}
-
-fn drain(rx: &mut tokio::sync::broadcast::Receiver<Arc<RequestRecord>>) -> Vec<RequestRecord> {
-    let mut out = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        out.push((*r).clone());
-    }
-    out
 }
 
 fn get(
@@ -215,7 +206,7 @@ async fn http2_through_the_waypoint_keeps_its_streams_and_trailers() {
 
     // The waypoint's records name the protocol of each request.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     assert_eq!(records.len(), 2 + 200 + 1 + 1);
     let by_protocol = |p: &str| records.iter().filter(|r| r.protocol == p).count();
     assert_eq!((by_protocol("HTTP/2"), by_protocol("HTTP/1.1")), (203, 1));
@@ -307,7 +298,7 @@ async fn grpc_through_the_waypoint_keeps_status_and_streams() {
     assert!(matches!(end, Ok(None)), "the call ends with OK: {end:?}");
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     let paths: Vec<_> = records
         .iter()
         .map(|r| (r.path.as_str(), r.protocol, r.status))
@@ -362,7 +353,7 @@ async fn http1_upgrade_through_the_waypoint_becomes_a_byte_stream() {
             .expect("echo");
         assert_eq!(back, msg);
     }
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!((records[0].path.as_str(), records[0].status), ("/ws", 101));
     assert_eq!(records[0].backend.as_deref(), Some(s.v2.name.as_str()));

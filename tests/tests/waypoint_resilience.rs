@@ -22,18 +22,17 @@
 //! Needs root (fails, never skips, without it).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::demo::waypoint::{start_waypoint, WAYPOINT_UID};
 use ambient_agent::waypoint::RequestRecord;
-use ambient_tests::l7apps::{connect, l7_app};
+use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app};
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http::StatusCode;
+use http_body_util::Empty;
 
 const VIP: &str = "10.96.0.1:80";
 
@@ -87,12 +86,14 @@ async fn get(
     get_with(send, path, &[]).await
 }
 
-fn drain(rx: &mut tokio::sync::broadcast::Receiver<Arc<RequestRecord>>) -> Vec<RequestRecord> {
-    let mut out = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        out.push((*r).clone());
-    }
-    out
+async fn get_with(
+    send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut all = vec![("host", "ratings.test")];
+    all.extend_from_slice(headers);
+    h1_request(send, http::Method::GET, path, &all).await
 }
 
 #[tokio::test]
@@ -148,10 +149,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
         l7_app(&bad, "bad").await.expect("app"),
     ];
     let mut seen = waypoint.requests();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(connect(&client, vip()).await)
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
+    let mut send = h1_client(&client, vip()).await;
 
     // Route timeout: a fast answer passes, a slow one is cut at 300 ms.
     assert_eq!(
@@ -171,7 +169,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
         "{:?}",
         start.elapsed()
     );
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     assert_eq!(records[1].reason.as_deref(), Some("route timeout (300ms)"));
 
     drain(&mut seen);
@@ -194,7 +192,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
             (StatusCode::OK, "good".into())
         );
     }
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     assert_eq!(records.len(), 40);
     let retried = records.iter().filter(|r| r.attempts == 2).count();
     assert!(retried >= 5, "{retried} of 40 were retried");
@@ -211,7 +209,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
             (StatusCode::OK, "good".into())
         );
     }
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     assert!(records.iter().any(|r| r.attempts == 2), "{records:?}");
 
     // Connect failure: 503 without retries; retried to the live endpoint.
@@ -239,7 +237,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
     }
     // 50 expected; the standard deviation is 5.
     assert!((25..=75).contains(&aborted), "{aborted} of 100 aborted");
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     let faulted = records
         .iter()
         .filter(|r| r.reason.as_deref() == Some("fault injected: abort"))
@@ -264,34 +262,12 @@ async fn timeouts_retries_faults_and_direct_responses() {
         get(&mut send, "/teapot").await,
         (StatusCode::IM_A_TEAPOT, "short and stout".into())
     );
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     let teapot = records
         .iter()
         .find(|r| r.path == "/teapot")
         .expect("record");
     assert_eq!((teapot.backend.as_deref(), teapot.attempts), (None, 0));
-}
-
-async fn get_with(
-    send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, String) {
-    let mut req = Request::builder().uri(path).header("host", "ratings.test");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    send.ready().await.expect("connection usable");
-    let resp = tokio::time::timeout(
-        Duration::from_secs(20),
-        send.send_request(req.body(Empty::new()).expect("request")),
-    )
-    .await
-    .expect("answer in time")
-    .expect("response");
-    let status = resp.status();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// DestinationRule-style outlier detection: an endpoint that fails three
@@ -322,10 +298,7 @@ async fn a_failing_endpoint_is_ejected() {
         l7_app(&bad, "bad").await.expect("app"),
     ];
     let mut seen = waypoint.requests();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(connect(&client, vip()).await)
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
+    let mut send = h1_client(&client, vip()).await;
     let mut statuses = Vec::new();
     for _ in 0..60 {
         statuses.push(get(&mut send, "/fail-on/bad").await.0);
@@ -335,7 +308,7 @@ async fn a_failing_endpoint_is_ejected() {
         failed, 3,
         "bad answers 503 three times, then is out: {statuses:?}"
     );
-    let records = drain(&mut seen);
+    let records: Vec<RequestRecord> = drain(&mut seen);
     let last_bad = records
         .iter()
         .rposition(|r| r.backend.as_deref() == Some(bad.name.as_str()))

@@ -149,34 +149,12 @@ fn main() -> anyhow::Result<()> {
             .context("starting the server applications")?;
         children.push(Reaped(child));
     }
-    let gw_cfg = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "meshFile: {}\nca: {{rootCert: {}, rootKey: {}}}\nlog: {{level: warn}}\n",
-            dir.path().join("mesh.yaml").display(),
-            root.display(),
-            key.display()
-        ),
-    )?;
-    let gw_log = std::fs::File::create(dir.path().join("gateway.log"))?;
-    let gateway = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", &ewgw.netns])
-            .arg(&agent_bin)
-            .args(["gateway", "--workload", "ewgw", "--config"])
-            .arg(&gw_cfg)
-            .stdin(Stdio::null())
-            .stdout(gw_log.try_clone()?)
-            .stderr(gw_log)
-            .spawn()
-            .context("starting the gateway")?,
-    );
     let setup = Setup {
         dir,
         agent_bin,
         log_level: "warn".into(),
     };
+    let gateway = setup.role(&ewgw, "gateway", "ewgw")?;
     let a = setup.agent("node-a", "")?;
     let b = setup.agent("node-b", "")?;
     let client_ns: PathBuf = client.netns_path().into();

@@ -236,34 +236,12 @@ fn main() -> anyhow::Result<()> {
             .context("starting the HTTP servers")?;
         children.push(Reaped(child));
     }
-    let wp_cfg = dir.path().join("waypoint.yaml");
-    std::fs::write(
-        &wp_cfg,
-        format!(
-            "meshFile: {}\nca: {{rootCert: {}, rootKey: {}}}\nlog: {{level: warn}}\n",
-            mesh_path.display(),
-            root.display(),
-            key.display()
-        ),
-    )?;
-    let wp_log = std::fs::File::create(dir.path().join("waypoint.log"))?;
-    let waypoint = Reaped(
-        Command::new("ip")
-            .args(["netns", "exec", &wp.netns])
-            .arg(&agent_bin)
-            .args(["waypoint", "--workload", "waypoint", "--config"])
-            .arg(&wp_cfg)
-            .stdin(Stdio::null())
-            .stdout(wp_log.try_clone()?)
-            .stderr(wp_log)
-            .spawn()
-            .context("starting the waypoint")?,
-    );
     let setup = Setup {
         dir,
         agent_bin,
         log_level: "warn".into(),
     };
+    let waypoint = setup.role(&wp, "waypoint", "waypoint")?;
     let a = setup.agent("node-a", "")?;
     let b = setup.agent("node-b", "")?;
     let client_ns: PathBuf = client.netns_path().into();
