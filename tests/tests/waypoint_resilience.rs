@@ -24,9 +24,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::demo::waypoint::{start_waypoint, WAYPOINT_UID};
-use ambient_agent::waypoint::RequestRecord;
+use ambient_agent::waypoint::{RequestRecord, Waypoint};
 use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app};
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
@@ -38,6 +39,51 @@ const VIP: &str = "10.96.0.1:80";
 
 fn vip() -> SocketAddr {
     VIP.parse().expect("vip")
+}
+
+/// The client (node-a); endpoints `good` and `bad` (the test app) and
+/// `dead` (nothing listening) of service `ratings` and its waypoint
+/// (node-b), with both agents capturing.
+struct Ratings {
+    _topo: Topology,
+    /// Holds the mesh file the agents follow.
+    _world: World,
+    client: Pod,
+    waypoint: Waypoint,
+    _agents: [Agent; 2],
+    _apps: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// [`Ratings`] with `route` (see [`mesh`]).
+async fn ratings(tag: &str, route: &str) -> Ratings {
+    init_tracing();
+    let topo = Topology::new(tag).expect("topology");
+    let client = topo.add_pod("client", 0).expect("pod");
+    let good = topo.add_pod("good", 1).expect("pod");
+    let bad = topo.add_pod("bad", 1).expect("pod");
+    let dead = topo.add_pod("dead", 1).expect("pod");
+    let wp = topo.add_pod("waypoint", 1).expect("pod");
+    let world = World::new(0);
+    world.write_mesh(&mesh(&client, &good, &bad, &dead, &wp, route));
+    let agents = [
+        world.capturing_agent("node-a", CaptureMode::Nft).await,
+        world.capturing_agent("node-b", CaptureMode::Nft).await,
+    ];
+    let waypoint = start_waypoint(&world.mesh_path(), &world.ca, &wp)
+        .await
+        .expect("waypoint starts");
+    let apps = [
+        l7_app(&good, "good").await.expect("app"),
+        l7_app(&bad, "bad").await.expect("app"),
+    ];
+    Ratings {
+        _topo: topo,
+        _world: world,
+        client,
+        waypoint,
+        _agents: agents,
+        _apps: apps,
+    }
 }
 
 /// Service `ratings` behind waypoint `wp`, with endpoints `good`, `bad`
@@ -98,16 +144,9 @@ async fn get_with(
 
 #[tokio::test]
 async fn timeouts_retries_faults_and_direct_responses() {
-    init_tracing();
-    let topo = Topology::new("wres").expect("topology");
-    let client = topo.add_pod("client", 0).expect("pod");
-    let good = topo.add_pod("good", 1).expect("pod");
-    let bad = topo.add_pod("bad", 1).expect("pod");
-    let dead = topo.add_pod("dead", 1).expect("pod");
-    let wp = topo.add_pod("waypoint", 1).expect("pod");
     // The retried rules send to `bad` or `dead` and `good` only, so that a
     // retry has exactly one other endpoint to go to.
-    let (g, b, d) = (&good.name, &bad.name, &dead.name);
+    let (g, b, d) = ("good", "bad", "dead");
     let rules = format!(
         r#"    rules:
       - matches: [{{path: {{prefix: /delay/}}}}]
@@ -137,19 +176,9 @@ async fn timeouts_retries_faults_and_direct_responses() {
       - backends: [{{workloads: [{g}]}}]
 "#
     );
-    let world = World::new(0);
-    world.write_mesh(&mesh(&client, &good, &bad, &dead, &wp, &rules));
-    let _a = world.capturing_agent("node-a", CaptureMode::Nft).await;
-    let _b = world.capturing_agent("node-b", CaptureMode::Nft).await;
-    let waypoint = start_waypoint(&world.mesh_path(), &world.ca, &wp)
-        .await
-        .expect("waypoint starts");
-    let _apps = [
-        l7_app(&good, "good").await.expect("app"),
-        l7_app(&bad, "bad").await.expect("app"),
-    ];
-    let mut seen = waypoint.requests();
-    let mut send = h1_client(&client, vip()).await;
+    let r = ratings("wres", &rules).await;
+    let mut seen = r.waypoint.requests();
+    let mut send = h1_client(&r.client, vip()).await;
 
     // Route timeout: a fast answer passes, a slow one is cut at 300 ms.
     assert_eq!(
@@ -197,9 +226,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
     let retried = records.iter().filter(|r| r.attempts == 2).count();
     assert!(retried >= 5, "{retried} of 40 were retried");
     assert!(records.iter().all(|r| r.attempts <= 2));
-    assert!(records
-        .iter()
-        .all(|r| r.backend.as_deref() == Some(g.as_str())));
+    assert!(records.iter().all(|r| r.backend.as_deref() == Some(g)));
 
     // Per-try timeout: an attempt on the slow endpoint is abandoned after
     // 300 ms and retried on the other.
@@ -275,30 +302,10 @@ async fn timeouts_retries_faults_and_direct_responses() {
 /// get one), and the service is served by the others meanwhile.
 #[tokio::test]
 async fn a_failing_endpoint_is_ejected() {
-    init_tracing();
-    let topo = Topology::new("wout").expect("topology");
-    let client = topo.add_pod("client", 0).expect("pod");
-    let good = topo.add_pod("good", 1).expect("pod");
-    let bad = topo.add_pod("bad", 1).expect("pod");
-    let dead = topo.add_pod("dead", 1).expect("pod");
-    let wp = topo.add_pod("waypoint", 1).expect("pod");
-    let route = format!(
-        "    rules:\n      - backends: [{{workloads: [{}, {}]}}]\n    outlierDetection: {{consecutive5xxErrors: 3, baseEjectionTime: 60s, maxEjectionPercent: 50}}\n",
-        good.name, bad.name
-    );
-    let world = World::new(0);
-    world.write_mesh(&mesh(&client, &good, &bad, &dead, &wp, &route));
-    let _a = world.capturing_agent("node-a", CaptureMode::Nft).await;
-    let _b = world.capturing_agent("node-b", CaptureMode::Nft).await;
-    let waypoint = start_waypoint(&world.mesh_path(), &world.ca, &wp)
-        .await
-        .expect("waypoint starts");
-    let _apps = [
-        l7_app(&good, "good").await.expect("app"),
-        l7_app(&bad, "bad").await.expect("app"),
-    ];
-    let mut seen = waypoint.requests();
-    let mut send = h1_client(&client, vip()).await;
+    let route = "    rules:\n      - backends: [{workloads: [good, bad]}]\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 60s, maxEjectionPercent: 50}\n";
+    let r = ratings("wout", route).await;
+    let mut seen = r.waypoint.requests();
+    let mut send = h1_client(&r.client, vip()).await;
     let mut statuses = Vec::new();
     for _ in 0..60 {
         statuses.push(get(&mut send, "/fail-on/bad").await.0);
@@ -311,12 +318,12 @@ async fn a_failing_endpoint_is_ejected() {
     let records: Vec<RequestRecord> = drain(&mut seen);
     let last_bad = records
         .iter()
-        .rposition(|r| r.backend.as_deref() == Some(bad.name.as_str()))
+        .rposition(|r| r.backend.as_deref() == Some("bad"))
         .expect("bad was tried");
     assert!(
         records[last_bad + 1..]
             .iter()
-            .all(|r| r.status == 200 && r.backend.as_deref() == Some(good.name.as_str())),
+            .all(|r| r.status == 200 && r.backend.as_deref() == Some("good")),
         "{records:?}"
     );
 }
