@@ -12,7 +12,10 @@
 //!   waypoint, not a node identity);
 //! - a denied request is answered 403 with body `RBAC: access denied`,
 //!   and the connection stays usable;
-//! - hosts compare without case.
+//! - hosts compare without case;
+//! - paths are normalized first (Istio's default `BASE`: Envoy's
+//!   `normalize_path`, RFC 3986 dot segments and unreserved escapes), so
+//!   `/api/../admin` is `/admin` to a policy, as to the backend.
 //!
 //! Needs root (fails, never skips, without it).
 
@@ -123,6 +126,16 @@ async fn l7_policies_decide_each_request_at_the_waypoint() {
     let (status, _) = h1_request(&mut send, Method::GET, "/api/who", &host("reviews.test")).await;
     assert_eq!(status, StatusCode::OK);
 
+    // Paths are made canonical before they are decided on (Istio's
+    // default normalization): a dot segment cannot climb out of `/api/`,
+    // and an escaped unreserved character is the character.
+    assert_eq!(
+        h1_request(&mut send, Method::GET, "/api/../who", &host("reviews.test")).await,
+        denied
+    );
+    let (status, _) = h1_request(&mut send, Method::GET, "/%61pi/who", &host("reviews.test")).await;
+    assert_eq!(status, StatusCode::OK);
+
     // Another identity matches no ALLOW.
     let mut send = h1_client(&other, vip()).await;
     assert_eq!(
@@ -149,6 +162,8 @@ async fn l7_policies_decide_each_request_at_the_waypoint() {
             (403, Some("denied by policy test/no-debug")),
             (200, None),
             (403, no_allow),
+            (200, None),
+            (403, no_allow),
         ],
         "{records:?}"
     );
@@ -156,7 +171,11 @@ async fn l7_policies_decide_each_request_at_the_waypoint() {
         no_allow.is_some_and(|r| r.contains("ALLOW")),
         "{no_allow:?}"
     );
-    let other_id = records[7].src_identity.to_string();
+    assert_eq!(
+        (records[7].path.as_str(), records[8].path.as_str()),
+        ("/who", "/api/who")
+    );
+    let other_id = records[9].src_identity.to_string();
     assert_eq!(other_id, "spiffe://cluster.local/ns/test/sa/other");
     // Denied requests never reached a backend.
     assert!(records

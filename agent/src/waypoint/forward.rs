@@ -250,7 +250,10 @@ impl Shared {
         let service = to.service.as_ref()?;
         let snap = self.state.snapshot();
         let head = Request::from_parts(parts.clone(), ());
-        let mut avoid = self.outliers.ejected();
+        let mut avoid = match to.outlier {
+            Some(_) => self.outliers.ejected(),
+            None => Vec::new(),
+        };
         avoid.extend_from_slice(tried);
         match snap.route_request(service, t.target.ip(), &head, &avoid).0 {
             L7Decision::Forward(w) => Some(w),

@@ -22,6 +22,7 @@ use hyper_util::server::conn::auto;
 use tracing::{debug, info, warn, Instrument};
 
 use super::forward::To;
+use super::path;
 use super::upstream::{Body, Upstreams};
 use super::{RequestRecord, Shared};
 use crate::hbone::server::{ConnectRequest, Handler, Responder};
@@ -175,42 +176,6 @@ pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
 impl Shared {
     /// Decides and serves one request; logs it and records it.
     async fn request(&self, t: &Tunnel, req: Request<Incoming>) -> Response<Body> {
-        let snap = self.state.snapshot();
-        // Authorization first, then routing (Envoy's RBAC filter comes
-        // before the router); policies are read anew for each request.
-        let conn = authz::Connection {
-            src_ip: t.src,
-            src_identity: Some(&t.src_identity),
-            dst: t.target,
-            request: Some(authz::Request::of(&req)),
-        };
-        let denied = match authz::authorize(snap.policies(), &self.workload, &conn).0 {
-            authz::Decision::Deny(why) => Some(why),
-            authz::Decision::Allow => None,
-        };
-        let (decision, policy, to) = match snap.destination(t.target) {
-            _ if denied.is_some() => (
-                L7Decision::Deny {
-                    rule: String::new(),
-                },
-                RequestPolicy::default(),
-                None,
-            ),
-            Destination::Service(s) => {
-                let ejected = self.outliers.ejected();
-                let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &ejected);
-                let port = s.target_port(t.target.port());
-                let outlier = snap.http_route(&s).and_then(|r| r.outlier_detection);
-                (decision, policy, port.map(|port| (Some(s), port, outlier)))
-            }
-            Destination::Workload(w) => (
-                L7Decision::Forward(w),
-                RequestPolicy::default(),
-                Some((None, t.target.port(), None)),
-            ),
-            Destination::Unknown => (L7Decision::NoBackend, RequestPolicy::default(), None),
-        };
-        drop(snap);
         let mut record = RequestRecord {
             src: t.src,
             src_identity: t.src_identity.clone(),
@@ -223,9 +188,75 @@ impl Shared {
             status: 0,
             reason: None,
         };
-        let response = match (decision, to) {
+        let response = self.respond(t, req, &mut record).await;
+        record.status = response.status().as_u16();
+        info!(
+            protocol = record.protocol,
+            method = %record.method,
+            path = %record.path,
+            backend = record.backend.as_deref().unwrap_or("-"),
+            attempts = record.attempts,
+            status = record.status,
+            reason = record.reason.as_deref().unwrap_or("-"),
+            "request"
+        );
+        let _ = self.records.send(Arc::new(record));
+        response
+    }
+
+    /// The answer to one request; what led to it goes into `record`.
+    async fn respond(
+        &self,
+        t: &Tunnel,
+        mut req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Response<Body> {
+        // One canonical path for authorization, routing and the backend.
+        match path::normalize_uri(req.uri()) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => {
+                record.reason = Some("the path has no canonical form".into());
+                return text(StatusCode::BAD_REQUEST, "bad request path\n");
+            }
+        }
+        record.path = req.uri().path().to_string();
+        let snap = self.state.snapshot();
+        // Authorization first, then routing (Envoy's RBAC filter comes
+        // before the router); policies are read anew for each request.
+        let conn = authz::Connection {
+            src_ip: t.src,
+            src_identity: Some(&t.src_identity),
+            dst: t.target,
+            request: Some(authz::Request::of(&req)),
+        };
+        if let authz::Decision::Deny(why) =
+            authz::authorize(snap.policies(), &self.workload, &conn).0
+        {
+            record.reason = Some(why);
+            return text(StatusCode::FORBIDDEN, "RBAC: access denied\n");
+        }
+        let (decision, policy, to) = match snap.destination(t.target) {
+            Destination::Service(s) => {
+                let outlier = snap.http_route(&s).and_then(|r| r.outlier_detection);
+                let ejected = match outlier {
+                    Some(_) => self.outliers.ejected(),
+                    None => Vec::new(),
+                };
+                let (decision, policy) = snap.route_request(&s, t.target.ip(), &req, &ejected);
+                let port = s.target_port(t.target.port());
+                (decision, policy, port.map(|port| (Some(s), port, outlier)))
+            }
+            Destination::Workload(w) => (
+                L7Decision::Forward(w),
+                RequestPolicy::default(),
+                Some((None, t.target.port(), None)),
+            ),
+            Destination::Unknown => (L7Decision::NoBackend, RequestPolicy::default(), None),
+        };
+        drop(snap);
+        match (decision, to) {
             (L7Decision::Deny { rule }, _) => {
-                record.reason = Some(denied.unwrap_or_else(|| format!("denied by {rule}")));
+                record.reason = Some(format!("denied by {rule}"));
                 text(StatusCode::FORBIDDEN, "RBAC: access denied\n")
             }
             (L7Decision::Respond { status, body }, _) => {
@@ -256,20 +287,7 @@ impl Shared {
                 record.reason = Some("no healthy backend".into());
                 text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
             }
-        };
-        record.status = response.status().as_u16();
-        info!(
-            protocol = record.protocol,
-            method = %record.method,
-            path = %record.path,
-            backend = record.backend.as_deref().unwrap_or("-"),
-            attempts = record.attempts,
-            status = record.status,
-            reason = record.reason.as_deref().unwrap_or("-"),
-            "request"
-        );
-        let _ = self.records.send(Arc::new(record));
-        response
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 mod forward;
 mod http;
 mod outlier;
+mod path;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
