@@ -395,7 +395,7 @@ pub struct Match {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestMatch {
     /// The request's host (`Host` / `:authority`, without a port),
-    /// compared case-insensitively.
+    /// compared case-insensitively: values are held in lower case.
     pub hosts: Vec<StringMatch>,
     pub not_hosts: Vec<StringMatch>,
     /// The path, without the query.

@@ -39,9 +39,15 @@ impl<'a> Request<'a> {
 
 impl RequestMatch {
     pub(super) fn holds(&self, req: &Request<'_>) -> bool {
-        let host = host_without_port(req.host).to_ascii_lowercase();
         let strings = |values: &[StringMatch], s: &str| values.iter().any(|v| v.matches(s));
-        let hosts = |values: &[StringMatch]| values.iter().any(|v| lowercase(v).matches(&host));
+        // Host values are held in lower case; the request's host is
+        // lowered only when a condition needs it.
+        let host = if self.hosts.is_empty() && self.not_hosts.is_empty() {
+            String::new()
+        } else {
+            host_without_port(req.host).to_ascii_lowercase()
+        };
+        let hosts = |values: &[StringMatch]| strings(values, &host);
         let header = |name: &str, values: &[StringMatch]| {
             req.headers
                 .get_all(name)
@@ -66,16 +72,6 @@ fn host_without_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
         _ => host,
-    }
-}
-
-/// Hosts compare case-insensitively (Istio's `hosts`).
-fn lowercase(m: &StringMatch) -> StringMatch {
-    match m {
-        StringMatch::Exact(s) => StringMatch::Exact(s.to_ascii_lowercase()),
-        StringMatch::Prefix(s) => StringMatch::Prefix(s.to_ascii_lowercase()),
-        StringMatch::Suffix(s) => StringMatch::Suffix(s.to_ascii_lowercase()),
-        StringMatch::Presence => StringMatch::Presence,
     }
 }
 

@@ -41,9 +41,11 @@ fn request_match(m: &MatchEntry) -> Option<Box<crate::state::RequestMatch>> {
             .collect::<Vec<_>>()
     };
     let upper = |v: &[String]| v.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>();
+    // Hosts compare without case (the model holds them lowered).
+    let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect::<Vec<_>>();
     let r = crate::state::RequestMatch {
-        hosts: string_matches(&m.hosts),
-        not_hosts: string_matches(&m.not_hosts),
+        hosts: string_matches(&lower(&m.hosts)),
+        not_hosts: string_matches(&lower(&m.not_hosts)),
         paths: string_matches(&m.paths),
         not_paths: string_matches(&m.not_paths),
         methods: upper(&m.methods),

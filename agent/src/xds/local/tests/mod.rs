@@ -107,7 +107,7 @@ const FULL: &str = r#"
                     destinationPorts: [8080]
                     notDestinationPorts: [9090]
                     hosts: ["*.example.com"]
-                    notHosts: [admin.example.com]
+                    notHosts: [Admin.Example.com]
                     paths: ["/api/*"]
                     notPaths: ["/api/admin*"]
                     methods: [get, POST]
