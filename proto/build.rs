@@ -17,6 +17,9 @@ const FILES: &[&str] = &[
     "envoy/config/core/v3/base.proto",
     "envoy/service/discovery/v3/discovery.proto",
     "envoy/service/discovery/v3/ads.proto",
+    "envoy/config/route/v3/route.proto",
+    "envoy/config/endpoint/v3/endpoint.proto",
+    "envoy/extensions/filters/http/fault/v3/fault.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,7 +14,12 @@
 //! - [`ca`] — `istio.v1.auth` with the `IstioCertificateService` client and server.
 //! - [`discovery`] — `envoy.service.discovery.v3` delta messages and the
 //!   `AggregatedDiscoveryService` client and server.
-//! - [`core`] — `envoy.config.core.v3` (`Node`, `Locality`, `ControlPlane`).
+//! - [`core`] — `envoy.config.core.v3` (`Node`, `Locality`, `ControlPlane`,
+//!   `Address`, `DataSource`).
+//! - [`route`], [`endpoint`], [`fault`], [`matcher`], [`envoy_type`] — the
+//!   subset of Envoy's route configuration (RDS), endpoint assignment (EDS)
+//!   and fault filter that the waypoint implements; only implemented fields
+//!   are declared, so [`unknown`] finds everything else a resource carries.
 //! - [`rpc`] — `google.rpc.Status`.
 //! - [`zds`] — `istio.workload.zds` (istio-cni to node proxy messages).
 //! - [`unknown`] — what a message carries that these files do not declare.
@@ -48,6 +53,12 @@ pub mod pb {
 }
 
 pub use pb::envoy::config::core::v3 as core;
+pub use pb::envoy::config::endpoint::v3 as endpoint;
+pub use pb::envoy::config::route::v3 as route;
+pub use pb::envoy::extensions::filters::common::fault::v3 as fault_common;
+pub use pb::envoy::extensions::filters::http::fault::v3 as fault;
+pub use pb::envoy::r#type::matcher::v3 as matcher;
+pub use pb::envoy::r#type::v3 as envoy_type;
 pub use pb::envoy::service::discovery::v3 as discovery;
 pub use pb::google::rpc;
 pub use pb::istio::security;
@@ -57,5 +68,14 @@ pub use pb::istio::workload::zds;
 
 /// xDS type URL of [`workload::Address`] resources (workloads and services).
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+/// xDS type URL of [`route::RouteConfiguration`] resources (a waypoint's routes).
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// xDS type URL of [`endpoint::ClusterLoadAssignment`] resources (the
+/// endpoints of the clusters a waypoint's routes name).
+pub const ENDPOINT_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The name under which a route carries HTTP fault injection
+/// ([`fault::HttpFault`]) in `typed_per_filter_config`.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 /// xDS type URL of [`security::Authorization`] resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";

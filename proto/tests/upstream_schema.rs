@@ -195,3 +195,103 @@ fn what_is_left_out_is_said() {
         assert!(!why.is_empty());
     }
 }
+
+/// Envoy's messages of which we declare a subset (the waypoint's route,
+/// endpoint and fault types): `fixtures/envoy_subset.txt`, every upstream
+/// field of each.
+const SUBSET: &str = include_str!("fixtures/envoy_subset.txt");
+
+/// The packages whose every message must be in the subset fixture.
+const SUBSET_PACKAGES: &[&str] = &[
+    "envoy.config.route.v3",
+    "envoy.config.endpoint.v3",
+    "envoy.type.matcher.v3",
+    "envoy.extensions.filters.http.fault.v3",
+    "envoy.extensions.filters.common.fault.v3",
+];
+
+/// What we declare of a subset message must be upstream alike: the same
+/// number, type and label, and the same oneof. Leaving a field out is the
+/// point (the agent refuses what it does not declare), so fewer is fine.
+#[test]
+fn the_envoy_subset_declares_upstream_fields_alike() {
+    let mut fields: BTreeMap<String, BTreeMap<String, (u32, String, String, Option<String>)>> =
+        BTreeMap::new();
+    let mut enums: BTreeMap<String, BTreeMap<String, i32>> = BTreeMap::new();
+    for line in SUBSET.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["field", msg, name, number, ty, label, rest @ ..] => {
+                let oneof = rest
+                    .iter()
+                    .find_map(|r| r.strip_prefix("oneof="))
+                    .map(str::to_string);
+                fields.entry(msg.to_string()).or_default().insert(
+                    name.to_string(),
+                    (
+                        number.parse().expect("number"),
+                        ty.to_string(),
+                        label.to_string(),
+                        oneof,
+                    ),
+                );
+            }
+            ["enum", e, name, number] => {
+                enums
+                    .entry(e.to_string())
+                    .or_default()
+                    .insert(name.to_string(), number.parse().expect("number"));
+            }
+            [] => {}
+            [first, ..] if first.starts_with('#') => {}
+            other => panic!("unreadable fixture line {other:?}"),
+        }
+    }
+    let pool = ours();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for m in pool.all_messages() {
+        let name = m.full_name();
+        let in_package = SUBSET_PACKAGES.contains(&m.package_name());
+        let Some(upstream) = fields.get(name) else {
+            if in_package && !m.is_map_entry() {
+                problems.push(format!("{name} is declared but not in the fixture"));
+            }
+            continue;
+        };
+        checked += 1;
+        for f in m.fields() {
+            let (number, ty, label) = describe(&f);
+            let oneof = f
+                .containing_oneof()
+                .filter(|o| !o.is_synthetic())
+                .map(|o| o.name().to_string());
+            match upstream.get(f.name()) {
+                None => problems.push(format!("{name}.{} is not upstream", f.name())),
+                Some(want) if *want != (number, ty.clone(), label.clone(), oneof.clone()) => {
+                    problems.push(format!(
+                        "{name}.{}: upstream {want:?}, ours {:?}",
+                        f.name(),
+                        (number, ty, label, oneof)
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for (e, values) in &enums {
+        let Some(d) = pool.get_enum_by_name(e) else {
+            problems.push(format!("enum {e} is not declared"));
+            continue;
+        };
+        let got: BTreeMap<String, i32> = d
+            .values()
+            .map(|v| (v.name().to_string(), v.number()))
+            .collect();
+        if &got != values {
+            problems.push(format!("enum {e}: upstream {values:?}, ours {got:?}"));
+        }
+    }
+    assert!(checked >= 20, "only {checked} subset messages were checked");
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
