@@ -63,6 +63,43 @@ pub fn declares(message: &str, field: &str) -> bool {
         .is_some_and(|m| m.get_field_by_name(field).is_some())
 }
 
+/// Where `unknown` is, in field names from `message` down (e.g.
+/// `virtual_hosts[0].routes[2].route: field 13`), for an error message.
+pub fn describe(message: &str, unknown: &Unknown) -> String {
+    let mut out = String::new();
+    let mut desc = pool().get_message_by_name(message);
+    for step in unknown.at() {
+        let field = desc.as_ref().and_then(|d| d.get_field(step.field));
+        if !out.is_empty() {
+            out.push('.');
+        }
+        match &field {
+            Some(f) => out.push_str(f.name()),
+            None => out.push_str(&step.field.to_string()),
+        }
+        if let Some(i) = step.index {
+            out.push_str(&format!("[{i}]"));
+        }
+        desc = field.and_then(|f| match f.kind() {
+            Kind::Message(m) if m.is_map_entry() => match m.map_entry_value_field().kind() {
+                Kind::Message(v) => Some(v),
+                _ => None,
+            },
+            Kind::Message(m) => Some(m),
+            _ => None,
+        });
+    }
+    let what = match unknown {
+        Unknown::Field { number, .. } => format!("field {number}"),
+        Unknown::EnumValue { value, .. } => format!("enum value {value}"),
+    };
+    if out.is_empty() {
+        what
+    } else {
+        format!("{out}: {what}")
+    }
+}
+
 /// Everything in `bytes`, a serialized `message` (full name, e.g.
 /// `istio.security.Authorization`), that our schema does not declare.
 pub fn find(message: &str, bytes: &[u8]) -> Result<Vec<Unknown>, UnknownError> {
@@ -192,6 +229,18 @@ mod tests {
                     at: vec![step(5, Some(0)), step(1, Some(0)), step(2, Some(1))],
                     number: 20
                 },
+            ]
+        );
+        let named: Vec<String> = found
+            .iter()
+            .map(|u| describe("istio.security.Authorization", u))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "field 30",
+                "action: enum value 7",
+                "rules[0].clauses[0].matches[1]: field 20"
             ]
         );
         assert!(matches!(

@@ -210,13 +210,15 @@ const SUBSET_PACKAGES: &[&str] = &[
     "envoy.extensions.filters.common.fault.v3",
 ];
 
+/// (number, type, label, oneof) of an upstream field.
+type SubsetField = (u32, String, String, Option<String>);
+
 /// What we declare of a subset message must be upstream alike: the same
 /// number, type and label, and the same oneof. Leaving a field out is the
 /// point (the agent refuses what it does not declare), so fewer is fine.
 #[test]
 fn the_envoy_subset_declares_upstream_fields_alike() {
-    let mut fields: BTreeMap<String, BTreeMap<String, (u32, String, String, Option<String>)>> =
-        BTreeMap::new();
+    let mut fields: BTreeMap<String, BTreeMap<String, SubsetField>> = BTreeMap::new();
     let mut enums: BTreeMap<String, BTreeMap<String, i32>> = BTreeMap::new();
     for line in SUBSET.lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();

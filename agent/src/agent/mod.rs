@@ -101,7 +101,7 @@ impl Agent {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let mesh_ready = follow_mesh(&cfg, &state, &shutdown_rx, &mut tasks)?;
+        let mesh_ready = follow_mesh(&cfg, false, &state, &shutdown_rx, &mut tasks)?;
         let pool = Pool::new(
             certs.clone(),
             PoolConfig {
@@ -429,10 +429,11 @@ pub fn signer_for(cfg: &Config) -> Result<(Arc<dyn CertificateSigner>, TrustSetu
 }
 
 /// Keeps `state` following the configured mesh source (the local file, or
-/// istiod over xDS) until `shutdown`; the local file is loaded before this
-/// returns. Says how readiness learns the mesh is there.
+/// istiod over xDS, with a waypoint's routes when `waypoint`) until
+/// `shutdown`; the local file is loaded before this returns. Says how readiness learns the mesh is there.
 pub fn follow_mesh(
     cfg: &Config,
+    waypoint: bool,
     state: &Arc<State>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -442,7 +443,13 @@ pub fn follow_mesh(
     };
     match (cfg.mode, &cfg.mesh_file) {
         (Mode::Istio, _) => {
-            let xds = XdsClient::new(xds_config(cfg), state.clone());
+            let xds = XdsClient::new(
+                XdsConfig {
+                    waypoint,
+                    ..xds_config(cfg)
+                },
+                state.clone(),
+            );
             let ready = MeshReady::Xds(xds.status());
             tasks.push(tokio::spawn(xds.run(stopped(shutdown.clone()))));
             Ok(ready)

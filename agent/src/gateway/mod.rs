@@ -130,7 +130,7 @@ impl Gateway {
     /// HBONE settings), as mesh workload `uid`, listening in the current
     /// network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Gateway, GatewayError> {
-        let standalone = Standalone::from_config(cfg).await?;
+        let standalone = Standalone::from_config(cfg, false).await?;
         let gcfg = GatewayConfig {
             hbone_port: cfg.ports.hbone,
             peer_hbone_port: cfg.ports.hbone,

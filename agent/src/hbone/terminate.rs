@@ -144,17 +144,17 @@ pub struct Standalone {
 }
 
 impl Standalone {
-    /// The agent's CA and mesh source from `cfg`; in Istio mode, once the
-    /// first push is in (the process must find itself in it) or the
-    /// connect timeout has passed.
-    pub async fn from_config(cfg: &Config) -> Result<Standalone, StartError> {
+    /// The agent's CA and mesh source from `cfg` (with a waypoint's routes
+    /// when `waypoint`); in Istio mode, once the first push is in (the
+    /// process must find itself in it) or the connect timeout has passed.
+    pub async fn from_config(cfg: &Config, waypoint: bool) -> Result<Standalone, StartError> {
         let (signer, trust) = crate::agent::signer_for(cfg)?;
         let certs = CertManager::new(signer, trust.store.clone(), cfg.certificates());
         let state = Arc::new(State::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut sources = Vec::new();
         sources.extend(trust.follow_files());
-        crate::agent::follow_mesh(cfg, &state, &stop_rx, &mut sources)?;
+        crate::agent::follow_mesh(cfg, waypoint, &state, &stop_rx, &mut sources)?;
         if cfg.mode == Mode::Istio {
             let mut changes = state.subscribe();
             let _ = tokio::time::timeout(cfg.connect_timeout, changes.changed()).await;

@@ -150,7 +150,7 @@ impl Waypoint {
     /// HBONE settings; the waypoint is mesh workload `uid`, listening in
     /// the current network namespace.
     pub async fn from_config(cfg: &Config, uid: &str) -> Result<Waypoint, WaypointError> {
-        let standalone = Standalone::from_config(cfg).await?;
+        let standalone = Standalone::from_config(cfg, true).await?;
         let certs = standalone.certs.clone();
         let state = standalone.state.clone();
         let pool = Pool::new(

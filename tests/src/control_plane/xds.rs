@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ambient_agent::agent::Agent;
 use ambient_agent::state::{Mesh, State};
-use ambient_agent::xds::delta::{encode_mesh, XdsClient, XdsConfig, XdsStatus, TYPE_URLS};
+use ambient_agent::xds::delta::{encode_mesh, XdsClient, XdsConfig, XdsStatus, WAYPOINT_TYPE_URLS};
 use ambient_proto::core::Node;
 use ambient_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -251,7 +251,7 @@ impl TestXds {
     pub fn set_mesh(&self, mesh: &Mesh) {
         let encoded = encode_mesh(mesh).expect("mesh can be served over xDS");
         let mut inner = self.shared.lock();
-        for type_url in TYPE_URLS {
+        for type_url in WAYPOINT_TYPE_URLS {
             let new: BTreeMap<String, Resource> = encoded
                 .of_type(type_url)
                 .into_iter()

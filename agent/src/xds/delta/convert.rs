@@ -57,6 +57,9 @@ pub enum Invalid {
     ServiceKey(String),
     #[error("service account {0:?} needs a namespace and a name, neither with '/'")]
     ServiceAccount(String),
+    /// A waypoint's route or endpoint resource.
+    #[error(transparent)]
+    Route(#[from] super::routes::RouteInvalid),
 }
 
 /// Why one resource was refused.

@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ambient_proto::prost_types::Any;
-use ambient_proto::{security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambient_proto::{
+    security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+    ENDPOINT_TYPE_URL, ROUTE_TYPE_URL,
+};
 use ipnet::IpNet;
 
 use crate::state::{
@@ -38,6 +41,8 @@ pub struct EncodedMesh {
     pub addresses: BTreeMap<String, Any>,
     /// `istio.security.Authorization` by `namespace/name`.
     pub authorizations: BTreeMap<String, Any>,
+    /// A waypoint's routes and their clusters' endpoints.
+    pub routes: super::routes::EncodedRoutes,
 }
 
 impl EncodedMesh {
@@ -46,6 +51,8 @@ impl EncodedMesh {
         match type_url {
             ADDRESS_TYPE_URL => self.addresses.clone(),
             AUTHORIZATION_TYPE_URL => self.authorizations.clone(),
+            ROUTE_TYPE_URL => self.routes.routes.clone(),
+            ENDPOINT_TYPE_URL => self.routes.endpoints.clone(),
             _ => BTreeMap::new(),
         }
     }
@@ -88,6 +95,7 @@ pub fn encode_mesh(mesh: &Mesh) -> Result<EncodedMesh, EncodeError> {
         let msg = authorization(p)?;
         out.authorizations.insert(name.clone(), any(&name, &msg)?);
     }
+    out.routes = super::routes::encode_routes(mesh)?;
     Ok(out)
 }
 
@@ -109,8 +117,8 @@ pub fn canonical(mesh: &Mesh) -> Mesh {
         s.endpoints
             .sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
     }
-    // L7 routes are waypoint configuration; Istio does not send them to
-    // node agents.
+    // L7 routes are waypoint configuration, which node agents do not
+    // subscribe to.
     m.http_routes.clear();
     m.policies.sort_by_key(Policy::key);
     for p in &mut m.policies {

@@ -2,7 +2,9 @@
 //!
 //! One `DeltaAggregatedResources` stream carries two wildcard subscriptions,
 //! `istio.workload.Address` (workloads and services) and
-//! `istio.security.Authorization` (L4 policies), as ztunnel makes them.
+//! `istio.security.Authorization` (L4 policies), as ztunnel makes them; a
+//! waypoint adds Envoy's `RouteConfiguration` and `ClusterLoadAssignment`
+//! (its L7 routes, see `routes`).
 //! Every response is applied resource by resource, as ztunnel does: its
 //! removals, and each resource that decodes and fits with the rest
 //! (`convert`); what changed becomes a [`Delta`](crate::state::Delta)
@@ -21,6 +23,7 @@ mod convert;
 mod encode;
 mod ignored;
 mod resources;
+mod routes;
 #[cfg(test)]
 mod tests;
 mod version;
@@ -40,7 +43,7 @@ use ambient_proto::tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use ambient_proto::tonic::metadata::MetadataValue;
 use ambient_proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use ambient_proto::tonic::{self, Request};
-use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -48,9 +51,18 @@ use crate::state::State;
 
 pub use convert::{Invalid, RejectReason, Rejected, ResponseError};
 pub use encode::{canonical, encode_mesh, EncodeError, EncodedMesh};
+pub use routes::cluster_name;
 
-/// The types subscribed to, in the order they are requested.
+/// The types a node agent subscribes to, in the order they are requested.
 pub const TYPE_URLS: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
+/// A waypoint's: the node agent's, then its routes and their clusters'
+/// endpoints.
+pub const WAYPOINT_TYPE_URLS: [&str; 4] = [
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    ROUTE_TYPE_URL,
+    ENDPOINT_TYPE_URL,
+];
 
 /// The header naming the agent's cluster, beside its token.
 const CLUSTER_ID_HEADER: &str = "clusterid";
@@ -88,6 +100,9 @@ pub struct XdsConfig {
     pub node_metadata: BTreeMap<String, String>,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// Also subscribe to a waypoint's L7 configuration (Envoy routes and
+    /// endpoint assignments).
+    pub waypoint: bool,
 }
 
 impl Default for XdsConfig {
@@ -102,6 +117,7 @@ impl Default for XdsConfig {
             node_metadata: BTreeMap::new(),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(15),
+            waypoint: false,
         }
     }
 }
@@ -180,6 +196,8 @@ pub struct XdsClient {
     cfg: XdsConfig,
     state: Arc<State>,
     resources: resources::Resources,
+    /// The types subscribed to.
+    types: &'static [&'static str],
     /// Types not yet received and accepted once; nothing is installed
     /// until this is empty.
     unsynced: BTreeSet<&'static str>,
@@ -188,11 +206,17 @@ pub struct XdsClient {
 
 impl XdsClient {
     pub fn new(cfg: XdsConfig, state: Arc<State>) -> Self {
+        let types: &'static [&'static str] = if cfg.waypoint {
+            &WAYPOINT_TYPE_URLS
+        } else {
+            &TYPE_URLS
+        };
         XdsClient {
             cfg,
             state,
             resources: resources::Resources::default(),
-            unsynced: TYPE_URLS.into_iter().collect(),
+            types,
+            unsynced: types.iter().copied().collect(),
             status: watch::channel(XdsStatus::default()).0,
         }
     }
@@ -244,8 +268,8 @@ impl XdsClient {
     /// response arrives.
     async fn stream(&mut self, received: &mut bool) -> Result<(), XdsError> {
         let channel = self.connect().await?;
-        let (tx, rx) = mpsc::channel(TYPE_URLS.len() + 1);
-        for type_url in TYPE_URLS {
+        let (tx, rx) = mpsc::channel(self.types.len() + 1);
+        for type_url in self.types {
             let req = self.initial_request(type_url);
             debug!(
                 type_url,
@@ -439,10 +463,13 @@ impl XdsClient {
         started: std::time::Instant,
     ) -> Result<(bool, Option<ResponseError>), ResponseError> {
         let type_url = resp.type_url.clone();
+        if !self.types.contains(&type_url.as_str()) {
+            return Err(ResponseError::UnknownType(type_url));
+        }
         let applied = self.resources.apply(resp)?;
         // A type has answered once its first response is processed, even
         // if some of it was refused: the server will not send it again.
-        if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
+        if let Some(t) = self.types.iter().find(|t| **t == type_url) {
             self.unsynced.remove(t);
         }
         let rejected = applied.into_error();

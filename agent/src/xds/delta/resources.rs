@@ -16,12 +16,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
-use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
 
 use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
 use super::ignored::{Counts, Ignored};
+use super::routes::{self, ClusterResource, RouteResource};
 use super::version::Version;
 use crate::state::{
     AddrMap, Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot,
@@ -45,6 +46,8 @@ struct Touched {
     workloads: Vec<Name>,
     services: Vec<Name>,
     policies: Vec<Name>,
+    /// A route or endpoint assignment came or went.
+    routes: bool,
 }
 
 impl Touched {
@@ -76,6 +79,10 @@ pub(super) struct Resources {
     selected: HashMap<Name, BTreeSet<Name>>,
     /// Address -> the resource that claims it.
     claims: AddrMap<Name>,
+    /// A waypoint's routes by service key, and endpoint assignments by
+    /// cluster name.
+    routes: BTreeMap<Name, Entry<RouteResource>>,
+    clusters: BTreeMap<Name, Entry<ClusterResource>>,
     ignored: Counts,
     names: Interner,
     touched: Touched,
@@ -136,12 +143,14 @@ impl Resources {
         match type_url {
             ADDRESS_TYPE_URL => of(&self.addresses),
             AUTHORIZATION_TYPE_URL => of(&self.policies),
+            ROUTE_TYPE_URL => of(&self.routes),
+            ENDPOINT_TYPE_URL => of(&self.clusters),
             _ => BTreeMap::new(),
         }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.addresses.len() + self.policies.len()
+        self.addresses.len() + self.policies.len() + self.routes.len() + self.clusters.len()
     }
 
     /// Field name -> how many held resources carry it, for the fields the
@@ -159,6 +168,9 @@ impl Resources {
     /// the state grows (the load-time peak is the two together).
     pub(super) fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Result<Applied, ResponseError> {
         let type_url = resp.type_url.as_str();
+        if type_url == ROUTE_TYPE_URL || type_url == ENDPOINT_TYPE_URL {
+            return Ok(self.apply_l7(resp));
+        }
         if type_url != ADDRESS_TYPE_URL && type_url != AUTHORIZATION_TYPE_URL {
             return Err(ResponseError::UnknownType(type_url.to_string()));
         }
@@ -269,6 +281,72 @@ impl Resources {
         }
         applied.accepted -= turned_back.len();
         Ok(applied)
+    }
+
+    /// Applies a response of routes or endpoint assignments: each resource
+    /// on its own, a refused one keeping its last good version.
+    fn apply_l7(&mut self, resp: DeltaDiscoveryResponse) -> Applied {
+        let is_route = resp.type_url == ROUTE_TYPE_URL;
+        let mut applied = Applied::default();
+        for name in &resp.removed_resources {
+            let gone = if is_route {
+                self.routes.remove(name.as_str()).is_some()
+            } else {
+                self.clusters.remove(name.as_str()).is_some()
+            };
+            self.touched.routes |= gone;
+        }
+        let mut seen = HashSet::with_capacity(resp.resources.len());
+        for r in &resp.resources {
+            let reject = |reason| Rejected {
+                name: r.name.clone(),
+                reason,
+            };
+            if !seen.insert(r.name.as_str()) {
+                applied.rejected.push(reject(RejectReason::DuplicateName));
+                continue;
+            }
+            let Some(any) = &r.resource else {
+                applied.rejected.push(reject(RejectReason::MissingBody));
+                continue;
+            };
+            let key = self.names.intern(&r.name);
+            let stored = if is_route {
+                routes::route_configuration(&r.name, any).map(|v| {
+                    self.routes
+                        .insert(key, entry(&r.version, v, Ignored::default()));
+                })
+            } else {
+                routes::cluster_load_assignment(&r.name, any).map(|v| {
+                    self.clusters
+                        .insert(key, entry(&r.version, v, Ignored::default()));
+                })
+            };
+            match stored {
+                Ok(()) => {
+                    applied.accepted += 1;
+                    self.touched.routes = true;
+                }
+                Err(reason) => applied.rejected.push(reject(reason)),
+            }
+        }
+        applied
+    }
+
+    /// Every route, joined with the endpoint assignments of its clusters.
+    fn http_routes(&self) -> Vec<crate::state::HttpRoute> {
+        let workload_at = |ip: &IpAddr| {
+            let name = self.claims.get(ip)?;
+            match self.addresses.get(name).map(|e| &e.value) {
+                Some(AddressResource::Workload(w)) => Some(&*w.workload.uid),
+                _ => None,
+            }
+        };
+        let cluster = |name: &str| self.clusters.get(name).map(|e| &e.value);
+        self.routes
+            .values()
+            .map(|e| routes::join(&e.value, cluster, workload_at))
+            .collect()
     }
 
     /// The first of `a`'s addresses another resource (or `a` itself,
@@ -383,6 +461,14 @@ impl Resources {
     pub(super) fn delta(&mut self, installed: &Snapshot) -> Delta {
         let touched = std::mem::take(&mut self.touched);
         let mut d = Delta::default();
+        // Routes name workloads by address: a workload that came, went or
+        // moved may change them.
+        if touched.routes || (!self.routes.is_empty() && !touched.workloads.is_empty()) {
+            let routes = self.http_routes();
+            if routes != installed.http_routes() {
+                d.http_routes = Some(routes);
+            }
+        }
         for uid in sorted(touched.workloads) {
             match self.addresses.get(&uid).map(|e| &e.value) {
                 Some(AddressResource::Workload(w)) => {

@@ -23,6 +23,7 @@ mod decoding;
 mod incremental;
 mod memory;
 mod networks;
+mod routes;
 
 const MESH: &str = r#"
 workloads:

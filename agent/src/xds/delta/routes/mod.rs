@@ -1,0 +1,69 @@
+//! A waypoint's L7 configuration over xDS: Envoy `RouteConfiguration`s
+//! (one per service, named `<namespace>/<hostname>`) and the
+//! `ClusterLoadAssignment`s of the clusters their routes name
+//! (`outbound|<port>|<subset>|<host>`, as istiod names them). Each is
+//! decoded on its own (`decode`); [`join`] makes the model's
+//! [`HttpRoute`]s of them, a cluster's endpoint addresses becoming the
+//! workloads that hold them. `encode` is the way back, for control planes.
+
+mod decode;
+mod encode;
+
+use std::net::IpAddr;
+
+pub(super) use decode::{cluster_load_assignment, route_configuration, RouteInvalid};
+pub use encode::{cluster_name, encode_routes, EncodedRoutes};
+
+use crate::state::{Backend, HttpAction, HttpRoute};
+
+/// A decoded route configuration: the service's routes, each rule's
+/// backends still to be filled from `targets`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct RouteResource {
+    pub route: HttpRoute,
+    /// Per rule (same order), the clusters it sends to.
+    pub targets: Vec<RuleTargets>,
+}
+
+/// The clusters one rule sends to, with their weights.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct RuleTargets(pub Vec<(String, u32)>);
+
+/// A decoded endpoint assignment: the addresses that may take traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ClusterResource {
+    pub addresses: Vec<IpAddr>,
+}
+
+/// `route` with each rule's backends: the workloads (by uid, found by
+/// `workload_at`) at its clusters' endpoint addresses. A cluster with no
+/// assignment yet has no backend, and its share of requests gets 503, as
+/// in Envoy.
+pub(super) fn join<'a>(
+    r: &RouteResource,
+    clusters: impl Fn(&str) -> Option<&'a ClusterResource>,
+    workload_at: impl Fn(&IpAddr) -> Option<&'a str>,
+) -> HttpRoute {
+    let mut route = r.route.clone();
+    for (rule, targets) in route.rules.iter_mut().zip(&r.targets) {
+        if let HttpAction::Route(backends) = &mut rule.action {
+            *backends = targets
+                .0
+                .iter()
+                .map(|(name, weight)| Backend {
+                    workload_uids: clusters(name)
+                        .map(|c| {
+                            c.addresses
+                                .iter()
+                                .filter_map(&workload_at)
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    weight: *weight,
+                })
+                .collect();
+        }
+    }
+    route
+}
