@@ -315,6 +315,16 @@ impl TestXds {
         }
     }
 
+    /// The resource served as `name` of `type_url`, if any.
+    pub fn resource(&self, type_url: &str, name: &str) -> Option<Resource> {
+        self.shared
+            .lock()
+            .resources
+            .get(type_url)?
+            .get(name)
+            .cloned()
+    }
+
     /// ACKs received so far.
     pub fn acks(&self) -> usize {
         self.shared.lock().acks
