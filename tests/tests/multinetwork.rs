@@ -124,6 +124,7 @@ async fn next_stream(rx: &mut tokio::sync::broadcast::Receiver<Arc<StreamRecord>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_on_another_network_through_its_gateway() {
+    init_tracing();
     let n = build("mn-through");
     n.write_mesh("server", "", "");
     let a = agent(&n.world, "node-a").await;

@@ -336,12 +336,17 @@ pub(super) fn h2_to_io(e: h2::Error) -> io::Error {
     }
 }
 
+/// How long a shut-down [`StreamIo`] waits for the peer to end its side.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A CONNECT stream as a byte stream (for TLS to run over it).
 pub struct StreamIo {
     stream: H2Stream,
     /// Received, not yet read.
     pending: Bytes,
     shut_down: bool,
+    /// While shutting down: until when to wait for the peer's end.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl StreamIo {
@@ -350,6 +355,7 @@ impl StreamIo {
             stream,
             pending: Bytes::new(),
             shut_down: false,
+            linger: None,
         }
     }
 }
@@ -413,13 +419,33 @@ impl AsyncWrite for StreamIo {
         Poll::Ready(Ok(()))
     }
 
+    /// Sends END_STREAM, then waits (at most [`LINGER`]) for the peer to
+    /// end its side, discarding what it still sends: h2 resets a stream
+    /// dropped before the peer ended it, and the reset throws away what is
+    /// still queued to send (the last bytes, END_STREAM), which the peer
+    /// would see as a cut connection (double HBONE's inner TLS closing
+    /// at once after its last write, seen at the destination as a broken
+    /// pipe).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.shut_down {
             this.shut_down = true;
             finish(&mut this.stream.send, cx)?;
         }
-        Poll::Ready(Ok(()))
+        let deadline = this
+            .linger
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        loop {
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.stream.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.stream.recv.flow_control().release_capacity(data.len());
+                }
+                Some(Err(_)) | None => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
