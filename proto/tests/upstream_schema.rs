@@ -105,6 +105,27 @@ fn describe(f: &FieldDescriptor) -> (u32, String, String) {
     (f.number(), scalar(&f.kind()), label.into())
 }
 
+/// Where `pool`'s enums differ from `enums` (name -> value -> number).
+fn enum_problems(
+    pool: &DescriptorPool,
+    enums: &BTreeMap<String, BTreeMap<String, i32>>,
+    problems: &mut Vec<String>,
+) {
+    for (e, values) in enums {
+        let Some(d) = pool.get_enum_by_name(e) else {
+            problems.push(format!("enum {e} is not declared"));
+            continue;
+        };
+        let got: BTreeMap<String, i32> = d
+            .values()
+            .map(|v| (v.name().to_string(), v.number()))
+            .collect();
+        if &got != values {
+            problems.push(format!("enum {e}: upstream {values:?}, ours {got:?}"));
+        }
+    }
+}
+
 fn ours() -> DescriptorPool {
     DescriptorPool::decode(ambient_proto::FILE_DESCRIPTOR_SET).expect("compiled descriptors")
 }
@@ -168,19 +189,7 @@ fn every_upstream_field_enum_value_and_oneof_is_declared_alike() {
             problems.push(format!("{msg} oneofs: upstream {want:?}, ours {real:?}"));
         }
     }
-    for (e, values) in &up.enums {
-        let Some(d) = pool.get_enum_by_name(e) else {
-            problems.push(format!("enum {e} is not declared"));
-            continue;
-        };
-        let got: BTreeMap<String, i32> = d
-            .values()
-            .map(|v| (v.name().to_string(), v.number()))
-            .collect();
-        if &got != values {
-            problems.push(format!("enum {e}: upstream {values:?}, ours {got:?}"));
-        }
-    }
+    enum_problems(&pool, &up.enums, &mut problems);
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
@@ -281,19 +290,7 @@ fn the_envoy_subset_declares_upstream_fields_alike() {
             }
         }
     }
-    for (e, values) in &enums {
-        let Some(d) = pool.get_enum_by_name(e) else {
-            problems.push(format!("enum {e} is not declared"));
-            continue;
-        };
-        let got: BTreeMap<String, i32> = d
-            .values()
-            .map(|v| (v.name().to_string(), v.number()))
-            .collect();
-        if &got != values {
-            problems.push(format!("enum {e}: upstream {values:?}, ours {got:?}"));
-        }
-    }
+    enum_problems(&pool, &enums, &mut problems);
     assert!(checked >= 20, "only {checked} subset messages were checked");
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }

@@ -289,3 +289,46 @@ pub fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<
     }
     out
 }
+
+/// The VIP of service `ratings` in [`ratings_mesh`].
+pub const RATINGS_VIP: &str = "10.96.0.1:80";
+
+/// A mesh file: `client` (node-a); service `ratings` (port 80 -> 8080,
+/// VIP [`RATINGS_VIP`]) with `endpoints` (node-b) behind waypoint `wp`
+/// (workload `WAYPOINT_UID`); and its HTTP route, whose fields after
+/// `service:` are `route` (YAML at the route's indentation).
+pub fn ratings_mesh(client: &Pod, endpoints: &[&Pod], wp: &Pod, route: &str) -> String {
+    use ambient_agent::demo::waypoint::WAYPOINT_UID;
+    let wp_ip = wp.addr(0).ip();
+    let behind = format!("    waypoint: {{address: \"{wp_ip}\"}}\n");
+    let mut y = String::from("workloads:\n");
+    y += &client.workload_yaml("test", "node-a", "client");
+    for p in endpoints {
+        y += &p.workload_yaml("test", "node-b", "ratings");
+        y += &behind;
+    }
+    let names: Vec<&str> = endpoints.iter().map(|p| p.name.as_str()).collect();
+    y += &format!(
+        r#"  - uid: {WAYPOINT_UID}
+    name: waypoint
+    namespace: test
+    serviceAccount: waypoint
+    addresses: ["{wp_ip}"]
+    node: waypoints
+services:
+  - name: ratings
+    namespace: test
+    vips: ["{vip}"]
+    ports: [{{port: 80, targetPort: 8080}}]
+    endpoints: [{endpoints}]
+    waypoint: {{address: "{wp_ip}"}}
+httpRoutes:
+  - name: ratings
+    namespace: test
+    service: test/ratings.test.svc.cluster.local
+{route}"#,
+        vip = RATINGS_VIP.split(':').next().unwrap_or_default(),
+        endpoints = names.join(", "),
+    );
+    y
+}

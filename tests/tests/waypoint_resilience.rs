@@ -28,17 +28,15 @@ use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
 use ambient_agent::demo::waypoint::{start_waypoint, WAYPOINT_UID};
 use ambient_agent::waypoint::{RequestRecord, Waypoint};
-use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app};
+use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app, ratings_mesh, RATINGS_VIP};
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Empty;
 
-const VIP: &str = "10.96.0.1:80";
-
 fn vip() -> SocketAddr {
-    VIP.parse().expect("vip")
+    RATINGS_VIP.parse().expect("vip")
 }
 
 /// The client (node-a); endpoints `good` and `bad` (the test app) and
@@ -90,39 +88,7 @@ async fn ratings(tag: &str, route: &str) -> Ratings {
 /// and `dead` (no application listening), and `route` (the HTTP route's
 /// fields after `service:`, YAML at the route's indentation).
 fn mesh(client: &Pod, good: &Pod, bad: &Pod, dead: &Pod, wp: &Pod, route: &str) -> String {
-    let wp_ip = wp.addr(0).ip();
-    let behind = format!("    waypoint: {{address: \"{wp_ip}\"}}\n");
-    let mut y = String::from("workloads:\n");
-    y += &client.workload_yaml("test", "node-a", "client");
-    for p in [good, bad, dead] {
-        y += &p.workload_yaml("test", "node-b", "ratings");
-        y += &behind;
-    }
-    y += &format!(
-        r#"  - uid: {WAYPOINT_UID}
-    name: waypoint
-    namespace: test
-    serviceAccount: waypoint
-    addresses: ["{wp_ip}"]
-    node: waypoints
-services:
-  - name: ratings
-    namespace: test
-    vips: ["{vip}"]
-    ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [{good}, {bad}, {dead}]
-    waypoint: {{address: "{wp_ip}"}}
-httpRoutes:
-  - name: ratings
-    namespace: test
-    service: test/ratings.test.svc.cluster.local
-{route}"#,
-        vip = vip().ip(),
-        good = good.name,
-        bad = bad.name,
-        dead = dead.name,
-    );
-    y
+    ratings_mesh(client, &[good, bad, dead], wp, route)
 }
 
 async fn get(

@@ -31,53 +31,21 @@ use ambient_agent::xds::local::parse_mesh;
 use ambient_proto::discovery::Resource;
 use ambient_proto::ROUTE_TYPE_URL;
 use ambient_tests::control_plane::xds::{eventually, TestXds};
-use ambient_tests::l7apps::{h1_client, h1_request, l7_app};
+use ambient_tests::l7apps::{h1_client, h1_request, l7_app, ratings_mesh, RATINGS_VIP};
 use ambient_tests::netns::{Pod, Topology};
 use ambient_tests::*;
 use http::StatusCode;
 
-const VIP: &str = "10.96.0.1:80";
 const SERVICE: &str = "test/ratings.test.svc.cluster.local";
 
 fn vip() -> SocketAddr {
-    VIP.parse().expect("vip")
+    RATINGS_VIP.parse().expect("vip")
 }
 
 /// Service `ratings` (endpoints `good` and `bad`) behind the waypoint,
 /// with `rules` (YAML at the route's indentation).
 fn mesh(client: &Pod, good: &Pod, bad: &Pod, wp: &Pod, rules: &str) -> String {
-    let wp_ip = wp.addr(0).ip();
-    let behind = format!("    waypoint: {{address: \"{wp_ip}\"}}\n");
-    let mut y = String::from("workloads:\n");
-    y += &client.workload_yaml("test", "node-a", "client");
-    for p in [good, bad] {
-        y += &p.workload_yaml("test", "node-b", "ratings");
-        y += &behind;
-    }
-    y += &format!(
-        r#"  - uid: {WAYPOINT_UID}
-    name: waypoint
-    namespace: test
-    serviceAccount: waypoint
-    addresses: ["{wp_ip}"]
-    node: waypoints
-services:
-  - name: ratings
-    namespace: test
-    vips: ["{vip}"]
-    ports: [{{port: 80, targetPort: 8080}}]
-    endpoints: [{good}, {bad}]
-    waypoint: {{address: "{wp_ip}"}}
-httpRoutes:
-  - name: ratings
-    namespace: test
-    service: {SERVICE}
-{rules}"#,
-        vip = vip().ip(),
-        good = good.name,
-        bad = bad.name,
-    );
-    y
+    ratings_mesh(client, &[good, bad], wp, rules)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
