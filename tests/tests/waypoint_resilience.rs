@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use ambient_agent::agent::Agent;
 use ambient_agent::capture::CaptureMode;
-use ambient_agent::demo::waypoint::{start_waypoint, WAYPOINT_UID};
+use ambient_agent::demo::waypoint::start_waypoint;
 use ambient_agent::waypoint::{RequestRecord, Waypoint};
 use ambient_tests::l7apps::{drain, h1_client, h1_request, l7_app, ratings_mesh, RATINGS_VIP};
 use ambient_tests::netns::{Pod, Topology};
