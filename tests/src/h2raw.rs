@@ -138,6 +138,48 @@ pub fn connect_headers(authority: &str) -> Vec<u8> {
     out
 }
 
+/// A request's header block: `:method` (static index 2), `:scheme`
+/// `http` (6), `:path` (4), `:authority` (1) and `extra` headers, all as
+/// literals not added to the dynamic table (new names for `extra`).
+pub fn request_headers(
+    method: &str,
+    path: &str,
+    authority: &str,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (index, value) in [(2u8, method), (6, "http"), (4, path), (1, authority)] {
+        out.push(index);
+        hpack_int(&mut out, 0, 7, value.len());
+        out.extend_from_slice(value.as_bytes());
+    }
+    for (name, value) in extra {
+        out.push(0);
+        hpack_int(&mut out, 0, 7, name.len());
+        out.extend_from_slice(name.as_bytes());
+        hpack_int(&mut out, 0, 7, value.len());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+/// HPACK's integer (RFC 7541 §5.1): `n` with an `bits`-bit prefix after
+/// the `first` byte's high bits (here, the Huffman flag, unset).
+fn hpack_int(out: &mut Vec<u8>, first: u8, bits: u32, n: usize) {
+    let max = (1usize << bits) - 1;
+    if n < max {
+        out.push(first | n as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    let mut rest = n - max;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
 /// A RST_STREAM payload.
 pub fn error_code(code: u32) -> Vec<u8> {
     code.to_be_bytes().to_vec()
