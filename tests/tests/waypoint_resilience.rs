@@ -120,6 +120,7 @@ async fn timeouts_retries_faults_and_direct_responses() {
         timeout: 300ms
       - matches: [{{path: {{prefix: /fail-on/}}, headers: {{x-retry: "no"}}}}]
         backends: [{{workloads: [{g}, {b}]}}]
+        retries: {{attempts: 0}}
       - matches: [{{path: {{prefix: /fail-on/}}}}]
         backends: [{{workloads: [{g}, {b}]}}]
         retries: {{attempts: 2, retryOn: 5xx}}
@@ -128,6 +129,12 @@ async fn timeouts_retries_faults_and_direct_responses() {
         retries: {{attempts: 1, perTryTimeout: 300ms, retryOn: gateway-error}}
       - matches: [{{path: {{exact: /connect}}, headers: {{x-retry: "no"}}}}]
         backends: [{{workloads: [{d}]}}]
+        retries: {{attempts: 0}}
+      - matches: [{{path: {{exact: /connect-default}}}}]
+        backends: [{{workloads: [{g}, {d}]}}]
+      - matches: [{{path: {{exact: /connect-off}}}}]
+        backends: [{{workloads: [{g}, {d}]}}]
+        retries: {{attempts: 0}}
       - matches: [{{path: {{exact: /connect}}}}]
         backends: [{{workloads: [{g}, {d}]}}]
         retries: {{attempts: 1, retryOn: connect-failure}}
@@ -213,6 +220,22 @@ async fn timeouts_retries_faults_and_direct_responses() {
         let answer = get(&mut send, "/connect").await;
         assert_eq!(answer, (StatusCode::OK, "good HTTP/1.1".into()));
     }
+    // A route that says nothing of retries gets istiod's default policy
+    // (2 retries on connect-failure, refused-stream, unavailable,
+    // cancelled; pilot/pkg/networking/core/route/retry): the dead endpoint
+    // is passed over. `attempts: 0` turns retries off, so about half fail.
+    for _ in 0..10 {
+        let answer = get(&mut send, "/connect-default").await;
+        assert_eq!(answer, (StatusCode::OK, "good HTTP/1.1".into()));
+    }
+    let mut failed = 0;
+    for _ in 0..20 {
+        if get(&mut send, "/connect-off").await.0 == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        }
+    }
+    // All 20 on the live endpoint: one chance in a million.
+    assert!(failed > 0, "no request of 20 went to the dead endpoint");
 
     // Abort on half the requests (regex path match).
     drain(&mut seen);

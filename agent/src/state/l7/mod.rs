@@ -16,6 +16,7 @@ use super::{Reach, Service, Snapshot, Workload};
 pub use matching::{HeaderMatch, HttpMatch, PathMatch, Pattern, ValueMatch};
 pub use resilience::{
     Attempt, Fault, OutlierDetection, RequestPolicy, RetryOn, RetryPolicy, Share, UnknownCondition,
+    ISTIO_DEFAULT_RETRY_ON,
 };
 
 /// The routes of one service, tried in order; the first rule whose
@@ -109,7 +110,8 @@ impl Snapshot {
             let chosen =
                 elsewhere.or_else(|| self.choose_endpoint(service, dialed, None, Reach::Local));
             let decision = chosen.map_or(L7Decision::NoBackend, L7Decision::Forward);
-            return (decision, RequestPolicy::default());
+            // Istio's default route retries as its default policy says.
+            return (decision, RequestPolicy::istio_default());
         };
         let decision = match &rule.action {
             HttpAction::Deny => L7Decision::Deny {

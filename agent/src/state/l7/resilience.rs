@@ -2,8 +2,14 @@
 //! where it goes: a timeout, retries and injected faults (Istio's
 //! VirtualService `timeout`, `retries` and `fault`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// Istio's retry conditions for a route whose `retries` leaves `retryOn`
+/// out, and of its default policy (istiod's `defaultRetryOn`, with no
+/// retriable status codes: pilot/pkg/networking/core/route/retry).
+pub const ISTIO_DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 
 /// One rule's timeout, retries and faults, shared by every request it
 /// decides.
@@ -13,6 +19,17 @@ pub struct RequestPolicy {
     pub timeout: Option<Duration>,
     pub retries: Option<Arc<RetryPolicy>>,
     pub fault: Option<Fault>,
+}
+
+impl RequestPolicy {
+    /// What istiod gives a route that says nothing of retries, and a
+    /// service's default route: [`RetryPolicy::istio_default`].
+    pub fn istio_default() -> RequestPolicy {
+        RequestPolicy {
+            retries: Some(RetryPolicy::istio_default()),
+            ..RequestPolicy::default()
+        }
+    }
 }
 
 /// When a waypoint leaves an endpoint out (Istio's DestinationRule
@@ -47,6 +64,24 @@ pub struct RetryPolicy {
     /// counts as a 504 (retried on `5xx` and `gateway-error`).
     pub per_try_timeout: Option<Duration>,
     pub on: RetryOn,
+}
+
+impl RetryPolicy {
+    /// istiod's `DefaultPolicy`: 2 retries on [`ISTIO_DEFAULT_RETRY_ON`],
+    /// each to another endpoint when there is one. Built once and shared
+    /// (it is handed to every request of a route without retries).
+    pub fn istio_default() -> Arc<RetryPolicy> {
+        static DEFAULT: OnceLock<Arc<RetryPolicy>> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| {
+                Arc::new(RetryPolicy {
+                    attempts: 2,
+                    per_try_timeout: None,
+                    on: RetryOn::parse(ISTIO_DEFAULT_RETRY_ON).unwrap_or_default(),
+                })
+            })
+            .clone()
+    }
 }
 
 /// The conditions a failed attempt is retried on (Envoy's `retry_on`).

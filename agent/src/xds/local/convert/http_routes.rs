@@ -13,15 +13,13 @@ use super::super::schema::{
     HttpRuleEntry, OutlierEntry, PathEntry, RetriesEntry, Text,
 };
 use super::{Converter, Problem, Result};
-use crate::state::l7::{Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share};
+use crate::state::l7::{
+    Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share, ISTIO_DEFAULT_RETRY_ON,
+};
 use crate::state::{
     Backend, HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, PathMatch, RequestPolicy,
     Service, ValueMatch,
 };
-
-/// Istio's `retryOn` when a VirtualService's `retries` leaves it out.
-const ISTIO_DEFAULT_RETRY_ON: &str =
-    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503";
 
 impl Converter<'_> {
     pub(super) fn http_route(
@@ -126,12 +124,14 @@ impl Converter<'_> {
             .as_ref()
             .map(|t| self.duration(&format!("{field}.timeout"), t))
             .transpose()?;
-        let retries = rule
-            .retries
-            .as_ref()
-            .map(|r| self.retries(&format!("{field}.retries"), r))
-            .transpose()?
-            .map(Arc::new);
+        // As istiod: no `retries` on a route is its default policy,
+        // `attempts: 0` none.
+        let retries = match &rule.retries {
+            None if matches!(action, HttpAction::Route(_)) => Some(RetryPolicy::istio_default()),
+            None => None,
+            Some(r) if r.attempts == 0 => None,
+            Some(r) => Some(Arc::new(self.retries(&format!("{field}.retries"), r)?)),
+        };
         let fault = rule
             .fault
             .as_ref()
@@ -331,6 +331,9 @@ httpRoutes:
       - directResponse: {status: 418, body: "short and stout"}
       - backends: [{workloads: [a]}]
         retries: {attempts: 2}
+      - backends: [{workloads: [a]}]
+      - backends: [{workloads: [a]}]
+        retries: {attempts: 0}
     outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s}
 "#;
 
@@ -388,12 +391,19 @@ httpRoutes:
                 max_ejection_percent: 10,
             })
         );
-        // Istio's retryOn when `retries` leaves it out.
+        // Istio's retryOn when `retries` leaves it out (no status codes).
         let default = rules[2].policy.retries.as_deref().expect("retries");
         assert_eq!(
             default.on,
-            RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled,503")
-                .expect("valid")
+            RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled").expect("valid")
+        );
+        assert!(default.on.status_codes.is_empty());
+        assert_eq!(rules[4].policy.retries, None, "attempts: 0");
+        // No `retries` on a route: istiod's default policy, 2 retries.
+        assert_eq!(rules[1].policy.retries, None, "a direct response");
+        assert_eq!(
+            rules[3].policy.retries,
+            Some(crate::state::l7::RetryPolicy::istio_default())
         );
     }
 }

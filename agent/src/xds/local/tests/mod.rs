@@ -372,7 +372,8 @@ fn expected_full() -> Mesh {
                             weight: 1,
                         },
                     ]),
-                    policy: RequestPolicy::default(),
+                    // No `retries`: istiod's default policy.
+                    policy: RequestPolicy::istio_default(),
                 },
             ],
         }],
