@@ -1,6 +1,7 @@
 //! `ambient-control-plane` run as a command: an xDS client gets the mesh
 //! from it, the Istio CA signs through it, and an edit to the mesh file
-//! reaches the client.
+//! reaches the client; a waypoint's client also gets the file's HTTP
+//! routes (as Envoy RDS + EDS), a node agent's does not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,4 +115,66 @@ async fn serves_the_mesh_file_over_xds_and_signs_certificates() {
     })
     .await
     .expect("edit pushed");
+
+    // HTTP routes: to a client that subscribes as a waypoint, not to the
+    // node agent's.
+    let routed = |body: &str| {
+        format!(
+            "workloads:\n{}{}services:\n  - {{name: web, namespace: cp, vips: [10.96.61.1], ports: [{{port: 80}}], endpoints: [one, two]}}\nhttpRoutes:\n  - name: web\n    namespace: cp\n    service: cp/web.cp.svc.cluster.local\n    rules:\n{body}",
+            workload("one", "127.61.0.1"),
+            workload("two", "127.61.0.2"),
+        )
+    };
+    std::fs::write(
+        &mesh,
+        routed("      - directResponse: {status: 418, body: first}\n"),
+    )
+    .unwrap();
+    let waypoint_state = Arc::new(State::default());
+    let waypoint = XdsClient::new(
+        XdsConfig {
+            address: get("xdsAddress"),
+            node_id: "waypoint~127.61.0.8~wp.cp~cp.svc.cluster.local".into(),
+            waypoint: true,
+            ..XdsConfig::default()
+        },
+        waypoint_state.clone(),
+    );
+    tokio::spawn(waypoint.run(std::future::pending()));
+    let answers = |st: &State| -> Vec<String> {
+        st.snapshot()
+            .http_routes()
+            .iter()
+            .flat_map(|r| &r.rules)
+            .filter_map(|r| match &r.action {
+                ambient_agent::state::HttpAction::Respond { body, .. } => Some(body.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let until = |st: Arc<State>, want: &'static str| async move {
+        let mut changes = st.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while answers(&st) != [want] {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("routes answering {want:?}"));
+    };
+    until(waypoint_state.clone(), "first").await;
+    std::fs::write(
+        &mesh,
+        routed("      - directResponse: {status: 418, body: second}\n"),
+    )
+    .unwrap();
+    until(waypoint_state.clone(), "second").await;
+    assert!(state
+        .snapshot()
+        .service_by_host("cp", "web.cp.svc.cluster.local")
+        .is_some());
+    assert!(
+        state.snapshot().http_routes().is_empty(),
+        "a node agent does not subscribe to routes"
+    );
 }
