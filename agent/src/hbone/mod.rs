@@ -10,15 +10,15 @@
 
 pub mod double;
 pub mod pool;
-pub mod record;
 pub mod server;
 pub mod stream;
 pub mod terminate;
 pub mod tls;
+pub mod tls_conn;
 
 pub use pool::{Pool, PoolConfig, PoolError, PoolKey};
-pub use record::TlsConn;
 pub use stream::{copy_bidirectional, copy_bidirectional_io, H2Stream, StreamIo, Transferred};
+pub use tls_conn::TlsConn;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -24,9 +24,9 @@ use http::{Request, StatusCode};
 use rustls::ClientConfig;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
+use super::tls_conn::{self, TlsConn};
 use super::H2Settings;
 use crate::identity::{
     CaError, CertManager, Identity, PeerGuard, PeerRole, TrustBundle, WorkloadCert,
@@ -492,7 +492,7 @@ impl Pool {
             .connect(key.dst, opts)
             .await
             .map_err(|e| PoolError::Connect(key.dst, e))?;
-        let tls = record::connect(tls_cfg, tls::placeholder_server_name(), tcp)
+        let tls = tls_conn::connect(tls_cfg, tls::placeholder_server_name(), tcp)
             .await
             .map_err(|e| {
                 if tls::revoked(&e) {

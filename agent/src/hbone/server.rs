@@ -13,9 +13,9 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn, Instrument};
 
-use super::record::{self, TlsConn};
 use super::stream::H2Stream;
 use super::tls::{self, TlsError};
+use super::tls_conn::{self, TlsConn};
 use super::{Authority, H2Settings};
 use crate::identity::Identity;
 
@@ -170,7 +170,7 @@ pub async fn accept_tls(
             return Err(HandshakeError::Closed);
         }
         let _place = gate.enter(client).ok_or(HandshakeError::TooMany)?;
-        record::accept(cfg, stream)
+        tls_conn::accept(cfg, stream)
             .await
             .map_err(HandshakeError::Io)
     };

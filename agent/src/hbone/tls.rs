@@ -109,7 +109,7 @@ pub fn server_config(cert: &WorkloadCert, trust: &TrustBundle) -> Result<ServerC
     // Clients never resume (see `client_config`): tickets would be signed,
     // sent and stored for nothing on every handshake.
     config.send_tls13_tickets = 0;
-    // After the handshake, records are protected by `record::TlsConn`.
+    // After the handshake, records are protected by `tls_conn::TlsConn`.
     config.enable_secret_extraction = true;
     Ok(config)
 }
@@ -138,7 +138,7 @@ pub fn client_config(
     // share the placeholder server name: a resumed session would skip the
     // identity check against whichever peer it reached. Always verify.
     config.resumption = rustls::client::Resumption::disabled();
-    // After the handshake, records are protected by `record::TlsConn`.
+    // After the handshake, records are protected by `tls_conn::TlsConn`.
     config.enable_secret_extraction = true;
     Ok(config)
 }
