@@ -230,17 +230,24 @@ impl Handler for Inbound {
                 .await
         });
         async move {
-            let Some((tunnel, upstream, registration, mut record, _slot)) = admit.await else {
+            let Some((tunnel, upstream, registration, mut record, slot)) = admit.await else {
                 return;
             };
             record.opened();
-            tokio::select! {
+            let ended = tokio::select! {
+                r = hbone::copy_bidirectional(tunnel, upstream) => Some(r),
+                _ = registration.revoked() => None,
+            };
+            // The place is free before the record says the connection
+            // ended (whoever reads the record may open the next one).
+            drop(slot);
+            match ended {
                 // from_stream: bytes the client sent; to_stream: the app's answer.
-                r = hbone::copy_bidirectional(tunnel, upstream) => match r {
-                    Ok(t) => record.copied(t.from_stream, t.to_stream, None::<&str>),
-                    Err(e) => record.copied(e.moved.from_stream, e.moved.to_stream, Some(e.error)),
-                },
-                _ = registration.revoked() => record.deny("closed: policy changed"),
+                Some(Ok(t)) => record.copied(t.from_stream, t.to_stream, None::<&str>),
+                Some(Err(e)) => {
+                    record.copied(e.moved.from_stream, e.moved.to_stream, Some(e.error))
+                }
+                None => record.deny("closed: policy changed"),
             }
         }
         .instrument(span)

@@ -61,7 +61,7 @@ impl Accept for InboundPassthrough {
             )
             .dst_identity(Some(self.identity.clone()));
         // Held until the connection ends.
-        let _slot = match self.budget.connection() {
+        let slot = match self.budget.connection() {
             Ok(slot) => slot,
             Err(over) => {
                 warn!(%peer, %dst, "{over}; closing");
@@ -110,12 +110,17 @@ impl Accept for InboundPassthrough {
         };
         let mut record = record;
         record.opened();
-        tokio::select! {
-            r = copy_tcp(stream, upstream) => match r {
-                Ok((sent, received)) => record.copied(sent, received, None::<&str>),
-                Err(e) => record.copied(e.moved.0, e.moved.1, Some(e.error)),
-            },
-            _ = registration.revoked() => record.deny("closed: policy changed"),
+        let ended = tokio::select! {
+            r = copy_tcp(stream, upstream) => Some(r),
+            _ = registration.revoked() => None,
+        };
+        // The place is free before the record says the connection ended
+        // (whoever reads the record may open the next one at once).
+        drop(slot);
+        match ended {
+            Some(Ok((sent, received))) => record.copied(sent, received, None::<&str>),
+            Some(Err(e)) => record.copied(e.moved.0, e.moved.1, Some(e.error)),
+            None => record.deny("closed: policy changed"),
         }
     }
 }

@@ -120,12 +120,19 @@ impl Outbound {
         });
         async move {
             match establish.await {
-                // The slot is held until the connection ends.
-                (conn, _slot, Ok(ends)) => match ends.copy().await {
-                    Ok((sent, received)) => conn.copied(sent, received, None::<&str>),
-                    Err(e) => conn.copied(e.moved.0, e.moved.1, Some(e.error)),
-                },
-                (conn, _, Err(e)) => {
+                // The slot is held until the connection ends, and freed
+                // before the record says so (whoever reads the record may
+                // open the next connection at once).
+                (conn, slot, Ok(ends)) => {
+                    let copied = ends.copy().await;
+                    drop(slot);
+                    match copied {
+                        Ok((sent, received)) => conn.copied(sent, received, None::<&str>),
+                        Err(e) => conn.copied(e.moved.0, e.moved.1, Some(e.error)),
+                    }
+                }
+                (conn, slot, Err(e)) => {
+                    drop(slot);
                     if let OutboundError::Overloaded(_) = e {
                         warn!("{e}; closing");
                     }
