@@ -19,6 +19,7 @@ const FILES: &[&str] = &[
     "envoy/service/discovery/v3/ads.proto",
     "envoy/config/route/v3/route.proto",
     "envoy/config/endpoint/v3/endpoint.proto",
+    "envoy/config/cluster/v3/cluster.proto",
     "envoy/extensions/filters/http/fault/v3/fault.proto",
 ];
 

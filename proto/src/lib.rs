@@ -16,9 +16,10 @@
 //!   `AggregatedDiscoveryService` client and server.
 //! - [`core`] — `envoy.config.core.v3` (`Node`, `Locality`, `ControlPlane`,
 //!   `Address`, `DataSource`).
-//! - [`route`], [`endpoint`], [`fault`], [`matcher`], [`envoy_type`] — the
-//!   subset of Envoy's route configuration (RDS), endpoint assignment (EDS)
-//!   and fault filter that the waypoint implements; only implemented fields
+//! - [`route`], [`endpoint`], [`cluster`], [`fault`], [`matcher`],
+//!   [`envoy_type`] — the subset of Envoy's route configuration (RDS),
+//!   endpoint assignment (EDS), clusters (CDS) and fault filter that the
+//!   waypoint implements; only implemented fields
 //!   are declared, so [`unknown`] finds everything else a resource carries.
 //! - [`rpc`] — `google.rpc.Status`.
 //! - [`zds`] — `istio.workload.zds` (istio-cni to node proxy messages).
@@ -52,6 +53,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/_includes.rs"));
 }
 
+pub use pb::envoy::config::cluster::v3 as cluster;
 pub use pb::envoy::config::core::v3 as core;
 pub use pb::envoy::config::endpoint::v3 as endpoint;
 pub use pb::envoy::config::route::v3 as route;
@@ -74,6 +76,9 @@ pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.Rout
 /// endpoints of the clusters a waypoint's routes name).
 pub const ENDPOINT_TYPE_URL: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// xDS type URL of [`cluster::Cluster`] resources (a waypoint's outlier
+/// detection, per service).
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// The name under which a route carries HTTP fault injection
 /// ([`fault::HttpFault`]) in `typed_per_filter_config`.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";

@@ -214,6 +214,7 @@ const SUBSET: &str = include_str!("fixtures/envoy_subset.txt");
 const SUBSET_PACKAGES: &[&str] = &[
     "envoy.config.route.v3",
     "envoy.config.endpoint.v3",
+    "envoy.config.cluster.v3",
     "envoy.type.matcher.v3",
     "envoy.extensions.filters.http.fault.v3",
     "envoy.extensions.filters.common.fault.v3",

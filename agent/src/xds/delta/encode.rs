@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ambient_proto::prost_types::Any;
 use ambient_proto::{
-    security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+    security as pb_sec, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, CLUSTER_TYPE_URL,
     ENDPOINT_TYPE_URL, ROUTE_TYPE_URL,
 };
 use ipnet::IpNet;
@@ -53,6 +53,7 @@ impl EncodedMesh {
             AUTHORIZATION_TYPE_URL => self.authorizations.clone(),
             ROUTE_TYPE_URL => self.routes.routes.clone(),
             ENDPOINT_TYPE_URL => self.routes.endpoints.clone(),
+            CLUSTER_TYPE_URL => self.routes.clusters.clone(),
             _ => BTreeMap::new(),
         }
     }

@@ -3,8 +3,8 @@
 //! One `DeltaAggregatedResources` stream carries two wildcard subscriptions,
 //! `istio.workload.Address` (workloads and services) and
 //! `istio.security.Authorization` (L4 policies), as ztunnel makes them; a
-//! waypoint adds Envoy's `RouteConfiguration` and `ClusterLoadAssignment`
-//! (its L7 routes, see `routes`).
+//! waypoint adds Envoy's `RouteConfiguration`, `ClusterLoadAssignment` and
+//! `Cluster` (its L7 routes, see `routes`).
 //! Every response is applied resource by resource, as ztunnel does: its
 //! removals, and each resource that decodes and fits with the rest
 //! (`convert`); what changed becomes a [`Delta`](crate::state::Delta)
@@ -43,7 +43,9 @@ use ambient_proto::tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use ambient_proto::tonic::metadata::MetadataValue;
 use ambient_proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use ambient_proto::tonic::{self, Request};
-use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
+use ambient_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -55,13 +57,14 @@ pub use routes::cluster_name;
 
 /// The types a node agent subscribes to, in the order they are requested.
 pub const TYPE_URLS: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
-/// A waypoint's: the node agent's, then its routes and their clusters'
-/// endpoints.
-pub const WAYPOINT_TYPE_URLS: [&str; 4] = [
+/// A waypoint's: the node agent's, then its routes, their clusters'
+/// endpoints, and the services' clusters (outlier detection).
+pub const WAYPOINT_TYPE_URLS: [&str; 5] = [
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
     ROUTE_TYPE_URL,
     ENDPOINT_TYPE_URL,
+    CLUSTER_TYPE_URL,
 ];
 
 /// The header naming the agent's cluster, beside its token.

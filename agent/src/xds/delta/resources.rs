@@ -16,13 +16,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambient_proto::discovery::DeltaDiscoveryResponse;
-use ambient_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
+use ambient_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL,
+};
 
 use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
 use super::ignored::{Counts, Ignored};
-use super::routes::{self, ClusterResource, RouteResource};
+use super::routes::{self, ClusterResource, ClusterSettings, RouteResource};
 use super::version::Version;
 use crate::state::{
     AddrMap, Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot,
@@ -83,6 +85,8 @@ pub(super) struct Resources {
     /// cluster name.
     routes: BTreeMap<Name, Entry<RouteResource>>,
     clusters: BTreeMap<Name, Entry<ClusterResource>>,
+    /// Clusters (CDS) by name: each service's outlier detection.
+    cluster_settings: BTreeMap<Name, Entry<ClusterSettings>>,
     ignored: Counts,
     names: Interner,
     touched: Touched,
@@ -145,12 +149,17 @@ impl Resources {
             AUTHORIZATION_TYPE_URL => of(&self.policies),
             ROUTE_TYPE_URL => of(&self.routes),
             ENDPOINT_TYPE_URL => of(&self.clusters),
+            CLUSTER_TYPE_URL => of(&self.cluster_settings),
             _ => BTreeMap::new(),
         }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.addresses.len() + self.policies.len() + self.routes.len() + self.clusters.len()
+        self.addresses.len()
+            + self.policies.len()
+            + self.routes.len()
+            + self.clusters.len()
+            + self.cluster_settings.len()
     }
 
     /// Field name -> how many held resources carry it, for the fields the
@@ -168,7 +177,7 @@ impl Resources {
     /// the state grows (the load-time peak is the two together).
     pub(super) fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Result<Applied, ResponseError> {
         let type_url = resp.type_url.as_str();
-        if type_url == ROUTE_TYPE_URL || type_url == ENDPOINT_TYPE_URL {
+        if [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL, CLUSTER_TYPE_URL].contains(&type_url) {
             return Ok(self.apply_l7(resp));
         }
         if type_url != ADDRESS_TYPE_URL && type_url != AUTHORIZATION_TYPE_URL {
@@ -283,16 +292,17 @@ impl Resources {
         Ok(applied)
     }
 
-    /// Applies a response of routes or endpoint assignments: each resource
-    /// on its own, a refused one keeping its last good version.
+    /// Applies a response of routes, endpoint assignments or clusters:
+    /// each resource on its own, a refused one keeping its last good
+    /// version.
     fn apply_l7(&mut self, resp: DeltaDiscoveryResponse) -> Applied {
-        let is_route = resp.type_url == ROUTE_TYPE_URL;
+        let type_url = resp.type_url.as_str();
         let mut applied = Applied::default();
         for name in &resp.removed_resources {
-            let gone = if is_route {
-                self.routes.remove(name.as_str()).is_some()
-            } else {
-                self.clusters.remove(name.as_str()).is_some()
+            let gone = match type_url {
+                ROUTE_TYPE_URL => self.routes.remove(name.as_str()).is_some(),
+                ENDPOINT_TYPE_URL => self.clusters.remove(name.as_str()).is_some(),
+                _ => self.cluster_settings.remove(name.as_str()).is_some(),
             };
             self.touched.routes |= gone;
         }
@@ -311,16 +321,20 @@ impl Resources {
                 continue;
             };
             let key = self.names.intern(&r.name);
-            let stored = if is_route {
-                routes::route_configuration(&r.name, any).map(|v| {
+            let version = &r.version;
+            let stored = match type_url {
+                ROUTE_TYPE_URL => routes::route_configuration(&r.name, any).map(|v| {
                     self.routes
-                        .insert(key, entry(&r.version, v, Ignored::default()));
-                })
-            } else {
-                routes::cluster_load_assignment(&r.name, any).map(|v| {
+                        .insert(key, entry(version, v, Ignored::default()));
+                }),
+                ENDPOINT_TYPE_URL => routes::cluster_load_assignment(&r.name, any).map(|v| {
                     self.clusters
-                        .insert(key, entry(&r.version, v, Ignored::default()));
-                })
+                        .insert(key, entry(version, v, Ignored::default()));
+                }),
+                _ => routes::cluster(&r.name, any).map(|v| {
+                    self.cluster_settings
+                        .insert(key, entry(version, v, Ignored::default()));
+                }),
             };
             match stored {
                 Ok(()) => {
@@ -343,9 +357,20 @@ impl Resources {
             }
         };
         let cluster = |name: &str| self.clusters.get(name).map(|e| &e.value);
+        // A service's own cluster (no subset) carries its outlier detection.
+        let outlier_detection = |host: &str| {
+            self.cluster_settings.iter().find_map(|(name, e)| {
+                routes::parse_cluster_name(name)
+                    .filter(|(_, subset, h)| subset.is_empty() && *h == host)
+                    .and(e.value.outlier_detection)
+            })
+        };
         self.routes
             .values()
-            .map(|e| routes::join(&e.value, cluster, workload_at))
+            .map(|e| {
+                let od = outlier_detection(&e.value.route.service_hostname);
+                routes::join(&e.value, cluster, workload_at, od)
+            })
             .collect()
     }
 

@@ -14,8 +14,8 @@ use ambient_proto::route::{self as pb, header_matcher, route, route_action, rout
 use ambient_proto::unknown::{self, Unknown};
 use ambient_proto::{endpoint as pb_eds, fault as pb_fault, matcher, FAULT_FILTER};
 
-use super::{ClusterResource, RouteResource, RuleTargets};
-use crate::state::l7::{Fault, Pattern, RetryOn, RetryPolicy, Share};
+use super::{ClusterResource, ClusterSettings, RouteResource, RuleTargets};
+use crate::state::l7::{Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share};
 use crate::state::{
     HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, PathMatch, RequestPolicy, ValueMatch,
 };
@@ -24,6 +24,7 @@ use crate::xds::delta::convert::{field, Invalid, RejectReason};
 const ROUTE_MESSAGE: &str = "envoy.config.route.v3.RouteConfiguration";
 const ENDPOINT_MESSAGE: &str = "envoy.config.endpoint.v3.ClusterLoadAssignment";
 const FAULT_MESSAGE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
+const CLUSTER_MESSAGE: &str = "envoy.config.cluster.v3.Cluster";
 /// Envoy's route timeout when `timeout` is unset.
 const ENVOY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The retry host predicate the waypoint always applies.
@@ -58,6 +59,10 @@ pub enum RouteInvalid {
     Address(String),
     #[error("the body is not UTF-8")]
     Body,
+    #[error("{0}% is neither 0 nor 100")]
+    Enforcing(u32),
+    #[error("{0}% is more than 100")]
+    Percent(u32),
 }
 
 fn bad(at: impl Into<String>, why: RouteInvalid) -> RejectReason {
@@ -469,4 +474,61 @@ pub(in crate::xds::delta) fn cluster_load_assignment(
         }
     }
     Ok(ClusterResource { addresses })
+}
+
+/// Decodes the `Cluster` named `name`: what the waypoint takes from it,
+/// its outlier detection (Envoy's defaults for what is unset).
+pub(in crate::xds::delta) fn cluster(
+    name: &str,
+    any: &Any,
+) -> Result<ClusterSettings, RejectReason> {
+    let msg: ambient_proto::cluster::Cluster = any.to_msg().map_err(decode_error)?;
+    refuse_unknown(CLUSTER_MESSAGE, &any.value, "")?;
+    if msg.name != name {
+        return Err(bad("name", RouteInvalid::Name));
+    }
+    let Some(o) = msg.outlier_detection else {
+        return Ok(ClusterSettings {
+            outlier_detection: None,
+        });
+    };
+    let at = "outlier_detection";
+    if let Some(rate) = o.enforcing_success_rate.filter(|r| *r != 0) {
+        let why = RouteInvalid::NotImplemented(format!("success-rate ejection ({rate}%)"));
+        return Err(bad(format!("{at}.enforcing_success_rate"), why));
+    }
+    let enforced = match o.enforcing_consecutive_5xx.unwrap_or(100) {
+        100 => true,
+        0 => false,
+        other => {
+            let why = RouteInvalid::Enforcing(other);
+            return Err(bad(format!("{at}.enforcing_consecutive_5xx"), why));
+        }
+    };
+    let d = OutlierDetection::default();
+    let max_ejection_percent = match o.max_ejection_percent {
+        None => d.max_ejection_percent,
+        Some(p) if p <= 100 => p,
+        Some(p) => {
+            return Err(bad(
+                format!("{at}.max_ejection_percent"),
+                RouteInvalid::Percent(p),
+            ))
+        }
+    };
+    let base_ejection_time = match &o.base_ejection_time {
+        None => d.base_ejection_time,
+        Some(t) => duration(&format!("{at}.base_ejection_time"), t)?,
+    };
+    if let Some(t) = &o.interval {
+        // Checked, not used: ejection happens at once.
+        duration(&format!("{at}.interval"), t)?;
+    }
+    Ok(ClusterSettings {
+        outlier_detection: enforced.then_some(OutlierDetection {
+            consecutive_errors: o.consecutive_5xx.unwrap_or(d.consecutive_errors).max(1),
+            base_ejection_time,
+            max_ejection_percent,
+        }),
+    })
 }

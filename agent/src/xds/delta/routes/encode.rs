@@ -5,8 +5,8 @@
 //! Each backend (a set of workloads) becomes a subset cluster named as
 //! istiod names them, `outbound|<port>|<subset>|<host>`, its subset named
 //! after the route, rule and backend. A deny rule is a 403 direct response
-//! with Istio's body. Outlier detection is a cluster setting in Envoy
-//! (CDS), which is not served: it is left out.
+//! with Istio's body. Outlier detection is a cluster setting in Envoy: the
+//! service's own cluster, `outbound|<port>||<host>`, carries it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,6 +34,8 @@ pub struct EncodedRoutes {
     pub routes: BTreeMap<String, Any>,
     /// `ClusterLoadAssignment` by cluster name.
     pub endpoints: BTreeMap<String, Any>,
+    /// `Cluster` by name: services' outlier detection.
+    pub clusters: BTreeMap<String, Any>,
 }
 
 /// istiod's name for the cluster of `subset` of `host`'s `port`.
@@ -95,6 +97,21 @@ pub fn encode_routes(mesh: &Mesh) -> Result<EncodedRoutes, EncodeError> {
             }],
         };
         out.routes.insert(name.clone(), any(&name, &config)?);
+        if let Some(o) = &r.outlier_detection {
+            let cluster = cluster_name(port, "", &r.service_hostname);
+            let msg = ambient_proto::cluster::Cluster {
+                name: cluster.clone(),
+                outlier_detection: Some(ambient_proto::cluster::OutlierDetection {
+                    consecutive_5xx: Some(o.consecutive_errors),
+                    interval: None,
+                    base_ejection_time: Some(duration(o.base_ejection_time)),
+                    max_ejection_percent: Some(o.max_ejection_percent),
+                    enforcing_consecutive_5xx: Some(100),
+                    enforcing_success_rate: Some(0),
+                }),
+            };
+            out.clusters.insert(cluster.clone(), any(&cluster, &msg)?);
+        }
     }
     Ok(out)
 }

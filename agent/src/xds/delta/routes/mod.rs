@@ -1,7 +1,9 @@
 //! A waypoint's L7 configuration over xDS: Envoy `RouteConfiguration`s
 //! (one per service, named `<namespace>/<hostname>`) and the
 //! `ClusterLoadAssignment`s of the clusters their routes name
-//! (`outbound|<port>|<subset>|<host>`, as istiod names them). Each is
+//! (`outbound|<port>|<subset>|<host>`, as istiod names them), and the
+//! `Cluster`s of services (`outbound|<port>||<host>`: their outlier
+//! detection). Each is
 //! decoded on its own (`decode`); [`join`] makes the model's
 //! [`HttpRoute`]s of them, a cluster's endpoint addresses becoming the
 //! workloads that hold them. `encode` is the way back, for control planes.
@@ -11,7 +13,7 @@ mod encode;
 
 use std::net::IpAddr;
 
-pub(super) use decode::{cluster_load_assignment, route_configuration, RouteInvalid};
+pub(super) use decode::{cluster, cluster_load_assignment, route_configuration, RouteInvalid};
 pub use encode::{cluster_name, encode_routes, EncodedRoutes};
 
 use crate::state::{Backend, HttpAction, HttpRoute};
@@ -29,6 +31,30 @@ pub(super) struct RouteResource {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct RuleTargets(pub Vec<(String, u32)>);
 
+/// A decoded cluster: what the waypoint takes from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ClusterSettings {
+    pub outlier_detection: Option<crate::state::l7::OutlierDetection>,
+}
+
+/// `(port, subset, host)` of a cluster istiod names
+/// `outbound|<port>|<subset>|<host>`.
+pub(super) fn parse_cluster_name(name: &str) -> Option<(u16, &str, &str)> {
+    let mut parts = name.split('|');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("outbound"), Some(port), Some(subset), Some(host), None) => {
+            Some((port.parse().ok()?, subset, host))
+        }
+        _ => None,
+    }
+}
+
 /// A decoded endpoint assignment: the addresses that may take traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ClusterResource {
@@ -36,15 +62,18 @@ pub(super) struct ClusterResource {
 }
 
 /// `route` with each rule's backends: the workloads (by uid, found by
-/// `workload_at`) at its clusters' endpoint addresses. A cluster with no
+/// `workload_at`) at its clusters' endpoint addresses, and the service's
+/// `outlier_detection`. A cluster with no
 /// assignment yet has no backend, and its share of requests gets 503, as
 /// in Envoy.
 pub(super) fn join<'a>(
     r: &RouteResource,
     clusters: impl Fn(&str) -> Option<&'a ClusterResource>,
     workload_at: impl Fn(&IpAddr) -> Option<&'a str>,
+    outlier_detection: Option<crate::state::l7::OutlierDetection>,
 ) -> HttpRoute {
     let mut route = r.route.clone();
+    route.outlier_detection = outlier_detection;
     for (rule, targets) in route.rules.iter_mut().zip(&r.targets) {
         if let HttpAction::Route(backends) = &mut rule.action {
             *backends = targets

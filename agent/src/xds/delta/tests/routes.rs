@@ -39,12 +39,12 @@ httpRoutes:
         deny: true
       - directResponse: {status: 418, body: "short and stout"}
       - backends: [{workloads: [v1, v2]}]
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}
 "#;
 
 /// `route` as a waypoint receives it over xDS: a rule per match (Envoy
 /// matches once per route), a rule without matches on prefix `/`, a deny
-/// as Istio's 403, no timeout written as zero, no outlier detection (a
-/// cluster setting).
+/// as Istio's 403, no timeout written as zero.
 fn as_served(route: &HttpRoute) -> HttpRoute {
     let mut rules = Vec::new();
     for rule in &route.rules {
@@ -81,7 +81,6 @@ fn as_served(route: &HttpRoute) -> HttpRoute {
     }
     HttpRoute {
         rules,
-        outlier_detection: None,
         ..route.clone()
     }
 }
@@ -116,8 +115,13 @@ fn the_mesh_files_routes_reach_the_waypoint_through_rds_and_eds() {
     let mesh = parse_mesh("test", ROUTED).expect("valid");
     let enc = encode_mesh(&mesh).expect("encodes");
     assert_eq!(enc.routes.routes.len(), 1);
-    // One cluster per backend, each with its workloads' addresses.
+    // One cluster per backend, each with its workloads' addresses; the
+    // service's own cluster with its outlier detection.
     assert_eq!(enc.routes.endpoints.len(), 3);
+    assert_eq!(
+        enc.routes.clusters.keys().collect::<Vec<_>>(),
+        ["outbound|80||web.shop.svc.cluster.local"]
+    );
     let mut res = Resources::default();
     assert_eq!(
         routes_after(&mut res, &waypoint_responses(&enc)),
@@ -354,4 +358,80 @@ fn a_cluster_follows_its_endpoints_and_the_workloads_at_them() {
             .collect::<Vec<_>>(),
         [0, 1]
     );
+}
+
+#[test]
+fn a_service_cluster_carries_outlier_detection_and_what_is_not_implemented_is_refused() {
+    use crate::state::l7::OutlierDetection;
+    use ambient_proto::cluster::{Cluster, OutlierDetection as PbOutlier};
+    use ambient_proto::CLUSTER_TYPE_URL;
+    let name = "outbound|80||web.shop.svc.cluster.local";
+    let cluster = |o: PbOutlier| {
+        let c = Cluster {
+            name: name.into(),
+            outlier_detection: Some(o),
+        };
+        resource(
+            name,
+            ambient_proto::prost_types::Any::from_msg(&c).expect("encodes"),
+        )
+    };
+    let apply = |res: &mut Resources, o: PbOutlier| {
+        routes_after(res, &[response(CLUSTER_TYPE_URL, vec![cluster(o)], &[])])
+    };
+    let mesh = parse_mesh("test", ROUTED).expect("valid");
+    let enc = encode_mesh(&mesh).expect("encodes");
+    let mut res = Resources::default();
+    assert!(routes_after(&mut res, &waypoint_responses(&enc)).is_empty());
+    let _ = installed_routes(&mut res);
+    // Envoy's defaults fill what is unset (5 errors, 30 s, 10%).
+    assert!(apply(&mut res, PbOutlier::default()).is_empty());
+    let routes = installed_routes(&mut res);
+    assert_eq!(
+        routes[0].outlier_detection,
+        Some(OutlierDetection::default())
+    );
+    // (what, outlier detection, what the NACK says)
+    let refused: &[(&str, PbOutlier, &str)] = &[
+        (
+            "ejection enforced for a share",
+            PbOutlier {
+                enforcing_consecutive_5xx: Some(50),
+                ..PbOutlier::default()
+            },
+            "50% is neither 0 nor 100",
+        ),
+        (
+            "success-rate ejection",
+            PbOutlier {
+                enforcing_success_rate: Some(100),
+                ..PbOutlier::default()
+            },
+            "success-rate ejection",
+        ),
+        (
+            "more than all endpoints",
+            PbOutlier {
+                max_ejection_percent: Some(101),
+                ..PbOutlier::default()
+            },
+            "101% is more than 100",
+        ),
+    ];
+    for (what, o, says) in refused {
+        let rejected = apply(&mut res, *o);
+        assert!(
+            rejected.len() == 1 && rejected[0].contains(says),
+            "{what}: {rejected:?}"
+        );
+        // The last good version stays.
+        assert_eq!(res.delta(&Snapshot::default()).http_routes, None, "{what}");
+    }
+    // Enforcing 0: no ejection.
+    let off = PbOutlier {
+        enforcing_consecutive_5xx: Some(0),
+        ..PbOutlier::default()
+    };
+    assert!(apply(&mut res, off).is_empty());
+    assert_eq!(installed_routes(&mut res)[0].outlier_detection, None);
 }
