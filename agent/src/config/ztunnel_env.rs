@@ -52,7 +52,7 @@ pub fn default_istiod_address(in_kubernetes: bool) -> &'static str {
 const NO_EFFECT: &[(&str, &str)] = &[
     (
         "NETWORK",
-        "networks are not modelled yet: every destination is dialed directly",
+        "each workload's network comes from xDS, and addresses are looked up mesh-wide, not within the node's network",
     ),
     (
         "PROXY_WORKLOAD_INFO",
