@@ -78,6 +78,11 @@ async fn drain_frames(s: &mut TcpStream, quiet: Duration, limit: Duration) -> (V
     }
 }
 
+/// What the waypoint sends an attacker until it closes or goes quiet.
+async fn answers(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    drain_frames(s, Duration::from_millis(500), Duration::from_secs(5)).await
+}
+
 /// An ordinary HTTP/1.1 request from `pod` through the waypoint: served.
 async fn served(pod: &Pod) {
     let mut send = h1_client(pod, vip()).await;
@@ -139,12 +144,7 @@ async fn hostile_http2_clients_do_not_take_the_waypoint_down() {
     });
     served(&client).await;
     let mut attacker = writer.await.expect("flood written");
-    let (_, _) = drain_frames(
-        &mut attacker,
-        Duration::from_millis(500),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (_, _) = answers(&mut attacker).await;
     drop(attacker);
     served(&client).await;
 
@@ -171,12 +171,7 @@ async fn hostile_http2_clients_do_not_take_the_waypoint_down() {
         }
         flood.clear();
     }
-    let (kinds, ended) = drain_frames(
-        &mut attacker,
-        Duration::from_millis(500),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (kinds, ended) = answers(&mut attacker).await;
     assert!(
         cut || ended || kinds.contains(&h2raw::GOAWAY),
         "an endless header block was read on ({sent} bytes, frames {kinds:?})"
@@ -205,12 +200,7 @@ async fn hostile_http2_clients_do_not_take_the_waypoint_down() {
         }
     }
     let _ = attacker.write_all(&req).await;
-    let (kinds, ended) = drain_frames(
-        &mut attacker,
-        Duration::from_millis(500),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (kinds, ended) = answers(&mut attacker).await;
     // HEADERS back would be a response: it can only be a refusal (431),
     // which carries no DATA "good".
     assert!(
@@ -241,12 +231,7 @@ async fn hostile_http2_clients_do_not_take_the_waypoint_down() {
     }
     let _ = attacker.write_all(&many).await;
     served(&client).await;
-    let (kinds, ended) = drain_frames(
-        &mut attacker,
-        Duration::from_millis(500),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (kinds, ended) = answers(&mut attacker).await;
     assert!(
         ended || kinds.contains(&h2raw::RST_STREAM) || kinds.contains(&h2raw::GOAWAY),
         "1,000 concurrent streams were all taken: {kinds:?}"

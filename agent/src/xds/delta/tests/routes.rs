@@ -152,6 +152,15 @@ fn first_route(c: &mut RouteConfiguration) -> &mut pb_route::Route {
     &mut c.virtual_hosts[0].routes[0]
 }
 
+/// The first route's fault filter configuration.
+fn fault_of(c: &mut RouteConfiguration) -> &mut ambient_proto::prost_types::Any {
+    first_route(c)
+        .typed_per_filter_config
+        .values_mut()
+        .next()
+        .expect("a fault")
+}
+
 #[test]
 fn what_the_waypoint_does_not_implement_is_refused_and_the_last_good_version_kept() {
     type Spoil = fn(&mut RouteConfiguration);
@@ -276,11 +285,7 @@ fn fields_outside_the_declared_subset_are_refused_by_where_they_are() {
     // Inside the fault filter's config (an Any of its own): Envoy's
     // `upstream_cluster` (3), which would narrow the fault to one cluster.
     let mut c = good.clone();
-    let fault = first_route(&mut c)
-        .typed_per_filter_config
-        .values_mut()
-        .next()
-        .expect("a fault");
+    let fault = fault_of(&mut c);
     fault.value.extend_from_slice(&[0x1a, 0x01, b'x']);
     let rejected = refused(route_any(&c, &[]));
     assert_eq!(rejected.len(), 1, "{rejected:?}");
@@ -293,11 +298,7 @@ fn fields_outside_the_declared_subset_are_refused_by_where_they_are() {
     );
     // An enum value this schema does not name.
     let mut c = good.clone();
-    let fault = first_route(&mut c)
-        .typed_per_filter_config
-        .values_mut()
-        .next()
-        .expect("a fault");
+    let fault = fault_of(&mut c);
     let mut f: ambient_proto::fault::HttpFault = fault.to_msg().expect("a fault");
     if let Some(d) = f.delay.as_mut() {
         d.percentage.as_mut().expect("a share").denominator = 7;
