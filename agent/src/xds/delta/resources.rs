@@ -24,7 +24,7 @@ use super::convert::{
     decode, field, AddressResource, Decoded, RejectReason, Rejected, ResponseError,
 };
 use super::ignored::{Counts, Ignored};
-use super::routes::{self, ClusterResource, ClusterSettings, RouteResource};
+use super::routes::{self, ClusterSettings, EndpointsResource, RouteResource};
 use super::version::Version;
 use crate::state::{
     AddrMap, Delta, Endpoint, Interner, Name, Policy, PolicyScope, Service, Snapshot,
@@ -48,7 +48,7 @@ struct Touched {
     workloads: Vec<Name>,
     services: Vec<Name>,
     policies: Vec<Name>,
-    /// A route or endpoint assignment came or went.
+    /// A route, endpoint assignment or cluster came or went.
     routes: bool,
 }
 
@@ -84,9 +84,9 @@ pub(super) struct Resources {
     /// A waypoint's routes by service key, and endpoint assignments by
     /// cluster name.
     routes: BTreeMap<Name, Entry<RouteResource>>,
-    clusters: BTreeMap<Name, Entry<ClusterResource>>,
+    endpoints: BTreeMap<Name, Entry<EndpointsResource>>,
     /// Clusters (CDS) by name: each service's outlier detection.
-    cluster_settings: BTreeMap<Name, Entry<ClusterSettings>>,
+    clusters: BTreeMap<Name, Entry<ClusterSettings>>,
     ignored: Counts,
     names: Interner,
     touched: Touched,
@@ -148,8 +148,8 @@ impl Resources {
             ADDRESS_TYPE_URL => of(&self.addresses),
             AUTHORIZATION_TYPE_URL => of(&self.policies),
             ROUTE_TYPE_URL => of(&self.routes),
-            ENDPOINT_TYPE_URL => of(&self.clusters),
-            CLUSTER_TYPE_URL => of(&self.cluster_settings),
+            ENDPOINT_TYPE_URL => of(&self.endpoints),
+            CLUSTER_TYPE_URL => of(&self.clusters),
             _ => BTreeMap::new(),
         }
     }
@@ -158,8 +158,8 @@ impl Resources {
         self.addresses.len()
             + self.policies.len()
             + self.routes.len()
+            + self.endpoints.len()
             + self.clusters.len()
-            + self.cluster_settings.len()
     }
 
     /// Field name -> how many held resources carry it, for the fields the
@@ -301,8 +301,8 @@ impl Resources {
         for name in &resp.removed_resources {
             let gone = match type_url {
                 ROUTE_TYPE_URL => self.routes.remove(name.as_str()).is_some(),
-                ENDPOINT_TYPE_URL => self.clusters.remove(name.as_str()).is_some(),
-                _ => self.cluster_settings.remove(name.as_str()).is_some(),
+                ENDPOINT_TYPE_URL => self.endpoints.remove(name.as_str()).is_some(),
+                _ => self.clusters.remove(name.as_str()).is_some(),
             };
             self.touched.routes |= gone;
         }
@@ -328,11 +328,11 @@ impl Resources {
                         .insert(key, entry(version, v, Ignored::default()));
                 }),
                 ENDPOINT_TYPE_URL => routes::cluster_load_assignment(&r.name, any).map(|v| {
-                    self.clusters
+                    self.endpoints
                         .insert(key, entry(version, v, Ignored::default()));
                 }),
                 _ => routes::cluster(&r.name, any).map(|v| {
-                    self.cluster_settings
+                    self.clusters
                         .insert(key, entry(version, v, Ignored::default()));
                 }),
             };
@@ -356,10 +356,10 @@ impl Resources {
                 _ => None,
             }
         };
-        let cluster = |name: &str| self.clusters.get(name).map(|e| &e.value);
+        let endpoints = |name: &str| self.endpoints.get(name).map(|e| &e.value);
         // A service's own cluster (no subset) carries its outlier detection.
         let outlier_detection = |host: &str| {
-            self.cluster_settings.iter().find_map(|(name, e)| {
+            self.clusters.iter().find_map(|(name, e)| {
                 routes::parse_cluster_name(name)
                     .filter(|(_, subset, h)| subset.is_empty() && *h == host)
                     .and(e.value.outlier_detection)
@@ -369,7 +369,7 @@ impl Resources {
             .values()
             .map(|e| {
                 let od = outlier_detection(&e.value.route.service_hostname);
-                routes::join(&e.value, cluster, workload_at, od)
+                routes::join(&e.value, endpoints, workload_at, od)
             })
             .collect()
     }

@@ -14,7 +14,7 @@ use ambient_proto::route::{self as pb, header_matcher, route, route_action, rout
 use ambient_proto::unknown::{self, Unknown};
 use ambient_proto::{endpoint as pb_eds, fault as pb_fault, matcher, FAULT_FILTER};
 
-use super::{ClusterResource, ClusterSettings, RouteResource, RuleTargets};
+use super::{ClusterSettings, EndpointsResource, RouteResource, RuleTargets};
 use crate::state::l7::{Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share};
 use crate::state::{
     HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, PathMatch, RequestPolicy, ValueMatch,
@@ -434,7 +434,7 @@ fn share(p: Option<&FractionalPercent>) -> Share {
 pub(in crate::xds::delta) fn cluster_load_assignment(
     name: &str,
     any: &Any,
-) -> Result<ClusterResource, RejectReason> {
+) -> Result<EndpointsResource, RejectReason> {
     use ambient_proto::core::{address, HealthStatus};
     let msg: pb_eds::ClusterLoadAssignment = any.to_msg().map_err(decode_error)?;
     refuse_unknown(ENDPOINT_MESSAGE, &any.value, "")?;
@@ -473,7 +473,7 @@ pub(in crate::xds::delta) fn cluster_load_assignment(
             }
         }
     }
-    Ok(ClusterResource { addresses })
+    Ok(EndpointsResource { addresses })
 }
 
 /// Decodes the `Cluster` named `name`: what the waypoint takes from it,

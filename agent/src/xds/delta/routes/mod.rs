@@ -57,7 +57,7 @@ pub(super) fn parse_cluster_name(name: &str) -> Option<(u16, &str, &str)> {
 
 /// A decoded endpoint assignment: the addresses that may take traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct ClusterResource {
+pub(super) struct EndpointsResource {
     pub addresses: Vec<IpAddr>,
 }
 
@@ -68,7 +68,7 @@ pub(super) struct ClusterResource {
 /// in Envoy.
 pub(super) fn join<'a>(
     r: &RouteResource,
-    clusters: impl Fn(&str) -> Option<&'a ClusterResource>,
+    endpoints: impl Fn(&str) -> Option<&'a EndpointsResource>,
     workload_at: impl Fn(&IpAddr) -> Option<&'a str>,
     outlier_detection: Option<crate::state::l7::OutlierDetection>,
 ) -> HttpRoute {
@@ -80,7 +80,7 @@ pub(super) fn join<'a>(
                 .0
                 .iter()
                 .map(|(name, weight)| Backend {
-                    workload_uids: clusters(name)
+                    workload_uids: endpoints(name)
                         .map(|c| {
                             c.addresses
                                 .iter()
