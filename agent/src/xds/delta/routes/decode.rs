@@ -39,6 +39,8 @@ pub enum RouteInvalid {
     Required,
     #[error("resource name must be <namespace>/<hostname> of the service it routes")]
     Name,
+    #[error("must be the resource's name")]
+    NotResourceName,
     #[error("one virtual host per service is supported, not {0}")]
     VirtualHosts(usize),
     #[error("must list the service's hostname {0:?}")]
@@ -439,7 +441,7 @@ pub(in crate::xds::delta) fn cluster_load_assignment(
     let msg: pb_eds::ClusterLoadAssignment = any.to_msg().map_err(decode_error)?;
     refuse_unknown(ENDPOINT_MESSAGE, &any.value, "")?;
     if msg.cluster_name != name {
-        return Err(bad("cluster_name", RouteInvalid::Name));
+        return Err(bad("cluster_name", RouteInvalid::NotResourceName));
     }
     let mut addresses = Vec::new();
     for (i, l) in msg.endpoints.iter().enumerate() {
@@ -485,7 +487,7 @@ pub(in crate::xds::delta) fn cluster(
     let msg: ambient_proto::cluster::Cluster = any.to_msg().map_err(decode_error)?;
     refuse_unknown(CLUSTER_MESSAGE, &any.value, "")?;
     if msg.name != name {
-        return Err(bad("name", RouteInvalid::Name));
+        return Err(bad("name", RouteInvalid::NotResourceName));
     }
     let Some(o) = msg.outlier_detection else {
         return Ok(ClusterSettings {
