@@ -147,7 +147,9 @@ async fn serves_the_mesh_file_over_xds_and_signs_certificates() {
             .iter()
             .flat_map(|r| &r.rules)
             .filter_map(|r| match &r.action {
-                ambient_agent::state::HttpAction::Respond { body, .. } => Some(body.clone()),
+                ambient_agent::state::HttpAction::Respond { status: 418, body } => {
+                    Some(body.clone())
+                }
                 _ => None,
             })
             .collect()

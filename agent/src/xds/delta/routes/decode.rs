@@ -102,6 +102,9 @@ pub(in crate::xds::delta) fn route_configuration(
 ) -> Result<RouteResource, RejectReason> {
     let msg: pb::RouteConfiguration = any.to_msg().map_err(decode_error)?;
     refuse_unknown(ROUTE_MESSAGE, &any.value, "")?;
+    if !msg.name.is_empty() && msg.name != name {
+        return Err(bad("name", RouteInvalid::NotResourceName));
+    }
     let (service_namespace, service_hostname) = name
         .split_once('/')
         .filter(|(ns, host)| !ns.is_empty() && !host.is_empty() && !host.contains('/'))
@@ -132,6 +135,17 @@ pub(in crate::xds::delta) fn route_configuration(
         rules.push(rule);
         targets.push(clusters);
     }
+    // Envoy answers a request no route matches with 404; the model's
+    // fallback (any endpoint) is the mesh file's, not Envoy's.
+    rules.push(HttpRule {
+        matches: Vec::new(),
+        action: HttpAction::Respond {
+            status: 404,
+            body: String::new(),
+        },
+        policy: RequestPolicy::default(),
+    });
+    targets.push(RuleTargets::default());
     Ok(RouteResource {
         route: HttpRoute {
             name: route_name.to_string(),

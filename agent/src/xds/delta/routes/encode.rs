@@ -6,7 +6,9 @@
 //! istiod names them, `outbound|<port>|<subset>|<host>`, its subset named
 //! after the route, rule and backend. A deny rule is a 403 direct response
 //! with Istio's body. Outlier detection is a cluster setting in Envoy: the
-//! service's own cluster, `outbound|<port>||<host>`, carries it.
+//! service's own cluster, `outbound|<port>||<host>`, carries it; that
+//! cluster is also the last route's, for requests no rule matches (the
+//! mesh file sends them to any endpoint; Envoy answers 404).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -84,6 +86,29 @@ pub fn encode_routes(mesh: &Mesh) -> Result<EncodedRoutes, EncodeError> {
             for (k, m) in matches.into_iter().enumerate() {
                 routes.push(route(&format!("{}.{i}.{k}", r.name), m, rule, &clusters));
             }
+        }
+        // A request no rule matches goes to any endpoint of the service
+        // (the mesh file's rule); Envoy would answer 404, so it is said:
+        // the service's own cluster, with istiod's default route retries.
+        if !r.rules.iter().any(|rule| rule.matches.is_empty()) {
+            let cluster = cluster_name(port, "", &r.service_hostname);
+            let uids: Vec<String> = service
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .map(|e| e.workload_uid.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let cla = assignment(mesh, &cluster, &uids, target);
+            out.endpoints.insert(cluster.clone(), any(&cluster, &cla)?);
+            let default = HttpRule {
+                matches: Vec::new(),
+                action: HttpAction::Route(Vec::new()),
+                policy: crate::state::RequestPolicy::istio_default(),
+            };
+            let name = format!("{}.default", r.name);
+            routes.push(route(&name, None, &default, &[(cluster, 1)]));
         }
         let config = RouteConfiguration {
             name: name.clone(),

@@ -44,7 +44,8 @@ httpRoutes:
 
 /// `route` as a waypoint receives it over xDS: a rule per match (Envoy
 /// matches once per route), a rule without matches on prefix `/`, a deny
-/// as Istio's 403, no timeout written as zero.
+/// as Istio's 403, no timeout written as zero; then Envoy's 404 for a
+/// request no route matches.
 fn as_served(route: &HttpRoute) -> HttpRoute {
     let mut rules = Vec::new();
     for rule in &route.rules {
@@ -79,6 +80,14 @@ fn as_served(route: &HttpRoute) -> HttpRoute {
             });
         }
     }
+    rules.push(HttpRule {
+        matches: Vec::new(),
+        action: HttpAction::Respond {
+            status: 404,
+            body: String::new(),
+        },
+        policy: Default::default(),
+    });
     HttpRoute {
         rules,
         ..route.clone()
@@ -359,6 +368,46 @@ fn a_cluster_follows_its_endpoints_and_the_workloads_at_them() {
             .collect::<Vec<_>>(),
         [0, 1]
     );
+}
+
+/// The mesh file sends a request no rule matches to any endpoint; Envoy
+/// answers it 404. Served over xDS, such a route ends with a route to the
+/// service's own cluster (with istiod's default retries).
+#[test]
+fn a_route_without_a_catch_all_rule_gets_the_services_cluster() {
+    // Without the rules that match everything.
+    let yaml = ROUTED
+        .replace("      - backends: [{workloads: [v1, v2]}]\n", "")
+        .replace(
+            "      - directResponse: {status: 418, body: \"short and stout\"}\n",
+            "",
+        );
+    let mesh = parse_mesh("test", &yaml).expect("valid");
+    let enc = encode_mesh(&mesh).expect("encodes");
+    assert!(enc
+        .routes
+        .endpoints
+        .contains_key("outbound|80||web.shop.svc.cluster.local"));
+    let mut res = Resources::default();
+    assert!(routes_after(&mut res, &waypoint_responses(&enc)).is_empty());
+    let got = installed_routes(&mut res);
+    let mut want = as_served(&mesh.http_routes[0]);
+    let last = want.rules.len() - 1;
+    want.rules.insert(
+        last,
+        HttpRule {
+            matches: vec![HttpMatch {
+                path: Some(PathMatch::Prefix("/".into())),
+                ..HttpMatch::default()
+            }],
+            action: HttpAction::Route(vec![crate::state::Backend {
+                workload_uids: vec!["v1".into(), "v2".into()],
+                weight: 1,
+            }]),
+            policy: crate::state::RequestPolicy::istio_default(),
+        },
+    );
+    assert_eq!(got, vec![want]);
 }
 
 #[test]
