@@ -84,7 +84,7 @@ pub fn encode_routes(mesh: &Mesh) -> Result<EncodedRoutes, EncodeError> {
                 rule.matches.iter().map(Some).collect()
             };
             for (k, m) in matches.into_iter().enumerate() {
-                routes.push(route(&format!("{}.{i}.{k}", r.name), m, rule, &clusters));
+                routes.push(route(&format!("{}.{i}.{k}", r.name), m, rule, &clusters)?);
             }
         }
         // A request no rule matches goes to any endpoint of the service
@@ -108,7 +108,7 @@ pub fn encode_routes(mesh: &Mesh) -> Result<EncodedRoutes, EncodeError> {
                 policy: crate::state::RequestPolicy::istio_default(),
             };
             let name = format!("{}.default", r.name);
-            routes.push(route(&name, None, &default, &[(cluster, 1)]));
+            routes.push(route(&name, None, &default, &[(cluster, 1)])?);
         }
         let config = RouteConfiguration {
             name: name.clone(),
@@ -179,7 +179,12 @@ fn assignment(mesh: &Mesh, cluster: &str, uids: &[String], port: u16) -> Cluster
     }
 }
 
-fn route(name: &str, m: Option<&HttpMatch>, rule: &HttpRule, clusters: &[(String, u32)]) -> Route {
+fn route(
+    name: &str,
+    m: Option<&HttpMatch>,
+    rule: &HttpRule,
+    clusters: &[(String, u32)],
+) -> Result<Route, EncodeError> {
     let action = match &rule.action {
         HttpAction::Deny => route::Action::DirectResponse(direct(403, "RBAC: access denied\n")),
         HttpAction::Respond { status, body } => {
@@ -204,16 +209,14 @@ fn route(name: &str, m: Option<&HttpMatch>, rule: &HttpRule, clusters: &[(String
     };
     let mut typed_per_filter_config = BTreeMap::new();
     if let Some(f) = &rule.policy.fault {
-        if let Ok(a) = Any::from_msg(&fault(f)) {
-            typed_per_filter_config.insert(FAULT_FILTER.to_string(), a);
-        }
+        typed_per_filter_config.insert(FAULT_FILTER.to_string(), any(name, &fault(f))?);
     }
-    Route {
+    Ok(Route {
         name: name.to_string(),
         r#match: Some(route_match(m)),
         action: Some(action),
         typed_per_filter_config,
-    }
+    })
 }
 
 fn direct(status: u16, body: &str) -> DirectResponseAction {
