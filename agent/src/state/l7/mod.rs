@@ -16,7 +16,6 @@ use super::{Reach, Service, Snapshot, Workload};
 pub use matching::{HeaderMatch, HttpMatch, PathMatch, Pattern, ValueMatch};
 pub use resilience::{
     Attempt, Fault, OutlierDetection, RequestPolicy, RetryOn, RetryPolicy, Share, UnknownCondition,
-    ISTIO_DEFAULT_RETRY_ON,
 };
 
 /// The routes of one service, tried in order; the first rule whose

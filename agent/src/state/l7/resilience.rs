@@ -8,7 +8,7 @@ use std::time::Duration;
 /// Istio's retry conditions for a route whose `retries` leaves `retryOn`
 /// out, and of its default policy (istiod's `defaultRetryOn`, with no
 /// retriable status codes: pilot/pkg/networking/core/route/retry).
-pub const ISTIO_DEFAULT_RETRY_ON: &str =
+const ISTIO_DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 
 /// One rule's timeout, retries and faults, shared by every request it

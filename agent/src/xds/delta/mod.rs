@@ -53,7 +53,6 @@ use crate::state::State;
 
 pub use convert::{Invalid, RejectReason, Rejected, ResponseError};
 pub use encode::{canonical, encode_mesh, EncodeError, EncodedMesh};
-pub use routes::cluster_name;
 
 /// The types a node agent subscribes to, in the order they are requested.
 pub const TYPE_URLS: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
@@ -103,8 +102,8 @@ pub struct XdsConfig {
     pub node_metadata: BTreeMap<String, String>,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
-    /// Also subscribe to a waypoint's L7 configuration (Envoy routes and
-    /// endpoint assignments).
+    /// Also subscribe to a waypoint's L7 configuration (Envoy routes,
+    /// endpoint assignments and clusters).
     pub waypoint: bool,
 }
 

@@ -41,7 +41,7 @@ pub struct EncodedRoutes {
 }
 
 /// istiod's name for the cluster of `subset` of `host`'s `port`.
-pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
+fn cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 

@@ -14,7 +14,7 @@ mod encode;
 use std::net::IpAddr;
 
 pub(super) use decode::{cluster, cluster_load_assignment, route_configuration, RouteInvalid};
-pub use encode::{cluster_name, encode_routes, EncodedRoutes};
+pub use encode::{encode_routes, EncodedRoutes};
 
 use crate::state::{Backend, HttpAction, HttpRoute};
 

@@ -13,9 +13,7 @@ use super::super::schema::{
     HttpRuleEntry, OutlierEntry, PathEntry, RetriesEntry, Text,
 };
 use super::{Converter, Problem, Result};
-use crate::state::l7::{
-    Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share, ISTIO_DEFAULT_RETRY_ON,
-};
+use crate::state::l7::{Fault, OutlierDetection, Pattern, RetryOn, RetryPolicy, Share};
 use crate::state::{
     Backend, HeaderMatch, HttpAction, HttpMatch, HttpRoute, HttpRule, PathMatch, RequestPolicy,
     Service, ValueMatch,
@@ -224,7 +222,8 @@ impl Converter<'_> {
         let on = match &r.retry_on {
             Some(t) => RetryOn::parse(t)
                 .map_err(|e| self.err(format!("{field}.retryOn"), t.span(), Problem::RetryOn(e)))?,
-            None => RetryOn::parse(ISTIO_DEFAULT_RETRY_ON).unwrap_or_default(),
+            // istiod keeps its default conditions.
+            None => RetryPolicy::istio_default().on.clone(),
         };
         let per_try_timeout = r
             .per_try_timeout
