@@ -35,6 +35,14 @@ impl Unknown {
             Unknown::Field { at, .. } | Unknown::EnumValue { at, .. } => at,
         }
     }
+
+    /// What it is: `field 13`, `enum value 7`.
+    pub fn what(&self) -> String {
+        match self {
+            Unknown::Field { number, .. } => format!("field {number}"),
+            Unknown::EnumValue { value, .. } => format!("enum value {value}"),
+        }
+    }
 }
 
 /// Why a message could not be examined.
@@ -63,9 +71,20 @@ pub fn declares(message: &str, field: &str) -> bool {
         .is_some_and(|m| m.get_field_by_name(field).is_some())
 }
 
-/// Where `unknown` is, in field names from `message` down (e.g.
+/// Where `unknown` is and what it is (e.g.
 /// `virtual_hosts[0].routes[2].route: field 13`), for an error message.
 pub fn describe(message: &str, unknown: &Unknown) -> String {
+    let at = path(message, unknown);
+    if at.is_empty() {
+        unknown.what()
+    } else {
+        format!("{at}: {}", unknown.what())
+    }
+}
+
+/// Where `unknown` is, in field names from `message` down (e.g.
+/// `virtual_hosts[0].routes[2].route`; empty at the top).
+pub fn path(message: &str, unknown: &Unknown) -> String {
     let mut out = String::new();
     let mut desc = pool().get_message_by_name(message);
     for step in unknown.at() {
@@ -89,15 +108,7 @@ pub fn describe(message: &str, unknown: &Unknown) -> String {
             _ => None,
         });
     }
-    let what = match unknown {
-        Unknown::Field { number, .. } => format!("field {number}"),
-        Unknown::EnumValue { value, .. } => format!("enum value {value}"),
-    };
-    if out.is_empty() {
-        what
-    } else {
-        format!("{out}: {what}")
-    }
+    out
 }
 
 /// Everything in `bytes`, a serialized `message` (full name, e.g.

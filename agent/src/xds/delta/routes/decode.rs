@@ -82,14 +82,13 @@ fn refuse_unknown(message: &str, bytes: &[u8], prefix: &str) -> Result<(), Rejec
     match found.first() {
         None => Ok(()),
         Some(u) => {
-            let at = unknown::describe(message, u);
-            let (path, what) = at.rsplit_once(": ").unwrap_or(("", &at));
+            let path = unknown::path(message, u);
             let path = match (prefix.is_empty(), path.is_empty()) {
-                (true, _) => path.to_string(),
+                (true, _) => path,
                 (false, true) => prefix.to_string(),
                 (false, false) => format!("{prefix}.{path}"),
             };
-            Err(bad(path, RouteInvalid::NotImplemented(what.to_string())))
+            Err(bad(path, RouteInvalid::NotImplemented(u.what())))
         }
     }
 }
